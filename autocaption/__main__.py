@@ -1,0 +1,3 @@
+from autocaption.cli import main
+
+main()

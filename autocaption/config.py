@@ -1,0 +1,318 @@
+"""The YAML configuration, parsed once and strictly into immutable, typed objects.
+
+Unknown keys, wrong types and out-of-range values are errors that name the file, the line and the
+key path (`rules.yaml:14: rules[2].prompt: required`). Nothing else in autocaption reads YAML.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import yaml
+
+from autocaption.errors import ConfigError
+from autocaption.globs import GlobSet, check_pattern
+from autocaption.paths import display, expand
+from autocaption.placeholders import PromptTemplate, TemplateError
+
+DEFAULT_MODEL = "llava-hf/llava-v1.6-mistral-7b-hf"
+DEFAULT_INCLUDE = (
+    "**/*.jpg", "**/*.jpeg", "**/*.png", "**/*.webp", "**/*.tif", "**/*.tiff",
+    "**/*.heic", "**/*.heif", "**/*.gif", "**/*.bmp",
+)  # fmt: skip
+# Hidden folders (.thumbnails, .git, darktable's caches) and our own temp files are never images to describe.
+DEFAULT_EXCLUDE = ("**/.*/**", "**/.*")
+DEVICES = ("auto", "cpu", "cuda", "cuda:N")
+DTYPES = ("auto", "float16", "bfloat16", "float32")
+ATTENTION = ("sdpa", "eager", "flash_attention_2")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    id: str = DEFAULT_MODEL
+    revision: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_size: int = 4
+    attn_implementation: str = "sdpa"
+    local_files_only: bool = False
+
+
+@dataclass(frozen=True)
+class ImagesConfig:
+    # 200 MP admits every current camera (Fujifilm GFX 100 is 102 MP) and stops decompression bombs.
+    max_pixels: int = 200_000_000
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    path: Path
+    recursive: bool = True
+    include: GlobSet = field(default_factory=lambda: GlobSet.of(DEFAULT_INCLUDE))
+    exclude: GlobSet = field(default_factory=lambda: GlobSet.of(DEFAULT_EXCLUDE))
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    dir: Path
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    prompt: PromptTemplate
+    match: GlobSet = field(default_factory=lambda: GlobSet.of(["**/*"]))
+    max_new_tokens: int = 200
+    system: str | None = None
+    # Opt-in clean-up: leading phrases to drop from the answer ("This image shows").
+    strip_prefixes: tuple[str, ...] = ()
+
+    @property
+    def fingerprint(self) -> str:
+        """Changes whenever anything that shapes this rule's answer changes."""
+        shape = [self.prompt.source, self.system, self.max_new_tokens, list(self.strip_prefixes)]
+        return hashlib.sha256(json.dumps(shape).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Config:
+    source: Path
+    model: ModelConfig
+    images: ImagesConfig
+    watch: tuple[WatchConfig, ...]
+    state: StateConfig
+    rules: tuple[Rule, ...]
+
+    def rules_for(self, relative: str) -> tuple[Rule, ...]:
+        """The rules whose `match` selects this path (relative to its watched or given folder)."""
+        return tuple(rule for rule in self.rules if rule.match.matches(relative))
+
+
+T = TypeVar("T")
+
+
+class _Node:
+    """A YAML node with its key path, so every error can say where it is."""
+
+    def __init__(self, node: yaml.Node, path: str, source: Path) -> None:
+        self.node, self.path, self.source = node, path, source
+
+    def fail(self, message: str) -> ConfigError:
+        line = self.node.start_mark.line + 1
+        return ConfigError(f"{display(self.source)}:{line}: {self.path}: {message}")
+
+    def _child_path(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def mapping(self, allowed: Mapping[str, bool]) -> dict[str, _Node]:
+        """The keys of a mapping; `allowed` maps each key to whether it is required."""
+        if self.node.tag == "tag:yaml.org,2002:null":
+            items: list[tuple[yaml.Node, yaml.Node]] = []
+        elif isinstance(self.node, yaml.MappingNode):
+            items = self.node.value
+        else:
+            raise self.fail("expected a mapping of keys to values")
+        result: dict[str, _Node] = {}
+        for key_node, value_node in items:
+            key = str(key_node.value)
+            child = _Node(value_node, self._child_path(key), self.source)
+            if key not in allowed:
+                known = ", ".join(sorted(allowed))
+                raise _Node(key_node, self._child_path(key), self.source).fail(
+                    f"unknown key (known: {known})"
+                )
+            if key in result:
+                raise child.fail("key given twice")
+            result[key] = child
+        for key, required in allowed.items():
+            if required and key not in result:
+                raise _Node(self.node, self._child_path(key), self.source).fail("required")
+        return result
+
+    def sequence(self) -> list[_Node]:
+        if not isinstance(self.node, yaml.SequenceNode):
+            raise self.fail("expected a list")
+        return [_Node(item, f"{self.path}[{i}]", self.source) for i, item in enumerate(self.node.value)]
+
+    def _scalar(self, tag: str, what: str) -> object:
+        if not isinstance(self.node, yaml.ScalarNode) or self.node.tag != tag:
+            raise self.fail(f"expected {what}, got {self.node.tag.rsplit(':', 1)[-1]} {self._shown()}")
+        return yaml.SafeLoader("").construct_object(self.node)  # type: ignore[no-untyped-call]
+
+    def _shown(self) -> str:
+        value = getattr(self.node, "value", "")
+        return repr(value) if isinstance(value, str) else ""
+
+    def text(self, *, allow_empty: bool = False) -> str:
+        if isinstance(self.node, yaml.ScalarNode) and self.node.tag in (
+            "tag:yaml.org,2002:int", "tag:yaml.org,2002:float",
+        ):  # fmt: skip
+            value = str(self.node.value)  # `id: 2024` is a fine folder or model name
+        else:
+            value = str(self._scalar("tag:yaml.org,2002:str", "text"))
+        if not allow_empty and not value.strip():
+            raise self.fail("must not be empty")
+        return value
+
+    def integer(self, *, minimum: int, maximum: int | None = None) -> int:
+        value = self._scalar("tag:yaml.org,2002:int", "a whole number")
+        assert isinstance(value, int)
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
+            raise self.fail(f"must be {bound}, got {value}")
+        return value
+
+    def boolean(self) -> bool:
+        return bool(self._scalar("tag:yaml.org,2002:bool", "true or false"))
+
+    def choice(self, options: tuple[str, ...]) -> str:
+        value = self.text()
+        if value in options or ("cuda:N" in options and _is_cuda_index(value)):
+            return value
+        raise self.fail(f"must be one of {', '.join(options)}; got {value!r}")
+
+    def texts(self) -> tuple[str, ...]:
+        if isinstance(self.node, yaml.ScalarNode) and self.node.tag == "tag:yaml.org,2002:str":
+            return (self.text(),)  # a single pattern is a list of one
+        return tuple(item.text() for item in self.sequence())
+
+    def globs(self) -> GlobSet:
+        patterns = self.texts()
+        for i, pattern in enumerate(patterns):
+            problem = check_pattern(pattern)
+            if problem:
+                raise _Node(self.node, f"{self.path}[{i}]", self.source).fail(f"{problem}: {pattern!r}")
+        return GlobSet.of(patterns)
+
+
+def _is_cuda_index(value: str) -> bool:
+    prefix, _, index = value.partition(":")
+    return prefix == "cuda" and index.isdigit()
+
+
+def _optional(keys: dict[str, _Node], name: str, read: Callable[[_Node], T], default: T) -> T:
+    node = keys.get(name)
+    if node is None or node.node.tag == "tag:yaml.org,2002:null":
+        return default
+    return read(node)
+
+
+def _model(node: _Node) -> ModelConfig:
+    k = node.mapping(
+        dict.fromkeys(
+            ("id", "revision", "device", "dtype", "batch_size", "attn_implementation", "local_files_only"),
+            False,
+        )
+    )
+    d = ModelConfig()
+    return ModelConfig(
+        id=_optional(k, "id", lambda n: n.text(), d.id),
+        revision=_optional(k, "revision", lambda n: n.text(), d.revision),
+        device=_optional(k, "device", lambda n: n.choice(DEVICES), d.device),
+        dtype=_optional(k, "dtype", lambda n: n.choice(DTYPES), d.dtype),
+        batch_size=_optional(k, "batch_size", lambda n: n.integer(minimum=1, maximum=256), d.batch_size),
+        attn_implementation=_optional(k, "attn_implementation", lambda n: n.choice(ATTENTION), d.attn_implementation),
+        local_files_only=_optional(k, "local_files_only", _Node.boolean, d.local_files_only),
+    )
+
+
+def _images(node: _Node) -> ImagesConfig:
+    k = node.mapping({"max_pixels": False})
+    return ImagesConfig(
+        max_pixels=_optional(k, "max_pixels", lambda n: n.integer(minimum=1), ImagesConfig.max_pixels),
+    )
+
+
+def _watch(node: _Node, base: Path) -> WatchConfig:
+    k = node.mapping({"path": True, "recursive": False, "include": False, "exclude": False})
+    return WatchConfig(
+        path=expand(k["path"].text(), relative_to=base),
+        recursive=_optional(k, "recursive", _Node.boolean, True),
+        include=_optional(k, "include", _Node.globs, GlobSet.of(DEFAULT_INCLUDE)),
+        exclude=_optional(k, "exclude", _Node.globs, GlobSet.of(DEFAULT_EXCLUDE)),
+    )
+
+
+def _template(node: _Node) -> PromptTemplate:
+    try:
+        return PromptTemplate.parse(node.text())
+    except TemplateError as exc:
+        raise node.fail(str(exc)) from None
+
+
+def _rule(node: _Node) -> Rule:
+    k = node.mapping(
+        {"name": True, "prompt": True, "match": False, "max_new_tokens": False, "system": False,
+         "strip_prefixes": False}
+    )  # fmt: skip
+    name = k["name"].text()
+    if not all(ch.isalnum() or ch in "-_." for ch in name):
+        raise k["name"].fail(f"use letters, digits, '-', '_' or '.' only; got {name!r}")
+    return Rule(
+        name=name,
+        prompt=_template(k["prompt"]),
+        match=_optional(k, "match", _Node.globs, GlobSet.of(["**/*"])),
+        max_new_tokens=_optional(k, "max_new_tokens", lambda n: n.integer(minimum=1, maximum=4096), 200),
+        system=_optional(k, "system", lambda n: n.text(), None),
+        strip_prefixes=_optional(k, "strip_prefixes", _Node.texts, ()),
+    )
+
+
+def _default_state_dir() -> Path:
+    # Under systemd, StateDirectory= hands us the exact folder; otherwise follow XDG.
+    if os.environ.get("STATE_DIRECTORY"):
+        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+    xdg = os.environ.get("XDG_STATE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".local/state") / "autocaption"
+
+
+def parse(text: str, source: Path) -> Config:
+    """Parse configuration text; `source` names the file in errors and anchors relative paths."""
+    try:
+        root_node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{display(source)}{where}: not valid YAML: {problem}") from None
+    if root_node is None:
+        raise ConfigError(f"{display(source)}: the file is empty; it needs at least `rules:`")
+    root = _Node(root_node, "", source)
+    keys = root.mapping(dict(model=False, images=False, watch=False, state=False, rules=True))
+    base = source.parent
+    rule_nodes = keys["rules"].sequence()
+    if not rule_nodes:
+        raise keys["rules"].fail("at least one rule is needed")
+    rules = tuple(_rule(n) for n in rule_nodes)
+    seen: set[str] = set()
+    for node, rule in zip(rule_nodes, rules):
+        if rule.name in seen:
+            raise node.fail(f"name {rule.name!r} is used by an earlier rule; names must be unique")
+        seen.add(rule.name)
+    state_keys = keys["state"].mapping({"dir": False}) if "state" in keys else {}
+    state_dir = _optional(state_keys, "dir", lambda n: expand(n.text(), relative_to=base), _default_state_dir())
+    return Config(
+        source=source,
+        model=_optional(keys, "model", _model, ModelConfig()),
+        images=_optional(keys, "images", _images, ImagesConfig()),
+        watch=tuple(_watch(n, base) for n in keys["watch"].sequence()) if "watch" in keys else (),
+        state=StateConfig(dir=state_dir),
+        rules=rules,
+    )
+
+
+def load(path: Path) -> Config:
+    """Read and parse a configuration file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{display(path)}: configuration file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{display(path)}: cannot read configuration: {exc}") from None
+    return parse(text, path.absolute())

@@ -1,0 +1,16 @@
+"""Engines: the model behind autocaption. `load_engine` imports the chosen backend lazily, so torch and
+transformers are imported only when a model is really needed (not for `--help` or `check`)."""
+
+from __future__ import annotations
+
+from autocaption.config import ModelConfig
+from autocaption.engine.base import Answer, Engine, EngineInfo, Job, Prompt
+
+__all__ = ["Answer", "Engine", "EngineInfo", "Job", "Prompt", "load_engine"]
+
+
+def load_engine(model: ModelConfig) -> Engine:
+    """Load the model described by `model` and keep it resident until `close()`."""
+    from autocaption.engine.llava import LlavaEngine  # noqa: PLC0415 - torch is heavy; import on demand
+
+    return LlavaEngine.load(model)

@@ -1,0 +1,60 @@
+"""The engine interface: images and prompts in, answers with token counts and timings out.
+
+Every backend (in-process transformers, a remote OpenAI-compatible server) implements `Engine` in its
+own module. Nothing here imports torch, so the CLI, config checks and tests of other layers stay fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One question about an image, already rendered from a rule's template."""
+
+    text: str
+    max_new_tokens: int
+    system: str | None = None
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image and every prompt to ask about it (rules that match the same file share the image)."""
+
+    image: Image.Image
+    prompts: tuple[Prompt, ...]
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str  # the decoded new tokens, before any clean-up
+    prompt_tokens: int  # tokens the model read: template, prompt and image tokens
+    new_tokens: int  # tokens it generated, end-of-sequence excluded
+    seconds: float  # this answer's share of the wall time of the batch that produced it
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    backend: str  # "transformers", "openai"
+    model_id: str
+    device: str  # "cuda:0 (NVIDIA H100, CUDA 12.8)", "cpu"
+    dtype: str
+    # The longest image side the model can use; callers may decode big JPEGs down to this (DCT draft).
+    max_image_side: int | None = None
+
+
+class Engine(Protocol):
+    info: EngineInfo
+
+    def describe(self, jobs: Sequence[Job]) -> list[list[Answer]]:
+        """Answer every prompt of every job; result[i][j] answers jobs[i].prompts[j]."""
+        ...
+
+    def close(self) -> None:
+        """Release the model (GPU memory, connections)."""
+        ...

@@ -1,0 +1,66 @@
+"""Choosing the device and dtype, as pure functions of what torch reports (testable without a GPU).
+
+ROCm builds of torch expose AMD GPUs through the `torch.cuda` API (HIP), so "cuda" means "the GPU"
+on both vendors; `torch.version.hip` tells which runtime it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from autocaption.errors import ModelUnavailable
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    """What torch says about the machine."""
+
+    gpu_count: int
+    hip_version: str | None  # torch.version.hip on ROCm builds
+    cuda_version: str | None  # torch.version.cuda on CUDA builds
+    bf16_supported: bool
+    names: tuple[str, ...] = ()
+
+    @property
+    def runtime(self) -> str:
+        if self.hip_version:
+            return f"ROCm {self.hip_version}"
+        return f"CUDA {self.cuda_version}" if self.cuda_version else "CPU-only torch build"
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: str  # "cpu", "cuda:0"
+    dtype: str  # "float32", "bfloat16", "float16"
+    description: str  # for the log: "cuda:0 (AMD Instinct MI210, ROCm 6.2)"
+    warning: str | None = None
+
+
+def place(requested_device: str, requested_dtype: str, acc: Accelerator) -> Placement:
+    """Resolve `model.device` and `model.dtype` from the config against the machine."""
+    warning = None
+    if requested_device == "cpu" or (requested_device == "auto" and acc.gpu_count == 0):
+        device = "cpu"
+        description = "cpu"
+        if requested_device == "auto":
+            warning = (
+                f"no GPU visible to torch ({acc.runtime}); running on the CPU, which is slow. "
+                "Install torch's ROCm or CUDA build to use the GPU (see README)."
+            )
+    else:
+        index = 0 if requested_device in ("auto", "cuda") else int(requested_device.split(":", 1)[1])
+        if index >= acc.gpu_count:
+            raise ModelUnavailable(
+                f"model.device: {requested_device} requested but torch sees {acc.gpu_count} GPU(s) "
+                f"({acc.runtime}); check HIP_VISIBLE_DEVICES / CUDA_VISIBLE_DEVICES and the render/video groups"
+            )
+        device = f"cuda:{index}"
+        name = acc.names[index] if index < len(acc.names) else "GPU"
+        description = f"{device} ({name}, {acc.runtime})"
+    if requested_dtype != "auto":
+        dtype = requested_dtype
+    elif device == "cpu":
+        dtype = "float32"  # half precision on CPU is slow and, for some ops, unsupported
+    else:
+        dtype = "bfloat16" if acc.bf16_supported else "float16"
+    return Placement(device=device, dtype=dtype, description=description, warning=warning)

@@ -1,0 +1,52 @@
+"""The few domain exceptions autocaption raises, and the exit codes they become.
+
+Every message reads "what: reason" so it can be printed as one line. The CLI turns them into
+exit codes in exactly one place (`autocaption.cli.main`).
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    FAILURES = 1  # the run finished but some files could not be described or written
+    SETUP = 2  # configuration or model problem: nothing was processed
+    INTERRUPTED = 130
+
+
+class AutocaptionError(Exception):
+    """Base class: an error the user can act on, printed as one line without a traceback."""
+
+    exit_code = ExitCode.SETUP
+
+
+class ConfigError(AutocaptionError):
+    """The configuration file is missing, unreadable or invalid."""
+
+
+class ModelUnavailable(AutocaptionError):
+    """The model cannot be loaded (not on disk, hub unreachable, files incomplete)."""
+
+
+class ImageError(AutocaptionError):
+    """One image cannot be read or decoded; fatal for that image only."""
+
+    exit_code = ExitCode.FAILURES
+
+
+class WriteError(AutocaptionError):
+    """A result cannot be written next to an image; fatal for that image only."""
+
+    exit_code = ExitCode.FAILURES
+
+
+class EngineError(AutocaptionError):
+    """The engine failed on a batch. `transient` errors (out of memory, server down) may be retried."""
+
+    exit_code = ExitCode.FAILURES
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient

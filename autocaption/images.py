@@ -1,0 +1,177 @@
+"""Opening photos safely: one read, format sniffed from the bytes, a pixel limit, EXIF orientation
+applied, and every mode (CMYK, 16-bit, palette, alpha) turned into plain RGB for the model."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from autocaption.errors import ImageError
+from autocaption.paths import display
+
+# Formats we hand to Pillow. Restricting the list keeps exotic, rarely-audited decoders away from
+# files that land in a watched folder. HEIF joins when pillow-heif is installed (see `_heif`).
+FORMATS = ["JPEG", "PNG", "WEBP", "TIFF", "GIF", "BMP"]
+
+# We enforce our own, configurable pixel limit (images.max_pixels) right after the header is read
+# and before any pixel is decoded; Pillow's fixed global limit would refuse 100 MP medium-format files.
+Image.MAX_IMAGE_PIXELS = None
+Image.init()  # register every plugin so that `formats=` below can name them
+
+_EXIF_IFD = 0x8769
+_TAG_ORIENTATION = 0x0112
+_TAG_DATETIME_ORIGINAL = 0x9003
+_TAG_DATETIME = 0x0132
+_TAG_MAKE = 0x010F
+_TAG_MODEL = 0x0110
+
+
+@dataclass(frozen=True)
+class Picture:
+    """A decoded photo ready for a model, and what we learnt about the file on the way."""
+
+    image: Image.Image  # RGB, upright
+    format: str
+    width: int  # upright size of the full-resolution image, before any draft reduction
+    height: int
+    sha256: str
+    size_bytes: int
+    facts: dict[str, str | None] = field(default_factory=dict)  # date, camera: for prompt placeholders
+
+
+def _heif_available() -> bool:
+    try:
+        from pillow_heif import register_heif_opener  # type: ignore[import-not-found]  # noqa: PLC0415
+    except ImportError:
+        return False
+    register_heif_opener()
+    FORMATS.append("HEIF")
+    return True
+
+
+_HEIF = _heif_available()
+
+
+def sniff(head: bytes) -> str | None:
+    """The container format from the first bytes, or None. Used to give precise error messages."""
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "TIFF"
+    if head[4:8] == b"ftyp" and head[8:12] in (b"heic", b"heix", b"mif1", b"msf1", b"heim", b"heis", b"avif"):
+        return "HEIF"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    return None
+
+
+def _facts(image: Image.Image) -> dict[str, str | None]:
+    """Capture date and camera for prompt placeholders; damaged EXIF just gives no facts."""
+    try:
+        exif = image.getexif()
+        sub = exif.get_ifd(_EXIF_IFD)
+    except Exception:  # noqa: BLE001 - damaged EXIF must never cost us the picture
+        return {"date": None, "camera": None}
+    raw_date = sub.get(_TAG_DATETIME_ORIGINAL) or exif.get(_TAG_DATETIME)
+    date = None
+    if isinstance(raw_date, str) and len(raw_date) >= 10 and raw_date[:4].isdigit():
+        date = raw_date[:10].replace(":", "-")
+    make = _exif_text(exif.get(_TAG_MAKE))
+    model = _exif_text(exif.get(_TAG_MODEL))
+    # Many models already start with the make ("Canon EOS 40D"); do not say it twice.
+    camera = model if make and model.lower().startswith(make.split()[0].lower()) else f"{make} {model}"
+    return {"date": date, "camera": camera.strip() or None}
+
+
+def _exif_text(value: object) -> str:
+    """An EXIF ASCII value as cameras really store it: cut at the first NUL, padding stripped."""
+    return str(value or "").split("\x00", 1)[0].strip()
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        image = image.convert("I")
+    if image.mode in ("I", "F"):
+        # 16-bit and float greyscale: scale to 8 bits instead of clipping everything to white.
+        image = image.point(lambda v: v / 256).convert("L")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        value = image.getexif().get(_TAG_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - unreadable EXIF means no rotation
+        return 1
+    return value if isinstance(value, int) else 1
+
+
+def _orient(image: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(image) or image
+    except Exception:  # noqa: BLE001 - a broken Orientation tag: the pixels are still worth describing
+        return image
+
+
+def open_picture(path: Path, *, max_pixels: int, draft_side: int | None = None) -> Picture:
+    """Read `path` once, hash it, and decode it into an upright RGB image.
+
+    `draft_side` lets JPEG decoding scale down by DCT (Pillow `draft`) to no less than that many
+    pixels on each side: the model never sees more than about 1000 px, and a 50 MP decode is wasted.
+    """
+    where = display(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ImageError(f"{where}: file disappeared before it could be read") from None
+    except IsADirectoryError:
+        raise ImageError(f"{where}: is a folder, not an image") from None
+    except OSError as exc:
+        raise ImageError(f"{where}: cannot read: {exc.strerror or exc}") from None
+    if not data:
+        raise ImageError(f"{where}: empty file (0 bytes)")
+    kind = sniff(data[:16])
+    if kind == "HEIF" and not _HEIF:
+        raise ImageError(f"{where}: HEIC/HEIF image: install pillow-heif (pip install 'autocaption[heic]') to read it")
+    try:
+        image = Image.open(io.BytesIO(data), formats=FORMATS)
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageError(
+                f"{where}: {width}x{height} is {width * height / 1e6:.0f} MP, above the limit of "
+                f"{max_pixels / 1e6:.0f} MP (images.max_pixels)"
+            )
+        facts = _facts(image)
+        if _orientation(image) in (5, 6, 7, 8):
+            width, height = height, width
+        if draft_side and image.format == "JPEG":
+            image.draft("RGB", (draft_side, draft_side))
+        image.seek(0)  # animated GIF/WebP: the first frame
+        image.load()
+        image = _to_rgb(_orient(image))
+    except UnidentifiedImageError:
+        raise ImageError(f"{where}: not an image (content is {kind or 'not a known image format'})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(f"{where}: corrupt or truncated {kind or 'image'}: {exc}") from None
+    return Picture(
+        image=image,
+        format=kind or str(image.format),
+        width=width,
+        height=height,
+        sha256=hashlib.sha256(data).hexdigest(),
+        size_bytes=len(data),
+        facts=facts,
+    )

@@ -1,0 +1,167 @@
+"""The pipeline: for a batch of image files, decide what needs doing, read the pictures, ask the engine,
+clean the answers and write the results. Per-file problems become `Failed` outcomes, never exceptions,
+so one bad photo never stops the rest. `process` (one-shot) and the daemon both drive this class.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from autocaption import sidecar
+from autocaption.config import Config, Rule
+from autocaption.discover import Candidate
+from autocaption.engine.base import Answer, Engine, Job, Prompt
+from autocaption.errors import EngineError, ImageError, WriteError
+from autocaption.images import Picture, open_picture
+from autocaption.paths import display
+from autocaption.textclean import clean_answer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Described:
+    path: Path
+    answers: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Skipped:
+    path: Path
+    reason: str
+
+
+@dataclass(frozen=True)
+class Failed:
+    path: Path
+    message: str  # one line, "path: reason"
+    transient: bool = False  # worth retrying later (file still being written, GPU out of memory)
+
+
+Outcome = Described | Skipped | Failed
+
+
+@dataclass
+class _Work:
+    """One image on its way through a batch."""
+
+    candidate: Candidate
+    rules: tuple[Rule, ...]
+    stat: os.stat_result
+    existing: dict[str, object] | None
+    picture: Picture
+    prompts: tuple[str, ...]
+
+
+def triage(
+    config: Config,
+    candidate: Candidate,
+    *,
+    force: bool,
+    stat: os.stat_result | None = None,
+    existing: dict[str, object] | None = None,
+) -> Skipped | None:
+    """Why this image needs no work (no rule matches it, or its sidecar is current), or None."""
+    rules = config.rules_for(candidate.relative)
+    if not rules:
+        return Skipped(candidate.path, "no rule matches")
+    if force:
+        return None
+    try:
+        stat = stat or candidate.path.stat()
+    except OSError:
+        return None  # let the read report it properly
+    if existing is None:
+        existing = sidecar.read(candidate.path)
+    return Skipped(candidate.path, "already described") if sidecar.is_current(existing, stat, rules) else None
+
+
+def render_values(path: Path, picture: Picture) -> dict[str, str | None]:
+    return {"file": path.name, "folder": path.parent.name, **picture.facts}
+
+
+class Pipeline:
+    def __init__(self, config: Config, engine: Engine, *, force: bool = False) -> None:
+        self.config = config
+        self.engine = engine
+        self.force = force
+
+    def run(self, candidates: Sequence[Candidate]) -> list[Outcome]:
+        """Describe a batch of images; one outcome per candidate, in order."""
+        outcomes: dict[Path, Outcome] = {}
+        work: list[_Work] = []
+        for candidate in candidates:
+            prepared = self._prepare(candidate)
+            if isinstance(prepared, _Work):
+                work.append(prepared)
+            else:
+                outcomes[candidate.path] = prepared
+        if work:
+            for item, outcome in zip(work, self._describe(work)):
+                outcomes[item.candidate.path] = outcome
+        return [outcomes[c.path] for c in candidates]
+
+    def _prepare(self, candidate: Candidate) -> _Work | Outcome:
+        path = candidate.path
+        rules = self.config.rules_for(candidate.relative)
+        try:
+            stat = path.stat()
+            existing = sidecar.read(path)
+            skip = triage(self.config, candidate, force=self.force, stat=stat, existing=existing)
+            if skip:
+                return skip
+            picture = open_picture(
+                path, max_pixels=self.config.images.max_pixels, draft_side=self.engine.info.max_image_side
+            )
+            after = path.stat()
+        except FileNotFoundError:
+            return Failed(path, f"{display(path)}: file disappeared before it could be read")
+        except OSError as exc:
+            return Failed(path, f"{display(path)}: cannot read: {exc.strerror or exc}")
+        except ImageError as exc:
+            return Failed(path, str(exc))
+        if (after.st_size, after.st_mtime_ns) != (stat.st_size, stat.st_mtime_ns):
+            return Failed(path, f"{display(path)}: changed while being read; will retry", transient=True)
+        values = render_values(path, picture)
+        prompts = tuple(rule.prompt.render(values) for rule in rules)
+        return _Work(candidate, rules, stat, existing, picture, prompts)
+
+    def _describe(self, work: list[_Work]) -> list[Outcome]:
+        jobs = [
+            Job(
+                image=item.picture.image,
+                prompts=tuple(
+                    Prompt(text=text, max_new_tokens=rule.max_new_tokens, system=rule.system)
+                    for rule, text in zip(item.rules, item.prompts)
+                ),
+            )
+            for item in work
+        ]
+        try:
+            answers = self.engine.describe(jobs)
+        except EngineError as exc:
+            if len(work) > 1:  # find the one image that breaks the batch; the others still get done
+                return [outcome for item in work for outcome in self._describe([item])]
+            path = work[0].candidate.path
+            return [Failed(path, f"{display(path)}: {exc}", transient=exc.transient)]
+        return [self._write(item, item_answers) for item, item_answers in zip(work, answers)]
+
+    def _write(self, item: _Work, answers: Sequence[Answer]) -> Outcome:
+        path = item.candidate.path
+        results = [
+            sidecar.RuleResult(rule, prompt, clean_answer(answer.text, strip_prefixes=rule.strip_prefixes), answer)
+            for rule, prompt, answer in zip(item.rules, item.prompts, answers)
+        ]
+        document = sidecar.build(path, item.picture, item.stat, self.engine.info, results, item.existing)
+        try:
+            sidecar.write(path, document)
+        except WriteError as exc:
+            return Failed(path, str(exc))
+        seconds = sum(r.raw.seconds for r in results)
+        return Described(path, answers=len(results), seconds=seconds)
+

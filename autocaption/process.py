@@ -1,0 +1,64 @@
+"""`autocaption process`: describe every image under the given paths once, then report."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from autocaption.config import Config, ModelConfig
+from autocaption.discover import Candidate, Unreadable, scan
+from autocaption.engine import Engine, load_engine
+from autocaption.pipeline import Pipeline, triage
+from autocaption.report import Progress, Summary, report_unreadable
+
+EngineFactory = Callable[[ModelConfig], Engine]
+
+
+def process(
+    config: Config,
+    paths: Sequence[Path],
+    *,
+    force: bool = False,
+    engine_factory: EngineFactory = load_engine,
+) -> Summary:
+    started = time.perf_counter()
+    summary = Summary()
+    candidates: list[Candidate] = []
+    seen: set[Path] = set()
+    for found in scan(paths, config):
+        if isinstance(found, Unreadable):
+            summary.failures.append(report_unreadable(found.path, found.reason))
+        elif found.path not in seen:
+            seen.add(found.path)
+            candidates.append(found)
+    pending: list[Candidate] = []
+    for candidate in candidates:
+        skip = triage(config, candidate, force=force)
+        if skip is None:
+            pending.append(candidate)
+        else:
+            summary.add(skip)
+    if pending:  # a re-run with nothing to do never pays for loading the model
+        _describe(config, pending, force, engine_factory, summary)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _describe(
+    config: Config, pending: list[Candidate], force: bool, engine_factory: EngineFactory, summary: Summary
+) -> None:
+    engine = engine_factory(config.model)
+    try:
+        pipeline = Pipeline(config, engine, force=force)
+        progress = Progress(len(pending))
+        progress.draw()
+        step = config.model.batch_size
+        for start in range(0, len(pending), step):
+            outcomes = pipeline.run(pending[start : start + step])
+            for outcome in outcomes:
+                summary.add(outcome)
+            progress.advance(outcomes)
+        progress.clear()
+    finally:
+        engine.close()

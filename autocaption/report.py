@@ -1,0 +1,78 @@
+"""What a run tells the person watching: a progress bar on a terminal, one line per problem, and one
+summary line at the end."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from autocaption.paths import display
+from autocaption.pipeline import Described, Failed, Outcome, Skipped
+
+log = logging.getLogger("autocaption")
+
+
+@dataclass
+class Summary:
+    images: int = 0  # described in this run
+    answers: int = 0
+    skipped: int = 0
+    failures: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def add(self, outcome: Outcome) -> None:
+        if isinstance(outcome, Described):
+            self.images += 1
+            self.answers += outcome.answers
+        elif isinstance(outcome, Skipped):
+            self.skipped += 1
+        else:
+            self.failures.append(outcome.message)
+
+    def line(self) -> str:
+        return (
+            f"{self.images} images described, {self.answers} answers, {self.skipped} skipped, "
+            f"{len(self.failures)} failed in {self.seconds:.1f} s"
+        )
+
+
+class Progress:
+    """A one-line bar redrawn in place when `stream` is a terminal; silent otherwise."""
+
+    WIDTH = 30
+
+    def __init__(self, total: int, stream: TextIO = sys.stderr) -> None:
+        self.total, self.done, self.stream = total, 0, stream
+        self.enabled = stream.isatty() and total > 0
+
+    def advance(self, outcomes: list[Outcome]) -> None:
+        self.done += len(outcomes)
+        for outcome in outcomes:
+            if isinstance(outcome, Failed):
+                self.clear()
+                log.error("%s", outcome.message)
+            elif isinstance(outcome, Skipped):
+                log.debug("%s: skipped (%s)", outcome.path, outcome.reason)
+        self.draw()
+
+    def draw(self) -> None:
+        if not self.enabled:
+            return
+        filled = self.WIDTH * self.done // self.total
+        bar = "#" * filled + "-" * (self.WIDTH - filled)
+        self.stream.write(f"\r[{bar}] {self.done}/{self.total} images")
+        self.stream.flush()
+
+    def clear(self) -> None:
+        if self.enabled:
+            self.stream.write("\r" + " " * (self.WIDTH + 30) + "\r")
+            self.stream.flush()
+
+
+def report_unreadable(path: Path, reason: str) -> str:
+    message = f"{display(path)}: {reason}"
+    log.error("%s", message)
+    return message

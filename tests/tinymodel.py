@@ -1,0 +1,121 @@
+"""Build small random-weight LLaVA-NeXT models locally (nothing can be downloaded in tests or CI).
+
+`build_tiny` makes a model that loads and generates in milliseconds; `build_geometry` keeps the real
+llava-v1.6 vision geometry (CLIP 336 px, patch 14, the five pinpoints: ~2,300 image tokens for a 4:3
+photo) with a language model small enough for a CPU, for benchmarks. Both are saved with
+`save_pretrained` and must be loaded through the product's real `from_pretrained` path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# The chat template shipped with llava-hf/llava-v1.6-mistral-7b-hf: `[INST] <image>\n{text} [/INST]`,
+# the tokenizer adding <s>. Using the real one keeps the engine honest about templates.
+MISTRAL_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{{ '<<SYS>>\\n' + message['content'][0]['text'] + '\\n<</SYS>>\\n\\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '[INST] ' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{{' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'][0]['text'] + '</s> '}}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"]
+LLAVA_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+TINY_PINPOINTS = [[32, 64], [64, 32], [64, 64]]
+
+
+def _tokenizer():  # type: ignore[no-untyped-def]
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    # Character-level vocabulary: every printable ASCII character plus a few words, so random
+    # weights still decode to visible text and EOS can be reached.
+    words = [" the", " a", " photo", " of", " and", " with", " in"]
+    vocab = {token: i for i, token in enumerate(SPECIAL + [chr(c) for c in range(32, 127)] + ["\n"] + words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r" [a-z]+|."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(SPECIAL)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    return fast, vocab
+
+
+def _save(directory: Path, *, crop: int, patch: int, pinpoints: list[list[int]], vision: dict, text: dict,
+          seed: int) -> Path:  # fmt: skip
+    import torch
+    from transformers import (
+        CLIPVisionConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextProcessor,
+    )
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    tokenizer, vocab = _tokenizer()
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": crop}, crop_size={"height": crop, "width": crop}, image_grid_pinpoints=pinpoints
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=MISTRAL_TEMPLATE,
+    )
+    from transformers import MistralConfig
+
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(image_size=crop, patch_size=patch, **vision),
+        text_config=MistralConfig(
+            vocab_size=len(vocab), pad_token_id=vocab["<pad>"], bos_token_id=vocab["<s>"],
+            eos_token_id=vocab["</s>"], max_position_embeddings=8192, **text,
+        ),  # fmt: skip
+        image_token_index=vocab["<image>"],
+        image_grid_pinpoints=pinpoints,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    with torch.no_grad():  # larger weights: confident, well-separated greedy choices (no near-ties)
+        for parameter in model.parameters():
+            if parameter.dim() > 1:
+                parameter.normal_(0.0, 0.08)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def build_tiny(directory: Path, seed: int = 0) -> Path:
+    return _save(
+        directory, crop=32, patch=8, pinpoints=TINY_PINPOINTS, seed=seed,
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    projection_dim=32),
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2),
+    )  # fmt: skip
+
+
+def build_geometry(directory: Path, seed: int = 0) -> Path:
+    """Real llava-v1.6 vision geometry with a small CLIP and a small language model."""
+    return _save(
+        directory, crop=336, patch=14, pinpoints=LLAVA_PINPOINTS, seed=seed,
+        vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    projection_dim=64),
+        text=dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=4),
+    )  # fmt: skip
