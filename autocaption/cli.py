@@ -48,7 +48,7 @@ def check(config_path: Path) -> None:
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 def process(config_path: Path, force: bool, paths: tuple[Path, ...]) -> None:
     """Describe every image under PATHS (files or folders) once, then exit."""
-    from autocaption.process import process as run  # noqa: PLC0415 - keeps `--help` instant
+    from autocaption.process import process as run
 
     summary = run(load(config_path), paths, force=force)
     click.echo(summary.line())

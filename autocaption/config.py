@@ -124,9 +124,7 @@ class _Node:
             child = _Node(value_node, self._child_path(key), self.source)
             if key not in allowed:
                 known = ", ".join(sorted(allowed))
-                raise _Node(key_node, self._child_path(key), self.source).fail(
-                    f"unknown key (known: {known})"
-                )
+                raise _Node(key_node, self._child_path(key), self.source).fail(f"unknown key (known: {known})")
             if key in result:
                 raise child.fail("key given twice")
             result[key] = child
@@ -143,7 +141,7 @@ class _Node:
     def _scalar(self, tag: str, what: str) -> object:
         if not isinstance(self.node, yaml.ScalarNode) or self.node.tag != tag:
             raise self.fail(f"expected {what}, got {self.node.tag.rsplit(':', 1)[-1]} {self._shown()}")
-        return yaml.SafeLoader("").construct_object(self.node)  # type: ignore[no-untyped-call]
+        return yaml.SafeLoader("").construct_object(self.node)
 
     def _shown(self) -> str:
         value = getattr(self.node, "value", "")
@@ -291,7 +289,7 @@ def parse(text: str, source: Path) -> Config:
         raise keys["rules"].fail("at least one rule is needed")
     rules = tuple(_rule(n) for n in rule_nodes)
     seen: set[str] = set()
-    for node, rule in zip(rule_nodes, rules):
+    for node, rule in zip(rule_nodes, rules, strict=True):
         if rule.name in seen:
             raise node.fail(f"name {rule.name!r} is used by an earlier rule; names must be unique")
         seen.add(rule.name)

@@ -72,9 +72,7 @@ def _relative(path: Path, root: Path) -> str:
         return path.name
 
 
-def walk(
-    top: Path, root: Path, include: GlobSet, exclude: GlobSet, *, recursive: bool = True
-) -> Iterator[Found]:
+def walk(top: Path, root: Path, include: GlobSet, exclude: GlobSet, *, recursive: bool = True) -> Iterator[Found]:
     """Images under `top` whose path relative to `root` is included and not excluded."""
     top_stat = top.stat()
     seen = {(top_stat.st_dev, top_stat.st_ino)}
@@ -96,7 +94,8 @@ def walk(
                 is_dir = entry.is_dir()
                 is_file = not is_dir and entry.is_file()
             except OSError as exc:
-                yield Unreadable(path, f"cannot inspect: {exc.strerror or exc}")
+                kind = "broken symlink or symlink loop" if entry.is_symlink() else "cannot inspect"
+                yield Unreadable(path, f"{kind}: {exc.strerror or exc}")
                 continue
             if is_dir:
                 if not recursive or exclude.matches(f"{relative}/{_ANY_CHILD}"):

@@ -45,7 +45,7 @@ class Picture:
 
 def _heif_available() -> bool:
     try:
-        from pillow_heif import register_heif_opener  # type: ignore[import-not-found]  # noqa: PLC0415
+        from pillow_heif import register_heif_opener  # type: ignore[import-not-found]
     except ImportError:
         return False
     register_heif_opener()
@@ -147,28 +147,28 @@ def open_picture(path: Path, *, max_pixels: int, draft_side: int | None = None) 
     if kind == "HEIF" and not _HEIF:
         raise ImageError(f"{where}: HEIC/HEIF image: install pillow-heif (pip install 'autocaption[heic]') to read it")
     try:
-        image = Image.open(io.BytesIO(data), formats=FORMATS)
-        width, height = image.size
+        opened = Image.open(io.BytesIO(data), formats=FORMATS)
+        width, height = opened.size
         if width * height > max_pixels:
             raise ImageError(
                 f"{where}: {width}x{height} is {width * height / 1e6:.0f} MP, above the limit of "
                 f"{max_pixels / 1e6:.0f} MP (images.max_pixels)"
             )
-        facts = _facts(image)
-        if _orientation(image) in (5, 6, 7, 8):
+        facts = _facts(opened)
+        if _orientation(opened) in (5, 6, 7, 8):
             width, height = height, width
-        if draft_side and image.format == "JPEG":
-            image.draft("RGB", (draft_side, draft_side))
-        image.seek(0)  # animated GIF/WebP: the first frame
-        image.load()
-        image = _to_rgb(_orient(image))
+        if draft_side and opened.format == "JPEG":
+            opened.draft("RGB", (draft_side, draft_side))
+        opened.seek(0)  # animated GIF/WebP: the first frame
+        opened.load()
+        image = _to_rgb(_orient(opened))
     except UnidentifiedImageError:
         raise ImageError(f"{where}: not an image (content is {kind or 'not a known image format'})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"{where}: corrupt or truncated {kind or 'image'}: {exc}") from None
     return Picture(
         image=image,
-        format=kind or str(image.format),
+        format=kind or str(opened.format),
         width=width,
         height=height,
         sha256=hashlib.sha256(data).hexdigest(),

@@ -102,7 +102,7 @@ class Pipeline:
             else:
                 outcomes[candidate.path] = prepared
         if work:
-            for item, outcome in zip(work, self._describe(work)):
+            for item, outcome in zip(work, self._describe(work), strict=True):
                 outcomes[item.candidate.path] = outcome
         return [outcomes[c.path] for c in candidates]
 
@@ -137,7 +137,7 @@ class Pipeline:
                 image=item.picture.image,
                 prompts=tuple(
                     Prompt(text=text, max_new_tokens=rule.max_new_tokens, system=rule.system)
-                    for rule, text in zip(item.rules, item.prompts)
+                    for rule, text in zip(item.rules, item.prompts, strict=True)
                 ),
             )
             for item in work
@@ -149,13 +149,13 @@ class Pipeline:
                 return [outcome for item in work for outcome in self._describe([item])]
             path = work[0].candidate.path
             return [Failed(path, f"{display(path)}: {exc}", transient=exc.transient)]
-        return [self._write(item, item_answers) for item, item_answers in zip(work, answers)]
+        return [self._write(item, item_answers) for item, item_answers in zip(work, answers, strict=True)]
 
     def _write(self, item: _Work, answers: Sequence[Answer]) -> Outcome:
         path = item.candidate.path
         results = [
             sidecar.RuleResult(rule, prompt, clean_answer(answer.text, strip_prefixes=rule.strip_prefixes), answer)
-            for rule, prompt, answer in zip(item.rules, item.prompts, answers)
+            for rule, prompt, answer in zip(item.rules, item.prompts, answers, strict=True)
         ]
         document = sidecar.build(path, item.picture, item.stat, self.engine.info, results, item.existing)
         try:
@@ -164,4 +164,3 @@ class Pipeline:
             return Failed(path, str(exc))
         seconds = sum(r.raw.seconds for r in results)
         return Described(path, answers=len(results), seconds=seconds)
-

@@ -61,6 +61,4 @@ class PromptTemplate:
         return frozenset(text for is_name, text in self.parts if is_name)
 
     def render(self, values: Mapping[str, str | None]) -> str:
-        return "".join(
-            (values.get(text) or UNKNOWN) if is_name else text for is_name, text in self.parts
-        )
+        return "".join((values.get(text) or UNKNOWN) if is_name else text for is_name, text in self.parts)

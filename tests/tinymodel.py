@@ -80,9 +80,13 @@ def _save(directory: Path, *, crop: int, patch: int, pinpoints: list[list[int]],
     config = LlavaNextConfig(
         vision_config=CLIPVisionConfig(image_size=crop, patch_size=patch, **vision),
         text_config=MistralConfig(
-            vocab_size=len(vocab), pad_token_id=vocab["<pad>"], bos_token_id=vocab["<s>"],
-            eos_token_id=vocab["</s>"], max_position_embeddings=8192, **text,
-        ),  # fmt: skip
+            vocab_size=len(vocab),
+            pad_token_id=vocab["<pad>"],
+            bos_token_id=vocab["<s>"],
+            eos_token_id=vocab["</s>"],
+            max_position_embeddings=8192,
+            **text,
+        ),
         image_token_index=vocab["<image>"],
         image_grid_pinpoints=pinpoints,
         vision_feature_select_strategy="default",

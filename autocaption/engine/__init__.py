@@ -11,6 +11,6 @@ __all__ = ["Answer", "Engine", "EngineInfo", "Job", "Prompt", "load_engine"]
 
 def load_engine(model: ModelConfig) -> Engine:
     """Load the model described by `model` and keep it resident until `close()`."""
-    from autocaption.engine.llava import LlavaEngine  # noqa: PLC0415 - torch is heavy; import on demand
+    from autocaption.engine.llava import LlavaEngine
 
     return LlavaEngine.load(model)

@@ -89,10 +89,11 @@ class LlavaEngine:
         hf_logging.disable_progress_bar()  # a tqdm bar per load is noise in a service log
         started = time.perf_counter()
         try:
-            processor = AutoProcessor.from_pretrained(source, revision=config.revision, local_files_only=offline)
-            model = LlavaNextForConditionalGeneration.from_pretrained(
+            revision = config.revision or "main"
+            processor = AutoProcessor.from_pretrained(source, revision=revision, local_files_only=offline)
+            model: Any = LlavaNextForConditionalGeneration.from_pretrained(
                 source,
-                revision=config.revision,
+                revision=revision,
                 local_files_only=offline,
                 dtype=_DTYPES[placement.dtype],
                 attn_implementation=config.attn_implementation,
@@ -101,7 +102,7 @@ class LlavaEngine:
             raise _unavailable(config, exc) from None
         except ImportError as exc:  # flash_attention_2 asked for but not installed
             raise ModelUnavailable(f"model.attn_implementation: {config.attn_implementation}: {exc}") from None
-        model.to(placement.device).eval()
+        model = model.to(placement.device).eval()
         # Batches are padded on the left so every row's new tokens start at the same column.
         processor.tokenizer.padding_side = "left"
         log.info(
@@ -127,9 +128,7 @@ class LlavaEngine:
         conversation: list[dict[str, Any]] = []
         if prompt.system:
             conversation.append({"role": "system", "content": [{"type": "text", "text": prompt.system}]})
-        conversation.append(
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt.text}]}
-        )
+        conversation.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt.text}]})
         text: str = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
         return text
 
@@ -183,7 +182,7 @@ class LlavaEngine:
         prompt_lengths = inputs["attention_mask"].sum(dim=1).tolist()
         share = (time.perf_counter() - started) / len(batch)
         answers = []
-        for item, tokens, prompt_length in zip(batch, new_tokens, prompt_lengths):
+        for item, tokens, prompt_length in zip(batch, new_tokens, prompt_lengths, strict=True):
             kept = list(self._until_eos(tokens[: item.prompt.max_new_tokens]))
             text = self.processor.tokenizer.decode(kept, skip_special_tokens=True)
             answers.append(Answer(text=text, prompt_tokens=int(prompt_length), new_tokens=len(kept), seconds=share))

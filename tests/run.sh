@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Set everything up on a fresh clone and run the whole test suite (lint, types, tests).
+# Installs the Debian tools the tests use as independent readers when they are missing and
+# apt-get is usable, a CPU build of torch, and the project with its test extra, into .venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v exiftool >/dev/null || need+=(libimage-exiftool-perl)
+command -v systemd-analyze >/dev/null || need+=(systemd)
+if ((${#need[@]})); then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+    else
+        echo "tests/run.sh: please install: ${need[*]} (sudo apt-get install ${need[*]})" >&2
+    fi
+fi
+
+python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip 2>/dev/null || true
+# The CPU build of torch: small, and what the tests run on. Users keep their ROCm/CUDA build.
+.venv/bin/python -m pip install -q torch==2.13.0
+.venv/bin/python -m pip install -q -e '.[test]'
+
+.venv/bin/ruff check autocaption tests bench
+.venv/bin/mypy autocaption
+.venv/bin/python -m pytest "$@"

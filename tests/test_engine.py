@@ -1,0 +1,120 @@
+"""The transformers engine on the tiny local model: parity with plain `generate`, placement, errors."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from autocaption.config import ModelConfig
+from autocaption.engine import Job, Prompt, load_engine
+from autocaption.engine.devices import Accelerator, place
+from autocaption.errors import ModelUnavailable
+from autocaption.images import open_picture
+from tests.conftest import RunCli
+
+IMAGES = [  # different sizes and aspect ratios: different image token counts
+    "jpg/camera/Canon_40D.jpg",
+    "jpg/gps/DSCN0010.jpg",
+    "jpg/orientation/portrait_6.jpg",
+    "jpg/camera/Fujifilm_FinePix_E500.jpg",
+    "jpg/invalid/image01980.jpg",
+]
+PROMPTS = (Prompt("Describe this photo.", 20), Prompt("Keywords, comma separated.", 12, system="Be terse."))
+
+
+@functools.cache
+def reference_model(model_dir: Path) -> tuple[Any, Any]:
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    return AutoProcessor.from_pretrained(model_dir), LlavaNextForConditionalGeneration.from_pretrained(model_dir).eval()
+
+
+def reference_generate(model_dir: Path, image: object, prompt: Prompt) -> str:
+    """A plain one-image, one-prompt `model.generate` with the processor's chat template, greedy."""
+    import torch
+
+    processor, model = reference_model(model_dir)
+    conversation = []
+    if prompt.system:
+        conversation.append({"role": "system", "content": [{"type": "text", "text": prompt.system}]})
+    conversation.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt.text}]})
+    text = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    inputs = processor(images=image, text=text, return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=prompt.max_new_tokens, do_sample=False)
+    return str(processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_batched_answers_equal_plain_generate(tiny_model: Path, corpus: Path, batch_size: int) -> None:
+    engine = load_engine(ModelConfig(id=str(tiny_model), batch_size=batch_size))
+    pictures = [open_picture(corpus / name, max_pixels=10**9, draft_side=engine.info.max_image_side)
+                for name in IMAGES]  # fmt: skip
+    answers = engine.describe([Job(p.image, PROMPTS) for p in pictures])
+    token_counts = set()
+    for picture, per_image in zip(pictures, answers, strict=True):
+        for prompt, answer in zip(PROMPTS, per_image, strict=True):
+            assert answer.text == reference_generate(tiny_model, picture.image, prompt)
+            assert 0 < answer.new_tokens <= prompt.max_new_tokens and answer.seconds > 0
+            token_counts.add(answer.prompt_tokens)
+    assert len(token_counts) > 2  # the images really had different token counts
+
+
+def test_prompt_uses_the_processors_chat_template(tiny_model: Path) -> None:
+    engine = load_engine(ModelConfig(id=str(tiny_model)))
+    assert engine.render(Prompt("What is this?", 5)) == "[INST] <image>\nWhat is this? [/INST]"  # type: ignore[attr-defined]
+    with_system = engine.render(Prompt("What?", 5, system="Answer briefly."))  # type: ignore[attr-defined]
+    assert with_system.startswith("<<SYS>>\nAnswer briefly.\n<</SYS>>")
+
+
+def test_cpu_placement_and_info(tiny_model: Path) -> None:
+    engine = load_engine(ModelConfig(id=str(tiny_model)))
+    assert (engine.info.device, engine.info.dtype, engine.info.backend) == ("cpu", "float32", "transformers")
+    assert engine.info.max_image_side == 64
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype", "acc", "expected"),
+    [
+        ("auto", "auto", Accelerator(0, None, None, False), ("cpu", "float32")),
+        ("auto", "auto", Accelerator(1, "6.2.41133", None, True, ("AMD Instinct MI210",)), ("cuda:0", "bfloat16")),
+        ("cuda:1", "auto", Accelerator(2, None, "12.8", False, ("T4", "T4")), ("cuda:1", "float16")),
+        ("cpu", "auto", Accelerator(1, None, "12.8", True, ("H100",)), ("cpu", "float32")),
+        ("auto", "float16", Accelerator(1, None, "12.8", True, ("H100",)), ("cuda:0", "float16")),
+    ],
+)
+def test_device_and_dtype_choice(device: str, dtype: str, acc: Accelerator, expected: tuple[str, str]) -> None:
+    placement = place(device, dtype, acc)
+    assert (placement.device, placement.dtype) == expected
+
+
+def test_rocm_and_cuda_are_named_in_the_description() -> None:
+    rocm = place("auto", "auto", Accelerator(1, "6.2.41133", None, True, ("AMD Radeon RX 7900 XTX",)))
+    assert rocm.description == "cuda:0 (AMD Radeon RX 7900 XTX, ROCm 6.2.41133)"
+    cuda = place("auto", "auto", Accelerator(1, None, "12.8", True, ("NVIDIA H100",)))
+    assert cuda.description == "cuda:0 (NVIDIA H100, CUDA 12.8)"
+    assert place("auto", "auto", Accelerator(0, None, None, False)).warning
+
+
+def test_missing_gpu_index_is_a_clear_error() -> None:
+    with pytest.raises(ModelUnavailable, match="HIP_VISIBLE_DEVICES"):
+        place("cuda:3", "auto", Accelerator(1, "6.2", None, True, ("MI210",)))
+
+
+def test_missing_model_folder_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ModelUnavailable, match="no such model folder"):
+        load_engine(ModelConfig(id=str(tmp_path / "missing")))
+
+
+def test_unreachable_hub_is_one_line_and_exit_2(run_cli: RunCli, make_config, corpus: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    photo = tmp_path / "a.jpg"
+    photo.write_bytes((corpus / "jpg/gps/DSCN0010.jpg").read_bytes())
+    config = make_config(model="llava-hf/llava-v1.6-mistral-7b-hf")
+    result = run_cli("process", "--config", config, photo)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "Traceback" not in result.stderr
+    assert "not on this machine" in errors[0] and "local model folder in model.id" in errors[0]

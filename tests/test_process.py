@@ -1,0 +1,143 @@
+"""End to end: the real `autocaption process` CLI, the tiny model, copies of the shared corpus."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from autocaption.config import load
+from autocaption.discover import Candidate
+from autocaption.engine import load_engine
+from autocaption.images import open_picture
+from autocaption.pipeline import Failed, Pipeline
+from autocaption.sidecar import SCHEMA
+from tests.badinputs import FAILING, WORKING, make_bad_inputs
+from tests.conftest import RunCli, copy_tree
+
+
+def digests(folder: Path) -> dict[Path, str]:
+    return {
+        p: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in folder.rglob("*")
+        if p.is_file() and not p.is_symlink() and not p.name.endswith(".json")
+    }
+
+
+def test_process_corpus_writes_a_sidecar_for_every_image(
+    run_cli: RunCli, make_config: Callable[..., Path], corpus: Path, tmp_path: Path
+) -> None:
+    photos = copy_tree(corpus / "jpg", tmp_path / "jpg")
+    before = digests(photos)
+    config = make_config()
+    result = run_cli("process", "--config", config, photos)
+    assert result.returncode == 0, result.stderr
+    images = sorted(p for p in photos.rglob("*.jpg"))
+    assert len(images) == len(before) > 60
+    for image in images:
+        document = json.loads(image.with_name(image.name + ".json").read_text(encoding="utf-8"))
+        assert document["schema"] == SCHEMA
+        assert document["image"]["file"] == image.name
+        assert document["image"]["sha256"] == hashlib.sha256(image.read_bytes()).hexdigest()
+        assert set(document["rules"]) == {"caption", "keywords"}
+        caption = document["rules"]["caption"]
+        assert caption["prompt"] == f"Describe {image.name}."
+        assert caption["answer"] and caption["tokens"]["answer"] > 0 and caption["tokens"]["prompt"] > 0
+        assert document["model"]["device"] == "cpu" and document["model"]["dtype"] == "float32"
+    assert digests(photos) == before  # the originals are untouched
+    summary = result.stdout.strip().splitlines()[-1]
+    assert summary.startswith(f"{len(images)} images described, {2 * len(images)} answers, 0 skipped, 0 failed")
+
+    again = run_cli("process", "--config", config, photos)
+    assert again.returncode == 0
+    assert again.stdout.strip().startswith(f"0 images described, 0 answers, {len(images)} skipped")
+    assert "loaded" not in again.stderr  # nothing to do: the model is not even loaded
+
+
+def test_rerun_with_a_changed_rule_redoes_that_rule_and_keeps_others(
+    run_cli: RunCli, make_config: Callable[..., Path], corpus: Path, tmp_path: Path
+) -> None:
+    photo = tmp_path / "photos" / "DSCN0010.jpg"
+    photo.parent.mkdir()
+    photo.write_bytes((corpus / "jpg/gps/DSCN0010.jpg").read_bytes())
+    sidecar = photo.with_name(photo.name + ".json")
+    first = make_config(
+        rules="""
+        - {name: caption, prompt: "Describe.", max_new_tokens: 8}
+        - {name: camera, prompt: "Shot with {camera} on {date}.", max_new_tokens: 8}
+        """
+    )
+    assert run_cli("process", "--config", first, photo).returncode == 0
+    original = json.loads(sidecar.read_text(encoding="utf-8"))
+    assert original["rules"]["camera"]["prompt"] == "Shot with NIKON COOLPIX P6000 on 2008-10-22."
+
+    second = make_config(rules='- {name: caption, prompt: "Describe it again.", max_new_tokens: 8}')
+    result = run_cli("process", "--config", second, photo)
+    assert result.returncode == 0 and result.stdout.startswith("1 images described, 1 answers")
+    updated = json.loads(sidecar.read_text(encoding="utf-8"))
+    assert updated["rules"]["camera"] == original["rules"]["camera"]  # the other rule's entry is kept
+    assert updated["rules"]["caption"]["prompt"] == "Describe it again."
+
+    forced = run_cli("process", "--config", second, "--force", photo)
+    assert forced.stdout.startswith("1 images described, 1 answers, 0 skipped")
+
+
+def test_bad_inputs_are_reported_one_line_each_and_never_stop_the_rest(
+    run_cli: RunCli, make_config: Callable[..., Path], corpus: Path, tmp_path: Path
+) -> None:
+    folder = make_bad_inputs(tmp_path / "inbox", corpus)
+    result = run_cli("process", "--config", make_config(), folder)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("autocaption: error: ")]
+    assert "Traceback" not in result.stderr
+    for name, reason in FAILING.items():
+        matching = [line for line in errors if f"/{name}" in line]
+        assert len(matching) == 1, (name, errors)
+        assert reason in matching[0], matching[0]
+    assert len(errors) == len(FAILING)
+    for name in [*WORKING, "sub/inner.jpg"]:
+        sidecar = folder / (name + ".json")
+        assert json.loads(sidecar.read_text(encoding="utf-8"))["rules"]["caption"]["answer"], name
+    assert any("new\\nline.jpg" in line for line in result.stderr.splitlines()) is False  # it worked: no line
+    summary = result.stdout.strip()
+    assert summary.startswith(f"{len(WORKING) + 1} images described") and f"{len(FAILING)} failed" in summary
+
+
+def test_a_file_deleted_between_listing_and_reading_fails_alone(
+    make_config: Callable[..., Path], corpus: Path, tmp_path: Path
+) -> None:
+    config = load(make_config())
+    keep, gone = tmp_path / "keep.jpg", tmp_path / "gone.jpg"
+    for path in (keep, gone):
+        path.write_bytes((corpus / "jpg/gps/DSCN0012.jpg").read_bytes())
+    candidates = [Candidate(gone, gone.name), Candidate(keep, keep.name)]
+    gone.unlink()
+    outcomes = Pipeline(config, load_engine(config.model)).run(candidates)
+    assert isinstance(outcomes[0], Failed) and "disappeared" in outcomes[0].message
+    assert keep.with_name("keep.jpg.json").is_file()
+
+
+def test_process_named_files_and_missing_paths(
+    run_cli: RunCli, make_config: Callable[..., Path], corpus: Path, tmp_path: Path
+) -> None:
+    photo = tmp_path / "one.jpg"
+    photo.write_bytes((corpus / "jpg/camera/Nikon_D70.jpg").read_bytes())
+    result = run_cli("process", "--config", make_config(), photo, tmp_path / "missing.jpg")
+    assert result.returncode == 1
+    assert f"{tmp_path / 'missing.jpg'}: no such file or folder" in result.stderr
+    assert photo.with_name("one.jpg.json").is_file()
+
+
+@pytest.mark.parametrize("rotation", ["landscape_6.jpg", "portrait_8.jpg"])
+def test_sidecar_records_upright_size(
+    run_cli: RunCli, make_config: Callable[..., Path], corpus: Path, tmp_path: Path, rotation: str
+) -> None:
+    photo = tmp_path / rotation
+    photo.write_bytes((corpus / "jpg/orientation" / rotation).read_bytes())
+    assert run_cli("process", "--config", make_config(), photo).returncode == 0
+    image = json.loads(photo.with_name(rotation + ".json").read_text(encoding="utf-8"))["image"]
+    upright = open_picture(photo, max_pixels=10**9).image.size
+    assert (image["width"], image["height"]) == upright
