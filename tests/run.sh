@@ -22,6 +22,6 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q torch==2.13.0
 .venv/bin/python -m pip install -q -e '.[test]'
 
-.venv/bin/ruff check autocaption tests bench
+.venv/bin/ruff check .
 .venv/bin/mypy autocaption
 .venv/bin/python -m pytest "$@"
