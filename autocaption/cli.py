@@ -45,12 +45,15 @@ def check(config_path: Path) -> None:
 @cli.command()
 @config_option
 @click.option("--force", is_flag=True, help="Describe again even if the sidecar already has current answers.")
+@click.option("--dry-run", is_flag=True, help="Run the model and print what would be written; touch nothing.")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
-def process(config_path: Path, force: bool, paths: tuple[Path, ...]) -> None:
+def process(config_path: Path, force: bool, dry_run: bool, paths: tuple[Path, ...]) -> None:
     """Describe every image under PATHS (files or folders) once, then exit."""
-    from autocaption.process import process as run
+    from autocaption.process import process as run  # keeps `--help` instant: no torch import
 
-    summary = run(load(config_path), paths, force=force)
+    summary = run(load(config_path), paths, force=force, dry_run=dry_run)
+    for plan in summary.planned:
+        click.echo(plan)
     click.echo(summary.line())
     if summary.failures:
         raise SystemExit(ExitCode.FAILURES)

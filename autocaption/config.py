@@ -31,6 +31,10 @@ DEFAULT_EXCLUDE = ("**/.*/**", "**/.*")
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
+WRITE_TARGETS = ("description", "keywords")
+SIDECAR_MODES = ("auto", "always", "never")
+SIDECAR_NAMES = ("full", "stem")
+EXISTING_POLICIES = ("keep", "overwrite", "append")
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,14 @@ class StateConfig:
 
 
 @dataclass(frozen=True)
+class OutputConfig:
+    embed: bool = True  # write into JPEG/PNG/WebP files themselves (EXIF + XMP)
+    xmp_sidecar: str = "auto"  # auto: only when the file itself cannot carry the caption
+    sidecar_name: str = "full"  # full: IMG_1.jpg.xmp (digiKam, darktable, Immich); stem: IMG_1.xmp (Lightroom)
+    existing: str = "keep"  # a person's caption: keep, overwrite or append to it
+
+
+@dataclass(frozen=True)
 class Rule:
     name: str
     prompt: PromptTemplate
@@ -72,6 +84,7 @@ class Rule:
     system: str | None = None
     # Opt-in clean-up: leading phrases to drop from the answer ("This image shows").
     strip_prefixes: tuple[str, ...] = ()
+    write: frozenset[str] = frozenset()  # "description", "keywords": where the answer goes in the photo
 
     @property
     def fingerprint(self) -> str:
@@ -85,6 +98,7 @@ class Config:
     source: Path
     model: ModelConfig
     images: ImagesConfig
+    output: OutputConfig
     watch: tuple[WatchConfig, ...]
     state: StateConfig
     rules: tuple[Rule, ...]
@@ -237,6 +251,27 @@ def _watch(node: _Node, base: Path) -> WatchConfig:
     )
 
 
+def _output(node: _Node) -> OutputConfig:
+    k = node.mapping(dict.fromkeys(("embed", "xmp_sidecar", "sidecar_name", "existing"), False))
+    d = OutputConfig()
+    return OutputConfig(
+        embed=_optional(k, "embed", _Node.boolean, d.embed),
+        xmp_sidecar=_optional(k, "xmp_sidecar", lambda n: n.choice(SIDECAR_MODES), d.xmp_sidecar),
+        sidecar_name=_optional(k, "sidecar_name", lambda n: n.choice(SIDECAR_NAMES), d.sidecar_name),
+        existing=_optional(k, "existing", lambda n: n.choice(EXISTING_POLICIES), d.existing),
+    )
+
+
+def _targets(node: _Node) -> frozenset[str]:
+    targets = node.texts()
+    for i, target in enumerate(targets):
+        if target not in WRITE_TARGETS:
+            raise _Node(node.node, f"{node.path}[{i}]", node.source).fail(
+                f"must be one of {', '.join(WRITE_TARGETS)}; got {target!r}"
+            )
+    return frozenset(targets)
+
+
 def _template(node: _Node) -> PromptTemplate:
     try:
         return PromptTemplate.parse(node.text())
@@ -247,7 +282,7 @@ def _template(node: _Node) -> PromptTemplate:
 def _rule(node: _Node) -> Rule:
     k = node.mapping(
         {"name": True, "prompt": True, "match": False, "max_new_tokens": False, "system": False,
-         "strip_prefixes": False}
+         "strip_prefixes": False, "write": False}
     )  # fmt: skip
     name = k["name"].text()
     if not all(ch.isalnum() or ch in "-_." for ch in name):
@@ -259,6 +294,7 @@ def _rule(node: _Node) -> Rule:
         max_new_tokens=_optional(k, "max_new_tokens", lambda n: n.integer(minimum=1, maximum=4096), 200),
         system=_optional(k, "system", lambda n: n.text(), None),
         strip_prefixes=_optional(k, "strip_prefixes", _Node.texts, ()),
+        write=_optional(k, "write", _targets, frozenset()),
     )
 
 
@@ -282,7 +318,7 @@ def parse(text: str, source: Path) -> Config:
     if root_node is None:
         raise ConfigError(f"{display(source)}: the file is empty; it needs at least `rules:`")
     root = _Node(root_node, "", source)
-    keys = root.mapping(dict(model=False, images=False, watch=False, state=False, rules=True))
+    keys = root.mapping(dict(model=False, images=False, output=False, watch=False, state=False, rules=True))
     base = source.parent
     rule_nodes = keys["rules"].sequence()
     if not rule_nodes:
@@ -299,6 +335,7 @@ def parse(text: str, source: Path) -> Config:
         source=source,
         model=_optional(keys, "model", _model, ModelConfig()),
         images=_optional(keys, "images", _images, ImagesConfig()),
+        output=_optional(keys, "output", _output, OutputConfig()),
         watch=tuple(_watch(n, base) for n in keys["watch"].sequence()) if "watch" in keys else (),
         state=StateConfig(dir=state_dir),
         rules=rules,

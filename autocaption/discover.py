@@ -24,6 +24,7 @@ _ANY_CHILD = "\0"
 class Candidate:
     path: Path  # absolute, as found (symlinks not resolved)
     relative: str  # posix path relative to the folder it was found under; rules match against it
+    root: Path  # that folder: symlinks resolving outside it are never written through
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ def scan(paths: Sequence[Path], config: Config) -> Iterator[Found]:
             yield from walk(path.resolve(), root, include, exclude, recursive=recursive)
         elif path.is_file():
             root, _ = _watch_for(path.parent, config)
-            yield Candidate(path, _relative(path.resolve(), root))
+            yield Candidate(path, _relative(path.resolve(), root), root)
         elif path.is_symlink():
             yield Unreadable(path, "broken symlink or symlink loop")
         else:
@@ -112,7 +113,7 @@ def walk(top: Path, root: Path, include: GlobSet, exclude: GlobSet, *, recursive
                 subfolders.append(path)
             elif is_file:
                 if include.matches(relative) and not exclude.matches(relative):
-                    yield Candidate(path, relative)
+                    yield Candidate(path, relative, root)
             elif entry.is_symlink() and include.matches(relative):
                 yield Unreadable(path, "broken symlink or symlink loop")
         stack.extend(reversed(subfolders))  # so the first subfolder is walked next

@@ -19,6 +19,8 @@ from autocaption.errors import EngineError, ImageError, WriteError
 from autocaption.images import Picture, open_picture
 from autocaption.paths import display
 from autocaption.textclean import clean_answer
+from autocaption.writers.metadata import Caption, MetadataWriter, WriteRecord
+from autocaption.writers.policy import split_keywords
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,8 @@ class Described:
     path: Path
     answers: int
     seconds: float
+    results: tuple[sidecar.RuleResult, ...] = ()
+    written: WriteRecord | None = None
 
 
 @dataclass(frozen=True)
@@ -86,10 +90,12 @@ def render_values(path: Path, picture: Picture) -> dict[str, str | None]:
 
 
 class Pipeline:
-    def __init__(self, config: Config, engine: Engine, *, force: bool = False) -> None:
+    def __init__(self, config: Config, engine: Engine, *, force: bool = False, dry_run: bool = False) -> None:
         self.config = config
         self.engine = engine
         self.force = force
+        self.dry_run = dry_run
+        self.metadata = MetadataWriter(config.output)
 
     def run(self, candidates: Sequence[Candidate]) -> list[Outcome]:
         """Describe a batch of images; one outcome per candidate, in order."""
@@ -152,15 +158,36 @@ class Pipeline:
         return [self._write(item, item_answers) for item, item_answers in zip(work, answers, strict=True)]
 
     def _write(self, item: _Work, answers: Sequence[Answer]) -> Outcome:
+        """Into the photo (or its XMP sidecar) first, then the JSON sidecar, which records both."""
         path = item.candidate.path
-        results = [
+        results = tuple(
             sidecar.RuleResult(rule, prompt, clean_answer(answer.text, strip_prefixes=rule.strip_prefixes), answer)
             for rule, prompt, answer in zip(item.rules, item.prompts, answers, strict=True)
-        ]
-        document = sidecar.build(path, item.picture, item.stat, self.engine.info, results, item.existing)
+        )
+        failure = None
+        try:
+            record = self.metadata.write(path, item.candidate.root, caption_of(results), dry_run=self.dry_run)
+        except WriteError as exc:
+            failure = str(exc)
+            record = WriteRecord("failed", "not written", "not written", reason=failure)
+        seconds = sum(r.raw.seconds for r in results)
+        described = Described(path, len(results), seconds, results, record)
+        if self.dry_run:
+            return described
+        document = sidecar.build(path, item.picture, item.stat, self.engine.info, results, item.existing, record)
         try:
             sidecar.write(path, document)
         except WriteError as exc:
-            return Failed(path, str(exc))
-        seconds = sum(r.raw.seconds for r in results)
-        return Described(path, answers=len(results), seconds=seconds)
+            failure = f"{failure}; {exc}" if failure else str(exc)
+        return Failed(path, failure) if failure else described
+
+
+def caption_of(results: Sequence[sidecar.RuleResult]) -> Caption:
+    """The first `description` rule's answer and every `keywords` rule's words, in rule order."""
+    description = next((r.answer for r in results if "description" in r.rule.write and r.answer), None)
+    keywords: dict[str, str] = {}
+    for result in results:
+        if "keywords" in result.rule.write:
+            for word in split_keywords(result.answer):
+                keywords.setdefault(word.casefold(), word)
+    return Caption(description, tuple(keywords.values()))

@@ -20,8 +20,11 @@ def process(
     paths: Sequence[Path],
     *,
     force: bool = False,
+    dry_run: bool = False,
     engine_factory: EngineFactory = load_engine,
 ) -> Summary:
+    """Describe every image under `paths`; with `dry_run` nothing is written and `summary.planned`
+    says what would have been."""
     started = time.perf_counter()
     summary = Summary()
     candidates: list[Candidate] = []
@@ -40,17 +43,22 @@ def process(
         else:
             summary.add(skip)
     if pending:  # a re-run with nothing to do never pays for loading the model
-        _describe(config, pending, force, engine_factory, summary)
+        _describe(config, pending, force, dry_run, engine_factory, summary)
     summary.seconds = time.perf_counter() - started
     return summary
 
 
 def _describe(
-    config: Config, pending: list[Candidate], force: bool, engine_factory: EngineFactory, summary: Summary
+    config: Config,
+    pending: list[Candidate],
+    force: bool,
+    dry_run: bool,
+    engine_factory: EngineFactory,
+    summary: Summary,
 ) -> None:
     engine = engine_factory(config.model)
     try:
-        pipeline = Pipeline(config, engine, force=force)
+        pipeline = Pipeline(config, engine, force=force, dry_run=dry_run)
         progress = Progress(len(pending))
         progress.draw()
         step = config.model.batch_size

@@ -22,19 +22,23 @@ class Summary:
     skipped: int = 0
     failures: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    planned: list[str] = field(default_factory=list)  # dry run: what would be written
 
     def add(self, outcome: Outcome) -> None:
         if isinstance(outcome, Described):
             self.images += 1
             self.answers += outcome.answers
+            if outcome.written is not None and outcome.written.file == "dry-run":
+                self.planned.append(plan_line(outcome))
         elif isinstance(outcome, Skipped):
             self.skipped += 1
         else:
             self.failures.append(outcome.message)
 
     def line(self) -> str:
+        verb = "would be described" if self.planned else "described"
         return (
-            f"{self.images} images described, {self.answers} answers, {self.skipped} skipped, "
+            f"{self.images} images {verb}, {self.answers} answers, {self.skipped} skipped, "
             f"{len(self.failures)} failed in {self.seconds:.1f} s"
         )
 
@@ -76,3 +80,20 @@ def report_unreadable(path: Path, reason: str) -> str:
     message = f"{display(path)}: {reason}"
     log.error("%s", message)
     return message
+
+
+def plan_line(outcome: Described) -> str:
+    """A dry run's report for one image: each answer, and where it would go."""
+    written = outcome.written
+    assert written is not None
+    if written.reason is None:
+        target = "into the photo (EXIF + XMP)"
+    elif written.xmp_sidecar:
+        target = f"into {written.xmp_sidecar} ({written.reason})"
+    else:
+        target = f"nowhere in the photo ({written.reason})"
+    lines = [f"{display(outcome.path)}: would write {target}; JSON sidecar {display(outcome.path.name)}.json"]
+    for result in outcome.results:
+        lines.append(f"  {result.rule.name}: {result.answer!r}")
+    lines.append(f"  description: {written.description}; keywords: {written.keywords}")
+    return "\n".join(lines)

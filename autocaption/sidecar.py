@@ -5,7 +5,8 @@ Schema "autocaption/1" (documented in the README):
      "image": {"file", "sha256", "width", "height", "format", "size", "mtime_ns"},
      "model": {"id", "dtype", "device", "backend"},
      "rules": {"<rule name>": {"prompt", "system", "answer", "tokens": {"prompt", "answer"},
-                               "seconds", "created", "fingerprint", "model"}}}
+                               "seconds", "created", "fingerprint", "model"}},
+     "written": {"file", "xmp_sidecar", "description", "keywords", "reason", "sha256"}}
 A re-run replaces the entries of the rules it ran and keeps every other rule's entry.
 """
 
@@ -26,6 +27,7 @@ from autocaption.engine.base import Answer, EngineInfo
 from autocaption.errors import WriteError
 from autocaption.images import Picture
 from autocaption.paths import display
+from autocaption.writers.metadata import WriteRecord
 
 SCHEMA = "autocaption/1"
 log = logging.getLogger(__name__)
@@ -76,6 +78,7 @@ def build(
     engine: EngineInfo,
     results: Iterable[RuleResult],
     existing: Mapping[str, Any] | None,
+    written: WriteRecord | None = None,
 ) -> dict[str, Any]:
     """The new sidecar document: this run's answers merged over the entries of other rules."""
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -91,7 +94,8 @@ def build(
             "fingerprint": result.rule.fingerprint,
             "model": engine.model_id,
         }
-    return {
+    after = written.stat if written and written.stat else stat  # the file as it is now, for skip checks
+    document: dict[str, Any] = {
         "schema": SCHEMA,
         "image": {
             "file": image.name,
@@ -99,12 +103,15 @@ def build(
             "width": picture.width,
             "height": picture.height,
             "format": picture.format,
-            "size": stat.st_size,
-            "mtime_ns": stat.st_mtime_ns,
+            "size": after.st_size,
+            "mtime_ns": after.st_mtime_ns,
         },
         "model": {"id": engine.model_id, "dtype": engine.dtype, "device": engine.device, "backend": engine.backend},
         "rules": rules,
     }
+    if written is not None:
+        document["written"] = {**written.as_json(), "sha256": written.sha256}
+    return document
 
 
 def write(image: Path, document: Mapping[str, Any]) -> Path:

@@ -113,7 +113,7 @@ def test_a_file_deleted_between_listing_and_reading_fails_alone(
     keep, gone = tmp_path / "keep.jpg", tmp_path / "gone.jpg"
     for path in (keep, gone):
         path.write_bytes((corpus / "jpg/gps/DSCN0012.jpg").read_bytes())
-    candidates = [Candidate(gone, gone.name), Candidate(keep, keep.name)]
+    candidates = [Candidate(gone, gone.name, tmp_path), Candidate(keep, keep.name, tmp_path)]
     gone.unlink()
     outcomes = Pipeline(config, load_engine(config.model)).run(candidates)
     assert isinstance(outcomes[0], Failed) and "disappeared" in outcomes[0].message

@@ -1,0 +1,229 @@
+"""Putting EXIF and XMP blocks into JPEG, PNG and WebP files by editing segments/chunks only.
+
+The compressed image data is never decoded or re-encoded: every byte we do not replace is copied.
+Each function takes the file's bytes and the new blocks (None = leave that block as it is) and
+returns the new bytes, or raises `ContainerError` when the file cannot be edited safely.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+EXIF_HEADER = b"Exif\x00\x00"
+XMP_HEADER = b"http://ns.adobe.com/xap/1.0/\x00"
+MAX_SEGMENT = 65533  # a JPEG segment's payload, length field excluded
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_XMP_KEYWORD = b"XML:com.adobe.xmp"
+
+
+class ContainerError(ValueError):
+    """The file's structure cannot be edited safely; the caller falls back to an XMP sidecar."""
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """The metadata blocks found in a file (the TIFF bytes of EXIF, the XMP packet)."""
+
+    exif: bytes | None
+    xmp: bytes | None
+
+
+# --- JPEG -------------------------------------------------------------------------------------------
+
+
+def _jpeg_segments(data: bytes) -> tuple[list[tuple[int, bytes]], int]:
+    """(marker, payload) for each segment before the scan, and where the scan starts (at SOS)."""
+    if not data.startswith(b"\xff\xd8"):
+        raise ContainerError("not a JPEG (no SOI marker)")
+    segments: list[tuple[int, bytes]] = []
+    pos = 2
+    while True:
+        while pos < len(data) and data[pos] == 0xFF and pos + 1 < len(data) and data[pos + 1] == 0xFF:
+            pos += 1  # fill bytes
+        if pos + 4 > len(data) or data[pos] != 0xFF:
+            raise ContainerError(f"JPEG marker structure broken at byte {pos}")
+        marker = data[pos + 1]
+        if marker == 0xDA:  # SOS: entropy-coded data follows, copied verbatim
+            return segments, pos
+        if marker in (0xD8, 0xD9) or 0xD0 <= marker <= 0xD7 or marker == 0x01:
+            raise ContainerError(f"unexpected JPEG marker 0xFF{marker:02X} before the image data")
+        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+        if length < 2 or pos + 2 + length > len(data):
+            raise ContainerError(f"JPEG segment at byte {pos} runs past the end of the file")
+        segments.append((marker, data[pos + 4 : pos + 2 + length]))
+        pos += 2 + length
+
+
+def jpeg_blocks(data: bytes) -> Blocks:
+    segments, _ = _jpeg_segments(data)
+    exif = next((p[6:] for m, p in segments if m == 0xE1 and p.startswith(EXIF_HEADER)), None)
+    xmp = next((p[len(XMP_HEADER) :] for m, p in segments if m == 0xE1 and p.startswith(XMP_HEADER)), None)
+    return Blocks(exif, xmp)
+
+
+def jpeg_with(data: bytes, exif: bytes | None, xmp: bytes | None) -> bytes:
+    segments, scan = _jpeg_segments(data)
+    for name, header, block in (("EXIF", EXIF_HEADER, exif), ("XMP", XMP_HEADER, xmp)):
+        if block is not None and len(header) + len(block) + 2 > MAX_SEGMENT + 2:
+            raise ContainerError(f"{name} would need {len(header) + len(block)} bytes, over the 64 KB segment limit")
+    out = list(segments)
+    for header, block in ((EXIF_HEADER, exif), (XMP_HEADER, xmp)):
+        if block is None:
+            continue
+        payload = header + block
+        existing = next((i for i, (m, p) in enumerate(out) if m == 0xE1 and p.startswith(header)), None)
+        if existing is not None:
+            out[existing] = (0xE1, payload)  # in place: the order of segments is kept
+        else:
+            out.insert(_insert_at(out, after_exif=header == XMP_HEADER), (0xE1, payload))
+    body = b"".join(b"\xff" + bytes([m]) + struct.pack(">H", len(p) + 2) + p for m, p in out)
+    return b"\xff\xd8" + body + data[scan:]
+
+
+def _insert_at(segments: list[tuple[int, bytes]], *, after_exif: bool) -> int:
+    """Where a new segment goes: after the EXIF APP1 (for XMP), else after leading APP0 (JFIF/JFXX)."""
+    if after_exif:
+        for i, (marker, payload) in enumerate(segments):
+            if marker == 0xE1 and payload.startswith(EXIF_HEADER):
+                return i + 1
+    index = 0
+    while index < len(segments) and segments[index][0] == 0xE0:
+        index += 1
+    return index
+
+
+# --- PNG --------------------------------------------------------------------------------------------
+
+
+def _png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    if not data.startswith(PNG_SIGNATURE):
+        raise ContainerError("not a PNG (bad signature)")
+    chunks: list[tuple[bytes, bytes]] = []
+    pos = len(PNG_SIGNATURE)
+    while pos < len(data):
+        if pos + 12 > len(data):
+            raise ContainerError(f"PNG chunk at byte {pos} is cut short")
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind = data[pos + 4 : pos + 8]
+        if pos + 12 + length > len(data):
+            raise ContainerError(f"PNG chunk {kind!r} runs past the end of the file")
+        chunks.append((kind, data[pos + 8 : pos + 8 + length]))
+        pos += 12 + length
+        if kind == b"IEND":
+            if pos != len(data):
+                chunks.append((b"", data[pos:]))  # trailing bytes after IEND: kept as they are
+            return chunks
+    raise ContainerError("PNG has no IEND chunk")
+
+
+def _png_xmp(body: bytes) -> bytes | None:
+    if not body.startswith(PNG_XMP_KEYWORD + b"\x00"):
+        return None
+    rest = body[len(PNG_XMP_KEYWORD) + 1 :]
+    compressed, _method = rest[0], rest[1]
+    _language, _, rest = rest[2:].partition(b"\x00")
+    _translated, _, text = rest.partition(b"\x00")
+    try:
+        return zlib.decompress(text) if compressed else text
+    except zlib.error as exc:
+        raise ContainerError(f"PNG XMP chunk is not valid zlib data ({exc})") from None
+
+
+def png_blocks(data: bytes) -> Blocks:
+    chunks = _png_chunks(data)
+    exif = next((body for kind, body in chunks if kind == b"eXIf"), None)
+    xmp = next((x for kind, body in chunks if kind == b"iTXt" and (x := _png_xmp(body)) is not None), None)
+    if exif is not None and exif.startswith(EXIF_HEADER):
+        exif = exif[6:]
+    return Blocks(exif, xmp)
+
+
+def png_with(data: bytes, exif: bytes | None, xmp: bytes | None) -> bytes:
+    chunks = _png_chunks(data)
+    replacements: list[tuple[bytes, bytes, object]] = []
+    if exif is not None:
+        replacements.append((b"eXIf", exif, lambda kind, body: kind == b"eXIf"))
+    if xmp is not None:
+        itxt = PNG_XMP_KEYWORD + b"\x00\x00\x00\x00\x00" + xmp
+        replacements.append((b"iTXt", itxt, lambda kind, body: kind == b"iTXt" and _png_xmp(body) is not None))
+    for kind, body, is_it in replacements:
+        index = next((i for i, (k, b) in enumerate(chunks) if is_it(k, b)), None)  # type: ignore[operator]
+        if index is not None:
+            chunks[index] = (kind, body)
+        else:
+            first_data = next(i for i, (k, _) in enumerate(chunks) if k in (b"IDAT", b"IEND"))
+            chunks.insert(first_data, (kind, body))
+    out = [PNG_SIGNATURE]
+    for kind, body in chunks:
+        if not kind:
+            out.append(body)
+            continue
+        out.append(struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body)))
+    return b"".join(out)
+
+
+# --- WebP -------------------------------------------------------------------------------------------
+
+_VP8X_EXIF, _VP8X_XMP, _VP8X_ALPHA = 0x08, 0x04, 0x10
+
+
+def _webp_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    if data[:4] != b"RIFF" or data[8:12] != b"WEBP":
+        raise ContainerError("not a WebP (bad RIFF header)")
+    (riff_size,) = struct.unpack("<I", data[4:8])
+    if riff_size + 8 != len(data):
+        raise ContainerError(f"WebP RIFF size {riff_size + 8} does not match the file size {len(data)}")
+    chunks: list[tuple[bytes, bytes]] = []
+    pos = 12
+    while pos < len(data):
+        kind = data[pos : pos + 4]
+        (length,) = struct.unpack("<I", data[pos + 4 : pos + 8])
+        if pos + 8 + length > len(data):
+            raise ContainerError(f"WebP chunk {kind!r} runs past the end of the file")
+        chunks.append((kind, data[pos + 8 : pos + 8 + length]))
+        pos += 8 + length + (length & 1)
+    return chunks
+
+
+def webp_blocks(data: bytes) -> Blocks:
+    chunks = dict(_webp_chunks(data))
+    exif = chunks.get(b"EXIF")
+    if exif is not None and exif.startswith(EXIF_HEADER):
+        exif = exif[6:]
+    return Blocks(exif, chunks.get(b"XMP "))
+
+
+def _canvas(chunks: list[tuple[bytes, bytes]]) -> tuple[int, int, bool]:
+    """Width, height and alpha of a simple (VP8/VP8L) WebP, to build the VP8X header it lacks."""
+    kind, body = chunks[0]
+    if kind == b"VP8L" and len(body) >= 5 and body[0] == 0x2F:
+        (bits,) = struct.unpack("<I", body[1:5])
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1, bool(bits >> 28 & 1)
+    if kind == b"VP8 " and len(body) >= 10 and body[3:6] == b"\x9d\x01\x2a":
+        width, height = struct.unpack("<HH", body[6:10])
+        return width & 0x3FFF, height & 0x3FFF, False
+    raise ContainerError(f"WebP starts with an unexpected {kind!r} chunk")
+
+
+def webp_with(data: bytes, exif: bytes | None, xmp: bytes | None) -> bytes:
+    chunks = _webp_chunks(data)
+    if chunks[0][0] != b"VP8X":
+        width, height, alpha = _canvas(chunks)
+        flags = _VP8X_ALPHA if alpha else 0
+        header = bytes([flags, 0, 0, 0]) + (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little")
+        chunks.insert(0, (b"VP8X", header))
+    flags = chunks[0][1][0]
+    for kind, block, flag in ((b"EXIF", exif, _VP8X_EXIF), (b"XMP ", xmp, _VP8X_XMP)):
+        if block is None:
+            continue
+        flags |= flag
+        index = next((i for i, (k, _) in enumerate(chunks) if k == kind), None)
+        if index is not None:
+            chunks[index] = (kind, block)
+        else:
+            chunks.append((kind, block))  # EXIF and XMP go last, in that order (WebP container spec)
+    chunks[0] = (b"VP8X", bytes([flags]) + chunks[0][1][1:])
+    body = b"".join(k + struct.pack("<I", len(b)) + b + (b"\x00" if len(b) & 1 else b"") for k, b in chunks)
+    return b"RIFF" + struct.pack("<I", len(body) + 4) + b"WEBP" + body

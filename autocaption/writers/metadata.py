@@ -1,0 +1,268 @@
+"""Writing a caption into the photo (EXIF + XMP) or, when that is not safe, into an XMP sidecar.
+
+Order of safety checks before a photo is rewritten: a format we can edit without re-encoding (JPEG,
+PNG, WebP); not read-only; a single hard link; a symlink that stays inside its folder; EXIF and XMP
+that parse. Anything else leaves the photo byte-identical and sends the caption to the sidecar, with
+the reason logged once and recorded in the JSON sidecar.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from autocaption.atomic import RefusedError, replace_faithfully, write_atomic
+from autocaption.config import OutputConfig
+from autocaption.errors import WriteError
+from autocaption.images import sniff
+from autocaption.paths import display
+from autocaption.writers import containers, exif, policy, xmp
+from autocaption.writers.containers import Blocks, ContainerError
+from autocaption.writers.exif import ExifError, Tiff
+from autocaption.writers.xmp import XmpError
+
+log = logging.getLogger(__name__)
+
+_Reader = Callable[[bytes], Blocks]
+_Writer = Callable[[bytes, bytes | None, bytes | None], bytes]
+EDITABLE: dict[str, tuple[_Reader, _Writer]] = {
+    "JPEG": (containers.jpeg_blocks, containers.jpeg_with),
+    "PNG": (containers.png_blocks, containers.png_with),
+    "WEBP": (containers.webp_blocks, containers.webp_with),
+}
+
+
+@dataclass(frozen=True)
+class Caption:
+    description: str | None  # the answer of the rule that writes `description`
+    keywords: tuple[str, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return self.description is None and not self.keywords
+
+
+@dataclass(frozen=True)
+class WriteRecord:
+    """What was written where, for the JSON sidecar's "written" entry."""
+
+    file: str  # "embedded", "unchanged" or "dry-run"
+    description: str
+    keywords: str
+    xmp_sidecar: str | None = None
+    reason: str | None = None  # why the photo itself was not changed
+    stat: os.stat_result | None = field(default=None, compare=False)  # the photo after writing
+    sha256: str | None = None  # of the photo after writing, when it was rewritten
+
+    def as_json(self) -> dict[str, Any]:
+        return {"file": self.file, "xmp_sidecar": self.xmp_sidecar, "description": self.description,
+                "keywords": self.keywords, "reason": self.reason}  # fmt: skip
+
+
+@dataclass
+class _Found:
+    """What the file (or sidecar) already says."""
+
+    descriptions: list[str | None]
+    keywords: tuple[str, ...] = ()
+    own_description: str | None = None
+    own_keywords: tuple[str, ...] = ()
+    make: str | None = None
+    model: str | None = None
+
+
+class MetadataWriter:
+    def __init__(self, output: OutputConfig) -> None:
+        self.output = output
+
+    def sidecar_path(self, image: Path) -> Path:
+        name = image.stem + ".xmp" if self.output.sidecar_name == "stem" else image.name + ".xmp"
+        return image.with_name(name)
+
+    def write(self, path: Path, root: Path, caption: Caption, *, dry_run: bool = False) -> WriteRecord:
+        if caption.empty:
+            return WriteRecord("unchanged", "none", "none", reason="no rule writes into the photo")
+        target = path.resolve()
+        try:
+            data = target.read_bytes()
+        except OSError as exc:
+            raise WriteError(f"{display(path)}: cannot read for writing: {exc.strerror or exc}") from None
+        reason = self._why_not_embedded(path, target, root, data)
+        found = _facts_of(data)
+        notes = ("none", "none")
+        new_stat = None
+        if reason is None:
+            try:
+                new_data, notes = self._embed(data, caption, found)
+            except (ContainerError, ExifError, XmpError) as exc:
+                reason = f"its metadata cannot be rewritten safely ({exc})"
+            else:
+                if not dry_run:
+                    new_stat = self._replace(path, target, new_data)
+        sidecar = None
+        if self.output.xmp_sidecar == "always" or (reason and self.output.xmp_sidecar == "auto"):
+            sidecar, sidecar_notes = self._sidecar(path, caption, found, dry_run)
+            notes = sidecar_notes if reason else notes
+        elif reason:
+            notes = ("not written: output.xmp_sidecar is never", "not written: output.xmp_sidecar is never")
+        if reason:
+            where = f"caption goes to {sidecar.name}" if sidecar else "caption is only in the JSON sidecar"
+            log.info("%s: photo left unchanged: %s; %s", display(path), reason, where)
+        file_state = "dry-run" if dry_run else "unchanged" if reason else "embedded"
+        digest = hashlib.sha256(new_data).hexdigest() if new_stat is not None else None
+        return WriteRecord(file_state, notes[0], notes[1], sidecar.name if sidecar else None, reason, new_stat, digest)
+
+    def _why_not_embedded(self, path: Path, target: Path, root: Path, data: bytes) -> str | None:
+        kind = sniff(data[:16]) or "unknown format"
+        if not self.output.embed:
+            return "output.embed is false"
+        if kind not in EDITABLE:
+            return f"{kind} files are never rewritten (no lossless metadata edit)"
+        if path.is_symlink() and not target.is_relative_to(root.resolve()):
+            return f"it is a symlink to {display(target)}, outside {display(root)}"
+        st = target.stat()
+        if not st.st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
+            return "the file is read-only"
+        if st.st_nlink > 1:
+            return f"the file has {st.st_nlink} hard links (the other names would keep the old content)"
+        return None
+
+    def _embed(self, data: bytes, caption: Caption, found: _Found) -> tuple[bytes, tuple[str, str]]:
+        kind = sniff(data[:16])
+        assert kind is not None
+        read_blocks, write_blocks = EDITABLE[kind]
+        blocks = read_blocks(data)
+        tiff = Tiff(blocks.exif) if blocks.exif is not None else exif.new_block()
+        root = xmp.parse(blocks.xmp)
+        updates: dict[int, tuple[int, bytes] | None] = {}
+        description_note = keywords_note = "none"
+        if caption.description is not None:
+            decision = self._decide(caption.description, found)
+            description_note = decision.note
+            if decision.text is not None:
+                xmp.set_description(root, decision.text, caption.description)
+                updates[exif.IMAGE_DESCRIPTION] = exif.ascii_value(decision.text)
+                updates[exif.XP_COMMENT] = exif.xp_value(decision.text)
+        if caption.keywords:
+            merged = policy.merge_keywords(found.keywords, found.own_keywords, caption.keywords)
+            xmp.set_keywords(root, merged, caption.keywords)
+            updates[exif.XP_KEYWORDS] = exif.xp_value(";".join(merged))
+            keywords_note = "written"
+        new_exif = tiff.with_tags(updates) if updates else None
+        new_data = write_blocks(data, new_exif, xmp.serialize(root))
+        _verify(new_data, data, kind)
+        return new_data, (description_note, keywords_note)
+
+    def _decide(self, ours: str, found: _Found) -> policy.Decision:
+        return policy.decide_description(
+            ours, found.descriptions, found.own_description, self.output.existing, found.make, found.model
+        )
+
+    def _replace(self, path: Path, target: Path, data: bytes) -> os.stat_result:
+        try:
+            return replace_faithfully(target, data)
+        except RefusedError as exc:
+            raise WriteError(f"{display(path)}: not rewritten: {exc}") from None
+        except OSError as exc:
+            raise WriteError(f"{display(path)}: cannot write: {exc.strerror or exc}") from None
+
+    def _sidecar(self, path: Path, caption: Caption, found: _Found, dry_run: bool) -> tuple[Path, tuple[str, str]]:
+        """Merge the caption into `<image>.xmp`, keeping everything else in it (darktable history...)."""
+        sidecar = self.sidecar_path(path)
+        try:
+            existing = sidecar.read_bytes()
+        except FileNotFoundError:
+            existing = None
+        except OSError as exc:
+            raise WriteError(f"{display(sidecar)}: cannot read: {exc.strerror or exc}") from None
+        try:
+            root = xmp.parse(existing)
+        except XmpError as exc:
+            raise WriteError(f"{display(sidecar)}: existing sidecar left untouched: {exc}") from None
+        side = xmp.facts(root)
+        merged = _Found(
+            descriptions=[side.description, *found.descriptions],
+            keywords=side.keywords,
+            own_description=side.own_description or found.own_description,
+            own_keywords=side.own_keywords,
+            make=found.make,
+            model=found.model,
+        )
+        notes = ["none", "none"]
+        if caption.description is not None:
+            decision = self._decide(caption.description, merged)
+            notes[0] = decision.note
+            if decision.text is not None:
+                xmp.set_description(root, decision.text, caption.description)
+        if caption.keywords:
+            xmp.set_keywords(root, policy.merge_keywords(side.keywords, side.own_keywords, caption.keywords),
+                             caption.keywords)  # fmt: skip
+            notes[1] = "written"
+        if not dry_run:
+            try:
+                write_atomic(sidecar, xmp.serialize(root, padding=0))
+            except OSError as exc:
+                raise WriteError(f"{display(sidecar)}: cannot write sidecar: {exc.strerror or exc}") from None
+        return sidecar, (f"{notes[0]} (sidecar)" if notes[0] != "none" else "none", notes[1])
+
+
+def _facts_of(data: bytes) -> _Found:
+    """Descriptions, keywords, camera make/model already in the file; nothing on unreadable metadata."""
+    kind = sniff(data[:16])
+    found = _Found(descriptions=[])
+    try:
+        blocks = EDITABLE[kind][0](data) if kind in EDITABLE else _pillow_blocks(data)
+    except (ContainerError, OSError, ValueError):
+        return found
+    if blocks.xmp is not None:
+        try:
+            facts = xmp.facts(xmp.parse(blocks.xmp))
+        except XmpError:
+            facts = None
+        if facts:
+            found.descriptions.append(facts.description)
+            found.keywords, found.own_description, found.own_keywords = (
+                facts.keywords, facts.own_description, facts.own_keywords,
+            )  # fmt: skip
+    if blocks.exif is not None:
+        try:
+            tiff = Tiff(blocks.exif)
+        except ExifError:
+            return found
+        found.descriptions.append(tiff.text(exif.IMAGE_DESCRIPTION))
+        found.make, found.model = tiff.text(exif.MAKE), tiff.text(exif.MODEL)
+    return found
+
+
+def _pillow_blocks(data: bytes) -> Blocks:
+    """EXIF and XMP of formats we never rewrite (TIFF, HEIC...), read through Pillow."""
+    with Image.open(io.BytesIO(data)) as image:
+        raw = image.info.get("exif")
+        exif_bytes = raw[6:] if isinstance(raw, bytes) and raw.startswith(containers.EXIF_HEADER) else raw
+        if exif_bytes is None and image.format == "TIFF":
+            exif_bytes = data  # a TIFF file is itself a TIFF structure with IFD0
+        packet = image.info.get("xmp") or image.info.get("XML:com.adobe.xmp")
+        return Blocks(exif_bytes if isinstance(exif_bytes, bytes) else None,
+                      packet.encode() if isinstance(packet, str) else packet)  # fmt: skip
+
+
+def _verify(new: bytes, old: bytes, kind: str) -> None:
+    """The new file must parse as the same format with the same pixels size before it replaces the old."""
+    read_blocks, _ = EDITABLE[kind]
+    blocks = read_blocks(new)
+    if blocks.exif is not None:
+        Tiff(blocks.exif)
+    if blocks.xmp is not None:
+        xmp.parse(blocks.xmp)
+    with Image.open(io.BytesIO(new)) as after, Image.open(io.BytesIO(old)) as before:
+        if after.size != before.size or after.mode != before.mode:
+            raise ContainerError("the rewritten file no longer decodes to the same image")

@@ -1,0 +1,170 @@
+"""XMP packets: read the description and keywords, merge ours in without losing anything else.
+
+Foreign XMP (darktable history, Lightroom develop settings, digiKam tags) is parsed with defusedxml
+(no entity expansion, no external entities) and every property we do not own is kept. What
+autocaption wrote is recorded in its own namespace (`autocaption:Description`, `autocaption:Keywords`)
+so a later run can tell its own text from a person's.
+"""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import defusedxml.ElementTree as SafeET
+
+NS = {
+    "x": "adobe:ns:meta/",
+    "rdf": "http://www.w3.org/1999/02/22-rdf-syntax-ns#",
+    "dc": "http://purl.org/dc/elements/1.1/",
+    "xmp": "http://ns.adobe.com/xap/1.0/",
+    "autocaption": "https://github.com/autocaption/autocaption/ns/1.0/",
+}
+XML_LANG = "{http://www.w3.org/XML/1998/namespace}lang"
+PACKET_ID = "W5M0MpCehiHzreSzNTczkc9d"
+_RDF = "{" + NS["rdf"] + "}"
+_DC = "{" + NS["dc"] + "}"
+_OWN = "{" + NS["autocaption"] + "}"
+_PI = re.compile(rb"<\?xpacket[^>]*\?>")
+
+
+class XmpError(ValueError):
+    """The existing XMP cannot be parsed; it is then left alone."""
+
+
+@dataclass(frozen=True)
+class XmpFacts:
+    description: str | None  # dc:description x-default
+    keywords: tuple[str, ...]  # dc:subject
+    own_description: str | None  # what autocaption wrote last time
+    own_keywords: tuple[str, ...]
+
+
+def _register(xml: bytes) -> None:
+    """Keep the document's own prefixes when re-serialising (ElementTree would invent ns0, ns1)."""
+    for prefix, uri in re.findall(rb'xmlns:([A-Za-z_][\w.-]*)="([^"]*)"', xml):
+        try:
+            ET.register_namespace(prefix.decode(), uri.decode())
+        except ValueError:
+            continue  # reserved prefixes (xml, ns0...) cannot be registered; ET picks its own
+
+
+for _prefix, _uri in NS.items():
+    ET.register_namespace(_prefix, _uri)
+
+
+def parse(packet: bytes | None) -> ET.Element:
+    """The x:xmpmeta element of a packet (or a new, empty one)."""
+    if not packet or not packet.strip():
+        return _empty()
+    body = _PI.sub(b"", packet).strip().rstrip(b"\x00 \n\r\t")
+    _register(body)
+    try:
+        root = SafeET.fromstring(body)
+    except (ET.ParseError, ValueError) as exc:  # defusedxml raises ValueError subclasses for attacks
+        raise XmpError(f"unreadable XMP ({exc})") from None
+    if root.tag == _RDF + "RDF":  # a bare rdf:RDF without the x:xmpmeta wrapper
+        meta = ET.Element("{adobe:ns:meta/}xmpmeta")
+        meta.append(root)
+        root = meta
+    if root.find(_RDF + "RDF") is None:
+        raise XmpError("XMP without an rdf:RDF element")
+    return root
+
+
+def _empty() -> ET.Element:
+    meta = ET.Element("{adobe:ns:meta/}xmpmeta")
+    ET.SubElement(meta, _RDF + "RDF")
+    return meta
+
+
+def _descriptions(root: ET.Element) -> list[ET.Element]:
+    rdf = root.find(_RDF + "RDF")
+    assert rdf is not None
+    found = rdf.findall(_RDF + "Description")
+    if not found:
+        found = [ET.SubElement(rdf, _RDF + "Description", {_RDF + "about": ""})]
+    return found
+
+
+def _find(root: ET.Element, tag: str) -> ET.Element | None:
+    for description in _descriptions(root):
+        element = description.find(tag)
+        if element is not None:
+            return element
+    return None
+
+
+def _items(element: ET.Element | None) -> list[ET.Element]:
+    if element is None:
+        return []
+    container = next(iter(element), None)
+    return [] if container is None else container.findall(_RDF + "li")
+
+
+def facts(root: ET.Element) -> XmpFacts:
+    items = _items(_find(root, _DC + "description"))
+    default = next((li for li in items if li.get(XML_LANG) == "x-default"), items[0] if items else None)
+    own = _find(root, _OWN + "Description")
+    return XmpFacts(
+        description=(default.text or "") if default is not None else None,
+        keywords=tuple(li.text or "" for li in _items(_find(root, _DC + "subject"))),
+        own_description=own.text if own is not None else None,
+        own_keywords=tuple(li.text or "" for li in _items(_find(root, _OWN + "Keywords"))),
+    )
+
+
+def _replace(
+    root: ET.Element, tag: str, container: str, values: Sequence[str], lang: bool, extra: Sequence[ET.Element] = ()
+) -> None:
+    """Set a property to an rdf:Alt/Bag of `values`, in the Description that already holds it."""
+    target = None
+    for description in _descriptions(root):
+        existing = description.find(tag)
+        if existing is not None:
+            if target is None:
+                target = (description, list(description).index(existing))
+            description.remove(existing)
+        description.attrib.pop(tag, None)  # a simple-valued attribute form would now be stale
+    description, index = target if target else (_descriptions(root)[0], len(_descriptions(root)[0]))
+    element = ET.Element(tag)
+    box = ET.SubElement(element, _RDF + container)
+    for value in values:
+        li = ET.SubElement(box, _RDF + "li", {XML_LANG: "x-default"} if lang else {})
+        li.text = value
+    box.extend(extra)
+    description.insert(index, element)
+
+
+def _set_text(root: ET.Element, tag: str, value: str) -> None:
+    for description in _descriptions(root):
+        existing = description.find(tag)
+        if existing is not None:
+            existing.text = value
+            return
+    ET.SubElement(_descriptions(root)[0], tag).text = value
+
+
+def set_description(root: ET.Element, text: str, own: str) -> None:
+    """dc:description x-default = text (other languages kept); remember `own` as ours."""
+    tag = _DC + "description"
+    others = [li for li in _items(_find(root, tag)) if li.get(XML_LANG) not in (None, "x-default")]
+    _replace(root, tag, "Alt", [text], lang=True, extra=others)
+    _set_text(root, _OWN + "Description", own)
+
+
+def set_keywords(root: ET.Element, keywords: Sequence[str], own: Sequence[str]) -> None:
+    _replace(root, _DC + "subject", "Bag", keywords, lang=False)
+    _replace(root, _OWN + "Keywords", "Bag", own, lang=False)
+
+
+def serialize(root: ET.Element, *, padding: int = 2048) -> bytes:
+    """A complete packet with the standard wrapper and padding so other tools can edit in place."""
+    body = ET.tostring(root, encoding="unicode")
+    return (
+        f'<?xpacket begin="\ufeff" id="{PACKET_ID}"?>\n{body}\n'
+        + (" " * 99 + "\n") * (padding // 100)
+        + '<?xpacket end="w"?>'
+    ).encode("utf-8")
