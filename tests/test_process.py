@@ -141,3 +141,64 @@ def test_sidecar_records_upright_size(
     image = json.loads(photo.with_name(rotation + ".json").read_text(encoding="utf-8"))["image"]
     upright = open_picture(photo, max_pixels=10**9).image.size
     assert (image["width"], image["height"]) == upright
+
+
+WRITING_RULES = """
+- {name: caption, prompt: "Describe.", max_new_tokens: 16, write: [description]}
+- {name: tags, prompt: "Keywords, comma separated.", max_new_tokens: 12, write: [keywords]}
+"""
+
+
+def test_process_writes_answers_into_photos_and_records_where(
+    run_cli: RunCli, make_config: Callable[..., Path], corpus: Path, tmp_path: Path
+) -> None:
+    from tests import exiftool
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("jpg/gps/DSCN0010.jpg", "jpg/camera/long_description.jpg", "tiff/Arbitro.tiff"):
+        target = folder / Path(name).name
+        target.write_bytes((corpus / name).read_bytes())
+    tiff_bytes = (folder / "Arbitro.tiff").read_bytes()
+    config = make_config(rules=WRITING_RULES)
+    result = run_cli("process", "--config", config, folder)
+    assert result.returncode == 0, result.stderr
+    read = exiftool.tags(*sorted(folder.glob("*.jpg")), folder / "Arbitro.tiff.xmp")
+
+    gps = json.loads((folder / "DSCN0010.jpg.json").read_text(encoding="utf-8"))
+    caption = gps["rules"]["caption"]["answer"]
+    assert gps["written"]["file"] == "embedded" and gps["written"]["description"] == "written"
+    assert read[folder / "DSCN0010.jpg"]["XMP-dc:Description"] == caption
+    assert read[folder / "DSCN0010.jpg"]["IFD0:ImageDescription"] == caption
+    assert gps["written"]["sha256"] == hashlib.sha256((folder / "DSCN0010.jpg").read_bytes()).hexdigest()
+
+    human = json.loads((folder / "long_description.jpg.json").read_text(encoding="utf-8"))
+    assert human["written"]["description"].startswith("kept")
+    assert read[folder / "long_description.jpg"]["IFD0:ImageDescription"].startswith("Operation Mountain Viper")
+
+    tiff = json.loads((folder / "Arbitro.tiff.json").read_text(encoding="utf-8"))
+    assert tiff["written"]["file"] == "unchanged" and tiff["written"]["xmp_sidecar"] == "Arbitro.tiff.xmp"
+    assert "TIFF files are never rewritten" in tiff["written"]["reason"]
+    assert read[folder / "Arbitro.tiff.xmp"]["XMP-dc:Description"] == tiff["rules"]["caption"]["answer"]
+    assert (folder / "Arbitro.tiff").read_bytes() == tiff_bytes
+
+    again = run_cli("process", "--config", config, folder)  # our own write does not make it stale
+    assert again.stdout.startswith("0 images described, 0 answers, 3 skipped"), again.stdout
+
+
+def test_dry_run_prints_the_plan_and_touches_nothing(
+    run_cli: RunCli, make_config: Callable[..., Path], corpus: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("jpg/gps/DSCN0012.jpg", "tiff/Jobagent.tiff"):
+        (folder / Path(name).name).write_bytes((corpus / name).read_bytes())
+    before = {p: p.read_bytes() for p in folder.iterdir()}
+    result = run_cli("process", "--dry-run", "--config", make_config(rules=WRITING_RULES), folder)
+    assert result.returncode == 0, result.stderr
+    assert {p: p.read_bytes() for p in folder.iterdir()} == before
+    assert f"{folder / 'DSCN0012.jpg'}: would write into the photo (EXIF + XMP)" in result.stdout
+    assert "would write into Jobagent.tiff.xmp (TIFF files are never rewritten" in result.stdout
+    assert "  caption: " in result.stdout and result.stdout.strip().endswith(
+        "0 failed in " + result.stdout.split()[-2] + " s"
+    )

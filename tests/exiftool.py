@@ -1,0 +1,55 @@
+"""exiftool as the independent reader of what we write."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# Groups that describe the file rather than its metadata, and tags that are offsets into the file
+# (they move when a segment before them grows; the data they point to is compared separately).
+IGNORED_GROUPS = {"System", "File", "ExifTool", "Composite"}
+OURS = {
+    "IFD0:ImageDescription", "IFD0:XPComment", "IFD0:XPKeywords", "XMP-dc:Description", "XMP-dc:Subject",
+}  # fmt: skip
+
+
+def require() -> str:
+    exe = shutil.which("exiftool")
+    if exe is None:
+        pytest.fail("exiftool is required (Debian: libimage-exiftool-perl); tests/run.sh installs it")
+    return exe
+
+
+def tags(*paths: Path) -> dict[Path, dict[str, Any]]:
+    """Every tag of every file, grouped (-G1), duplicates kept (-a), binary values as base64 (-b)."""
+    out = subprocess.run(
+        [require(), "-j", "-G1", "-a", "-b", "-charset", "utf8", *map(str, paths)],
+        capture_output=True, text=True, check=False,
+    ).stdout  # fmt: skip
+    return {Path(entry["SourceFile"]): entry for entry in json.loads(out or "[]")}
+
+
+def warnings(path: Path) -> set[str]:
+    out = subprocess.run(
+        [require(), "-validate", "-warning", "-a", "-s", "-s", "-s", str(path)],
+        capture_output=True, text=True, check=False,
+    ).stdout  # fmt: skip
+    # The first line is the Validate summary ("OK", "3 Warnings (all minor)"); the rest are warnings.
+    return {line for line in out.splitlines()[1:] if line.strip()}
+
+
+def comparable(entry: dict[str, Any], *, ignore: set[str] = OURS) -> dict[str, Any]:
+    return {
+        key: value
+        for key, value in entry.items()
+        if key != "SourceFile"
+        and key.split(":")[0] not in IGNORED_GROUPS
+        and key not in ignore
+        and not key.startswith("XMP-autocaption:")
+        and not key.split(":")[-1].endswith(("Offset", "Start", "Offsets"))
+    }
