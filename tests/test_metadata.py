@@ -12,13 +12,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
 
 from autocaption.config import OutputConfig
 from autocaption.writers.containers import _jpeg_segments, jpeg_blocks
-from autocaption.writers.metadata import Caption, MetadataWriter
+from autocaption.writers.metadata import Caption, MetadataWriter, WriteRecord
 from autocaption.writers.policy import is_boilerplate, merge_keywords, split_keywords
 from tests import exiftool
 
@@ -65,8 +66,11 @@ def segment_counts(path: Path) -> tuple[int, int]:
     return exif, xmp
 
 
-def write(path: Path, root: Path, caption: Caption = Caption(CAPTION, KEYWORDS), **output: object):  # type: ignore[no-untyped-def]
-    return MetadataWriter(OutputConfig(**output)).write(path, root, caption)  # type: ignore[arg-type]
+DEFAULT_CAPTION = Caption(CAPTION, KEYWORDS)
+
+
+def write(path: Path, root: Path, caption: Caption = DEFAULT_CAPTION, **output: Any) -> WriteRecord:
+    return MetadataWriter(OutputConfig(**output)).write(path, root, caption)
 
 
 def test_every_corpus_jpeg_gets_the_caption_and_keeps_everything_else(corpus: Path, tmp_path: Path) -> None:
@@ -288,7 +292,7 @@ KILL_LOOP = """
 import sys
 from pathlib import Path
 from autocaption.config import OutputConfig
-from autocaption.writers.metadata import Caption, MetadataWriter
+from autocaption.writers.metadata import Caption, MetadataWriter, WriteRecord
 path = Path(sys.argv[1])
 writer = MetadataWriter(OutputConfig(existing="overwrite"))
 i = 0
