@@ -6,12 +6,16 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from autocaption import __version__, log
 from autocaption.config import Config, load
 from autocaption.errors import AutocaptionError, ExitCode
+
+if TYPE_CHECKING:
+    from autocaption.journal import Journal
 
 logger = logging.getLogger("autocaption")
 
@@ -57,6 +61,72 @@ def process(config_path: Path, force: bool, dry_run: bool, paths: tuple[Path, ..
     click.echo(summary.line())
     if summary.failures:
         raise SystemExit(ExitCode.FAILURES)
+
+
+@cli.command()
+@config_option
+def run(config_path: Path) -> None:
+    """Run the daemon: watch the configured folders and describe every new photo."""
+    from autocaption.service import run as run_service  # keeps `--help` instant: no torch import
+
+    raise SystemExit(run_service(config_path))
+
+
+@cli.command()
+@config_option
+def status(config_path: Path) -> None:
+    """Queue depth, rate and recent errors, from the journal (the daemon need not be running)."""
+    from autocaption.journal import Journal
+
+    journal = Journal(load(config_path).state.dir)
+    try:
+        click.echo(format_status(journal))
+    finally:
+        journal.close()
+
+
+@cli.command()
+@config_option
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+def retry(config_path: Path, paths: tuple[Path, ...]) -> None:
+    """Queue failed images again (all, or the PATHS given); a running daemon picks them up."""
+    from autocaption.journal import Journal
+
+    journal = Journal(load(config_path).state.dir)
+    try:
+        count = journal.retry([p.absolute() for p in paths] if paths else None)
+    finally:
+        journal.close()
+    click.echo(f"{count} image(s) queued again")
+
+
+@cli.group()
+def service() -> None:
+    """Install autocaption as a systemd service."""
+
+
+@service.command("install")
+@config_option
+@click.option("--user", "user_unit", is_flag=True, help="A user unit (~/.config/systemd/user) instead of a system one.")
+@click.option("--unit-dir", type=click.Path(path_type=Path, file_okay=False), help="Write the unit here instead.")
+@click.option("--run-as", default="autocaption", show_default=True, help="User= of the system unit.")
+def service_install(config_path: Path, user_unit: bool, unit_dir: Path | None, run_as: str) -> None:
+    """Render the unit for this config's folders, write it, and print the next commands."""
+    from autocaption.unit import install
+
+    click.echo(install(load(config_path), user=user_unit, unit_dir=unit_dir, run_as=run_as))
+
+
+def format_status(journal: Journal) -> str:
+    stats = journal.stats()
+    lines = [
+        f"queued: {stats.queued}  retrying: {stats.retrying}  done: {stats.done}  failed: {stats.failed}",
+        f"rate: {stats.per_hour} images in the last hour",
+    ]
+    if stats.recent_errors:
+        lines.append("recent errors:")
+        lines.extend(f"  {error}" for _, error in stats.recent_errors)
+    return "\n".join(lines)
 
 
 def describe_config(config: Config) -> str:

@@ -60,6 +60,17 @@ class WatchConfig:
     recursive: bool = True
     include: GlobSet = field(default_factory=lambda: GlobSet.of(DEFAULT_INCLUDE))
     exclude: GlobSet = field(default_factory=lambda: GlobSet.of(DEFAULT_EXCLUDE))
+    settle_seconds: float = 2.0  # quiet time before a new file is taken
+    polling: str = "auto"  # "auto" (poll network shares), "yes", "no"
+    poll_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    reconcile_minutes: float = 60.0  # full rescan of the watched folders, besides start and overflows
+    redo_stale: bool = False  # re-describe images whose rules or model changed since they were done
+    max_attempts: int = 5  # transient failures (GPU out of memory, file busy, server down)
+    retry_seconds: float = 30.0  # first retry delay; doubles each attempt, at most an hour
 
 
 @dataclass(frozen=True)
@@ -101,7 +112,13 @@ class Config:
     output: OutputConfig
     watch: tuple[WatchConfig, ...]
     state: StateConfig
+    daemon: DaemonConfig
     rules: tuple[Rule, ...]
+
+    def fingerprint(self, rules: tuple[Rule, ...]) -> str:
+        """What produced an image's result: its rules and the model. Stored in the journal."""
+        shape = [self.model.id, self.model.revision, sorted(rule.name + ":" + rule.fingerprint for rule in rules)]
+        return hashlib.sha256(json.dumps(shape).encode()).hexdigest()[:16]
 
     def rules_for(self, relative: str) -> tuple[Rule, ...]:
         """The rules whose `match` selects this path (relative to its watched or given folder)."""
@@ -170,6 +187,15 @@ class _Node:
             value = str(self._scalar("tag:yaml.org,2002:str", "text"))
         if not allow_empty and not value.strip():
             raise self.fail("must not be empty")
+        return value
+
+    def number(self, *, minimum: float) -> float:
+        if isinstance(self.node, yaml.ScalarNode) and self.node.tag == "tag:yaml.org,2002:int":
+            value = float(self.integer(minimum=0))
+        else:
+            value = float(self._scalar("tag:yaml.org,2002:float", "a number"))  # type: ignore[arg-type]
+        if value < minimum:
+            raise self.fail(f"must be at least {minimum}, got {value}")
         return value
 
     def integer(self, *, minimum: int, maximum: int | None = None) -> int:
@@ -241,13 +267,37 @@ def _images(node: _Node) -> ImagesConfig:
     )
 
 
+def _polling(node: _Node) -> str:
+    if isinstance(node.node, yaml.ScalarNode) and node.node.tag == "tag:yaml.org,2002:bool":
+        return "yes" if node.boolean() else "no"
+    return node.choice(("auto",))
+
+
 def _watch(node: _Node, base: Path) -> WatchConfig:
-    k = node.mapping({"path": True, "recursive": False, "include": False, "exclude": False})
+    k = node.mapping(
+        {"path": True, "recursive": False, "include": False, "exclude": False, "settle_seconds": False,
+         "polling": False, "poll_seconds": False}
+    )  # fmt: skip
+    d = WatchConfig(path=Path())
     return WatchConfig(
         path=expand(k["path"].text(), relative_to=base),
         recursive=_optional(k, "recursive", _Node.boolean, True),
         include=_optional(k, "include", _Node.globs, GlobSet.of(DEFAULT_INCLUDE)),
         exclude=_optional(k, "exclude", _Node.globs, GlobSet.of(DEFAULT_EXCLUDE)),
+        settle_seconds=_optional(k, "settle_seconds", lambda n: n.number(minimum=0.0), d.settle_seconds),
+        polling=_optional(k, "polling", _polling, d.polling),
+        poll_seconds=_optional(k, "poll_seconds", lambda n: n.number(minimum=0.1), d.poll_seconds),
+    )
+
+
+def _daemon(node: _Node) -> DaemonConfig:
+    k = node.mapping(dict.fromkeys(("reconcile_minutes", "redo_stale", "max_attempts", "retry_seconds"), False))
+    d = DaemonConfig()
+    return DaemonConfig(
+        reconcile_minutes=_optional(k, "reconcile_minutes", lambda n: n.number(minimum=0.0), d.reconcile_minutes),
+        redo_stale=_optional(k, "redo_stale", _Node.boolean, d.redo_stale),
+        max_attempts=_optional(k, "max_attempts", lambda n: n.integer(minimum=1, maximum=100), d.max_attempts),
+        retry_seconds=_optional(k, "retry_seconds", lambda n: n.number(minimum=0.0), d.retry_seconds),
     )
 
 
@@ -318,7 +368,9 @@ def parse(text: str, source: Path) -> Config:
     if root_node is None:
         raise ConfigError(f"{display(source)}: the file is empty; it needs at least `rules:`")
     root = _Node(root_node, "", source)
-    keys = root.mapping(dict(model=False, images=False, output=False, watch=False, state=False, rules=True))
+    keys = root.mapping(
+        dict(model=False, images=False, output=False, watch=False, state=False, daemon=False, rules=True)
+    )
     base = source.parent
     rule_nodes = keys["rules"].sequence()
     if not rule_nodes:
@@ -338,6 +390,7 @@ def parse(text: str, source: Path) -> Config:
         output=_optional(keys, "output", _output, OutputConfig()),
         watch=tuple(_watch(n, base) for n in keys["watch"].sequence()) if "watch" in keys else (),
         state=StateConfig(dir=state_dir),
+        daemon=_optional(keys, "daemon", _daemon, DaemonConfig()),
         rules=rules,
     )
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,9 @@ class Described:
     seconds: float
     results: tuple[sidecar.RuleResult, ...] = ()
     written: WriteRecord | None = None
+    stat: os.stat_result | None = None  # the photo as it is now (after any write into it)
+    sha256: str | None = None  # of the photo as it is now
+    fingerprint: str | None = None  # of the rules and model that produced the result
 
 
 @dataclass(frozen=True)
@@ -97,8 +101,11 @@ class Pipeline:
         self.dry_run = dry_run
         self.metadata = MetadataWriter(config.output)
 
-    def run(self, candidates: Sequence[Candidate]) -> list[Outcome]:
-        """Describe a batch of images; one outcome per candidate, in order."""
+    def run(self, candidates: Sequence[Candidate], cancel: threading.Event | None = None) -> list[Outcome]:
+        """Describe a batch of images; one outcome per candidate, in order.
+
+        Raises `Cancelled` when `cancel` is set during generation: nothing of the batch was written.
+        """
         outcomes: dict[Path, Outcome] = {}
         work: list[_Work] = []
         for candidate in candidates:
@@ -108,7 +115,7 @@ class Pipeline:
             else:
                 outcomes[candidate.path] = prepared
         if work:
-            for item, outcome in zip(work, self._describe(work), strict=True):
+            for item, outcome in zip(work, self._describe(work, cancel), strict=True):
                 outcomes[item.candidate.path] = outcome
         return [outcomes[c.path] for c in candidates]
 
@@ -137,7 +144,7 @@ class Pipeline:
         prompts = tuple(rule.prompt.render(values) for rule in rules)
         return _Work(candidate, rules, stat, existing, picture, prompts)
 
-    def _describe(self, work: list[_Work]) -> list[Outcome]:
+    def _describe(self, work: list[_Work], cancel: threading.Event | None = None) -> list[Outcome]:
         jobs = [
             Job(
                 image=item.picture.image,
@@ -149,10 +156,10 @@ class Pipeline:
             for item in work
         ]
         try:
-            answers = self.engine.describe(jobs)
+            answers = self.engine.describe(jobs, cancel)
         except EngineError as exc:
             if len(work) > 1:  # find the one image that breaks the batch; the others still get done
-                return [outcome for item in work for outcome in self._describe([item])]
+                return [outcome for item in work for outcome in self._describe([item], cancel)]
             path = work[0].candidate.path
             return [Failed(path, f"{display(path)}: {exc}", transient=exc.transient)]
         return [self._write(item, item_answers) for item, item_answers in zip(work, answers, strict=True)]
@@ -171,7 +178,13 @@ class Pipeline:
             failure = str(exc)
             record = WriteRecord("failed", "not written", "not written", reason=failure)
         seconds = sum(r.raw.seconds for r in results)
-        described = Described(path, len(results), seconds, results, record)
+        rewritten = record.stat is not None
+        described = Described(
+            path, len(results), seconds, results, record,
+            stat=record.stat if rewritten else item.stat,
+            sha256=record.sha256 if rewritten else item.picture.sha256,
+            fingerprint=self.config.fingerprint(item.rules),
+        )  # fmt: skip
         if self.dry_run:
             return described
         document = sidecar.build(path, item.picture, item.stat, self.engine.info, results, item.existing, record)

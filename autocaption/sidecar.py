@@ -12,6 +12,7 @@ A re-run replaces the entries of the rules it ran and keeps every other rule's e
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -122,3 +123,23 @@ def write(image: Path, document: Mapping[str, Any]) -> Path:
     except OSError as exc:
         raise WriteError(f"{display(path)}: cannot write sidecar: {exc.strerror or exc}") from None
     return path
+
+
+def hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def rename_image(image: Path) -> None:
+    """After a move, the JSON sidecar that came along names the new file."""
+    document = read(image)
+    if document is None or document.get("image", {}).get("file") == image.name:
+        return
+    document["image"]["file"] = image.name
+    try:
+        write(image, document)
+    except WriteError as exc:
+        log.warning("%s", exc)

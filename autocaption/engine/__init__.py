@@ -4,9 +4,9 @@ transformers are imported only when a model is really needed (not for `--help` o
 from __future__ import annotations
 
 from autocaption.config import ModelConfig
-from autocaption.engine.base import Answer, Engine, EngineInfo, Job, Prompt
+from autocaption.engine.base import Answer, Cancelled, Engine, EngineInfo, Job, Prompt
 
-__all__ = ["Answer", "Engine", "EngineInfo", "Job", "Prompt", "load_engine"]
+__all__ = ["Answer", "Cancelled", "Engine", "EngineInfo", "Job", "Prompt", "load_engine"]
 
 
 def load_engine(model: ModelConfig) -> Engine:

@@ -6,6 +6,7 @@ own module. Nothing here imports torch, so the CLI, config checks and tests of o
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -48,11 +49,18 @@ class EngineInfo:
     max_image_side: int | None = None
 
 
+class Cancelled(Exception):
+    """`describe` was stopped through its `cancel` event; no answer of the call may be used."""
+
+
 class Engine(Protocol):
     info: EngineInfo
 
-    def describe(self, jobs: Sequence[Job]) -> list[list[Answer]]:
-        """Answer every prompt of every job; result[i][j] answers jobs[i].prompts[j]."""
+    def describe(self, jobs: Sequence[Job], cancel: threading.Event | None = None) -> list[list[Answer]]:
+        """Answer every prompt of every job; result[i][j] answers jobs[i].prompts[j].
+
+        When `cancel` is set the engine stops as soon as it can and raises `Cancelled`.
+        """
         ...
 
     def close(self) -> None:

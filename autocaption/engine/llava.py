@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -15,11 +16,11 @@ from typing import Any
 
 import torch
 from PIL import Image
-from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+from transformers import AutoProcessor, LlavaNextForConditionalGeneration, StoppingCriteria, StoppingCriteriaList
 from transformers.utils import logging as hf_logging
 
 from autocaption.config import ModelConfig
-from autocaption.engine.base import Answer, EngineInfo, Job, Prompt
+from autocaption.engine.base import Answer, Cancelled, EngineInfo, Job, Prompt
 from autocaption.engine.devices import Accelerator, place
 from autocaption.errors import EngineError, ModelUnavailable
 
@@ -57,6 +58,16 @@ def _unavailable(model: ModelConfig, exc: Exception) -> ModelUnavailable:
         "Put a local model folder in model.id, or allow network access to huggingface.co once so it is "
         "cached in $HF_HOME (unset HF_HUB_OFFLINE, model.local_files_only: false)."
     )
+
+
+class _StopWhenSet(StoppingCriteria):
+    """Ends generation at the next token once the daemon is asked to stop (SIGTERM)."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 @dataclass(frozen=True)
@@ -132,21 +143,23 @@ class LlavaEngine:
         text: str = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
         return text
 
-    def describe(self, jobs: Sequence[Job]) -> list[list[Answer]]:
+    def describe(self, jobs: Sequence[Job], cancel: threading.Event | None = None) -> list[list[Answer]]:
         items = [_Item(job.image, prompt) for job in jobs for prompt in job.prompts]
         answers: list[Answer] = []
         for start in range(0, len(items), self.batch_size):
-            answers.extend(self._run(items[start : start + self.batch_size]))
+            answers.extend(self._run(items[start : start + self.batch_size], cancel))
+            if cancel is not None and cancel.is_set():
+                raise Cancelled()
         result: list[list[Answer]] = []
         flat = iter(answers)
         for job in jobs:
             result.append([next(flat) for _ in job.prompts])
         return result
 
-    def _run(self, batch: list[_Item]) -> list[Answer]:
+    def _run(self, batch: list[_Item], cancel: threading.Event | None) -> list[Answer]:
         """Generate for one batch; on GPU out-of-memory split it in halves (nothing is lost)."""
         try:
-            return self._generate(batch)
+            return self._generate(batch, cancel)
         except torch.OutOfMemoryError:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -154,10 +167,10 @@ class LlavaEngine:
                 raise EngineError("GPU out of memory on a single image", transient=True) from None
             half = len(batch) // 2
             log.warning("GPU out of memory with %d prompts in a batch; retrying as two halves", len(batch))
-            return self._run(batch[:half]) + self._run(batch[half:])
+            return self._run(batch[:half], cancel) + self._run(batch[half:], cancel)
 
     @torch.inference_mode()
-    def _generate(self, batch: list[_Item]) -> list[Answer]:
+    def _generate(self, batch: list[_Item], cancel: threading.Event | None) -> list[Answer]:
         started = time.perf_counter()
         texts = [self.render(item.prompt) for item in batch]
         bos = self.processor.tokenizer.bos_token
@@ -177,6 +190,7 @@ class LlavaEngine:
             do_sample=False,
             num_beams=1,
             pad_token_id=self.pad_id,
+            stopping_criteria=StoppingCriteriaList([_StopWhenSet(cancel)]) if cancel is not None else None,
         )
         new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()
         prompt_lengths = inputs["attention_mask"].sum(dim=1).tolist()

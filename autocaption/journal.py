@@ -1,0 +1,290 @@
+"""The journal: an SQLite database (WAL) in `state.dir` that makes the daemon idempotent and crash-safe.
+
+One row per image path: what we last saw (size, mtime, content hash), the fingerprint of the rules and
+model that produced its result, its status and attempts. The work queue is the set of rows whose
+status is `queued` (or `retry` once their backoff has passed), so a kill -9 loses nothing: queued
+work is simply still queued at the next start, and finished work is never redone.
+
+Schema changes are named, append-only migrations: a released migration is never edited, only followed
+by a new one.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from autocaption.errors import ConfigError
+from autocaption.paths import display
+
+QUEUED, RETRY, DONE, FAILED = "queued", "retry", "done", "failed"
+
+MIGRATIONS: tuple[tuple[str, str], ...] = (
+    (
+        "0001_images",
+        """
+        CREATE TABLE images (
+            path TEXT PRIMARY KEY,
+            size INTEGER,
+            mtime_ns INTEGER,
+            sha256 TEXT,
+            fingerprint TEXT,
+            status TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            last_error TEXT,
+            next_attempt REAL NOT NULL DEFAULT 0,
+            queued_at REAL,
+            updated_at REAL NOT NULL
+        );
+        CREATE INDEX images_queue ON images (status, next_attempt, queued_at);
+        CREATE INDEX images_sha256 ON images (sha256);
+        """,
+    ),
+    (
+        "0002_done_log",
+        """
+        CREATE TABLE done_log (at REAL NOT NULL, answers INTEGER NOT NULL);
+        CREATE INDEX done_log_at ON done_log (at);
+        """,
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Record:
+    path: Path
+    size: int | None
+    mtime_ns: int | None
+    sha256: str | None
+    fingerprint: str | None
+    status: str
+    attempts: int
+    last_error: str | None
+
+    def matches(self, st: os.stat_result) -> bool:
+        return (self.size, self.mtime_ns) == (st.st_size, st.st_mtime_ns)
+
+
+@dataclass(frozen=True)
+class Stats:
+    queued: int
+    retrying: int
+    done: int
+    failed: int
+    per_hour: int  # images finished in the last hour
+    recent_errors: tuple[tuple[str, str], ...]  # (path, error), newest first
+
+
+class Journal:
+    """Thread-safe: one connection shared behind a lock (the worker, the settler and the main thread)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"state.dir: {display(state_dir)}: cannot create: {exc.strerror or exc}") from None
+        self.path = state_dir / "journal.sqlite3"
+        self._lock = threading.RLock()
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # WAL + NORMAL: a power loss can drop the last commits (that work is redone), never corrupt.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._migrate()
+        except sqlite3.Error as exc:
+            raise ConfigError(f"state.dir: {display(self.path)}: cannot open the journal: {exc}") from None
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        with self._tx() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
+            applied = {row[0] for row in db.execute("SELECT name FROM migrations")}
+            for name, sql in MIGRATIONS:
+                if name not in applied:
+                    for statement in filter(str.strip, sql.split(";")):
+                        db.execute(statement)
+                    db.execute("INSERT INTO migrations VALUES (?, ?)", (name, time.time()))
+
+    def applied_migrations(self) -> list[str]:
+        with self._lock:
+            return [row[0] for row in self._db.execute("SELECT name FROM migrations ORDER BY name")]
+
+    # --- reading ---------------------------------------------------------------------------------
+
+    def get(self, path: Path) -> Record | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT path, size, mtime_ns, sha256, fingerprint, status, attempts, last_error"
+                " FROM images WHERE path = ?",
+                (str(path),),
+            ).fetchone()
+        return _record(row) if row else None
+
+    def snapshot(self) -> dict[str, tuple[int | None, int | None, str, str | None]]:
+        """path -> (size, mtime_ns, status, fingerprint) for every row: one query for a whole reconcile."""
+        with self._lock:
+            rows = self._db.execute("SELECT path, size, mtime_ns, status, fingerprint FROM images").fetchall()
+        return {row[0]: (row[1], row[2], row[3], row[4]) for row in rows}
+
+    def moved_from(self, sha256: str, new_path: Path) -> Record | None:
+        """A finished image with this content whose file is gone: `new_path` is where it moved to."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT path, size, mtime_ns, sha256, fingerprint, status, attempts, last_error"
+                " FROM images WHERE sha256 = ? AND status = ? AND path != ?",
+                (sha256, DONE, str(new_path)),
+            ).fetchall()
+        return next((_record(row) for row in rows if not os.path.lexists(row[0])), None)
+
+    def stats(self, now: float | None = None) -> Stats:
+        now = time.time() if now is None else now
+        with self._lock:
+            counts = dict(self._db.execute("SELECT status, COUNT(*) FROM images GROUP BY status").fetchall())
+            per_hour = self._db.execute("SELECT COUNT(*) FROM done_log WHERE at > ?", (now - 3600,)).fetchone()[0]
+            errors = self._db.execute(
+                "SELECT path, last_error FROM images WHERE status IN (?, ?) AND last_error IS NOT NULL"
+                " ORDER BY updated_at DESC LIMIT 10",
+                (FAILED, RETRY),
+            ).fetchall()
+        return Stats(
+            queued=counts.get(QUEUED, 0),
+            retrying=counts.get(RETRY, 0),
+            done=counts.get(DONE, 0),
+            failed=counts.get(FAILED, 0),
+            per_hour=per_hour,
+            recent_errors=tuple((row[0], row[1]) for row in errors),
+        )
+
+    # --- the queue -------------------------------------------------------------------------------
+
+    def enqueue(self, paths: Iterable[Path]) -> int:
+        """Queue paths (new rows, or rows not already queued). Returns how many were newly queued."""
+        now = time.time()
+        count = 0
+        with self._tx() as db:
+            for path in paths:
+                cursor = db.execute(
+                    "INSERT INTO images (path, status, queued_at, updated_at) VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT (path) DO UPDATE SET status = excluded.status, queued_at = excluded.queued_at,"
+                    " next_attempt = 0, updated_at = excluded.updated_at WHERE images.status != ?",
+                    (str(path), QUEUED, now, now, QUEUED),
+                )
+                count += cursor.rowcount
+        return count
+
+    def due(self, limit: int, now: float | None = None) -> list[Path]:
+        """The next paths to work on: queued ones first in arrival order, then retries whose time came."""
+        now = time.time() if now is None else now
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT path FROM images WHERE status = ? OR (status = ? AND next_attempt <= ?)"
+                " ORDER BY status = ?, queued_at LIMIT ?",
+                (QUEUED, RETRY, now, RETRY, limit),
+            ).fetchall()
+        return [Path(row[0]) for row in rows]
+
+    def pending(self) -> int:
+        with self._lock:
+            return int(
+                self._db.execute("SELECT COUNT(*) FROM images WHERE status IN (?, ?)", (QUEUED, RETRY)).fetchone()[0]
+            )
+
+    # --- outcomes --------------------------------------------------------------------------------
+
+    def done(self, path: Path, st: os.stat_result, sha256: str | None, fingerprint: str, answers: int = 0) -> None:
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO images (path, size, mtime_ns, sha256, fingerprint, status, attempts, last_error,"
+                " updated_at) VALUES (?, ?, ?, ?, ?, ?, 0, NULL, ?) ON CONFLICT (path) DO UPDATE SET"
+                " size = excluded.size, mtime_ns = excluded.mtime_ns,"
+                " sha256 = COALESCE(excluded.sha256, images.sha256), fingerprint = excluded.fingerprint,"
+                " status = excluded.status, attempts = 0, last_error = NULL, updated_at = excluded.updated_at",
+                (str(path), st.st_size, st.st_mtime_ns, sha256, fingerprint, DONE, now),
+            )
+            if answers:
+                db.execute("INSERT INTO done_log VALUES (?, ?)", (now, answers))
+
+    def failed(self, path: Path, error: str, *, transient: bool, max_attempts: int, backoff: float) -> str:
+        """Record a failure; transient ones are retried with exponential backoff until `max_attempts`."""
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute("SELECT attempts FROM images WHERE path = ?", (str(path),)).fetchone()
+            attempts = (row[0] if row else 0) + 1
+            status = RETRY if transient and attempts < max_attempts else FAILED
+            delay = min(backoff * 2 ** (attempts - 1), 3600.0)
+            db.execute(
+                "INSERT INTO images (path, status, attempts, last_error, next_attempt, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (path) DO UPDATE SET status = excluded.status,"
+                " attempts = excluded.attempts, last_error = excluded.last_error,"
+                " next_attempt = excluded.next_attempt, updated_at = excluded.updated_at",
+                (str(path), status, attempts, error, now + delay, now),
+            )
+        return status
+
+    def forget(self, path: Path) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM images WHERE path = ?", (str(path),))
+
+    def moved(self, old: Path, new: Path, st: os.stat_result) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM images WHERE path = ?", (str(new),))
+            db.execute(
+                "UPDATE images SET path = ?, size = ?, mtime_ns = ?, updated_at = ? WHERE path = ?",
+                (str(new), st.st_size, st.st_mtime_ns, time.time(), str(old)),
+            )
+
+    def retry(self, paths: Iterable[Path] | None = None) -> int:
+        """Re-queue failed images (all, or the given paths)."""
+        now = time.time()
+        with self._tx() as db:
+            if paths is None:
+                cursor = db.execute(
+                    "UPDATE images SET status = ?, attempts = 0, next_attempt = 0, queued_at = ?, updated_at = ?"
+                    " WHERE status IN (?, ?)",
+                    (QUEUED, now, now, FAILED, RETRY),
+                )
+                return cursor.rowcount
+            count = 0
+            for path in paths:
+                cursor = db.execute(
+                    "UPDATE images SET status = ?, attempts = 0, next_attempt = 0, queued_at = ?, updated_at = ?"
+                    " WHERE path = ? AND status IN (?, ?)",
+                    (QUEUED, now, now, str(path), FAILED, RETRY),
+                )
+                count += cursor.rowcount
+            return count
+
+
+def _record(row: tuple[object, ...]) -> Record:
+    path, size, mtime_ns, sha256, fingerprint, status, attempts, last_error = row
+    return Record(
+        Path(str(path)),
+        size if isinstance(size, int) else None,
+        mtime_ns if isinstance(mtime_ns, int) else None,
+        sha256 if isinstance(sha256, str) else None,
+        fingerprint if isinstance(fingerprint, str) else None,
+        str(status),
+        int(attempts) if isinstance(attempts, int) else 0,
+        last_error if isinstance(last_error, str) else None,
+    )

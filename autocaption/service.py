@@ -1,0 +1,328 @@
+"""`autocaption run`: the daemon. Watchers feed the journal's queue; one worker thread drains it
+through the pipeline with the model kept resident; the main thread handles signals, sd_notify and
+periodic reconciles.
+
+Threads: watchdog's dispatcher (enqueue into the settler only), the settler (decides when files are
+complete, writes them to the journal queue), the worker (the only user of the model), and the main
+thread. Signals only set events; all work happens in the threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from autocaption import sidecar
+from autocaption.config import Config, ModelConfig, WatchConfig, load
+from autocaption.discover import Candidate, walk
+from autocaption.engine import Cancelled, Engine, load_engine
+from autocaption.errors import AutocaptionError, ExitCode
+from autocaption.journal import FAILED, QUEUED, RETRY, Journal
+from autocaption.notify import Notifier
+from autocaption.paths import display
+from autocaption.pipeline import Described, Failed, Outcome, Pipeline, Skipped
+from autocaption.watch import Settler, Watchers
+from autocaption.writers.metadata import MetadataWriter
+
+log = logging.getLogger("autocaption")
+
+EngineFactory = Callable[[ModelConfig], Engine]
+
+
+def reconcile(config: Config, journal: Journal) -> int:
+    """Queue every image under the watched folders without an up-to-date result. Returns how many."""
+    known = journal.snapshot()
+    missing: list[Path] = []
+    for watch in config.watch:
+        if not watch.path.is_dir():
+            log.warning("watch: %s: folder does not exist; skipped", display(watch.path))
+            continue
+        for found in walk(watch.path.resolve(), watch.path.resolve(), watch.include, watch.exclude,
+                          recursive=watch.recursive):  # fmt: skip
+            if not isinstance(found, Candidate):
+                continue
+            row = known.get(str(found.path))
+            if row is not None and _settled(config, found, row):
+                continue
+            missing.append(found.path)
+    return journal.enqueue(missing)
+
+
+def _settled(config: Config, found: Candidate, row: tuple[int | None, int | None, str, str | None]) -> bool:
+    size, mtime_ns, status, fingerprint = row
+    if status in (QUEUED, RETRY, FAILED):
+        return True  # already waiting, or failed for good until `autocaption retry`
+    try:
+        st = found.path.stat()
+    except OSError:
+        return True
+    if (size, mtime_ns) != (st.st_size, st.st_mtime_ns):
+        return False
+    return not config.daemon.redo_stale or fingerprint == config.fingerprint(config.rules_for(found.relative))
+
+
+class Worker:
+    """Drains the journal queue through the pipeline. The only thread that touches the model."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.heartbeat = time.monotonic()
+        self.wake = threading.Event()
+
+    def run(self) -> None:
+        service = self.service
+        while not service.stop.is_set():
+            self.heartbeat = time.monotonic()
+            paths = service.journal.due(service.config.model.batch_size)
+            if not paths:
+                self.wake.wait(1.0)
+                self.wake.clear()
+                continue
+            try:
+                self.work(paths)
+            except Cancelled:
+                log.info("stopping: the batch in flight was abandoned; it stays queued")
+                return
+
+    def work(self, paths: Sequence[Path]) -> None:
+        service = self.service
+        config, journal = service.config, service.journal
+        todo: list[Candidate] = []
+        for path in paths:
+            candidate = service.candidate(path)
+            try:
+                st = path.stat()
+            except OSError:
+                journal.forget(path)  # deleted (or renamed) before we got to it
+                continue
+            rules = config.rules_for(candidate.relative)
+            fingerprint = config.fingerprint(rules)
+            record = journal.get(path)
+            if not rules:
+                journal.done(path, st, None, fingerprint)
+            elif (
+                record
+                and record.fingerprint
+                and record.matches(st)
+                and (record.fingerprint == fingerprint or not config.daemon.redo_stale)
+            ):
+                journal.done(path, st, None, record.fingerprint)  # our own write, or nothing changed
+            elif (record is None or record.fingerprint is None) and service.follow_move(path, st):
+                continue
+            else:
+                todo.append(candidate)
+        if todo:
+            for candidate, outcome in zip(todo, service.pipeline.run(todo, cancel=service.stop), strict=True):
+                service.record(candidate, outcome)
+
+
+class Service:
+    def __init__(
+        self,
+        config_path: Path,
+        config: Config,
+        *,
+        engine_factory: EngineFactory = load_engine,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.config_path = config_path
+        self.config = config
+        self.engine_factory = engine_factory
+        self.notifier = notifier or Notifier()
+        self.stop = threading.Event()
+        self.reload_requested = threading.Event()
+        self.reconcile_requested = threading.Event()
+        self.journal = Journal(config.state.dir)
+        self.settler = Settler(self._settled)
+        self.worker = Worker(self)
+        self.pipeline: Pipeline
+        self.watchers: Watchers | None = None
+
+    # --- helpers used by the worker ---------------------------------------------------------------
+
+    def candidate(self, path: Path) -> Candidate:
+        watch = self._watch_of(path)
+        root = watch.path if watch else path.parent
+        try:
+            relative = path.relative_to(root).as_posix()
+        except ValueError:
+            relative = path.name
+        return Candidate(path, relative, root)
+
+    def _watch_of(self, path: Path) -> WatchConfig | None:
+        return next((w for w in self.config.watch if w.path == path or w.path in path.parents), None)
+
+    def _settled(self, candidates: list[Candidate]) -> None:
+        if self.journal.enqueue(c.path for c in candidates):
+            self.worker.wake.set()
+
+    def follow_move(self, path: Path, st: os.stat_result) -> bool:
+        """A new path whose content we already described elsewhere (gone now): move its sidecars."""
+        try:
+            digest = sidecar.hash_file(path)
+        except OSError:
+            return False
+        old = self.journal.moved_from(digest, path)
+        if old is None:
+            return False
+        writer = MetadataWriter(self.config.output)
+        for source, target in (
+            (sidecar.sidecar_path(old.path), sidecar.sidecar_path(path)),
+            (writer.sidecar_path(old.path), writer.sidecar_path(path)),
+        ):
+            if source.exists() and not target.exists():
+                try:
+                    shutil.move(source, target)
+                except OSError as exc:
+                    log.warning("%s: could not move sidecar along: %s", display(source), exc.strerror or exc)
+        sidecar.rename_image(path)
+        self.journal.moved(old.path, path, st)
+        log.info("%s: moved from %s; result carried over, not described again", display(path), display(old.path))
+        return True
+
+    def record(self, candidate: Candidate, outcome: Outcome) -> None:
+        path = candidate.path
+        if isinstance(outcome, Described):
+            assert outcome.stat is not None and outcome.fingerprint is not None
+            self.journal.done(path, outcome.stat, outcome.sha256, outcome.fingerprint, outcome.answers)
+            log.info("%s: described (%d answers, %.1f s)", display(path), outcome.answers, outcome.seconds)
+        elif isinstance(outcome, Skipped):
+            rules = self.config.rules_for(candidate.relative)
+            try:
+                self.journal.done(path, path.stat(), None, self.config.fingerprint(rules))
+            except OSError:
+                self.journal.forget(path)
+        else:
+            self._failed(path, outcome)
+
+    def _failed(self, path: Path, outcome: Failed) -> None:
+        daemon = self.config.daemon
+        status = self.journal.failed(
+            path, outcome.message, transient=outcome.transient, max_attempts=daemon.max_attempts,
+            backoff=daemon.retry_seconds,
+        )  # fmt: skip
+        if status == RETRY:
+            log.warning("%s (will retry)", outcome.message)
+        else:
+            log.error("%s", outcome.message)
+
+    # --- lifecycle --------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        engine = self.engine_factory(self.config.model)
+        self.pipeline = Pipeline(self.config, engine)
+        previous = self._install_signals()
+        threads: list[threading.Thread] = []
+        try:
+            self.watchers = Watchers(self.config.watch, self.settler, self.reconcile_requested.set)
+            self.watchers.start()
+            threads = [
+                threading.Thread(target=self.settler.run, args=(self.stop,), name="settler", daemon=True),
+                threading.Thread(target=self.worker.run, name="worker", daemon=True),
+            ]
+            for thread in threads:
+                thread.start()
+            self.reconcile_requested.set()  # at start: whatever arrived while we were not running
+            self.notifier.ready(self._status())
+            log.info("ready: %d folder(s) watched, %d rule(s)", len(self.config.watch), len(self.config.rules))
+            self._main_loop()
+        finally:
+            self.stop.set()
+            self.notifier.stopping()
+            if self.watchers:
+                self.watchers.stop()
+            for thread in threads:
+                thread.join(timeout=60)
+            engine.close()
+            self.journal.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        log.info("stopped")
+        return ExitCode.OK
+
+    def _install_signals(self) -> dict[signal.Signals, Any]:
+        def stop(signum: int, frame: FrameType | None) -> None:
+            self.stop.set()
+
+        def reload(signum: int, frame: FrameType | None) -> None:
+            self.reload_requested.set()
+
+        previous: dict[signal.Signals, Any] = {}
+        if threading.current_thread() is not threading.main_thread():
+            return previous  # embedded in another program (or a test): its owner handles signals
+        for sig, handler in ((signal.SIGTERM, stop), (signal.SIGINT, stop), (signal.SIGHUP, reload)):
+            previous[sig] = signal.signal(sig, handler)
+        return previous
+
+    def _main_loop(self) -> None:
+        interval = self.config.daemon.reconcile_minutes * 60
+        next_reconcile = time.monotonic() + interval if interval else float("inf")
+        last_status = ""
+        while not self.stop.wait(0.5):
+            if self.reload_requested.is_set():
+                self.reload_requested.clear()
+                self._reload()
+            if self.reconcile_requested.is_set() or time.monotonic() >= next_reconcile:
+                self.reconcile_requested.clear()
+                next_reconcile = time.monotonic() + interval if interval else float("inf")
+                queued = reconcile(self.config, self.journal)
+                if queued:
+                    log.info("reconcile: %d image(s) queued", queued)
+                    self.worker.wake.set()
+            self._keepalive()
+            status = self._status()
+            if status != last_status:
+                self.notifier.status(status)
+                last_status = status
+
+    def _keepalive(self) -> None:
+        """WATCHDOG=1 only while the worker's heartbeat is fresh: a stuck worker gets us restarted."""
+        interval = self.notifier.watchdog_interval
+        if interval is not None and time.monotonic() - self.worker.heartbeat < 2 * interval:
+            self.notifier.watchdog()
+
+    def _status(self) -> str:
+        stats = self.journal.stats()
+        return (
+            f"{stats.queued + stats.retrying} queued, {stats.per_hour} images/hour, "
+            f"{stats.done} done, {stats.failed} failed"
+        )
+
+    def _reload(self) -> None:
+        """SIGHUP: new rules and outputs without reloading the model; a bad file changes nothing."""
+        self.notifier.reloading()
+        try:
+            new = load(self.config_path)
+        except AutocaptionError as exc:
+            log.error("configuration not reloaded, the old rules stay in force: %s", exc)
+            self.notifier.ready(self._status())
+            return
+        if new.model != self.config.model:
+            log.warning("model settings changed: they take effect at the next restart")
+            new = replace(new, model=self.config.model)
+        if new.state != self.config.state:
+            log.warning("state.dir changed: it takes effect at the next restart")
+            new = replace(new, state=self.config.state)
+        watches_changed = new.watch != self.config.watch
+        self.config = new
+        self.pipeline = Pipeline(new, self.pipeline.engine)
+        if watches_changed and self.watchers is not None:
+            self.watchers.stop()
+            self.watchers = Watchers(new.watch, self.settler, self.reconcile_requested.set)
+            self.watchers.start()
+            self.reconcile_requested.set()
+        log.info("configuration reloaded: %d rule(s)", len(new.rules))
+        self.notifier.ready(self._status())
+
+
+def run(config_path: Path, *, engine_factory: EngineFactory = load_engine) -> int:
+    return Service(config_path, load(config_path), engine_factory=engine_factory).run()

@@ -1,0 +1,141 @@
+"""The systemd unit: rendered for the user's folders by `autocaption service install`.
+
+A system unit with a dedicated user is the recommended setup: sandboxing in user units needs user
+namespaces and was silently ignored by older systemd. The sandbox is as tight as a GPU daemon allows:
+no PrivateDevices (it hides the GPU), no MemoryDenyWriteExecute (torch/triton generate code), no
+ProcSubset=pid (torch reads /proc/cpuinfo and /proc/meminfo).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from autocaption.config import Config
+from autocaption.paths import display
+
+SYSTEM_UNIT_DIR = Path("/etc/systemd/system")
+UNIT_NAME = "autocaption.service"
+
+TEMPLATE = """\
+# autocaption: describe new photos with a local vision-language model.
+# Rendered by `autocaption service install`; edit the config, not this file, and render again.
+[Unit]
+Description=autocaption - describe new photos with a local vision-language model
+After=local-fs.target remote-fs.target network-online.target
+Wants=network-online.target
+
+[Service]
+Type=notify
+NotifyAccess=main
+{identity}ExecStart={exe} run --config {config}
+ExecReload=/bin/kill -HUP $MAINPID
+Restart=on-failure
+RestartSec=10
+# Loading a 15 GB model from a slow disk takes minutes; the worker pings the watchdog between batches.
+TimeoutStartSec=900
+TimeoutStopSec=90
+WatchdogSec=600
+KillMode=mixed
+StateDirectory=autocaption
+Environment=HF_HOME={hf_home}
+Environment=PYTHONUNBUFFERED=1
+# AMD consumer/APU GPUs may need e.g. HSA_OVERRIDE_GFX_VERSION=11.0.0; pick cards with HIP_VISIBLE_DEVICES.
+#Environment=HSA_OVERRIDE_GFX_VERSION=11.0.0
+#Environment=HIP_VISIBLE_DEVICES=0
+ReadWritePaths={read_write}
+UMask=0022
+
+# GPU access: AMD ROCm (/dev/kfd, /dev/dri) and NVIDIA. Load the GPU modules at boot: char-* classes
+# are resolved when the service starts.
+DevicePolicy=closed
+DeviceAllow=char-kfd rw
+DeviceAllow=char-drm rw
+DeviceAllow=char-nvidiactl rw
+DeviceAllow=char-nvidia-frontend rw
+DeviceAllow=char-nvidia-uvm rw
+DeviceAllow=char-nvidia-caps rw
+
+# Sandbox.
+NoNewPrivileges=yes
+ProtectSystem=strict
+ProtectHome=read-only
+PrivateTmp=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectClock=yes
+ProtectHostname=yes
+ProtectProc=invisible
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+RemoveIPC=yes
+CapabilityBoundingSet=
+AmbientCapabilities=
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
+SystemCallArchitectures=native
+SystemCallFilter=@system-service
+SystemCallFilter=~@privileged
+SystemCallErrorNumber=EPERM
+IPAddressDeny=multicast
+
+[Install]
+WantedBy={wanted_by}
+"""
+
+
+def _quote(path: Path) -> str:
+    text = str(path)
+    return f'"{text}"' if any(ch in text for ch in ' "\\') else text
+
+
+def render(config: Config, *, user: bool, run_as: str, exe: Path) -> str:
+    folders = sorted({w.path.resolve() for w in config.watch})
+    state = config.state.dir
+    if not user and not os.environ.get("STATE_DIRECTORY") and state.is_absolute():
+        folders.append(state)  # an explicit state.dir outside StateDirectory= must stay writable
+    identity = "" if user else f"User={run_as}\nGroup={run_as}\nSupplementaryGroups=render video\n"
+    return TEMPLATE.format(
+        identity=identity,
+        exe=_quote(exe),
+        config=_quote(config.source),
+        hf_home="%S/autocaption/huggingface",
+        read_write=" ".join(_quote(p) for p in folders) or "%S/autocaption",
+        wanted_by="default.target" if user else "multi-user.target",
+    )
+
+
+def _executable() -> Path:
+    found = shutil.which("autocaption")
+    return Path(found).resolve() if found else Path(sys.argv[0]).resolve()
+
+
+def install(config: Config, *, user: bool, unit_dir: Path | None, run_as: str) -> str:
+    """Write the unit and return what to run next."""
+    directory = unit_dir or (Path.home() / ".config/systemd/user" if user else SYSTEM_UNIT_DIR)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / UNIT_NAME
+    target.write_text(render(config, user=user, run_as=run_as, exe=_executable()), encoding="utf-8")
+    folders = " ".join(_quote(w.path) for w in config.watch)
+    if user:
+        steps = [
+            "systemctl --user daemon-reload",
+            "systemctl --user enable --now autocaption",
+            f"loginctl enable-linger {os.environ.get('USER', '$USER')}   # start at boot, not at login",
+            "journalctl --user -u autocaption -f",
+        ]
+    else:
+        steps = [
+            f"sudo useradd --system --home-dir /var/lib/autocaption --shell /usr/sbin/nologin {run_as}",
+            f"sudo usermod -aG render,video {run_as}   # GPU access (ROCm needs render)",
+            f"sudo setfacl -R -m u:{run_as}:rwX -m d:u:{run_as}:rwX {folders}   # or group permissions",
+            "sudo systemctl daemon-reload",
+            "sudo systemctl enable --now autocaption",
+            "journalctl -u autocaption -f",
+        ]
+    return f"wrote {display(target)}\nnext:\n" + "\n".join(f"  {step}" for step in steps)
