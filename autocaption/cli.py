@@ -50,12 +50,17 @@ def check(config_path: Path) -> None:
 @config_option
 @click.option("--force", is_flag=True, help="Describe again even if the sidecar already has current answers.")
 @click.option("--dry-run", is_flag=True, help="Run the model and print what would be written; touch nothing.")
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
-def process(config_path: Path, force: bool, dry_run: bool, paths: tuple[Path, ...]) -> None:
-    """Describe every image under PATHS (files or folders) once, then exit."""
+@click.option("--stale", is_flag=True, help="Only images described by other rules or another model (journal).")
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+def process(config_path: Path, force: bool, dry_run: bool, stale: bool, paths: tuple[Path, ...]) -> None:
+    """Describe every image under PATHS (files or folders) once, then exit.
+
+    With --stale, PATHS default to the watched folders."""
     from autocaption.process import process as run  # keeps `--help` instant: no torch import
 
-    summary = run(load(config_path), paths, force=force, dry_run=dry_run)
+    if not paths and not stale:
+        raise click.UsageError("give at least one PATH (or --stale)")
+    summary = run(load(config_path), paths, force=force, dry_run=dry_run, stale=stale)
     for plan in summary.planned:
         click.echo(plan)
     click.echo(summary.line())

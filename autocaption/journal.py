@@ -20,8 +20,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from autocaption.config import Config
+from autocaption.discover import Candidate
 from autocaption.errors import ConfigError
 from autocaption.paths import display
+from autocaption.pipeline import Described, Outcome, Skipped
 
 QUEUED, RETRY, DONE, FAILED = "queued", "retry", "done", "failed"
 
@@ -274,6 +277,28 @@ class Journal:
                 )
                 count += cursor.rowcount
             return count
+
+
+def record_outcome(journal: Journal, config: Config, candidate: Candidate, outcome: Outcome) -> str | None:
+    """Book a pipeline outcome; returns the new status for failures (RETRY or FAILED), else None."""
+    path = candidate.path
+    if isinstance(outcome, Described):
+        assert outcome.stat is not None and outcome.fingerprint is not None
+        journal.done(path, outcome.stat, outcome.sha256, outcome.fingerprint, outcome.answers)
+        return None
+    if isinstance(outcome, Skipped):
+        try:
+            st = path.stat()
+        except OSError:
+            journal.forget(path)
+            return None
+        journal.done(path, st, None, config.fingerprint(config.rules_for(candidate.relative)))
+        return None
+    daemon = config.daemon
+    return journal.failed(
+        path, outcome.message, transient=outcome.transient, max_attempts=daemon.max_attempts,
+        backoff=daemon.retry_seconds,
+    )  # fmt: skip
 
 
 def _record(row: tuple[object, ...]) -> Record:

@@ -9,7 +9,8 @@ from pathlib import Path
 from autocaption.config import Config, ModelConfig
 from autocaption.discover import Candidate, Unreadable, scan
 from autocaption.engine import Engine, load_engine
-from autocaption.pipeline import Pipeline, triage
+from autocaption.journal import DONE, Journal, record_outcome
+from autocaption.pipeline import Pipeline, Skipped, triage
 from autocaption.report import Progress, Summary, report_unreadable
 
 EngineFactory = Callable[[ModelConfig], Engine]
@@ -21,31 +22,54 @@ def process(
     *,
     force: bool = False,
     dry_run: bool = False,
+    stale: bool = False,
     engine_factory: EngineFactory = load_engine,
 ) -> Summary:
     """Describe every image under `paths`; with `dry_run` nothing is written and `summary.planned`
-    says what would have been."""
+    says what would have been. With `stale`, only images the journal says were described by other
+    rules or another model (under `paths`, or every watched folder) are described again."""
     started = time.perf_counter()
     summary = Summary()
     candidates: list[Candidate] = []
     seen: set[Path] = set()
+    if stale and not paths:
+        paths = [watch.path for watch in config.watch]
     for found in scan(paths, config):
         if isinstance(found, Unreadable):
             summary.failures.append(report_unreadable(found.path, found.reason))
         elif found.path not in seen:
             seen.add(found.path)
             candidates.append(found)
-    pending: list[Candidate] = []
-    for candidate in candidates:
-        skip = triage(config, candidate, force=force)
-        if skip is None:
-            pending.append(candidate)
-        else:
-            summary.add(skip)
-    if pending:  # a re-run with nothing to do never pays for loading the model
-        _describe(config, pending, force, dry_run, engine_factory, summary)
+    journal = Journal(config.state.dir)
+    try:
+        if stale:
+            candidates = _stale(config, journal, candidates, summary)
+            force = True
+        pending: list[Candidate] = []
+        for candidate in candidates:
+            skip = triage(config, candidate, force=force)
+            if skip is None:
+                pending.append(candidate)
+            else:
+                summary.add(skip)
+        if pending:  # a re-run with nothing to do never pays for loading the model
+            _describe(config, pending, force, dry_run, engine_factory, summary, journal)
+    finally:
+        journal.close()
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _stale(config: Config, journal: Journal, candidates: list[Candidate], summary: Summary) -> list[Candidate]:
+    stale = []
+    for candidate in candidates:
+        record = journal.get(candidate.path)
+        current = config.fingerprint(config.rules_for(candidate.relative))
+        if record is not None and record.status == DONE and record.fingerprint not in (None, current):
+            stale.append(candidate)
+        else:
+            summary.add(Skipped(candidate.path, "not stale"))
+    return stale
 
 
 def _describe(
@@ -55,6 +79,7 @@ def _describe(
     dry_run: bool,
     engine_factory: EngineFactory,
     summary: Summary,
+    journal: Journal,
 ) -> None:
     engine = engine_factory(config.model)
     try:
@@ -63,9 +88,12 @@ def _describe(
         progress.draw()
         step = config.model.batch_size
         for start in range(0, len(pending), step):
-            outcomes = pipeline.run(pending[start : start + step])
-            for outcome in outcomes:
+            chunk = pending[start : start + step]
+            outcomes = pipeline.run(chunk)
+            for candidate, outcome in zip(chunk, outcomes, strict=True):
                 summary.add(outcome)
+                if not dry_run:
+                    record_outcome(journal, config, candidate, outcome)
             progress.advance(outcomes)
         progress.clear()
     finally:

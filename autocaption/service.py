@@ -26,10 +26,10 @@ from autocaption.config import Config, ModelConfig, WatchConfig, load
 from autocaption.discover import Candidate, walk
 from autocaption.engine import Cancelled, Engine, load_engine
 from autocaption.errors import AutocaptionError, ExitCode
-from autocaption.journal import FAILED, QUEUED, RETRY, Journal
+from autocaption.journal import FAILED, QUEUED, RETRY, Journal, record_outcome
 from autocaption.notify import Notifier
 from autocaption.paths import display
-from autocaption.pipeline import Described, Failed, Outcome, Pipeline, Skipped
+from autocaption.pipeline import Described, Failed, Outcome, Pipeline
 from autocaption.watch import Settler, Watchers
 from autocaption.writers.metadata import MetadataWriter
 
@@ -190,30 +190,14 @@ class Service:
         return True
 
     def record(self, candidate: Candidate, outcome: Outcome) -> None:
-        path = candidate.path
+        status = record_outcome(self.journal, self.config, candidate, outcome)
         if isinstance(outcome, Described):
-            assert outcome.stat is not None and outcome.fingerprint is not None
-            self.journal.done(path, outcome.stat, outcome.sha256, outcome.fingerprint, outcome.answers)
-            log.info("%s: described (%d answers, %.1f s)", display(path), outcome.answers, outcome.seconds)
-        elif isinstance(outcome, Skipped):
-            rules = self.config.rules_for(candidate.relative)
-            try:
-                self.journal.done(path, path.stat(), None, self.config.fingerprint(rules))
-            except OSError:
-                self.journal.forget(path)
-        else:
-            self._failed(path, outcome)
-
-    def _failed(self, path: Path, outcome: Failed) -> None:
-        daemon = self.config.daemon
-        status = self.journal.failed(
-            path, outcome.message, transient=outcome.transient, max_attempts=daemon.max_attempts,
-            backoff=daemon.retry_seconds,
-        )  # fmt: skip
-        if status == RETRY:
-            log.warning("%s (will retry)", outcome.message)
-        else:
-            log.error("%s", outcome.message)
+            log.info("%s: described (%d answers, %.1f s)", display(candidate.path), outcome.answers, outcome.seconds)
+        elif isinstance(outcome, Failed):
+            if status == RETRY:
+                log.warning("%s (will retry)", outcome.message)
+            else:
+                log.error("%s", outcome.message)
 
     # --- lifecycle --------------------------------------------------------------------------------
 

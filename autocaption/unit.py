@@ -94,7 +94,7 @@ def _quote(path: Path) -> str:
     return f'"{text}"' if any(ch in text for ch in ' "\\') else text
 
 
-def render(config: Config, *, user: bool, run_as: str, exe: Path) -> str:
+def render(config: Config, *, user: bool, run_as: str, command: str) -> str:
     folders = sorted({w.path.resolve() for w in config.watch})
     state = config.state.dir
     if not user and not os.environ.get("STATE_DIRECTORY") and state.is_absolute():
@@ -102,7 +102,7 @@ def render(config: Config, *, user: bool, run_as: str, exe: Path) -> str:
     identity = "" if user else f"User={run_as}\nGroup={run_as}\nSupplementaryGroups=render video\n"
     return TEMPLATE.format(
         identity=identity,
-        exe=_quote(exe),
+        exe=command,
         config=_quote(config.source),
         hf_home="%S/autocaption/huggingface",
         read_write=" ".join(_quote(p) for p in folders) or "%S/autocaption",
@@ -110,9 +110,14 @@ def render(config: Config, *, user: bool, run_as: str, exe: Path) -> str:
     )
 
 
-def _executable() -> Path:
+def _command() -> str:
+    """How to start this very installation: the script beside the running interpreter (a venv's
+    bin/autocaption), else `python -m autocaption` with this interpreter."""
+    sibling = Path(sys.executable).parent / "autocaption"
+    if sibling.is_file() and os.access(sibling, os.X_OK):
+        return _quote(sibling)
     found = shutil.which("autocaption")
-    return Path(found).resolve() if found else Path(sys.argv[0]).resolve()
+    return _quote(Path(found)) if found else f"{_quote(Path(sys.executable))} -m autocaption"
 
 
 def install(config: Config, *, user: bool, unit_dir: Path | None, run_as: str) -> str:
@@ -120,7 +125,7 @@ def install(config: Config, *, user: bool, unit_dir: Path | None, run_as: str) -
     directory = unit_dir or (Path.home() / ".config/systemd/user" if user else SYSTEM_UNIT_DIR)
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / UNIT_NAME
-    target.write_text(render(config, user=user, run_as=run_as, exe=_executable()), encoding="utf-8")
+    target.write_text(render(config, user=user, run_as=run_as, command=_command()), encoding="utf-8")
     folders = " ".join(_quote(w.path) for w in config.watch)
     if user:
         steps = [

@@ -202,3 +202,23 @@ def test_dry_run_prints_the_plan_and_touches_nothing(
     assert "  caption: " in result.stdout and result.stdout.strip().endswith(
         "0 failed in " + result.stdout.split()[-2] + " s"
     )
+
+
+def test_stale_redescribes_only_images_whose_rules_changed(
+    run_cli: RunCli, make_config: Callable[..., Path], corpus: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "photos"
+    (folder / "scans").mkdir(parents=True)
+    (folder / "a.jpg").write_bytes((corpus / "jpg/gps/DSCN0010.jpg").read_bytes())
+    (folder / "scans" / "b.jpg").write_bytes((corpus / "jpg/gps/DSCN0012.jpg").read_bytes())
+    watch = f"watch: [{{path: {str(folder)!r}}}]"
+    rules = """
+    - {name: caption, prompt: "Describe.", max_new_tokens: 6}
+    - {name: decade, prompt: "Which decade?", max_new_tokens: 4, match: ["**/scans/**"]}
+    """
+    config = make_config(rules=rules, extra=watch)
+    assert run_cli("process", "--config", config, folder).stdout.startswith("2 images described")
+    assert run_cli("process", "--stale", "--config", config).stdout.startswith("0 images described")
+    make_config(rules=rules.replace("Which decade?", "Which decade, roughly?"), extra=watch)
+    result = run_cli("process", "--stale", "--config", config)
+    assert result.returncode == 0 and result.stdout.startswith("1 images described, 2 answers"), result.stdout

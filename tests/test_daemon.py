@@ -1,0 +1,394 @@
+"""The daemon: a real watchdog observer on temp folders, the tiny local model, the real journal.
+
+In-process tests run `Service` in a thread with the real engine wrapped to count calls (every call
+still goes to the model); the process-level tests run the real `autocaption run` CLI.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from autocaption.config import ModelConfig, load
+from autocaption.engine import Answer, Engine, Job, load_engine
+from autocaption.journal import DONE, FAILED, MIGRATIONS, QUEUED, RETRY, Journal
+from autocaption.service import Service
+from tests.conftest import cli_env
+
+FAST_RULES = '- {name: caption, prompt: "Describe.", max_new_tokens: 4, write: [description]}'
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 60, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+class CountingEngine:
+    """The real engine, with a count of the images it was asked about (per file size as a key)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.info = engine.info
+        self.images = 0
+        self.lock = threading.Lock()
+
+    def describe(self, jobs: Sequence[Job], cancel: threading.Event | None = None) -> list[list[Answer]]:
+        with self.lock:
+            self.images += len(jobs)
+        return self.engine.describe(jobs, cancel)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+@pytest.fixture
+def inbox(tmp_path: Path) -> Path:
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def daemon(make_config: Callable[..., Path], inbox: Path) -> Iterator[Callable[..., tuple[Service, CountingEngine]]]:
+    started: list[tuple[Service, threading.Thread]] = []
+
+    def start(rules: str = FAST_RULES, extra: str = "") -> tuple[Service, CountingEngine]:
+        config_path = make_config(rules=rules, extra=f"watch: [{{path: {str(inbox)!r}, settle_seconds: 0.5}}]\n{extra}")
+        counter: list[CountingEngine] = []
+
+        def factory(model: ModelConfig) -> Engine:
+            counter.append(CountingEngine(load_engine(model)))
+            return counter[0]
+
+        service = Service(config_path, load(config_path), engine_factory=factory)
+        thread = threading.Thread(target=service.run, daemon=True)
+        thread.start()
+        wait_for(lambda: bool(counter) and service.watchers is not None and bool(service.watchers.observers),
+                 what="the daemon to start")  # fmt: skip
+        started.append((service, thread))
+        return service, counter[0]
+
+    yield start
+    for service, thread in started:
+        service.stop.set()
+        thread.join(timeout=30)
+
+
+def photo(index: int, size: tuple[int, int] = (48, 36)) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (index * 37 % 256, index * 91 % 256, index * 13 % 256)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def test_chunked_copy_is_described_once_after_its_last_byte(daemon, inbox: Path, corpus: Path) -> None:  # type: ignore[no-untyped-def]
+    _, engine = daemon()
+    data = (corpus / "jpg/gps/DSCN0010.jpg").read_bytes()
+    target = inbox / "slow.jpg"
+    with target.open("wb") as handle:
+        for i in range(6):  # 6 chunks over 3 s
+            handle.write(data[i * len(data) // 6 : (i + 1) * len(data) // 6])
+            handle.flush()
+            assert not sidecar(target).exists()
+            time.sleep(0.5)
+    finished = time.monotonic()
+    wait_for(lambda: sidecar(target).exists(), what="the sidecar")
+    assert engine.images == 1 and time.monotonic() - finished < 15
+    time.sleep(1.5)
+    assert engine.images == 1
+
+
+def test_renames_from_temp_names_and_downloads(daemon, inbox: Path) -> None:  # type: ignore[no-untyped-def]
+    _, engine = daemon()
+    rsync_temp = inbox / ".final.jpg.Xa12bC"  # rsync's temp name, then an atomic rename
+    rsync_temp.write_bytes(photo(1))
+    rsync_temp.rename(inbox / "final.jpg")
+    download = inbox / "picture.jpg.crdownload"  # Chrome; Firefox uses .part
+    download.write_bytes(photo(2))
+    time.sleep(0.7)
+    download.rename(inbox / "picture.jpg")
+    wait_for(lambda: sidecar(inbox / "final.jpg").exists() and sidecar(inbox / "picture.jpg").exists())
+    assert engine.images == 2
+    assert not sidecar(download).exists() and not sidecar(rsync_temp).exists()
+
+
+def test_file_in_a_new_sub_subfolder(daemon, inbox: Path) -> None:  # type: ignore[no-untyped-def]
+    _, engine = daemon()
+    deep = inbox / "2024" / "05" / "trip"
+    deep.mkdir(parents=True)
+    (deep / "a.jpg").write_bytes(photo(3))
+    moved_in = inbox.parent / "outside" / "event"
+    moved_in.mkdir(parents=True)
+    (moved_in / "b.jpg").write_bytes(photo(4))
+    shutil.move(str(moved_in), str(inbox / "event"))  # a folder moved in from outside the tree
+    wait_for(lambda: sidecar(deep / "a.jpg").exists() and sidecar(inbox / "event" / "b.jpg").exists())
+    assert engine.images == 2
+
+
+def test_burst_of_500_files_each_described_exactly_once(daemon, inbox: Path) -> None:  # type: ignore[no-untyped-def]
+    service, engine = daemon()
+    paths = [inbox / f"burst_{i:03d}.jpg" for i in range(500)]
+    for i, path in enumerate(paths):
+        path.write_bytes(photo(i, (40, 30)))
+    wait_for(lambda: all(sidecar(p).exists() for p in paths), timeout=240, what="500 sidecars")
+    time.sleep(1.5)
+    assert engine.images == 500
+    assert service.journal.stats().done == 500
+
+
+def test_own_writes_cause_no_work_and_moves_are_not_redescribed(daemon, inbox: Path, corpus: Path) -> None:  # type: ignore[no-untyped-def]
+    _, engine = daemon()
+    for name in ("DSCN0012.jpg", "DSCN0021.jpg"):
+        target = inbox / name
+        target.write_bytes((corpus / "jpg/gps" / name).read_bytes())  # writable: rewritten in place
+    wait_for(lambda: all(sidecar(inbox / n).exists() for n in ("DSCN0012.jpg", "DSCN0021.jpg")))
+    time.sleep(2.5)  # the rewrites (temp file renamed over the photo) have settled by now
+    assert engine.images == 2
+    (inbox / "sorted").mkdir()
+    (inbox / "DSCN0012.jpg").rename(inbox / "sorted" / "DSCN0012.jpg")
+    wait_for(lambda: sidecar(inbox / "sorted" / "DSCN0012.jpg").exists(), what="the sidecar to follow")
+    time.sleep(1.5)
+    assert engine.images == 2
+    assert not sidecar(inbox / "DSCN0012.jpg").exists()
+
+
+def test_image_present_before_start_is_described(daemon, inbox: Path) -> None:  # type: ignore[no-untyped-def]
+    (inbox / "old.jpg").write_bytes(photo(5))
+    _, engine = daemon()
+    wait_for(lambda: sidecar(inbox / "old.jpg").exists())
+    assert engine.images == 1
+
+
+def test_failures_are_recorded_once_and_retry_requeues(daemon, inbox: Path, run_cli, make_config) -> None:  # type: ignore[no-untyped-def]
+    service, engine = daemon()
+    (inbox / "notes.jpg").write_text("not a photo", encoding="utf-8")
+    wait_for(lambda: service.journal.stats().failed == 1, what="the failure")
+    stats = service.journal.stats()
+    assert "not an image" in stats.recent_errors[0][1]
+    assert service.journal.retry() == 1
+    wait_for(lambda: service.journal.stats().failed == 1 and service.journal.stats().queued == 0)
+    assert engine.images == 0
+
+
+def test_journal_migrations_queue_and_backoff(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "state")
+    assert journal.applied_migrations() == [name for name, _ in MIGRATIONS]
+    a, b = tmp_path / "a.jpg", tmp_path / "b.jpg"
+    a.write_bytes(b"x")
+    assert journal.enqueue([a, b]) == 2 and journal.enqueue([a]) == 0
+    assert journal.due(10) == [a, b]
+    journal.done(a, a.stat(), "abc", "fp", answers=2)
+    assert journal.get(a).status == DONE  # type: ignore[union-attr]
+    assert journal.failed(b, "busy", transient=True, max_attempts=2, backoff=60) == RETRY
+    assert journal.due(10) == []  # not before its backoff
+    assert journal.due(10, now=time.time() + 61) == [b]
+    assert journal.failed(b, "busy", transient=True, max_attempts=2, backoff=60) == FAILED
+    assert journal.retry() == 1 and journal.get(b).status == QUEUED  # type: ignore[union-attr]
+    journal.close()
+    reopened = Journal(tmp_path / "state")  # migrations are not applied twice
+    assert reopened.applied_migrations() == [name for name, _ in MIGRATIONS]
+    assert reopened.get(a).sha256 == "abc"  # type: ignore[union-attr]
+
+
+# --- the real CLI daemon ---------------------------------------------------------------------------
+
+
+def start_cli(config: Path, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "autocaption", "run", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("ab"),
+        env=env or cli_env(),
+    )
+
+
+def described_in(log: Path) -> Counter[str]:
+    return Counter(
+        line.split(": ")[1] for line in log.read_text(encoding="utf-8").splitlines() if line.endswith(" s)")
+        and ": described (" in line
+    )  # fmt: skip
+
+
+def test_kill_9_in_a_burst_then_restart_loses_nothing_and_repeats_nothing(
+    make_config: Callable[..., Path], inbox: Path, tmp_path: Path
+) -> None:
+    config = make_config(rules=FAST_RULES, extra=f"watch: [{{path: {str(inbox)!r}, settle_seconds: 0.3}}]")
+    first, second = tmp_path / "first.log", tmp_path / "second.log"
+    proc = start_cli(config, first)
+    wait_for(lambda: "ready:" in first.read_text(encoding="utf-8"), what="ready")
+    paths = [inbox / f"k_{i:03d}.jpg" for i in range(120)]
+    for i, path in enumerate(paths):
+        path.write_bytes(photo(i))
+    wait_for(lambda: sum(described_in(first).values()) >= 20, what="some progress")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = described_in(first)
+    assert 0 < len(done_before) < len(paths)
+    proc = start_cli(config, second)
+    try:
+        wait_for(lambda: all(sidecar(p).exists() for p in paths), timeout=180, what="every sidecar")
+        wait_for(lambda: len(described_in(first) | described_in(second)) >= len(paths) - 1, timeout=30)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    done_after = described_in(second)
+    assert not set(done_before) & set(done_after)  # nothing finished before the kill was done again
+    assert max((done_before + done_after).values()) == 1
+
+
+def test_sighup_with_a_broken_config_keeps_the_old_rules(
+    make_config: Callable[..., Path], inbox: Path, tmp_path: Path
+) -> None:
+    config = make_config(rules=FAST_RULES, extra=f"watch: [{{path: {str(inbox)!r}, settle_seconds: 0.3}}]")
+    log = tmp_path / "daemon.log"
+    proc = start_cli(config, log)
+    try:
+        wait_for(lambda: "ready:" in log.read_text(encoding="utf-8"), what="ready")
+        good = config.read_text(encoding="utf-8")
+        config.write_text(good.replace("rules:", "rules:\n  - {name: broken}\n"), encoding="utf-8")
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "configuration not reloaded" in log.read_text(encoding="utf-8"), what="the rejection")
+        assert "rules[0].prompt: required" in log.read_text(encoding="utf-8")
+        (inbox / "one.jpg").write_bytes(photo(1))
+        wait_for(lambda: sidecar(inbox / "one.jpg").exists())
+        assert '"caption"' in sidecar(inbox / "one.jpg").read_text(encoding="utf-8")
+        config.write_text(good.replace("name: caption", "name: summary"), encoding="utf-8")
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "configuration reloaded" in log.read_text(encoding="utf-8"), what="the reload")
+        (inbox / "two.jpg").write_bytes(photo(2))
+        wait_for(lambda: sidecar(inbox / "two.jpg").exists())
+        assert '"summary"' in sidecar(inbox / "two.jpg").read_text(encoding="utf-8")
+        assert log.read_text(encoding="utf-8").count("loaded on cpu") == 1  # the model was not reloaded
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+
+
+def test_sd_notify_messages_on_a_real_socket(make_config: Callable[..., Path], inbox: Path, tmp_path: Path) -> None:
+    config = make_config(rules=FAST_RULES, extra=f"watch: [{{path: {str(inbox)!r}, settle_seconds: 0.3}}]")
+    address = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(address)
+    sock.settimeout(0.5)
+    messages: list[str] = []
+
+    def receive_until(predicate: Callable[[], bool], timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not predicate():
+            try:
+                messages.append(sock.recv(4096).decode())
+            except TimeoutError:
+                continue
+
+    env = {**cli_env(), "NOTIFY_SOCKET": address, "WATCHDOG_USEC": "1000000"}
+    proc = start_cli(config, tmp_path / "daemon.log", env)
+    try:
+        receive_until(lambda: any("READY=1" in m for m in messages))
+        (inbox / "n.jpg").write_bytes(photo(7))
+        receive_until(lambda: any("1 done" in m for m in messages) and sum("WATCHDOG=1" in m for m in messages) >= 2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        receive_until(lambda: any("STOPPING=1" in m for m in messages), timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        sock.close()
+    ready = next(m for m in messages if "READY=1" in m)
+    assert "STATUS=" in ready and "queued" in ready
+    assert any(m.startswith("STATUS=") and "1 done" in m for m in messages)
+    assert sum("WATCHDOG=1" in m for m in messages) >= 2
+    assert "STOPPING=1" in messages[-1]
+
+
+# --- systemd ---------------------------------------------------------------------------------------
+
+
+def systemd_analyze() -> str:
+    exe = shutil.which("systemd-analyze")
+    if exe is None:
+        pytest.fail("systemd-analyze is required (Debian: systemd); tests/run.sh installs it")
+    return exe
+
+
+def check_unit(unit: Path) -> float:
+    verify = subprocess.run([systemd_analyze(), "verify", "--man=no", str(unit)], capture_output=True, text=True)
+    assert verify.returncode == 0 and not verify.stderr.strip(), verify.stderr
+    security = subprocess.run(
+        [systemd_analyze(), "security", "--offline=yes", str(unit)], capture_output=True, text=True
+    )
+    line = next(l for l in security.stdout.splitlines() if "Overall exposure level" in l)  # noqa: E741
+    return float(line.split(":")[1].split()[0])
+
+
+def test_shipped_units_verify_and_are_hardened(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[1] / "systemd"
+    units = sorted(root.glob("*.service"))
+    assert units
+    exe = shutil.which("autocaption") or sys.executable  # verify needs an executable ExecStart
+    for unit in units:
+        copy = tmp_path / unit.name
+        copy.write_text(unit.read_text(encoding="utf-8").replace("/usr/local/bin/autocaption", exe), encoding="utf-8")
+        assert check_unit(copy) <= 3.0, unit
+
+
+def test_service_install_renders_a_unit_for_the_users_folders(
+    run_cli,
+    make_config: Callable[..., Path],
+    inbox: Path,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    spaced = tmp_path / "My Photos"
+    spaced.mkdir()
+    config = make_config(extra=f"watch: [{{path: {str(inbox)!r}}}, {{path: {str(spaced)!r}}}]")
+    result = run_cli("service", "install", "--config", config, "--unit-dir", tmp_path / "units")
+    assert result.returncode == 0, result.stderr
+    assert "sudo systemctl enable --now autocaption" in result.stdout
+    unit = tmp_path / "units" / "autocaption.service"
+    text = unit.read_text(encoding="utf-8")
+    assert f'ReadWritePaths={inbox.resolve()} "{spaced.resolve()}"' in text or str(inbox.resolve()) in text
+    assert f"--config {config}" in text and "Type=notify" in text and "WatchdogSec=" in text
+    assert check_unit(unit) <= 3.0
+    user = run_cli("service", "install", "--user", "--config", config, "--unit-dir", tmp_path / "user")
+    assert user.returncode == 0 and "loginctl enable-linger" in user.stdout
+    assert "User=" not in (tmp_path / "user" / "autocaption.service").read_text(encoding="utf-8")
+
+
+def test_status_and_retry_commands(run_cli, make_config: Callable[..., Path], tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    config = make_config()
+    journal = Journal(load(config).state.dir)
+    bad = tmp_path / "bad.jpg"
+    journal.failed(bad, f"{bad}: not an image", transient=False, max_attempts=5, backoff=1)
+    journal.close()
+    status = run_cli("status", "--config", config)
+    assert status.returncode == 0 and "failed: 1" in status.stdout and "not an image" in status.stdout
+    retry = run_cli("retry", "--config", config)
+    assert retry.stdout.strip() == "1 image(s) queued again"
+    assert "queued: 1" in run_cli("status", "--config", config).stdout
+
+
+def test_network_mounts_are_recognised() -> None:
+    from autocaption.watch import is_network_mount
+
+    assert is_network_mount(Path("/")) is False
+    assert os.path.exists("/proc/self/mountinfo")
