@@ -75,28 +75,36 @@ def _relative(path: Path, root: Path) -> str:
 
 def walk(top: Path, root: Path, include: GlobSet, exclude: GlobSet, *, recursive: bool = True) -> Iterator[Found]:
     """Images under `top` whose path relative to `root` is included and not excluded."""
+    for item in walk_names(top, root, include, exclude, recursive=recursive):
+        yield item if isinstance(item, Unreadable) else Candidate(Path(item[0]), item[1], root)
+
+
+def walk_names(
+    top: Path, root: Path, include: GlobSet, exclude: GlobSet, *, recursive: bool = True
+) -> Iterator[tuple[str, str] | Unreadable]:
+    """Like `walk`, as (path, relative) strings: no per-file pathlib, for reconciling 100,000 files."""
     top_stat = top.stat()
     seen = {(top_stat.st_dev, top_stat.st_ino)}
-    stack = [top]
+    top_relative = _relative(top, root)
+    stack = [(str(top), "" if top_relative in ("", ".", top.name) and top == root else top_relative + "/")]
     while stack:
-        folder = stack.pop()
+        folder, prefix = stack.pop()
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError as exc:
-            yield Unreadable(folder, f"cannot list folder: {exc.strerror or exc}")
+            yield Unreadable(Path(folder), f"cannot list folder: {exc.strerror or exc}")
             continue
-        subfolders: list[Path] = []
+        subfolders: list[tuple[str, str]] = []
         for entry in entries:
             if entry.name.startswith(TEMP_PREFIX):
                 continue
-            path = Path(entry.path)
-            relative = _relative(path, root)
+            relative = prefix + entry.name
             try:
                 is_dir = entry.is_dir()
                 is_file = not is_dir and entry.is_file()
             except OSError as exc:
                 kind = "broken symlink or symlink loop" if entry.is_symlink() else "cannot inspect"
-                yield Unreadable(path, f"{kind}: {exc.strerror or exc}")
+                yield Unreadable(Path(entry.path), f"{kind}: {exc.strerror or exc}")
                 continue
             if is_dir:
                 if not recursive or exclude.matches(f"{relative}/{_ANY_CHILD}"):
@@ -104,16 +112,16 @@ def walk(top: Path, root: Path, include: GlobSet, exclude: GlobSet, *, recursive
                 try:
                     st = entry.stat()
                 except OSError as exc:
-                    yield Unreadable(path, f"cannot inspect: {exc.strerror or exc}")
+                    yield Unreadable(Path(entry.path), f"cannot inspect: {exc.strerror or exc}")
                     continue
                 if (st.st_dev, st.st_ino) in seen:
-                    yield Unreadable(path, "symlink loop (folder already visited); skipped")
+                    yield Unreadable(Path(entry.path), "symlink loop (folder already visited); skipped")
                     continue
                 seen.add((st.st_dev, st.st_ino))
-                subfolders.append(path)
+                subfolders.append((entry.path, relative + "/"))
             elif is_file:
                 if include.matches(relative) and not exclude.matches(relative):
-                    yield Candidate(path, relative, root)
+                    yield entry.path, relative
             elif entry.is_symlink() and include.matches(relative):
-                yield Unreadable(path, "broken symlink or symlink loop")
+                yield Unreadable(Path(entry.path), "broken symlink or symlink loop")
         stack.extend(reversed(subfolders))  # so the first subfolder is walked next

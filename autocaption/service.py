@@ -23,7 +23,7 @@ from typing import Any
 
 from autocaption import sidecar
 from autocaption.config import Config, ModelConfig, WatchConfig, load
-from autocaption.discover import Candidate, walk
+from autocaption.discover import Candidate, walk_names
 from autocaption.engine import Cancelled, Engine, load_engine
 from autocaption.errors import AutocaptionError, ExitCode
 from autocaption.journal import FAILED, QUEUED, RETRY, Journal, record_outcome
@@ -46,28 +46,29 @@ def reconcile(config: Config, journal: Journal) -> int:
         if not watch.path.is_dir():
             log.warning("watch: %s: folder does not exist; skipped", display(watch.path))
             continue
-        for found in walk(watch.path.resolve(), watch.path.resolve(), watch.include, watch.exclude,
-                          recursive=watch.recursive):  # fmt: skip
-            if not isinstance(found, Candidate):
-                continue
-            row = known.get(str(found.path))
-            if row is not None and _settled(config, found, row):
-                continue
-            missing.append(found.path)
+        root = watch.path.resolve()
+        for found in walk_names(root, root, watch.include, watch.exclude, recursive=watch.recursive):
+            if isinstance(found, tuple) and not _settled(config, found, known.get(found[0])):
+                missing.append(Path(found[0]))
     return journal.enqueue(missing)
 
 
-def _settled(config: Config, found: Candidate, row: tuple[int | None, int | None, str, str | None]) -> bool:
+def _settled(
+    config: Config, found: tuple[str, str], row: tuple[int | None, int | None, str, str | None] | None
+) -> bool:
+    """Nothing to do for this file: already queued, failed for good, or done for its current bytes."""
+    if row is None:
+        return False
     size, mtime_ns, status, fingerprint = row
     if status in (QUEUED, RETRY, FAILED):
         return True  # already waiting, or failed for good until `autocaption retry`
     try:
-        st = found.path.stat()
+        st = os.stat(found[0])
     except OSError:
         return True
     if (size, mtime_ns) != (st.st_size, st.st_mtime_ns):
         return False
-    return not config.daemon.redo_stale or fingerprint == config.fingerprint(config.rules_for(found.relative))
+    return not config.daemon.redo_stale or fingerprint == config.fingerprint(config.rules_for(found[1]))
 
 
 class Worker:
