@@ -63,6 +63,8 @@ def process(config_path: Path, force: bool, dry_run: bool, stale: bool, paths: t
     summary = run(load(config_path), paths, force=force, dry_run=dry_run, stale=stale)
     for plan in summary.planned:
         click.echo(plan)
+    if summary.stages:
+        logger.debug("%s", summary.stages_line())
     click.echo(summary.line())
     if summary.failures:
         raise SystemExit(ExitCode.FAILURES)

@@ -46,6 +46,9 @@ class ModelConfig:
     batch_size: int = 4
     attn_implementation: str = "sdpa"
     local_files_only: bool = False
+    # Prompts of one image reuse its prefill (vision tower + prompt up to the image) instead of paying again.
+    share_prefix: bool = True
+    max_batch_tokens: int = 16384  # image + prompt tokens prefilled in one forward pass (GPU memory)
 
 
 @dataclass(frozen=True)
@@ -244,7 +247,17 @@ def _optional(keys: dict[str, _Node], name: str, read: Callable[[_Node], T], def
 def _model(node: _Node) -> ModelConfig:
     k = node.mapping(
         dict.fromkeys(
-            ("id", "revision", "device", "dtype", "batch_size", "attn_implementation", "local_files_only"),
+            (
+                "id",
+                "revision",
+                "device",
+                "dtype",
+                "batch_size",
+                "attn_implementation",
+                "local_files_only",
+                "share_prefix",
+                "max_batch_tokens",
+            ),
             False,
         )
     )
@@ -257,6 +270,8 @@ def _model(node: _Node) -> ModelConfig:
         batch_size=_optional(k, "batch_size", lambda n: n.integer(minimum=1, maximum=256), d.batch_size),
         attn_implementation=_optional(k, "attn_implementation", lambda n: n.choice(ATTENTION), d.attn_implementation),
         local_files_only=_optional(k, "local_files_only", _Node.boolean, d.local_files_only),
+        share_prefix=_optional(k, "share_prefix", _Node.boolean, d.share_prefix),
+        max_batch_tokens=_optional(k, "max_batch_tokens", lambda n: n.integer(minimum=256), d.max_batch_tokens),
     )
 
 

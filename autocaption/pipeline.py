@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,24 +102,27 @@ class Pipeline:
         self.force = force
         self.dry_run = dry_run
         self.metadata = MetadataWriter(config.output)
+        self.timings: dict[str, float] = defaultdict(float)  # seconds per stage, for `-v` and the benchmarks
 
     def run(self, candidates: Sequence[Candidate], cancel: threading.Event | None = None) -> list[Outcome]:
         """Describe a batch of images; one outcome per candidate, in order.
 
         Raises `Cancelled` when `cancel` is set during generation: nothing of the batch was written.
         """
-        outcomes: dict[Path, Outcome] = {}
-        work: list[_Work] = []
-        for candidate in candidates:
-            prepared = self._prepare(candidate)
-            if isinstance(prepared, _Work):
-                work.append(prepared)
-            else:
-                outcomes[candidate.path] = prepared
-        if work:
-            for item, outcome in zip(work, self._describe(work, cancel), strict=True):
-                outcomes[item.candidate.path] = outcome
-        return [outcomes[c.path] for c in candidates]
+        return self.finish(self.prepare(candidates), cancel)
+
+    def prepare(self, candidates: Sequence[Candidate]) -> list[_Work | Outcome]:
+        """Read and decode the pictures (no model involved): may run on a prefetch thread."""
+        started = time.perf_counter()
+        prepared = [self._prepare(candidate) for candidate in candidates]
+        self.timings["read+decode"] += time.perf_counter() - started
+        return prepared
+
+    def finish(self, prepared: list[_Work | Outcome], cancel: threading.Event | None = None) -> list[Outcome]:
+        """Ask the engine about the prepared pictures and write the results; one outcome each, in order."""
+        work = [item for item in prepared if isinstance(item, _Work)]
+        described = iter(self._describe(work, cancel) if work else [])
+        return [next(described) if isinstance(item, _Work) else item for item in prepared]
 
     def _prepare(self, candidate: Candidate) -> _Work | Outcome:
         path = candidate.path
@@ -162,7 +167,10 @@ class Pipeline:
                 return [outcome for item in work for outcome in self._describe([item], cancel)]
             path = work[0].candidate.path
             return [Failed(path, f"{display(path)}: {exc}", transient=exc.transient)]
-        return [self._write(item, item_answers) for item, item_answers in zip(work, answers, strict=True)]
+        started = time.perf_counter()
+        outcomes = [self._write(item, item_answers) for item, item_answers in zip(work, answers, strict=True)]
+        self.timings["write"] += time.perf_counter() - started
+        return outcomes
 
     def _write(self, item: _Work, answers: Sequence[Answer]) -> Outcome:
         """Into the photo (or its XMP sidecar) first, then the JSON sidecar, which records both."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from autocaption.config import Config, ModelConfig
@@ -87,14 +88,21 @@ def _describe(
         progress = Progress(len(pending))
         progress.draw()
         step = config.model.batch_size
-        for start in range(0, len(pending), step):
-            chunk = pending[start : start + step]
-            outcomes = pipeline.run(chunk)
-            for candidate, outcome in zip(chunk, outcomes, strict=True):
-                summary.add(outcome)
-                if not dry_run:
-                    record_outcome(journal, config, candidate, outcome)
-            progress.advance(outcomes)
+        chunks = [pending[start : start + step] for start in range(0, len(pending), step)]
+        # The next chunk is read and decoded on a prefetch thread while the model works on this one.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as prefetch:
+            upcoming = prefetch.submit(pipeline.prepare, chunks[0])
+            for index, chunk in enumerate(chunks):
+                prepared = upcoming.result()
+                if index + 1 < len(chunks):
+                    upcoming = prefetch.submit(pipeline.prepare, chunks[index + 1])
+                outcomes = pipeline.finish(prepared)
+                for candidate, outcome in zip(chunk, outcomes, strict=True):
+                    summary.add(outcome)
+                    if not dry_run:
+                        record_outcome(journal, config, candidate, outcome)
+                progress.advance(outcomes)
         progress.clear()
+        summary.stages = {**pipeline.timings, **engine.timings}
     finally:
         engine.close()

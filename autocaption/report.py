@@ -23,6 +23,7 @@ class Summary:
     failures: list[str] = field(default_factory=list)
     seconds: float = 0.0
     planned: list[str] = field(default_factory=list)  # dry run: what would be written
+    stages: dict[str, float] = field(default_factory=dict)  # seconds per stage
 
     def add(self, outcome: Outcome) -> None:
         if isinstance(outcome, Described):
@@ -34,6 +35,9 @@ class Summary:
             self.skipped += 1
         else:
             self.failures.append(outcome.message)
+
+    def stages_line(self) -> str:
+        return "stages: " + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in self.stages.items())
 
     def line(self) -> str:
         verb = "would be described" if self.planned else "described"

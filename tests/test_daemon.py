@@ -45,6 +45,7 @@ class CountingEngine:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.info = engine.info
+        self.timings = engine.timings
         self.images = 0
         self.lock = threading.Lock()
 
@@ -248,13 +249,18 @@ def test_kill_9_in_a_burst_then_restart_loses_nothing_and_repeats_nothing(
     proc = start_cli(config, second)
     try:
         wait_for(lambda: all(sidecar(p).exists() for p in paths), timeout=180, what="every sidecar")
-        wait_for(lambda: len(described_in(first) | described_in(second)) >= len(paths) - 1, timeout=30)
+        journal = Journal(load(config).state.dir)
+        wait_for(lambda: journal.pending() == 0 and journal.stats().done == len(paths), what="an empty queue")
+        journal.close()
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
     done_after = described_in(second)
     assert not set(done_before) & set(done_after)  # nothing finished before the kill was done again
     assert max((done_before + done_after).values()) == 1
+    # Images whose sidecar was written just before the kill, but not yet journaled, are recognised
+    # as done by their sidecar after the restart: at most one batch of them, never described again.
+    assert len(paths) - len(done_before + done_after) <= load(config).model.batch_size
 
 
 def test_sighup_with_a_broken_config_keeps_the_old_rules(

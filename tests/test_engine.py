@@ -48,15 +48,23 @@ def reference_generate(model_dir: Path, image: object, prompt: Prompt) -> str:
     return str(processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
 
 
+EXTRA = (Prompt("Which decade?", 6), Prompt("Colours?", 9), Prompt("Any text visible?", 7, system="Be terse."))
+
+
+@pytest.mark.parametrize("share_prefix", [True, False], ids=["prefix-shared", "plain"])
 @pytest.mark.parametrize("batch_size", [1, 3, 8])
-def test_batched_answers_equal_plain_generate(tiny_model: Path, corpus: Path, batch_size: int) -> None:
-    engine = load_engine(ModelConfig(id=str(tiny_model), batch_size=batch_size))
+def test_batched_answers_equal_plain_generate(
+    tiny_model: Path, corpus: Path, batch_size: int, share_prefix: bool
+) -> None:
+    engine = load_engine(ModelConfig(id=str(tiny_model), batch_size=batch_size, share_prefix=share_prefix))
     pictures = [open_picture(corpus / name, max_pixels=10**9, draft_side=engine.info.max_image_side)
                 for name in IMAGES]  # fmt: skip
-    answers = engine.describe([Job(p.image, PROMPTS) for p in pictures])
+    # Different rules per image: 2 to 5 prompts, some with a system turn, different answer lengths.
+    prompt_sets = [PROMPTS + EXTRA[: i % 4] for i in range(len(pictures))]
+    answers = engine.describe([Job(p.image, prompts) for p, prompts in zip(pictures, prompt_sets, strict=True)])
     token_counts = set()
-    for picture, per_image in zip(pictures, answers, strict=True):
-        for prompt, answer in zip(PROMPTS, per_image, strict=True):
+    for picture, prompts, per_image in zip(pictures, prompt_sets, answers, strict=True):
+        for prompt, answer in zip(prompts, per_image, strict=True):
             assert answer.text == reference_generate(tiny_model, picture.image, prompt)
             assert 0 < answer.new_tokens <= prompt.max_new_tokens and answer.seconds > 0
             token_counts.add(answer.prompt_tokens)

@@ -55,6 +55,7 @@ class Cancelled(Exception):
 
 class Engine(Protocol):
     info: EngineInfo
+    timings: dict[str, float]  # seconds spent per stage ("preprocess", "vision+prefill", "decode")
 
     def describe(self, jobs: Sequence[Job], cancel: threading.Event | None = None) -> list[list[Answer]]:
         """Answer every prompt of every job; result[i][j] answers jobs[i].prompts[j].

@@ -9,6 +9,7 @@ import logging
 import os
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,19 +72,37 @@ class _StopWhenSet(StoppingCriteria):
 
 
 @dataclass(frozen=True)
-class _Item:
+class _Unit:
+    """One image and prompts that share its prefix: (index in the flattened request, prompt)."""
+
     image: Image.Image
-    prompt: Prompt
+    prompts: list[tuple[int, Prompt]]
+
+
+def _rows(batch: list[_Unit]) -> int:
+    return sum(len(unit.prompts) for unit in batch)
+
+
+def _halves(batch: list[_Unit]) -> list[list[_Unit]]:
+    if len(batch) > 1:
+        return [batch[: len(batch) // 2], batch[len(batch) // 2 :]]
+    unit = batch[0]  # one image with several prompts: split its prompts
+    half = len(unit.prompts) // 2
+    return [[_Unit(unit.image, unit.prompts[:half])], [_Unit(unit.image, unit.prompts[half:])]]
 
 
 class LlavaEngine:
     """`Engine` on `LlavaNextForConditionalGeneration`; greedy decoding, left-padded batches."""
 
-    def __init__(self, model: Any, processor: Any, info: EngineInfo, batch_size: int) -> None:
+    def __init__(self, model: Any, processor: Any, info: EngineInfo, config: ModelConfig) -> None:
         self.model = model
         self.processor = processor
         self.info = info
-        self.batch_size = batch_size
+        self.batch_size = config.batch_size
+        self.max_batch_tokens = config.max_batch_tokens
+        self.share_prefix = config.share_prefix
+        self.image_id = model.config.image_token_index
+        self.timings: dict[str, float] = defaultdict(float)
         self.device = torch.device(info.device.split(" ", 1)[0])
         self.dtype = _DTYPES[info.dtype]
         eos = model.generation_config.eos_token_id
@@ -127,7 +146,7 @@ class LlavaEngine:
             dtype=placement.dtype,
             max_image_side=_max_image_side(processor),
         )
-        return cls(model, processor, info, config.batch_size)
+        return cls(model, processor, info, config)
 
     def close(self) -> None:
         del self.model
@@ -144,62 +163,186 @@ class LlavaEngine:
         return text
 
     def describe(self, jobs: Sequence[Job], cancel: threading.Event | None = None) -> list[list[Answer]]:
-        items = [_Item(job.image, prompt) for job in jobs for prompt in job.prompts]
-        answers: list[Answer] = []
-        for start in range(0, len(items), self.batch_size):
-            answers.extend(self._run(items[start : start + self.batch_size], cancel))
+        units = self._units(jobs)
+        answers: dict[int, Answer] = {}
+        for batch in self._pack(units):
+            for index, answer in self._run(batch, cancel):
+                answers[index] = answer
             if cancel is not None and cancel.is_set():
                 raise Cancelled()
-        result: list[list[Answer]] = []
-        flat = iter(answers)
-        for job in jobs:
-            result.append([next(flat) for _ in job.prompts])
-        return result
+        flat = iter(answers[i] for i in range(len(answers)))
+        return [[next(flat) for _ in job.prompts] for job in jobs]
 
-    def _run(self, batch: list[_Item], cancel: threading.Event | None) -> list[Answer]:
+    def _units(self, jobs: Sequence[Job]) -> list[_Unit]:
+        """One unit per image and system text (they share a prefix), at most `batch_size` prompts each."""
+        units: list[_Unit] = []
+        index = 0
+        for job in jobs:
+            by_system: dict[str | None, list[tuple[int, Prompt]]] = {}
+            for prompt in job.prompts:
+                by_system.setdefault(prompt.system, []).append((index, prompt))
+                index += 1
+            for group in by_system.values():
+                size = self.batch_size if self.share_prefix else 1
+                units.extend(_Unit(job.image, group[i : i + size]) for i in range(0, len(group), size))
+        return units
+
+    def _pack(self, units: list[_Unit]) -> list[list[_Unit]]:
+        """Batches of at most `batch_size` prompts and `max_batch_tokens` image+prompt tokens."""
+        batches: list[list[_Unit]] = []
+        rows = tokens = 0
+        for unit in units:
+            cost = self._image_tokens(unit.image)
+            if batches and rows + len(unit.prompts) <= self.batch_size and tokens + cost <= self.max_batch_tokens:
+                batches[-1].append(unit)
+                rows, tokens = rows + len(unit.prompts), tokens + cost
+            else:
+                batches.append([unit])
+                rows, tokens = len(unit.prompts), cost
+        return batches
+
+    def _image_tokens(self, image: Image.Image) -> int:
+        try:
+            counts = self.processor._get_num_multimodal_tokens(image_sizes=[(image.height, image.width)])
+            return int(counts["num_image_tokens"][0])
+        except (AttributeError, KeyError, TypeError, ValueError):
+            return 3000  # the most LLaVA-NeXT uses for one image
+
+    def _run(self, batch: list[_Unit], cancel: threading.Event | None) -> list[tuple[int, Answer]]:
         """Generate for one batch; on GPU out-of-memory split it in halves (nothing is lost)."""
         try:
-            return self._generate(batch, cancel)
+            if self.share_prefix:
+                shared = self._generate_shared(batch, cancel)
+                if shared is not None:
+                    return shared
+            items = [(index, unit.image, prompt) for unit in batch for index, prompt in unit.prompts]
+            return self._generate(items, cancel)
         except torch.OutOfMemoryError:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            if len(batch) == 1:
+            if len(batch) == 1 and len(batch[0].prompts) == 1:
                 raise EngineError("GPU out of memory on a single image", transient=True) from None
-            half = len(batch) // 2
-            log.warning("GPU out of memory with %d prompts in a batch; retrying as two halves", len(batch))
-            return self._run(batch[:half], cancel) + self._run(batch[half:], cancel)
+            log.warning("GPU out of memory on a batch of %d prompts; retrying it in halves", _rows(batch))
+            return [pair for half in _halves(batch) for pair in self._run(half, cancel)]
+
+    def _add_special(self, texts: Sequence[str]) -> bool:
+        # Templates that render the BOS themselves must not get a second one from the tokenizer.
+        bos = self.processor.tokenizer.bos_token
+        return not (bos and all(text.startswith(bos) for text in texts))
 
     @torch.inference_mode()
-    def _generate(self, batch: list[_Item], cancel: threading.Event | None) -> list[Answer]:
+    def _generate_shared(self, batch: list[_Unit], cancel: threading.Event | None) -> list[tuple[int, Answer]] | None:
+        """Each image paid for once: the vision tower and the prompt prefix up to the image's last token
+        run once per image; every prompt of that image continues from a copy of that KV cache. All
+        prompts of the batch decode together. None when the prompts do not share a prefix (fallback)."""
         started = time.perf_counter()
-        texts = [self.render(item.prompt) for item in batch]
-        bos = self.processor.tokenizer.bos_token
-        # Templates that render the BOS themselves must not get a second one from the tokenizer.
-        add_special = not (bos and all(text.startswith(bos) for text in texts))
+        tokenizer = self.processor.tokenizer
+        firsts = [self.render(unit.prompts[0][1]) for unit in batch]
+        add_special = self._add_special(firsts)
+        encoded = self.processor(images=[u.image for u in batch], text=firsts, padding=True, return_tensors="pt",
+                                 add_special_tokens=add_special)  # fmt: skip
+        self.timings["preprocess"] += time.perf_counter() - started
+        image_token = self.processor.image_token
+        full_ids: list[list[list[int]]] = []
+        prefixes: list[int] = []
+        for row, unit in enumerate(batch):
+            ids = encoded["input_ids"][row][encoded["attention_mask"][row].bool()].tolist()
+            count = ids.count(self.image_id)
+            texts = [self.render(prompt).replace(image_token, image_token * count) for _, prompt in unit.prompts]
+            full = [tokenizer(text, add_special_tokens=add_special)["input_ids"] for text in texts]
+            prefix = len(ids) - ids[::-1].index(self.image_id)
+            if full[0] != ids or any(f[:prefix] != ids[:prefix] or len(f) == prefix for f in full):
+                return None
+            full_ids.append(full)
+            prefixes.append(prefix)
+        width = max(prefixes)
+        prefix_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        prefix_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, (full, length) in enumerate(zip(full_ids, prefixes, strict=True)):
+            prefix_ids[row, width - length :] = torch.tensor(full[0][:length])
+            prefix_mask[row, width - length :] = 1
+        positions = (prefix_mask.cumsum(-1) - 1).clamp(min=0)
+        prefill_started = time.perf_counter()
+        prefill = self.model(
+            input_ids=prefix_ids.to(self.device),
+            attention_mask=prefix_mask.to(self.device),
+            position_ids=positions.to(self.device),
+            pixel_values=encoded["pixel_values"].to(self.device, self.dtype),
+            image_sizes=encoded["image_sizes"].to(self.device),
+            use_cache=True,
+            logits_to_keep=1,  # only the cache is needed; skip the vocabulary projection of 2,000+ tokens
+        )
+        cache = prefill.past_key_values
+        decode_started = time.perf_counter()
+        self.timings["vision+prefill"] += decode_started - prefill_started
+        owners = [row for row, unit in enumerate(batch) for _ in unit.prompts]
+        cache.reorder_cache(torch.tensor(owners, device=self.device))  # one copy of the prefix per prompt
+        suffixes = [f[length:] for full, length in zip(full_ids, prefixes, strict=True) for f in full]
+        tail = max(len(s) for s in suffixes)
+        ids = torch.full((len(owners), width + tail), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, (owner, suffix) in enumerate(zip(owners, suffixes, strict=True)):
+            ids[row, :width], mask[row, :width] = prefix_ids[owner], prefix_mask[owner]
+            ids[row, width + tail - len(suffix) :] = torch.tensor(suffix)  # padding sits between prefix and suffix
+            mask[row, width + tail - len(suffix) :] = 1
+        prompts = [prompt for unit in batch for _, prompt in unit.prompts]
+        output = self.model.generate(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            cache=cache,
+            max_new_tokens=max(p.max_new_tokens for p in prompts),
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=self.pad_id,
+            stopping_criteria=StoppingCriteriaList([_StopWhenSet(cancel)]) if cancel is not None else None,
+        )
+        new_tokens = output[:, width + tail :].tolist()
+        self.timings["decode"] += time.perf_counter() - decode_started
+        lengths = [len(f) for full in full_ids for f in full]
+        indices = [index for unit in batch for index, _ in unit.prompts]
+        return self._answers(indices, prompts, new_tokens, lengths, started)
+
+    @torch.inference_mode()
+    def _generate(
+        self, items: list[tuple[int, Image.Image, Prompt]], cancel: threading.Event | None
+    ) -> list[tuple[int, Answer]]:
+        """The plain path: each prompt with its own copy of the image, left-padded into one batch."""
+        started = time.perf_counter()
+        texts = [self.render(prompt) for _, _, prompt in items]
         inputs = self.processor(
-            images=[item.image for item in batch],
+            images=[image for _, image, _ in items],
             text=texts,
             padding=True,
             return_tensors="pt",
-            add_special_tokens=add_special,
+            add_special_tokens=self._add_special(texts),
         ).to(self.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        generate_started = time.perf_counter()
+        self.timings["preprocess"] += generate_started - started
+        prompts = [prompt for _, _, prompt in items]
         output = self.model.generate(
             **inputs,
-            max_new_tokens=max(item.prompt.max_new_tokens for item in batch),
+            max_new_tokens=max(p.max_new_tokens for p in prompts),
             do_sample=False,
             num_beams=1,
             pad_token_id=self.pad_id,
             stopping_criteria=StoppingCriteriaList([_StopWhenSet(cancel)]) if cancel is not None else None,
         )
         new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()
-        prompt_lengths = inputs["attention_mask"].sum(dim=1).tolist()
-        share = (time.perf_counter() - started) / len(batch)
+        self.timings["prefill+decode"] += time.perf_counter() - generate_started
+        lengths = [int(n) for n in inputs["attention_mask"].sum(dim=1).tolist()]
+        return self._answers([index for index, _, _ in items], prompts, new_tokens, lengths, started)
+
+    def _answers(
+        self, indices: list[int], prompts: list[Prompt], new_tokens: list[list[int]], lengths: list[int],
+        started: float,
+    ) -> list[tuple[int, Answer]]:  # fmt: skip
+        share = (time.perf_counter() - started) / len(prompts)
         answers = []
-        for item, tokens, prompt_length in zip(batch, new_tokens, prompt_lengths, strict=True):
-            kept = list(self._until_eos(tokens[: item.prompt.max_new_tokens]))
+        for index, prompt, tokens, length in zip(indices, prompts, new_tokens, lengths, strict=True):
+            kept = list(self._until_eos(tokens[: prompt.max_new_tokens]))
             text = self.processor.tokenizer.decode(kept, skip_special_tokens=True)
-            answers.append(Answer(text=text, prompt_tokens=int(prompt_length), new_tokens=len(kept), seconds=share))
+            answers.append((index, Answer(text=text, prompt_tokens=length, new_tokens=len(kept), seconds=share)))
         return answers
 
     def _until_eos(self, tokens: list[int]) -> Iterator[int]:
