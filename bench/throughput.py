@@ -86,7 +86,7 @@ def timed(command: list[str], env: dict[str, str]) -> tuple[float, float, str]:
 
 
 def config_file(base: Path, model: Path, rules: list[str], name: str) -> Path:
-    lines = [f"model: {{id: {str(model)!r}, batch_size: 8}}", f"state: {{dir: {str(base / 'state')!r}}}",
+    lines = [f"model: {{id: {str(model)!r}, batch_size: 12}}", f"state: {{dir: {str(base / 'state')!r}}}",
              "output: {embed: false, xmp_sidecar: never}", "rules:"]  # fmt: skip
     lines += [f"  - {{name: r{i}, prompt: {rule!r}, max_new_tokens: {MAX_NEW_TOKENS}}}" for i, rule in enumerate(rules)]
     path = base / name
