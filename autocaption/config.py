@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TypeVar
 
@@ -49,6 +49,10 @@ class ModelConfig:
     # Prompts of one image reuse its prefill (vision tower + prompt up to the image) instead of paying again.
     share_prefix: bool = True
     max_batch_tokens: int = 16384  # image + prompt tokens prefilled in one forward pass (GPU memory)
+    # Speed/quality options, off by default: fewer anyres tiles ([[336, 672], [672, 336]] is ~41% fewer
+    # image tokens for a 4:3 photo), and torch.compile of the decode step on GPU (recompiles per shape).
+    image_grid_pinpoints: tuple[tuple[int, int], ...] | None = None
+    compile: bool = False
 
 
 @dataclass(frozen=True)
@@ -245,22 +249,7 @@ def _optional(keys: dict[str, _Node], name: str, read: Callable[[_Node], T], def
 
 
 def _model(node: _Node) -> ModelConfig:
-    k = node.mapping(
-        dict.fromkeys(
-            (
-                "id",
-                "revision",
-                "device",
-                "dtype",
-                "batch_size",
-                "attn_implementation",
-                "local_files_only",
-                "share_prefix",
-                "max_batch_tokens",
-            ),
-            False,
-        )
-    )
+    k = node.mapping(dict.fromkeys((f.name for f in fields(ModelConfig)), False))
     d = ModelConfig()
     return ModelConfig(
         id=_optional(k, "id", lambda n: n.text(), d.id),
@@ -272,7 +261,21 @@ def _model(node: _Node) -> ModelConfig:
         local_files_only=_optional(k, "local_files_only", _Node.boolean, d.local_files_only),
         share_prefix=_optional(k, "share_prefix", _Node.boolean, d.share_prefix),
         max_batch_tokens=_optional(k, "max_batch_tokens", lambda n: n.integer(minimum=256), d.max_batch_tokens),
+        image_grid_pinpoints=_optional(k, "image_grid_pinpoints", _pinpoints, None),
+        compile=_optional(k, "compile", _Node.boolean, d.compile),
     )
+
+
+def _pinpoints(node: _Node) -> tuple[tuple[int, int], ...]:
+    pairs = []
+    for item in node.sequence():
+        values = item.sequence()
+        if len(values) != 2:
+            raise item.fail("each pinpoint is [height, width]")
+        pairs.append((values[0].integer(minimum=1), values[1].integer(minimum=1)))
+    if not pairs:
+        raise node.fail("at least one [height, width] pinpoint is needed")
+    return tuple(pairs)
 
 
 def _images(node: _Node) -> ImagesConfig:

@@ -126,3 +126,12 @@ def test_unreachable_hub_is_one_line_and_exit_2(run_cli: RunCli, make_config, co
     errors = [line for line in result.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and "Traceback" not in result.stderr
     assert "not on this machine" in errors[0] and "local model folder in model.id" in errors[0]
+
+
+def test_fewer_anyres_tiles_is_an_explicit_option(tiny_model: Path, corpus: Path) -> None:
+    picture = open_picture(corpus / "jpg/gps/DSCN0010.jpg", max_pixels=10**9)
+    prompt = (Prompt("Describe.", 4),)
+    full = load_engine(ModelConfig(id=str(tiny_model))).describe([Job(picture.image, prompt)])[0][0]
+    fewer = load_engine(ModelConfig(id=str(tiny_model), image_grid_pinpoints=((32, 64), (64, 32))))
+    answer = fewer.describe([Job(picture.image, prompt)])[0][0]
+    assert answer.prompt_tokens < full.prompt_tokens and answer.new_tokens > 0

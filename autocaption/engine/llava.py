@@ -110,6 +110,9 @@ class LlavaEngine:
         self.image_id = model.config.image_token_index
         self.timings: dict[str, float] = defaultdict(float)
         self.device = torch.device(info.device.split(" ", 1)[0])
+        # generate() compiles the decode step by itself whenever the cache is static on a GPU; shapes vary
+        # per batch here, so that only pays when asked for (model.compile), with cache lengths bucketed.
+        self.compile = config.compile and self.device.type != "cpu"
         self.dtype = _DTYPES[info.dtype]
         eos = model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -139,6 +142,11 @@ class LlavaEngine:
         except ImportError as exc:  # flash_attention_2 asked for but not installed
             raise ModelUnavailable(f"model.attn_implementation: {config.attn_implementation}: {exc}") from None
         model = model.to(placement.device).eval()
+        if config.image_grid_pinpoints:
+            # Processor and model must agree, or LLaVA-NeXT fails with a split_with_sizes error.
+            pinpoints = [list(pair) for pair in config.image_grid_pinpoints]
+            processor.image_processor.image_grid_pinpoints = pinpoints
+            model.config.image_grid_pinpoints = pinpoints
         # Batches are padded on the left so every row's new tokens start at the same column.
         processor.tokenizer.padding_side = "left"
         log.info(
@@ -231,6 +239,10 @@ class LlavaEngine:
             log.warning("GPU out of memory on a batch of %d prompts; retrying it in halves", _rows(batch))
             return [pair for half in _halves(batch) for pair in self._run(half, cancel)]
 
+    def _cache_length(self, needed: int) -> int:
+        """With compilation, round cache lengths up to 512-token buckets so shapes repeat."""
+        return -(-needed // 512) * 512 if self.compile else needed
+
     def _add_special(self, texts: Sequence[str]) -> bool:
         # Templates that render the BOS themselves must not get a second one from the tokenizer.
         bos = self.processor.tokenizer.bos_token
@@ -276,7 +288,9 @@ class LlavaEngine:
         prefill = self.model(
             # Preallocated: decoding then writes each new token in place instead of growing (copying)
             # every prompt's 2,000-token cache at every step, which dominates decoding on a CPU.
-            cache=StaticCache(config=self.model.config, max_cache_len=width + tail + max_new_tokens),
+            cache=StaticCache(
+                config=self.model.config, max_cache_len=self._cache_length(width + tail + max_new_tokens)
+            ),
             input_ids=prefix_ids.to(self.device),
             attention_mask=prefix_mask.to(self.device),
             position_ids=positions.to(self.device),
@@ -285,7 +299,7 @@ class LlavaEngine:
             use_cache=True,
             logits_to_keep=1,  # only the cache is needed; skip the vocabulary projection of 2,000+ tokens
         )
-        cache = prefill.past_key_values
+        cache = prefill.cache
         decode_started = time.perf_counter()
         self.timings["vision+prefill"] += decode_started - prefill_started
         owners = [row for row, unit in enumerate(batch) for _ in unit.prompts]
@@ -301,6 +315,7 @@ class LlavaEngine:
             attention_mask=mask.to(self.device),
             cache=cache,
             max_new_tokens=max_new_tokens,
+            disable_compile=not self.compile,
             do_sample=False,
             num_beams=1,
             pad_token_id=self.pad_id,
@@ -333,6 +348,7 @@ class LlavaEngine:
         output = self.model.generate(
             **inputs,
             max_new_tokens=max(p.max_new_tokens for p in prompts),
+            disable_compile=not self.compile,
             do_sample=False,
             num_beams=1,
             pad_token_id=self.pad_id,
