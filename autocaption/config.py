@@ -31,6 +31,7 @@ DEFAULT_EXCLUDE = ("**/.*/**", "**/.*")
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
+ENGINES = ("transformers", "openai")
 WRITE_TARGETS = ("description", "keywords")
 SIDECAR_MODES = ("auto", "always", "never")
 SIDECAR_NAMES = ("full", "stem")
@@ -39,6 +40,7 @@ EXISTING_POLICIES = ("keep", "overwrite", "append")
 
 @dataclass(frozen=True)
 class ModelConfig:
+    engine: str = "transformers"  # "transformers" (in-process) or "openai" (a remote OpenAI-compatible server)
     id: str = DEFAULT_MODEL
     revision: str | None = None
     device: str = "auto"
@@ -53,6 +55,14 @@ class ModelConfig:
     # image tokens for a 4:3 photo), and torch.compile of the decode step on GPU (recompiles per shape).
     image_grid_pinpoints: tuple[tuple[int, int], ...] | None = None
     compile: bool = False
+    # engine: openai. The key is read from an environment variable or a file, never from this file.
+    base_url: str | None = None
+    api_key_env: str | None = None
+    api_key_file: Path | None = None
+    timeout_seconds: float = 120.0
+    max_in_flight: int = 8
+    retries: int = 4  # attempts after the first, with exponential backoff and jitter (1, 2, 4, 8 s...)
+    max_image_side: int = 1008  # JPEGs are drafted to no less than this before being sent
 
 
 @dataclass(frozen=True)
@@ -248,10 +258,24 @@ def _optional(keys: dict[str, _Node], name: str, read: Callable[[_Node], T], def
     return read(node)
 
 
-def _model(node: _Node) -> ModelConfig:
-    k = node.mapping(dict.fromkeys((f.name for f in fields(ModelConfig)), False))
+def _model(node: _Node, base: Path) -> ModelConfig:
+    # `api_key` is accepted only to be refused with a helpful message below.
+    k = node.mapping(dict.fromkeys([*(f.name for f in fields(ModelConfig)), "api_key"], False))
     d = ModelConfig()
+    engine = _optional(k, "engine", lambda n: n.choice(ENGINES), d.engine)
+    if engine == "openai" and "base_url" not in k:
+        raise _Node(node.node, node._child_path("base_url"), node.source).fail("required with engine: openai")
+    if "api_key" in k:
+        raise k["api_key"].fail("never put a key in this file; use api_key_env or api_key_file")
     return ModelConfig(
+        engine=engine,
+        base_url=_optional(k, "base_url", _url, None),
+        api_key_env=_optional(k, "api_key_env", lambda n: n.text(), None),
+        api_key_file=_optional(k, "api_key_file", lambda n: expand(n.text(), relative_to=base), None),
+        timeout_seconds=_optional(k, "timeout_seconds", lambda n: n.number(minimum=1.0), d.timeout_seconds),
+        max_in_flight=_optional(k, "max_in_flight", lambda n: n.integer(minimum=1, maximum=256), d.max_in_flight),
+        retries=_optional(k, "retries", lambda n: n.integer(minimum=0, maximum=20), d.retries),
+        max_image_side=_optional(k, "max_image_side", lambda n: n.integer(minimum=32), d.max_image_side),
         id=_optional(k, "id", lambda n: n.text(), d.id),
         revision=_optional(k, "revision", lambda n: n.text(), d.revision),
         device=_optional(k, "device", lambda n: n.choice(DEVICES), d.device),
@@ -264,6 +288,13 @@ def _model(node: _Node) -> ModelConfig:
         image_grid_pinpoints=_optional(k, "image_grid_pinpoints", _pinpoints, None),
         compile=_optional(k, "compile", _Node.boolean, d.compile),
     )
+
+
+def _url(node: _Node) -> str:
+    url = node.text().rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise node.fail(f"must be an http:// or https:// URL, e.g. http://gpu-box:8000/v1; got {url!r}")
+    return url
 
 
 def _pinpoints(node: _Node) -> tuple[tuple[int, int], ...]:
@@ -403,7 +434,7 @@ def parse(text: str, source: Path) -> Config:
     state_dir = _optional(state_keys, "dir", lambda n: expand(n.text(), relative_to=base), _default_state_dir())
     return Config(
         source=source,
-        model=_optional(keys, "model", _model, ModelConfig()),
+        model=_optional(keys, "model", lambda n: _model(n, base), ModelConfig()),
         images=_optional(keys, "images", _images, ImagesConfig()),
         output=_optional(keys, "output", _output, OutputConfig()),
         watch=tuple(_watch(n, base) for n in keys["watch"].sequence()) if "watch" in keys else (),

@@ -50,3 +50,13 @@ class EngineError(AutocaptionError):
     def __init__(self, message: str, *, transient: bool = False) -> None:
         super().__init__(message)
         self.transient = transient
+
+
+class ServerUnreachable(EngineError):
+    """A remote engine's server did not answer after its retries. The daemon retries later; a one-shot
+    run stops, since every other image would wait for the same server."""
+
+    exit_code = ExitCode.SETUP
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, transient=True)

@@ -18,7 +18,7 @@ from autocaption import sidecar
 from autocaption.config import Config, Rule
 from autocaption.discover import Candidate
 from autocaption.engine.base import Answer, Engine, Job, Prompt
-from autocaption.errors import EngineError, ImageError, WriteError
+from autocaption.errors import EngineError, ImageError, ServerUnreachable, WriteError
 from autocaption.images import Picture, open_picture
 from autocaption.paths import display
 from autocaption.textclean import clean_answer
@@ -162,6 +162,8 @@ class Pipeline:
         ]
         try:
             answers = self.engine.describe(jobs, cancel)
+        except ServerUnreachable:
+            raise  # every image would wait for the same server: the caller decides (stop, or wait)
         except EngineError as exc:
             if len(work) > 1:  # find the one image that breaks the batch; the others still get done
                 return [outcome for item in work for outcome in self._describe([item], cancel)]

@@ -25,7 +25,7 @@ from autocaption import sidecar
 from autocaption.config import Config, ModelConfig, WatchConfig, load
 from autocaption.discover import Candidate, walk_names
 from autocaption.engine import Cancelled, Engine, load_engine
-from autocaption.errors import AutocaptionError, ExitCode
+from autocaption.errors import AutocaptionError, ExitCode, ServerUnreachable
 from autocaption.journal import FAILED, QUEUED, RETRY, Journal, record_outcome
 from autocaption.notify import Notifier
 from autocaption.paths import display
@@ -81,6 +81,7 @@ class Worker:
 
     def run(self) -> None:
         service = self.service
+        outage = 0.0  # seconds to wait before trying an unreachable server again
         while not service.stop.is_set():
             self.heartbeat = time.monotonic()
             paths = service.journal.due(service.config.model.batch_size)
@@ -93,6 +94,22 @@ class Worker:
             except Cancelled:
                 log.info("stopping: the batch in flight was abandoned; it stays queued")
                 return
+            except ServerUnreachable as exc:
+                # The images stay queued (no attempt is counted): the server, not the photo, is at fault.
+                outage = min(max(outage * 2, 5.0), 60.0)
+                log.warning("%s; images stay queued, trying again in %.0f s", exc, outage)
+                self._pause(outage)
+                continue
+            if outage:
+                log.info("the server answers again; resuming")
+                outage = 0.0
+
+    def _pause(self, seconds: float) -> None:
+        """Wait without looking stuck: the heartbeat keeps the systemd watchdog fed."""
+        deadline = time.monotonic() + seconds
+        while not self.service.stop.is_set() and time.monotonic() < deadline:
+            self.heartbeat = time.monotonic()
+            self.service.stop.wait(min(1.0, deadline - time.monotonic()))
 
     def work(self, paths: Sequence[Path]) -> None:
         service = self.service
