@@ -35,7 +35,9 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def make_config(tmp_path: Path, tiny_model: Path) -> Callable[..., Path]:
     """Write a rules file for the tiny model; `rules` and `extra` are YAML text."""
 
-    def make(rules: str | None = None, extra: str = "", model: str | None = None) -> Path:
+    def make(
+        rules: str | None = None, extra: str = "", model: str | None = None, model_line: str | None = None
+    ) -> Path:
         rules = (
             rules
             or """
@@ -44,7 +46,7 @@ def make_config(tmp_path: Path, tiny_model: Path) -> Callable[..., Path]:
         """
         )
         text = (
-            f"model: {{id: {model or str(tiny_model)!r}, batch_size: 4}}\n"
+            f"model: {model_line or f'{{id: {model or str(tiny_model)!r}, batch_size: 4}}'}\n"
             f"state: {{dir: {str(tmp_path / 'state')!r}}}\n"
             f"{textwrap.dedent(extra)}\n"
             f"rules:\n{textwrap.indent(textwrap.dedent(rules).strip(), '  ')}\n"
