@@ -82,7 +82,7 @@ def write_remote(make_config: Callable[..., Path], url: str, model_id: str, extr
 def test_remote_answers_equal_in_process_answers(server: Server, tiny_model: Path, corpus: Path) -> None:
     local = load_engine(ModelConfig(id=str(tiny_model)))
     remote = load_engine(ModelConfig(engine="openai", base_url=server.base_url, id=str(tiny_model), max_image_side=64))
-    assert remote.info.max_image_side == local.info.max_image_side == 64
+    assert remote.info.backend == "openai" and remote.info.max_image_side == local.info.max_image_side == 64
     pictures = [
         open_picture(corpus / name, max_pixels=10**9, draft_side=64)
         for name in ("jpg/camera/Canon_40D.jpg", "jpg/orientation/portrait_6.jpg", "jpg/gps/DSCN0010.jpg")
@@ -144,20 +144,18 @@ def test_wrong_key_unknown_model_and_unreachable_host_are_one_clear_error_each(
     gateway = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Refuses)
     threading.Thread(target=gateway.serve_forever, daemon=True).start()
     try:
-        cases = {
-            "refused the API key (HTTP 401); check AUTOCAPTION_TEST_KEY": write_remote(
-                make_config, f"http://127.0.0.1:{gateway.server_address[1]}/v1", str(tiny_model),
-                api_key_env="AUTOCAPTION_TEST_KEY",
-            ),
-            "is not served by": write_remote(make_config, server.base_url, "no-such-model"),
-            "unreachable after 2 attempt(s)": write_remote(
-                make_config, f"http://127.0.0.1:{free_port()}/v1", str(tiny_model), retries=1, timeout_seconds=5
-            ),
-        }  # fmt: skip
-        for expected, config in cases.items():
-            config.rename(config.with_name("current.yaml"))
+        cases = [
+            ("refused the API key (HTTP 401); check AUTOCAPTION_TEST_KEY",
+             f"http://127.0.0.1:{gateway.server_address[1]}/v1", str(tiny_model),
+             {"api_key_env": "AUTOCAPTION_TEST_KEY"}),
+            ("is not served by", server.base_url, "no-such-model", {}),
+            ("unreachable after 2 attempt(s)", f"http://127.0.0.1:{free_port()}/v1", str(tiny_model),
+             {"retries": 1, "timeout_seconds": 5}),
+        ]  # fmt: skip
+        for expected, url, model_id, options in cases:
+            config = write_remote(make_config, url, model_id, **options)
             started = time.monotonic()
-            result = run_cli("process", "--config", config.with_name("current.yaml"), photo)
+            result = run_cli("process", "--config", config, photo)
             errors = [line for line in result.stderr.splitlines() if "error" in line]
             assert result.returncode == 2, (expected, result.stderr)
             assert len(errors) == 1 and expected in errors[0], (expected, result.stderr)

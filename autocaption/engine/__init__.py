@@ -11,6 +11,10 @@ __all__ = ["Answer", "Cancelled", "Engine", "EngineInfo", "Job", "Prompt", "load
 
 def load_engine(model: ModelConfig) -> Engine:
     """Load the model described by `model` and keep it resident until `close()`."""
-    from autocaption.engine.llava import LlavaEngine
+    if model.engine == "openai":
+        from autocaption.engine.openai import OpenAIEngine  # stdlib only: no torch for a remote model
+
+        return OpenAIEngine.load(model)
+    from autocaption.engine.llava import LlavaEngine  # torch is heavy: imported only here, on demand
 
     return LlavaEngine.load(model)

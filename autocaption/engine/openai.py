@@ -166,8 +166,12 @@ class OpenAIEngine:
         return [[next(answers) for _ in job.prompts] for job in jobs]
 
     def _data_url(self, image: Image.Image) -> str:
-        """The upright, RGB, size-capped image as a lossless PNG: the server sees what the model would."""
-        cap = 2 * self.config.max_image_side
+        """The upright, RGB image as a lossless PNG: the server sees what the in-process model would.
+
+        JPEGs arrive already drafted to about `max_image_side`; only much larger pictures (a 50 MP PNG
+        or TIFF) are scaled down, to keep requests to a few MB.
+        """
+        cap = 4 * self.config.max_image_side
         if max(image.size) > cap:
             image = image.copy()
             image.thumbnail((cap, cap), Image.Resampling.LANCZOS)
