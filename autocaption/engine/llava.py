@@ -231,7 +231,7 @@ class LlavaEngine:
                     return shared
             items = [(index, unit.image, prompt) for unit in batch for index, prompt in unit.prompts]
             return self._generate(items, cancel)
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:  # the same class as torch.OutOfMemoryError on torch >= 2.5
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             if len(batch) == 1 and len(batch[0].prompts) == 1:
