@@ -6,8 +6,14 @@ then alternates, on the same 20 corpus photos with the same rules and max_new_to
   (a) the naive loop of the tutorials: open the photo at full size, and for every rule run the
       processor and `generate` on one prompt;
   (b) `autocaption process --force` (batched, one prefill per image, drafted JPEG decoding, prefetch).
-Both decode exactly max_new_tokens (the model has no reachable end-of-sequence), start-up included.
-Also: autocaption with 1 rule against 4 rules. Usage: python bench/throughput.py [--rounds 2]
+Both decode exactly max_new_tokens (the model has no reachable end-of-sequence: the same effect as
+min_new_tokens = max_new_tokens), start-up included. Also: autocaption with 1 rule against 4 rules.
+
+On a GPU, `--device cuda --shape mistral-7b` builds the true llava-v1.6-mistral-7b shapes with random
+weights in bf16 (15 GB written to a temp folder; nothing downloaded) and reports decode tokens/s
+against the HBM limit (weight bytes / bandwidth per step) and peak GPU memory.
+
+Usage: python bench/throughput.py [--rounds 2] [--device cuda --shape mistral-7b [--hbm-tbps 3.35]]
 """
 
 from __future__ import annotations
@@ -42,31 +48,39 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps
 from transformers import AutoProcessor, LlavaNextForConditionalGeneration
-model_dir, rules, photos = sys.argv[1], sys.argv[2].split("|"), sys.argv[5:]
+model_dir, rules, device = sys.argv[1], sys.argv[2].split("|"), sys.argv[3]
+new_tokens, photos = int(sys.argv[4]), sys.argv[5:]
+dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
 processor = AutoProcessor.from_pretrained(model_dir)
-model = LlavaNextForConditionalGeneration.from_pretrained(model_dir).eval()
+model = LlavaNextForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).to(device).eval()
 for photo in photos:
     image = ImageOps.exif_transpose(Image.open(photo)).convert("RGB")
     for rule in rules:
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": rule}]}]
         prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
-        inputs = processor(images=image, text=prompt, return_tensors="pt")
+        inputs = processor(images=image, text=prompt, return_tensors="pt").to(device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
         with torch.inference_mode():
-            out = model.generate(**inputs, max_new_tokens=int(sys.argv[4]), do_sample=False)
+            out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
         answer = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+if device.startswith("cuda"):
+    print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", file=sys.stderr)
 """
 
 
-def photos() -> list[Path]:
+def photos(count: int) -> list[Path]:
     large = sorted((CORPUS / "large").glob("*.jpg"))
     small = sorted((CORPUS / "gps").glob("*.jpg")) + sorted((CORPUS / "exif-org").glob("*.jpg"))
-    return large + small[: 20 - len(large)]
+    return (large + small)[:count]
 
 
-def build_model(directory: Path) -> Path:
-    from tests.tinymodel import build_geometry
+def build_model(directory: Path, args: argparse.Namespace) -> Path:
+    from tests.tinymodel import build_geometry, build_mistral_7b
 
-    build_geometry(directory)
+    if args.shape == "mistral-7b":
+        build_mistral_7b(directory, device=args.device, text_layers=args.text_layers, vision_layers=args.vision_layers)
+    else:
+        build_geometry(directory)
     config = json.loads((directory / "generation_config.json").read_text(encoding="utf-8"))
     config["eos_token_id"] = None  # fixed answer length: both sides decode exactly max_new_tokens
     (directory / "generation_config.json").write_text(json.dumps(config), encoding="utf-8")
@@ -85,10 +99,20 @@ def timed(command: list[str], env: dict[str, str]) -> tuple[float, float, str]:
     return seconds, peak, result.stderr
 
 
-def config_file(base: Path, model: Path, rules: list[str], name: str) -> Path:
-    lines = [f"model: {{id: {str(model)!r}, batch_size: 12}}", f"state: {{dir: {str(base / 'state')!r}}}",
-             "output: {embed: false, xmp_sidecar: never}", "rules:"]  # fmt: skip
-    lines += [f"  - {{name: r{i}, prompt: {rule!r}, max_new_tokens: {MAX_NEW_TOKENS}}}" for i, rule in enumerate(rules)]
+def peak_gpu(log: str) -> str:
+    return next((line.split("peak GPU memory ")[1] for line in log.splitlines() if "peak GPU memory" in line), "n/a")
+
+
+def config_file(base: Path, model: Path, rules: list[str], name: str, args: argparse.Namespace) -> Path:
+    lines = [
+        f"model: {{id: {str(model)!r}, batch_size: {args.batch_size}, device: {args.device}}}",
+        f"state: {{dir: {str(base / 'state')!r}}}",
+        "output: {embed: false, xmp_sidecar: never}",
+        "rules:",
+    ]
+    lines += [
+        f"  - {{name: r{i}, prompt: {rule!r}, max_new_tokens: {args.max_new_tokens}}}" for i, rule in enumerate(rules)
+    ]
     path = base / name
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
@@ -97,39 +121,52 @@ def config_file(base: Path, model: Path, rules: list[str], name: str) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--shape", choices=["small-lm", "mistral-7b"], default="small-lm")
+    parser.add_argument("--text-layers", type=int, default=32, help="mistral-7b only: fewer for a smoke test")
+    parser.add_argument("--vision-layers", type=int, default=24, help="mistral-7b only")
+    parser.add_argument("--photos", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=12)
+    parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
+    parser.add_argument("--hbm-tbps", type=float, default=3.35, help="GPU memory bandwidth (H100 SXM 3.35)")
     args = parser.parse_args()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
-        model = build_model(base / "model")
+        model = build_model(base / "model", args)
+        weight_bytes = sum(f.stat().st_size for f in model.glob("*.safetensors"))
         work = base / "photos"
         work.mkdir()
-        for photo in photos():
+        for photo in photos(args.photos):
             shutil.copy(photo, work / photo.name)
         files = sorted(str(p) for p in work.glob("*.jpg"))
-        three = config_file(base, model, RULES[:3], "three.yaml")
-        one = config_file(base, model, RULES[:1], "one.yaml")
-        four = config_file(base, model, RULES, "four.yaml")
+        three = config_file(base, model, RULES[:3], "three.yaml", args)
+        one = config_file(base, model, RULES[:1], "one.yaml", args)
+        four = config_file(base, model, RULES, "four.yaml", args)
         ours = [sys.executable, "-m", "autocaption", "-v", "process", "--force", "--config"]
         results: dict[str, list[float]] = {"naive": [], "autocaption": [], "1 rule": [], "4 rules": []}
         peaks: dict[str, float] = {}
         stages = ""
+        gpu = {"naive": "n/a", "autocaption": "n/a"}
         for _ in range(args.rounds):  # alternate, so both sides see the same machine state
-            seconds, peak, _ = timed(
-                [sys.executable, "-c", NAIVE, str(model), "|".join(RULES[:3]), "-", str(MAX_NEW_TOKENS), *files], env
-            )
+            naive = [sys.executable, "-c", NAIVE, str(model), "|".join(RULES[:3]), args.device]
+            seconds, peak, naive_log = timed([*naive, str(args.max_new_tokens), *files], env)
             results["naive"].append(seconds)
             peaks["naive"] = peak
             seconds, peak, log = timed([*ours, str(three), str(work)], env)
             results["autocaption"].append(seconds)
             peaks["autocaption"] = peak
             stages = next((line for line in log.splitlines() if "stages:" in line), "")
+            gpu = {"naive": peak_gpu(naive_log), "autocaption": peak_gpu(log)}
             results["1 rule"].append(timed([*ours, str(one), str(work)], env)[0])
             results["4 rules"].append(timed([*ours, str(four), str(work)], env)[0])
     best = {name: min(values) for name, values in results.items()}
     n = len(files)
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
-    print(f"{n} photos (3 large), 3 rules, max_new_tokens {MAX_NEW_TOKENS}; best of {args.rounds} whole-process runs")
+    print(f"shape {args.shape} on {args.device}, weights {weight_bytes / 1e9:.2f} GB, batch_size {args.batch_size}")
+    print(
+        f"{n} photos (3 large), 3 rules, max_new_tokens {args.max_new_tokens}; best of {args.rounds} whole-process runs"
+    )
     print(
         f"(a) naive loop:   {best['naive']:7.1f} s  {n / best['naive']:.3f} images/s  peak RSS {peaks['naive']:.0f} MB"
     )
@@ -137,6 +174,16 @@ def main() -> None:
           f"peak RSS {peaks['autocaption']:.0f} MB")  # fmt: skip
     print(f"speed-up (b)/(a): {best['naive'] / best['autocaption']:.2f}x")
     print(f"autocaption {re.sub(r'^.*stages: ', 'stages: ', stages)}")
+    found = re.search(r"decode ([0-9.]+) s", stages)
+    tokens = n * 3 * args.max_new_tokens
+    if found:
+        decode = float(found.group(1))
+        ceiling = args.hbm_tbps * 1e12 / weight_bytes  # steps/s when every step reads all weights once
+        print(f"decode: {tokens / decode:.0f} tokens/s over {tokens} tokens; HBM limit at batch 1: "
+              f"{ceiling:.0f} tokens/s ({weight_bytes / 1e9:.1f} GB at {args.hbm_tbps} TB/s), "
+              f"up to x{args.batch_size} with {args.batch_size} rows per step")  # fmt: skip
+    print(f"images/hour with 3 rules: {3600 * n / best['autocaption']:.0f} (naive {3600 * n / best['naive']:.0f})")
+    print(f"peak GPU memory: naive {gpu['naive']}, autocaption {gpu['autocaption']}")
     print(f"1 rule {best['1 rule']:.1f} s, 4 rules {best['4 rules']:.1f} s: 4 rules cost "
           f"{best['4 rules'] / best['1 rule']:.2f}x of 1 rule")  # fmt: skip
 

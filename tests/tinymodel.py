@@ -26,14 +26,17 @@ LLAVA_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 TINY_PINPOINTS = [[32, 64], [64, 32], [64, 64]]
 
 
-def _tokenizer():  # type: ignore[no-untyped-def]
+def _tokenizer(vocab_size: int | None = None):  # type: ignore[no-untyped-def]
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     # Character-level vocabulary: every printable ASCII character plus a few words, so random
     # weights still decode to visible text and EOS can be reached.
     words = [" the", " a", " photo", " of", " and", " with", " in"]
-    vocab = {token: i for i, token in enumerate(SPECIAL + [chr(c) for c in range(32, 127)] + ["\n"] + words)}
+    tokens = SPECIAL + [chr(c) for c in range(32, 127)] + ["\n"] + words
+    if vocab_size:  # pad to a real model's vocabulary size, so its embedding and LM head have true shapes
+        tokens += [f"<extra_{i}>" for i in range(vocab_size - len(tokens))]
+    vocab = {token: i for i, token in enumerate(tokens)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r" [a-z]+|."), behavior="isolated")
     tok.decoder = decoders.Fuse()
@@ -53,7 +56,8 @@ def _tokenizer():  # type: ignore[no-untyped-def]
 
 
 def _save(directory: Path, *, crop: int, patch: int, pinpoints: list[list[int]], vision: dict, text: dict,
-          seed: int) -> Path:  # fmt: skip
+          seed: int, vocab_size: int | None = None, dtype: str = "float32", device: str = "cpu",
+          peaky: bool = True, llava: dict | None = None) -> Path:  # fmt: skip
     import torch
     from transformers import (
         CLIPVisionConfig,
@@ -63,7 +67,7 @@ def _save(directory: Path, *, crop: int, patch: int, pinpoints: list[list[int]],
     )
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-    tokenizer, vocab = _tokenizer()
+    tokenizer, vocab = _tokenizer(vocab_size)
     image_processor = LlavaNextImageProcessorPil(
         size={"shortest_edge": crop}, crop_size={"height": crop, "width": crop}, image_grid_pinpoints=pinpoints
     )
@@ -90,14 +94,21 @@ def _save(directory: Path, *, crop: int, patch: int, pinpoints: list[list[int]],
         image_token_index=vocab["<image>"],
         image_grid_pinpoints=pinpoints,
         vision_feature_select_strategy="default",
-        vision_feature_layer=-1,
+        **(llava or {"vision_feature_layer": -1}),
     )
     torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(config).eval()
-    with torch.no_grad():  # larger weights: confident, well-separated greedy choices (no near-ties)
-        for parameter in model.parameters():
-            if parameter.dim() > 1:
-                parameter.normal_(0.0, 0.08)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))  # a 7B model is built directly in bf16 (15 GB, not 30)
+    try:
+        with torch.device(device):
+            model = LlavaNextForConditionalGeneration(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    if peaky:
+        with torch.no_grad():  # larger weights: confident, well-separated greedy choices (no near-ties)
+            for parameter in model.parameters():
+                if parameter.dim() > 1:
+                    parameter.normal_(0.0, 0.08)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
@@ -122,4 +133,21 @@ def build_geometry(directory: Path, seed: int = 0) -> Path:
                     projection_dim=64),
         text=dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
                   num_key_value_heads=4),
+    )  # fmt: skip
+
+
+def build_mistral_7b(
+    directory: Path, *, device: str = "cuda", text_layers: int = 32, vision_layers: int = 24, seed: int = 0
+) -> Path:
+    """The true llava-v1.6-mistral-7b shapes with random weights in bf16 (nothing to download):
+    CLIP ViT-L/14-336 and Mistral-7B (hidden 4096, 32 layers, 32 heads, 8 KV heads, vocabulary 32064).
+    Fewer layers give the same per-layer shapes for a CPU smoke test."""
+    return _save(
+        directory, crop=336, patch=14, pinpoints=LLAVA_PINPOINTS, seed=seed, vocab_size=32064,
+        dtype="bfloat16", device=device, peaky=False,
+        llava={"vision_feature_layer": -2, "projector_hidden_act": "gelu"},
+        vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=vision_layers,
+                    num_attention_heads=16, projection_dim=768),
+        text=dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=text_layers, num_attention_heads=32,
+                  num_key_value_heads=8),
     )  # fmt: skip

@@ -164,7 +164,8 @@ class LlavaEngine:
 
     def close(self) -> None:
         del self.model
-        if torch.cuda.is_available():
+        if self.device.type == "cuda":
+            log.debug("peak GPU memory %.1f GiB", torch.cuda.max_memory_allocated(self.device) / 2**30)
             torch.cuda.empty_cache()
 
     def render(self, prompt: Prompt) -> str:
