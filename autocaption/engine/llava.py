@@ -5,6 +5,7 @@ This is the only module that imports torch and transformers.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import threading
@@ -189,7 +190,7 @@ class LlavaEngine:
         return [[next(flat) for _ in job.prompts] for job in jobs]
 
     def _units(self, jobs: Sequence[Job]) -> list[_Unit]:
-        """One unit per image and system text (they share a prefix), at most `batch_size` prompts each."""
+        """One unit per image and system text (they share a prefix)."""
         units: list[_Unit] = []
         index = 0
         for job in jobs:
@@ -198,12 +199,15 @@ class LlavaEngine:
                 by_system.setdefault(prompt.system, []).append((index, prompt))
                 index += 1
             for group in by_system.values():
-                size = self.batch_size if self.share_prefix else 1
+                # Shared: all prompts of an image in one unit, prefilled once even beyond batch_size
+                # (decoding then goes batch_size prompts at a time). Plain: one prompt per unit.
+                size = len(group) if self.share_prefix else 1
                 units.extend(_Unit(job.image, group[i : i + size]) for i in range(0, len(group), size))
         return units
 
     def _pack(self, units: list[_Unit]) -> list[list[_Unit]]:
-        """Batches of at most `batch_size` prompts and `max_batch_tokens` image+prompt tokens."""
+        """Batches of at most `batch_size` prompts and `max_batch_tokens` image+prompt tokens; an image with
+        more prompts than `batch_size` is a batch of its own (prefilled once, decoded in chunks)."""
         batches: list[list[_Unit]] = []
         rows = tokens = 0
         for unit in units:
@@ -300,29 +304,35 @@ class LlavaEngine:
             use_cache=True,
             logits_to_keep=1,  # only the cache is needed; skip the vocabulary projection of 2,000+ tokens
         )
-        cache = prefill.cache
         decode_started = time.perf_counter()
         self.timings["vision+prefill"] += decode_started - prefill_started
         owners = [row for row, unit in enumerate(batch) for _ in unit.prompts]
-        cache.reorder_cache(torch.tensor(owners, device=self.device))  # one copy of the prefix per prompt
-        ids = torch.full((len(owners), width + tail), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, (owner, suffix) in enumerate(zip(owners, suffixes, strict=True)):
-            ids[row, :width], mask[row, :width] = prefix_ids[owner], prefix_mask[owner]
-            ids[row, width + tail - len(suffix) :] = torch.tensor(suffix)  # padding sits between prefix and suffix
-            mask[row, width + tail - len(suffix) :] = 1
-        output = self.model.generate(
-            input_ids=ids.to(self.device),
-            attention_mask=mask.to(self.device),
-            cache=cache,
-            max_new_tokens=max_new_tokens,
-            disable_compile=not self.compile,
-            do_sample=False,
-            num_beams=1,
-            pad_token_id=self.pad_id,
-            stopping_criteria=StoppingCriteriaList([_StopWhenSet(cancel)]) if cancel is not None else None,
-        )
-        new_tokens = output[:, width + tail :].tolist()
+        new_tokens: list[list[int]] = []
+        for start in range(0, len(owners), self.batch_size):
+            # Decode at most `batch_size` prompts at a time, each from its own copy of its image's prefix.
+            rows = range(start, min(start + self.batch_size, len(owners)))
+            last = rows.stop == len(owners)
+            cache = prefill.cache if last else copy.deepcopy(prefill.cache)
+            cache.reorder_cache(torch.tensor([owners[r] for r in rows], device=self.device))
+            ids = torch.full((len(rows), width + tail), self.pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, r in enumerate(rows):
+                suffix = suffixes[r]
+                ids[row, :width], mask[row, :width] = prefix_ids[owners[r]], prefix_mask[owners[r]]
+                ids[row, width + tail - len(suffix) :] = torch.tensor(suffix)  # padding between prefix and suffix
+                mask[row, width + tail - len(suffix) :] = 1
+            output = self.model.generate(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                cache=cache,
+                max_new_tokens=max(prompts[r].max_new_tokens for r in rows),
+                disable_compile=not self.compile,
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=self.pad_id,
+                stopping_criteria=StoppingCriteriaList([_StopWhenSet(cancel)]) if cancel is not None else None,
+            )
+            new_tokens.extend(output[:, width + tail :].tolist())
         self.timings["decode"] += time.perf_counter() - decode_started
         lengths = [len(f) for full in full_ids for f in full]
         indices = [index for unit in batch for index, _ in unit.prompts]
