@@ -8,7 +8,7 @@ one bad entry never stops the rest.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,9 +80,16 @@ def walk(top: Path, root: Path, include: GlobSet, exclude: GlobSet, *, recursive
 
 
 def walk_names(
-    top: Path, root: Path, include: GlobSet, exclude: GlobSet, *, recursive: bool = True
+    top: Path,
+    root: Path,
+    include: GlobSet,
+    exclude: GlobSet,
+    *,
+    recursive: bool = True,
+    on_temp: Callable[[str], None] | None = None,
 ) -> Iterator[tuple[str, str] | Unreadable]:
-    """Like `walk`, as (path, relative) strings: no per-file pathlib, for reconciling 100,000 files."""
+    """Like `walk`, as (path, relative) strings: no per-file pathlib, for reconciling 100,000 files.
+    `on_temp` is told about our own temp files on the way (a reconcile removes stale ones)."""
     top_stat = top.stat()
     seen = {(top_stat.st_dev, top_stat.st_ino)}
     top_relative = _relative(top, root)
@@ -97,6 +104,8 @@ def walk_names(
         subfolders: list[tuple[str, str]] = []
         for entry in entries:
             if entry.name.startswith(TEMP_PREFIX):
+                if on_temp is not None:
+                    on_temp(entry.path)
                 continue
             relative = prefix + entry.name
             try:

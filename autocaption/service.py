@@ -47,10 +47,23 @@ def reconcile(config: Config, journal: Journal) -> int:
             log.warning("watch: %s: folder does not exist; skipped", display(watch.path))
             continue
         root = watch.path.resolve()
-        for found in walk_names(root, root, watch.include, watch.exclude, recursive=watch.recursive):
+        for found in walk_names(
+            root, root, watch.include, watch.exclude, recursive=watch.recursive, on_temp=remove_stale_temp
+        ):
             if isinstance(found, tuple) and not _settled(config, found, known.get(found[0])):
                 missing.append(Path(found[0]))
     return journal.enqueue(missing)
+
+
+def remove_stale_temp(path: str, *, older_than: float = 3600.0) -> None:
+    """A temp file of ours older than an hour was left by a killed write (the photo itself is intact:
+    the rename never happened). Nothing in flight is that old: our writes take milliseconds."""
+    try:
+        if time.time() - os.stat(path).st_mtime > older_than:
+            os.unlink(path)
+            log.info("%s: removed a temp file left by an interrupted write", display(path))
+    except OSError as exc:
+        log.debug("%s: %s", display(path), exc)
 
 
 def _settled(

@@ -164,9 +164,7 @@ def main() -> None:
     n = len(files)
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
     print(f"shape {args.shape} on {args.device}, weights {weight_bytes / 1e9:.2f} GB, batch_size {args.batch_size}")
-    print(
-        f"{n} photos, 3 rules, max_new_tokens {args.max_new_tokens}; best of {args.rounds} whole-process runs"
-    )
+    print(f"{n} photos, 3 rules, max_new_tokens {args.max_new_tokens}; best of {args.rounds} whole-process runs")
     print(
         f"(a) naive loop:   {best['naive']:7.1f} s  {n / best['naive']:.3f} images/s  peak RSS {peaks['naive']:.0f} MB"
     )

@@ -398,3 +398,18 @@ def test_network_mounts_are_recognised() -> None:
 
     assert is_network_mount(Path("/")) is False
     assert os.path.exists("/proc/self/mountinfo")
+
+
+def test_reconcile_removes_temp_files_left_by_a_killed_write(make_config: Callable[..., Path], inbox: Path) -> None:
+    from autocaption.service import reconcile
+
+    config = load(make_config(extra=f"watch: [{{path: {str(inbox)!r}}}]"))
+    stale, fresh = inbox / ".autocaption-tmp-old.part", inbox / ".autocaption-tmp-new.part"
+    stale.write_bytes(b"half a photo")
+    fresh.write_bytes(b"being written right now")
+    two_hours_ago = time.time() - 7200
+    os.utime(stale, (two_hours_ago, two_hours_ago))
+    journal = Journal(config.state.dir)
+    assert reconcile(config, journal) == 0  # temp files are never queued
+    journal.close()
+    assert not stale.exists() and fresh.exists()
