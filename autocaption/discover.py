@@ -59,14 +59,15 @@ def scan(paths: Sequence[Path], config: Config) -> Iterator[Found]:
             yield from walk(path.resolve(), root, include, exclude, recursive=recursive)
         elif path.is_file():
             root, _ = _watch_for(path.parent, config)
-            yield Candidate(path, _relative(path.resolve(), root), root)
+            yield Candidate(path, relative_path(path.resolve(), root), root)
         elif path.is_symlink():
             yield Unreadable(path, "broken symlink or symlink loop")
         else:
             yield Unreadable(path, "not a regular file")
 
 
-def _relative(path: Path, root: Path) -> str:
+def relative_path(path: Path, root: Path) -> str:
+    """`path` relative to `root` in posix form, for pattern matching; its name when outside `root`."""
     try:
         return path.relative_to(root).as_posix()
     except ValueError:
@@ -92,8 +93,7 @@ def walk_names(
     `on_temp` is told about our own temp files on the way (a reconcile removes stale ones)."""
     top_stat = top.stat()
     seen = {(top_stat.st_dev, top_stat.st_ino)}
-    top_relative = _relative(top, root)
-    stack = [(str(top), "" if top_relative in ("", ".", top.name) and top == root else top_relative + "/")]
+    stack = [(str(top), "" if top == root else relative_path(top, root) + "/")]
     while stack:
         folder, prefix = stack.pop()
         try:

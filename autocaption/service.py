@@ -23,7 +23,7 @@ from typing import Any
 
 from autocaption import sidecar
 from autocaption.config import Config, ModelConfig, WatchConfig, load
-from autocaption.discover import Candidate, walk_names
+from autocaption.discover import Candidate, relative_path, walk_names
 from autocaption.engine import Cancelled, Engine, load_engine
 from autocaption.errors import AutocaptionError, ExitCode, ServerUnreachable
 from autocaption.journal import FAILED, QUEUED, RETRY, Journal, record_outcome
@@ -183,11 +183,7 @@ class Service:
     def candidate(self, path: Path) -> Candidate:
         watch = self._watch_of(path)
         root = watch.path if watch else path.parent
-        try:
-            relative = path.relative_to(root).as_posix()
-        except ValueError:
-            relative = path.name
-        return Candidate(path, relative, root)
+        return Candidate(path, relative_path(path, root), root)
 
     def _watch_of(self, path: Path) -> WatchConfig | None:
         return next((w for w in self.config.watch if w.path == path or w.path in path.parents), None)

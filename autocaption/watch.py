@@ -35,7 +35,7 @@ from watchdog.observers.polling import PollingObserver
 
 from autocaption.complete import looks_complete, stat_key
 from autocaption.config import WatchConfig
-from autocaption.discover import Candidate, walk
+from autocaption.discover import Candidate, relative_path, walk
 from autocaption.errors import ConfigError
 from autocaption.paths import TEMP_PREFIX, display
 
@@ -107,7 +107,7 @@ class Settler:
                     if self._pending.get(path) is entry:
                         del self._pending[path]
                 if verdict:
-                    done.append(Candidate(path, _relative(path, entry.watch.path), entry.watch.path))
+                    done.append(Candidate(path, relative_path(path, entry.watch.path), entry.watch.path))
         if done:
             self.ready(done)
 
@@ -141,13 +141,6 @@ class Settler:
                 self.touch(item.path, watch)
 
 
-def _relative(path: Path, root: Path) -> str:
-    try:
-        return path.relative_to(root).as_posix()
-    except ValueError:
-        return path.name
-
-
 class _Handler(FileSystemEventHandler):
     """Runs on watchdog's dispatcher thread: filter by name and record the path, nothing else."""
 
@@ -166,7 +159,7 @@ class _Handler(FileSystemEventHandler):
             return
         if path.name.startswith(TEMP_PREFIX):
             return
-        relative = _relative(path, self.watch.path)
+        relative = relative_path(path, self.watch.path)
         if self.watch.include.matches(relative) and not self.watch.exclude.matches(relative):
             self.settler.touch(path, self.watch)
 
