@@ -13,6 +13,7 @@ import io
 import logging
 import os
 import stat
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +67,15 @@ class WriteRecord:
     def as_json(self) -> dict[str, Any]:
         return {"file": self.file, "xmp_sidecar": self.xmp_sidecar, "description": self.description,
                 "keywords": self.keywords, "reason": self.reason}  # fmt: skip
+
+
+@dataclass
+class _Applied:
+    """What `_apply` set: the description text, the merged keywords, and notes for the JSON record."""
+
+    description: str | None = None
+    keywords: tuple[str, ...] = ()
+    notes: tuple[str, str] = ("none", "none")
 
 
 @dataclass
@@ -143,29 +153,36 @@ class MetadataWriter:
         blocks = read_blocks(data)
         tiff = Tiff(blocks.exif) if blocks.exif is not None else exif.new_block()
         root = xmp.parse(blocks.xmp)
+        applied = self._apply(root, caption, found)
         updates: dict[int, tuple[int, bytes] | None] = {}
-        description_note = keywords_note = "none"
-        if caption.description is not None:
-            decision = self._decide(caption.description, found)
-            description_note = decision.note
-            if decision.text is not None:
-                xmp.set_description(root, decision.text, caption.description)
-                updates[exif.IMAGE_DESCRIPTION] = exif.ascii_value(decision.text)
-                updates[exif.XP_COMMENT] = exif.xp_value(decision.text)
-        if caption.keywords:
-            merged = policy.merge_keywords(found.keywords, found.own_keywords, caption.keywords)
-            xmp.set_keywords(root, merged, caption.keywords)
-            updates[exif.XP_KEYWORDS] = exif.xp_value(";".join(merged))
-            keywords_note = "written"
+        if applied.description is not None:
+            updates[exif.IMAGE_DESCRIPTION] = exif.ascii_value(applied.description)
+            updates[exif.XP_COMMENT] = exif.xp_value(applied.description)
+        if applied.keywords:
+            updates[exif.XP_KEYWORDS] = exif.xp_value(";".join(applied.keywords))
         new_exif = tiff.with_tags(updates) if updates else None
         new_data = write_blocks(data, new_exif, xmp.serialize(root))
         _verify(new_data, data, kind)
-        return new_data, (description_note, keywords_note)
+        return new_data, applied.notes
 
-    def _decide(self, ours: str, found: _Found) -> policy.Decision:
-        return policy.decide_description(
-            ours, found.descriptions, found.own_description, self.output.existing, found.make, found.model
-        )
+    def _apply(self, root: ET.Element, caption: Caption, found: _Found) -> _Applied:
+        """Set description and keywords in an XMP tree as the `existing` policy allows (a person's caption
+        is kept, our earlier text and keywords replaced); the EXIF tags then mirror what was set."""
+        applied = _Applied()
+        if caption.description is not None:
+            decision = policy.decide_description(
+                caption.description, found.descriptions, found.own_description, self.output.existing,
+                found.make, found.model,
+            )  # fmt: skip
+            applied.notes = (decision.note, applied.notes[1])
+            if decision.text is not None:
+                xmp.set_description(root, decision.text, caption.description)
+                applied.description = decision.text
+        if caption.keywords:
+            applied.keywords = policy.merge_keywords(found.keywords, found.own_keywords, caption.keywords)
+            xmp.set_keywords(root, applied.keywords, caption.keywords)
+            applied.notes = (applied.notes[0], "written")
+        return applied
 
     def _replace(self, path: Path, target: Path, data: bytes) -> os.stat_result:
         try:
@@ -197,16 +214,7 @@ class MetadataWriter:
             make=found.make,
             model=found.model,
         )
-        notes = ["none", "none"]
-        if caption.description is not None:
-            decision = self._decide(caption.description, merged)
-            notes[0] = decision.note
-            if decision.text is not None:
-                xmp.set_description(root, decision.text, caption.description)
-        if caption.keywords:
-            xmp.set_keywords(root, policy.merge_keywords(side.keywords, side.own_keywords, caption.keywords),
-                             caption.keywords)  # fmt: skip
-            notes[1] = "written"
+        notes = self._apply(root, caption, merged).notes
         if not dry_run:
             try:
                 write_atomic(sidecar, xmp.serialize(root, padding=0))
