@@ -329,7 +329,9 @@ def _watch(node: _Node, base: Path) -> WatchConfig:
     )  # fmt: skip
     d = WatchConfig(path=Path())
     return WatchConfig(
-        path=expand(k["path"].text(), relative_to=base),
+        # Resolved once here: watcher events, folder walks and journal keys then all spell every photo's
+        # path the same way, even when the configured folder is (or sits under) a symlink.
+        path=expand(k["path"].text(), relative_to=base).resolve(),
         recursive=_optional(k, "recursive", _Node.boolean, True),
         include=_optional(k, "include", _Node.globs, GlobSet.of(DEFAULT_INCLUDE)),
         exclude=_optional(k, "exclude", _Node.globs, GlobSet.of(DEFAULT_EXCLUDE)),

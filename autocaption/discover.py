@@ -40,7 +40,7 @@ def _watch_for(folder: Path, config: Config) -> tuple[Path, WatchConfig | None]:
     """The watch entry containing `folder`, so its patterns and root apply; else the folder itself."""
     resolved = folder.resolve()
     for watch in config.watch:
-        root = watch.path.resolve()
+        root = watch.path  # resolved when the config was read
         if resolved == root or root in resolved.parents:
             return root, watch
     return resolved, None

@@ -46,7 +46,7 @@ def reconcile(config: Config, journal: Journal) -> int:
         if not watch.path.is_dir():
             log.warning("watch: %s: folder does not exist; skipped", display(watch.path))
             continue
-        root = watch.path.resolve()
+        root = watch.path
         for found in walk_names(
             root, root, watch.include, watch.exclude, recursive=watch.recursive, on_temp=remove_stale_temp
         ):

@@ -95,7 +95,7 @@ def _quote(path: Path) -> str:
 
 
 def render(config: Config, *, user: bool, run_as: str, command: str) -> str:
-    folders = sorted({w.path.resolve() for w in config.watch})
+    folders = sorted({w.path for w in config.watch})  # resolved when the config was read
     state = config.state.dir
     if not user and not os.environ.get("STATE_DIRECTORY") and state.is_absolute():
         folders.append(state)  # an explicit state.dir outside StateDirectory= must stay writable

@@ -122,3 +122,11 @@ def test_check_command_reports_errors_in_one_line_with_exit_2(run_cli: RunCli, t
     result = run_cli("check", "--config", bad)
     assert result.returncode == 2
     assert result.stderr.strip() == f"autocaption: error: {bad}:2: rules[0].prompt: required"
+
+
+def test_watch_paths_are_resolved_so_every_photo_has_one_spelling(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    config = parse("watch: [{path: link}]\nrules: [{name: a, prompt: b}]", tmp_path / "rules.yaml")
+    assert config.watch[0].path == real
