@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from autocaption.errors import ImageError
 from autocaption.paths import display
+
+log = logging.getLogger(__name__)
 
 # Formats we hand to Pillow. Restricting the list keeps exotic, rarely-audited decoders away from
 # files that land in a watched folder. HEIF joins when pillow-heif is installed (see `_heif`).
@@ -73,12 +76,13 @@ def sniff(head: bytes) -> str | None:
     return None
 
 
-def _facts(image: Image.Image) -> dict[str, str | None]:
+def _facts(image: Image.Image, where: str) -> dict[str, str | None]:
     """Capture date and camera for prompt placeholders; damaged EXIF just gives no facts."""
     try:
         exif = image.getexif()
         sub = exif.get_ifd(_EXIF_IFD)
-    except Exception:  # noqa: BLE001 - damaged EXIF must never cost us the picture
+    except Exception as exc:  # noqa: BLE001 - damaged EXIF must never cost us the picture
+        log.info("%s: EXIF unreadable (%s); {date} and {camera} will be 'unknown'", where, exc)
         return {"date": None, "camera": None}
     raw_date = sub.get(_TAG_DATETIME_ORIGINAL) or exif.get(_TAG_DATETIME)
     date = None
@@ -114,15 +118,16 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 def _orientation(image: Image.Image) -> int:
     try:
         value = image.getexif().get(_TAG_ORIENTATION, 1)
-    except Exception:  # noqa: BLE001 - unreadable EXIF means no rotation
+    except Exception:  # noqa: BLE001 - unreadable EXIF means no rotation; `_facts` has logged it
         return 1
     return value if isinstance(value, int) else 1
 
 
-def _orient(image: Image.Image) -> Image.Image:
+def _orient(image: Image.Image, where: str) -> Image.Image:
     try:
         return ImageOps.exif_transpose(image) or image
-    except Exception:  # noqa: BLE001 - a broken Orientation tag: the pixels are still worth describing
+    except Exception as exc:  # noqa: BLE001 - a broken Orientation tag: the pixels are still worth describing
+        log.warning("%s: EXIF orientation could not be applied (%s); described as stored", where, exc)
         return image
 
 
@@ -154,14 +159,14 @@ def open_picture(path: Path, *, max_pixels: int, draft_side: int | None = None) 
                 f"{where}: {width}x{height} is {width * height / 1e6:.0f} MP, above the limit of "
                 f"{max_pixels / 1e6:.0f} MP (images.max_pixels)"
             )
-        facts = _facts(opened)
+        facts = _facts(opened, where)
         if _orientation(opened) in (5, 6, 7, 8):
             width, height = height, width
         if draft_side and opened.format == "JPEG":
             opened.draft("RGB", (draft_side, draft_side))
         opened.seek(0)  # animated GIF/WebP: the first frame
         opened.load()
-        image = _to_rgb(_orient(opened))
+        image = _to_rgb(_orient(opened, where))
     except UnidentifiedImageError:
         raise ImageError(f"{where}: not an image (content is {kind or 'not a known image format'})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
