@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import re
-import resource
 import shutil
 import subprocess
 import sys
@@ -88,15 +87,18 @@ def build_model(directory: Path, args: argparse.Namespace) -> Path:
 
 
 def timed(command: list[str], env: dict[str, str]) -> tuple[float, float, str]:
-    """Wall seconds, peak RSS of the child (MB) and its stderr."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    started = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
-    seconds = time.perf_counter() - started
-    if result.returncode != 0:
-        raise SystemExit(f"failed: {' '.join(command)}\n{result.stderr[-3000:]}")
-    peak = max(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, before) / 1024
-    return seconds, peak, result.stderr
+    """Wall seconds, peak RSS of this child alone (MB, from wait4) and its stderr."""
+    with tempfile.TemporaryFile(mode="w+") as stderr:
+        started = time.perf_counter()
+        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, text=True, env=env)
+        _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage (RUSAGE_CHILDREN is the max of all)
+        seconds = time.perf_counter() - started
+        child.returncode = os.waitstatus_to_exitcode(status)
+        stderr.seek(0)
+        log = stderr.read()
+    if child.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(command)}\n{log[-3000:]}")
+    return seconds, usage.ru_maxrss / 1024, log
 
 
 def peak_gpu(log: str) -> str:

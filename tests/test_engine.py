@@ -71,6 +71,49 @@ def test_batched_answers_equal_plain_generate(
     assert len(token_counts) > 2  # the images really had different token counts
 
 
+def test_tree_decoding_honours_the_sliding_window(tmp_path: Path, corpus: Path) -> None:
+    """Branches are numbered as if each came straight after the prefix, so Mistral's attention window
+    must cut off the same tokens it cuts off in a one-prompt `generate`. The window (90) is longer than
+    the prefix (~75 tokens) and shorter than prompt + answer, so it bites during decoding."""
+    from tests.tinymodel import build_tiny
+
+    windowed = build_tiny(tmp_path / "windowed", sliding_window=90)
+    unlimited = build_tiny(tmp_path / "unlimited")  # same seed: the same weights
+    engine = load_engine(ModelConfig(id=str(windowed), batch_size=8))
+    pictures = [open_picture(corpus / name, max_pixels=10**9, draft_side=64) for name in IMAGES[:3]]
+    prompts = (Prompt("Describe this photo.", 24), Prompt("Which decade?", 30), Prompt("Colours?", 18))
+    answers = engine.describe([Job(p.image, prompts) for p in pictures])
+    assert engine.timings["decode"] > 0 and "prefill+decode" not in engine.timings  # the tree path ran
+    differs = False
+    for picture, per_image in zip(pictures, answers, strict=True):
+        for prompt, answer in zip(prompts, per_image, strict=True):
+            expected = reference_generate(windowed, picture.image, prompt)
+            assert answer.text == expected
+            differs |= expected != reference_generate(unlimited, picture.image, prompt)
+    assert differs  # the window changed some answer: the test can see a mask that ignores it
+
+
+def test_grouped_sdpa_equals_sdpa_with_repeated_heads() -> None:
+    import torch
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    from autocaption.engine.tree import grouped_sdpa
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups = 4  # type: ignore[assignment]
+    query, key, value = torch.randn(3, 8, 5, 16), torch.randn(3, 2, 40, 16), torch.randn(3, 2, 40, 16)
+    allowed = torch.rand(3, 1, 5, 40) > 0.5
+    allowed[..., 0] = True
+    mask = torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+    output, _ = grouped_sdpa(module, query, key, value, mask, scaling=0.25)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, repeat_kv(key, 4), repeat_kv(value, 4), attn_mask=mask, scale=0.25
+    ).transpose(1, 2)
+    assert output.shape == (3, 5, 8, 16)
+    torch.testing.assert_close(output, expected)
+
+
 def test_prompt_uses_the_processors_chat_template(tiny_model: Path) -> None:
     engine = load_engine(ModelConfig(id=str(tiny_model)))
     assert engine.render(Prompt("What is this?", 5)) == "[INST] <image>\nWhat is this? [/INST]"  # type: ignore[attr-defined]

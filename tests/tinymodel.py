@@ -115,13 +115,14 @@ def _save(directory: Path, *, crop: int, patch: int, pinpoints: list[list[int]],
     return directory
 
 
-def build_tiny(directory: Path, seed: int = 0) -> Path:
+def build_tiny(directory: Path, seed: int = 0, sliding_window: int = 4096) -> Path:
+    """`sliding_window`: Mistral's attention span (4096 in the real model; shorter to test the masks)."""
     return _save(
         directory, crop=32, patch=8, pinpoints=TINY_PINPOINTS, seed=seed,
         vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                     projection_dim=32),
         text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2),
+                  num_key_value_heads=2, sliding_window=sliding_window),
     )  # fmt: skip
 
 

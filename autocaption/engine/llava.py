@@ -5,13 +5,13 @@ This is the only module that imports torch and transformers.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,6 @@ from PIL import Image
 from transformers import (
     AutoProcessor,
     LlavaNextForConditionalGeneration,
-    StaticCache,
     StoppingCriteria,
     StoppingCriteriaList,
 )
@@ -30,6 +29,7 @@ from transformers.utils import logging as hf_logging
 from autocaption.config import ModelConfig
 from autocaption.engine.base import Answer, Cancelled, EngineInfo, Job, Prompt
 from autocaption.engine.devices import Accelerator, place
+from autocaption.engine.tree import TREE_ATTENTION, Prefilled, TreeDecoder, register_attention
 from autocaption.errors import EngineError, ModelUnavailable
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,7 @@ class _Unit:
 
     image: Image.Image
     prompts: list[tuple[int, Prompt]]
+    pixels: Future[Any] | None  # the image processor's output, computed ahead on a worker (shared path only)
 
 
 def _rows(batch: list[_Unit]) -> int:
@@ -95,7 +96,7 @@ def _halves(batch: list[_Unit]) -> list[list[_Unit]]:
         return [batch[: len(batch) // 2], batch[len(batch) // 2 :]]
     unit = batch[0]  # one image with several prompts: split its prompts
     half = len(unit.prompts) // 2
-    return [[_Unit(unit.image, unit.prompts[:half])], [_Unit(unit.image, unit.prompts[half:])]]
+    return [[_Unit(unit.image, part, unit.pixels)] for part in (unit.prompts[:half], unit.prompts[half:])]
 
 
 class LlavaEngine:
@@ -107,18 +108,35 @@ class LlavaEngine:
         self.info = info
         self.batch_size = config.batch_size
         self.max_batch_tokens = config.max_batch_tokens
-        self.share_prefix = config.share_prefix
+        # Branches of a token tree need a 4D attention mask, which sdpa and eager take; flash_attention_2
+        # only knows padding, so with it every prompt is prefilled on its own (the plain path).
+        self.share_prefix = config.share_prefix and model.config._attn_implementation in (TREE_ATTENTION, "eager")
+        if config.share_prefix and not self.share_prefix:
+            log.info("prompts of one image are prefilled separately: prefix sharing needs attn_implementation sdpa")
         self.image_id = model.config.image_token_index
         self.timings: dict[str, float] = defaultdict(float)
         self.device = torch.device(info.device.split(" ", 1)[0])
-        # generate() compiles the decode step by itself whenever the cache is static on a GPU; shapes vary
-        # per batch here, so that only pays when asked for (model.compile), with cache lengths bucketed.
+        # Compiling the decode step (CUDA graphs: one launch per step instead of one per kernel) pays on a
+        # GPU once shapes repeat, so cache lengths are bucketed; shapes vary per batch, hence opt-in.
         self.compile = config.compile and self.device.type != "cpu"
+        self._step = (
+            torch.compile(self._forward, mode="reduce-overhead", dynamic=False) if self.compile else self._forward
+        )
         self.dtype = _DTYPES[info.dtype]
         eos = model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         tokenizer = processor.tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids))
+        # Only the image processor runs there: a fast tokenizer must not be used from two threads at once.
+        self._preprocessor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="preprocess")
+        self.tree = TreeDecoder(
+            pad_id=self.pad_id,
+            eos_ids=self.eos_ids,
+            dtype=self.dtype,
+            device=self.device,
+            sliding_window=getattr(model.config.get_text_config(), "sliding_window", None),
+            bucket=self._cache_length,
+        )
 
     @classmethod
     def load(cls, config: ModelConfig) -> LlavaEngine:
@@ -136,7 +154,7 @@ class LlavaEngine:
                 revision=revision,
                 local_files_only=offline,
                 dtype=_DTYPES[placement.dtype],
-                attn_implementation=config.attn_implementation,
+                attn_implementation=_attention(config),
             )
         except (OSError, ValueError) as exc:
             raise _unavailable(config, exc) from None
@@ -164,6 +182,7 @@ class LlavaEngine:
         return cls(model, processor, info, config)
 
     def close(self) -> None:
+        self._preprocessor.shutdown(cancel_futures=True)
         del self.model
         if self.device.type == "cuda":
             log.debug("peak GPU memory %.1f GiB", torch.cuda.max_memory_allocated(self.device) / 2**30)
@@ -194,20 +213,21 @@ class LlavaEngine:
         units: list[_Unit] = []
         index = 0
         for job in jobs:
+            pixels = self._pixels_ahead(job.image) if self.share_prefix else None
             by_system: dict[str | None, list[tuple[int, Prompt]]] = {}
             for prompt in job.prompts:
                 by_system.setdefault(prompt.system, []).append((index, prompt))
                 index += 1
             for group in by_system.values():
-                # Shared: all prompts of an image in one unit, prefilled once even beyond batch_size
-                # (decoding then goes batch_size prompts at a time). Plain: one prompt per unit.
+                # Shared: all prompts of an image in one unit, prefilled once, decoded together even beyond
+                # batch_size (branches of one tree). Plain: one prompt per unit.
                 size = len(group) if self.share_prefix else 1
-                units.extend(_Unit(job.image, group[i : i + size]) for i in range(0, len(group), size))
+                units.extend(_Unit(job.image, group[i : i + size], pixels) for i in range(0, len(group), size))
         return units
 
     def _pack(self, units: list[_Unit]) -> list[list[_Unit]]:
         """Batches of at most `batch_size` prompts and `max_batch_tokens` image+prompt tokens; an image with
-        more prompts than `batch_size` is a batch of its own (prefilled once, decoded in chunks)."""
+        more prompts than `batch_size` is a batch of its own."""
         batches: list[list[_Unit]] = []
         rows = tokens = 0
         for unit in units:
@@ -219,6 +239,11 @@ class LlavaEngine:
                 batches.append([unit])
                 rows, tokens = len(unit.prompts), cost
         return batches
+
+    def _pixels_ahead(self, image: Image.Image) -> Future[Any]:
+        """Resizing, tiling and normalising an image runs on a worker thread ahead of the model: while one
+        image is prefilled the next ones are prepared (PIL and numpy release the GIL)."""
+        return self._preprocessor.submit(self.processor.image_processor, images=[image], return_tensors="pt")
 
     def _image_tokens(self, image: Image.Image) -> int:
         try:
@@ -255,88 +280,56 @@ class LlavaEngine:
 
     @torch.inference_mode()
     def _generate_shared(self, batch: list[_Unit], cancel: threading.Event | None) -> list[tuple[int, Answer]] | None:
-        """Each image paid for once: the vision tower and the prompt prefix up to the image's last token
-        run once per image; every prompt of that image continues from a copy of that KV cache. All
-        prompts of the batch decode together. None when the prompts do not share a prefix (fallback)."""
+        """Each image paid for once: the vision tower and the prompt prefix up to the image's last token run
+        once per image, and every prompt of that image continues from that one KV cache as a branch of a
+        token tree (see tree.py). None when the prompts do not share a prefix (the caller falls back)."""
         started = time.perf_counter()
-        tokenizer = self.processor.tokenizer
-        firsts = [self.render(unit.prompts[0][1]) for unit in batch]
-        add_special = self._add_special(firsts)
-        encoded = self.processor(images=[u.image for u in batch], text=firsts, padding=True, return_tensors="pt",
-                                 add_special_tokens=add_special)  # fmt: skip
-        self.timings["preprocess"] += time.perf_counter() - started
-        image_token = self.processor.image_token
-        full_ids: list[list[list[int]]] = []
-        prefixes: list[int] = []
-        for row, unit in enumerate(batch):
-            ids = encoded["input_ids"][row][encoded["attention_mask"][row].bool()].tolist()
-            count = ids.count(self.image_id)
-            texts = [self.render(prompt).replace(image_token, image_token * count) for _, prompt in unit.prompts]
-            full = [tokenizer(text, add_special_tokens=add_special)["input_ids"] for text in texts]
-            prefix = len(ids) - ids[::-1].index(self.image_id)
-            if full[0] != ids or any(f[:prefix] != ids[:prefix] or len(f) == prefix for f in full):
+        prefilled = []
+        for unit in batch:
+            image = self._prefill(unit)
+            if image is None:
                 return None
-            full_ids.append(full)
-            prefixes.append(prefix)
-        width = max(prefixes)
-        prefix_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        prefix_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, (full, length) in enumerate(zip(full_ids, prefixes, strict=True)):
-            prefix_ids[row, width - length :] = torch.tensor(full[0][:length])
-            prefix_mask[row, width - length :] = 1
-        positions = (prefix_mask.cumsum(-1) - 1).clamp(min=0)
+            prefilled.append(image)
+        decode_started = time.perf_counter()
+        new_tokens = self.tree.run(prefilled, self._forward, self._step, cancel)
+        self.timings["decode"] += time.perf_counter() - decode_started
         prompts = [prompt for unit in batch for _, prompt in unit.prompts]
-        suffixes = [f[length:] for full, length in zip(full_ids, prefixes, strict=True) for f in full]
-        tail = max(len(s) for s in suffixes)
-        max_new_tokens = max(p.max_new_tokens for p in prompts)
+        lengths = [image.length + len(branch) for image in prefilled for branch in image.branches]
+        indices = [index for unit in batch for index, _ in unit.prompts]
+        return self._answers(indices, prompts, new_tokens, lengths, started)
+
+    def _prefill(self, unit: _Unit) -> Prefilled | None:
+        """One image alone: no padding, so attention runs causal without a mask (sdpa's fastest kernels)."""
+        started = time.perf_counter()
+        pixels = (unit.pixels or self._pixels_ahead(unit.image)).result()
+        placeholder = self.processor.replace_image_token(pixels, 0)  # as many image tokens as features
+        texts = [self.render(prompt).replace(self.processor.image_token, placeholder) for _, prompt in unit.prompts]
+        add_special = self._add_special(texts)
+        full = [self.processor.tokenizer(text, add_special_tokens=add_special)["input_ids"] for text in texts]
+        ids = full[0]
+        length = len(ids) - ids[::-1].index(self.image_id)
+        if any(f[:length] != ids[:length] or len(f) == length for f in full):
+            return None
         prefill_started = time.perf_counter()
-        prefill = self.model(
-            # Preallocated: decoding then writes each new token in place instead of growing (copying)
-            # every prompt's 2,000-token cache at every step, which dominates decoding on a CPU.
-            cache=StaticCache(
-                config=self.model.config, max_cache_len=self._cache_length(width + tail + max_new_tokens)
-            ),
-            input_ids=prefix_ids.to(self.device),
-            attention_mask=prefix_mask.to(self.device),
-            position_ids=positions.to(self.device),
-            pixel_values=encoded["pixel_values"].to(self.device, self.dtype),
-            image_sizes=encoded["image_sizes"].to(self.device),
+        self.timings["preprocess"] += prefill_started - started
+        output = self.model(
+            input_ids=torch.tensor([ids[:length]], device=self.device),
+            pixel_values=pixels["pixel_values"].to(self.device, self.dtype),
+            image_sizes=pixels["image_sizes"].to(self.device),
             use_cache=True,
             logits_to_keep=1,  # only the cache is needed; skip the vocabulary projection of 2,000+ tokens
         )
-        decode_started = time.perf_counter()
-        self.timings["vision+prefill"] += decode_started - prefill_started
-        owners = [row for row, unit in enumerate(batch) for _ in unit.prompts]
-        new_tokens: list[list[int]] = []
-        for start in range(0, len(owners), self.batch_size):
-            # Decode at most `batch_size` prompts at a time, each from its own copy of its image's prefix.
-            rows = range(start, min(start + self.batch_size, len(owners)))
-            last = rows.stop == len(owners)
-            cache = prefill.cache if last else copy.deepcopy(prefill.cache)
-            cache.reorder_cache(torch.tensor([owners[r] for r in rows], device=self.device))
-            ids = torch.full((len(rows), width + tail), self.pad_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, r in enumerate(rows):
-                suffix = suffixes[r]
-                ids[row, :width], mask[row, :width] = prefix_ids[owners[r]], prefix_mask[owners[r]]
-                ids[row, width + tail - len(suffix) :] = torch.tensor(suffix)  # padding between prefix and suffix
-                mask[row, width + tail - len(suffix) :] = 1
-            output = self.model.generate(
-                input_ids=ids.to(self.device),
-                attention_mask=mask.to(self.device),
-                cache=cache,
-                max_new_tokens=max(prompts[r].max_new_tokens for r in rows),
-                disable_compile=not self.compile,
-                do_sample=False,
-                num_beams=1,
-                pad_token_id=self.pad_id,
-                stopping_criteria=StoppingCriteriaList([_StopWhenSet(cancel)]) if cancel is not None else None,
-            )
-            new_tokens.extend(output[:, width + tail :].tolist())
-        self.timings["decode"] += time.perf_counter() - decode_started
-        lengths = [len(f) for full in full_ids for f in full]
-        indices = [index for unit in batch for index, _ in unit.prompts]
-        return self._answers(indices, prompts, new_tokens, lengths, started)
+        self.timings["vision+prefill"] += time.perf_counter() - prefill_started
+        layers = _prefix_layers(output.cache, length)
+        if layers is None:
+            return None
+        return Prefilled(layers, length, [f[length:] for f in full], [p.max_new_tokens for _, p in unit.prompts])
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: Any) -> torch.Tensor:
+        logits: torch.Tensor = self.model(
+            input_ids=ids, position_ids=positions, attention_mask=mask, cache=cache, use_cache=True
+        ).logits
+        return logits
 
     @torch.inference_mode()
     def _generate(
@@ -387,6 +380,23 @@ class LlavaEngine:
             if token in self.eos_ids:
                 return
             yield token
+
+
+def _prefix_layers(cache: Any, length: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Each layer's keys and values of a one-image prefill; None when a layer does not hold all `length`
+    tokens (a sliding-window cache shorter than the prefix): that image's prompts are not shared."""
+    layers = []
+    for layer in cache.layers:
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor) or keys.shape[2] != length:
+            return None
+        layers.append((keys, values))
+    return layers
+
+
+def _attention(config: ModelConfig) -> str:
+    """sdpa becomes its tree-decoding variant (the same kernels; see tree.grouped_sdpa)."""
+    return register_attention() if config.attn_implementation == "sdpa" else config.attn_implementation
 
 
 def _max_image_side(processor: Any) -> int | None:
