@@ -167,13 +167,15 @@ def main() -> None:
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
     print(f"shape {args.shape} on {args.device}, weights {weight_bytes / 1e9:.2f} GB, batch_size {args.batch_size}")
     print(f"{n} photos, 3 rules, max_new_tokens {args.max_new_tokens}; best of {args.rounds} whole-process runs")
+    for name, values in results.items():
+        print(f"  {name} runs: {', '.join(f'{v:.1f} s' for v in values)}")
     print(
         f"(a) naive loop:   {best['naive']:7.1f} s  {n / best['naive']:.3f} images/s  peak RSS {peaks['naive']:.0f} MB"
     )
     print(f"(b) autocaption:  {best['autocaption']:7.1f} s  {n / best['autocaption']:.3f} images/s  "
           f"peak RSS {peaks['autocaption']:.0f} MB")  # fmt: skip
     print(f"speed-up (b)/(a): {best['naive'] / best['autocaption']:.2f}x")
-    print(f"autocaption {re.sub(r'^.*stages: ', 'stages: ', stages)}")
+    print(f"autocaption {re.sub(r'^.*stages: ', 'stages: ', stages)} (last run; stages overlap)")
     found = re.search(r"decode ([0-9.]+) s", stages)
     tokens = n * 3 * args.max_new_tokens
     if found:

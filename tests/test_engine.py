@@ -71,6 +71,18 @@ def test_batched_answers_equal_plain_generate(
     assert len(token_counts) > 2  # the images really had different token counts
 
 
+def test_tree_decoding_with_eager_attention_equals_plain_generate(tiny_model: Path, corpus: Path) -> None:
+    """eager takes the tree's additive 4D mask as sdpa does (it adds it to the scores)."""
+    engine = load_engine(ModelConfig(id=str(tiny_model), batch_size=6, attn_implementation="eager"))
+    pictures = [open_picture(corpus / name, max_pixels=10**9, draft_side=64) for name in IMAGES[:3]]
+    prompts = PROMPTS + EXTRA[:2]
+    answers = engine.describe([Job(p.image, prompts) for p in pictures])
+    assert engine.timings["decode"] > 0  # the tree path ran
+    for picture, per_image in zip(pictures, answers, strict=True):
+        for prompt, answer in zip(prompts, per_image, strict=True):
+            assert answer.text == reference_generate(tiny_model, picture.image, prompt)
+
+
 def test_tree_decoding_honours_the_sliding_window(tmp_path: Path, corpus: Path) -> None:
     """Branches are numbered as if each came straight after the prefix, so Mistral's attention window
     must cut off the same tokens it cuts off in a one-prompt `generate`. The window (90) is longer than
