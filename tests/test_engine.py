@@ -71,6 +71,42 @@ def test_batched_answers_equal_plain_generate(
     assert len(token_counts) > 2  # the images really had different token counts
 
 
+def test_out_of_memory_splits_the_batch_and_loses_nothing(
+    tiny_model: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A forward pass over more than one image raises CUDA's out-of-memory error (as a GPU would on a
+    batch too big for it): the batch is retried in halves down to one image and every answer comes; the
+    next batches are packed smaller, and grow back after `grow_after` batches went through."""
+    import torch
+
+    pictures = [open_picture(corpus / name, max_pixels=10**9, draft_side=64) for name in IMAGES[:4]]
+    jobs = [Job(p.image, PROMPTS + EXTRA[:1]) for p in pictures]  # 2 units per image: with/without system
+    expected = [[a.text for a in r] for r in load_engine(ModelConfig(id=str(tiny_model), batch_size=12)).describe(jobs)]
+    engine: Any = load_engine(ModelConfig(id=str(tiny_model), batch_size=12))
+    forward = engine.model.forward
+    refused = []
+
+    def small_gpu(*args: Any, **kwargs: Any) -> Any:
+        if kwargs["input_ids"].shape[0] > 1:
+            refused.append(kwargs["input_ids"].shape[0])
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "forward", small_gpu)
+    with caplog.at_level("WARNING"):
+        assert [[a.text for a in r] for r in engine.describe(jobs)] == expected
+    assert refused == [8, 4, 2, 2, 4, 2, 2]  # 8 units -> 4 + 4 -> 2 + 2 -> 1 + 1 (depth first)
+    warnings = [r.getMessage() for r in caplog.records if "out of memory" in r.getMessage()]
+    assert len(warnings) == 1 and "batch of 12 prompts" in warnings[0]
+    assert engine.rows_limit == 1
+    engine.grow_after = 3
+    assert [[a.text for a in r] for r in engine.describe(jobs)] == expected
+    assert len(refused) == 7  # packed one unit per batch: nothing refused; 8 batches went through
+    assert engine.rows_limit == 4  # 1 -> 2 -> 4 after 3 and 6 batches
+    assert [[a.text for a in r] for r in engine.describe(jobs)] == expected
+    assert len(refused) > 7  # grown back into the limit: split again, still every answer
+
+
 def test_tree_decoding_with_eager_attention_equals_plain_generate(tiny_model: Path, corpus: Path) -> None:
     """eager takes the tree's additive 4D mask as sdpa does (it adds it to the scores)."""
     engine = load_engine(ModelConfig(id=str(tiny_model), batch_size=6, attn_implementation="eager"))

@@ -107,6 +107,12 @@ class LlavaEngine:
         self.processor = processor
         self.info = info
         self.batch_size = config.batch_size
+        # After a GPU out-of-memory error batches are packed smaller, and grow back (doubling) after
+        # `grow_after` batches in a row went through: a spike (a huge panorama) does not shrink them forever.
+        self.rows_limit = config.batch_size
+        self.grow_after = 16
+        self._since_out_of_memory = 0  # batches in a row that went through without being split
+        self._out_of_memory_errors = 0
         self.max_batch_tokens = config.max_batch_tokens
         # Branches of a token tree need a 4D attention mask, which sdpa and eager take; flash_attention_2
         # only knows padding, so with it every prompt is prefilled on its own (the plain path).
@@ -201,8 +207,11 @@ class LlavaEngine:
         units = self._units(jobs)
         answers: dict[int, Answer] = {}
         for batch in self._pack(units):
+            errors = self._out_of_memory_errors
             for index, answer in self._run(batch, cancel):
                 answers[index] = answer
+            if self._out_of_memory_errors == errors:
+                self._grow_back()
             if cancel is not None and cancel.is_set():
                 raise Cancelled()
         flat = iter(answers[i] for i in range(len(answers)))
@@ -232,7 +241,7 @@ class LlavaEngine:
         rows = tokens = 0
         for unit in units:
             cost = self._image_tokens(unit.image)
-            if batches and rows + len(unit.prompts) <= self.batch_size and tokens + cost <= self.max_batch_tokens:
+            if batches and rows + len(unit.prompts) <= self.rows_limit and tokens + cost <= self.max_batch_tokens:
                 batches[-1].append(unit)
                 rows, tokens = rows + len(unit.prompts), tokens + cost
             else:
@@ -252,22 +261,41 @@ class LlavaEngine:
         except (AttributeError, KeyError, TypeError, ValueError):
             return 3000  # the most LLaVA-NeXT uses for one image
 
-    def _run(self, batch: list[_Unit], cancel: threading.Event | None) -> list[tuple[int, Answer]]:
-        """Generate for one batch; on GPU out-of-memory split it in halves (nothing is lost)."""
+    def _run(self, batch: list[_Unit], cancel: threading.Event | None, depth: int = 0) -> list[tuple[int, Answer]]:
+        """Generate for one batch; on GPU out-of-memory retry it in halves (nothing is lost)."""
         try:
-            if self.share_prefix:
-                shared = self._generate_shared(batch, cancel)
-                if shared is not None:
-                    return shared
-            items = [(index, unit.image, prompt) for unit in batch for index, prompt in unit.prompts]
-            return self._generate(items, cancel)
+            return self._attempt(batch, cancel)
         except torch.cuda.OutOfMemoryError:  # the same class as torch.OutOfMemoryError on torch >= 2.5
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            if len(batch) == 1 and len(batch[0].prompts) == 1:
-                raise EngineError("GPU out of memory on a single image", transient=True) from None
-            log.warning("GPU out of memory on a batch of %d prompts; retrying it in halves", _rows(batch))
-            return [pair for half in _halves(batch) for pair in self._run(half, cancel)]
+            pass  # retried below, outside the handler: its traceback still holds the failed batch's tensors
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        rows = _rows(batch)
+        if len(batch) == 1 and rows == 1:
+            raise EngineError("GPU out of memory on a single image", transient=True)
+        self.rows_limit = max(1, min(self.rows_limit, rows // 2))
+        self._since_out_of_memory = 0
+        self._out_of_memory_errors += 1
+        # One warning per batch that ran out of memory; how far it had to be split is detail.
+        (log.warning if depth == 0 else log.debug)(
+            "GPU out of memory on a batch of %d prompts; retrying it in halves (batches of at most %d prompts "
+            "until %d in a row went through)", rows, self.rows_limit, self.grow_after,
+        )  # fmt: skip
+        return [pair for half in _halves(batch) for pair in self._run(half, cancel, depth + 1)]
+
+    def _attempt(self, batch: list[_Unit], cancel: threading.Event | None) -> list[tuple[int, Answer]]:
+        if self.share_prefix:
+            shared = self._generate_shared(batch, cancel)
+            if shared is not None:
+                return shared
+        items = [(index, unit.image, prompt) for unit in batch for index, prompt in unit.prompts]
+        return self._generate(items, cancel)
+
+    def _grow_back(self) -> None:
+        self._since_out_of_memory += 1
+        if self.rows_limit < self.batch_size and self._since_out_of_memory >= self.grow_after:
+            self.rows_limit = min(self.batch_size, self.rows_limit * 2)
+            self._since_out_of_memory = 0
+            log.info("batches grow back to %d prompts", self.rows_limit)
 
     def _cache_length(self, needed: int) -> int:
         """With compilation, round cache lengths up to 512-token buckets so shapes repeat."""
