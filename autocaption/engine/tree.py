@@ -27,6 +27,8 @@ from transformers.masking_utils import sdpa_mask
 # The attention implementation tree decoding runs on: sdpa, with grouped-query heads folded (below).
 TREE_ATTENTION = "autocaption_sdpa"
 
+_RELEASED = torch.empty(0)  # what a prefix layer is replaced with once the batch cache holds it
+
 # (input_ids, position_ids, 4D additive attention mask, cache) -> logits [batch, queries, vocabulary]
 Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Cache], torch.Tensor]
 
@@ -35,7 +37,7 @@ Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Cache], torch.Tens
 class Prefilled:
     """One image after its prefill: the prefix's keys and values per layer and the prompts that continue."""
 
-    layers: list[tuple[torch.Tensor, torch.Tensor]]  # [1, kv heads, length, head dim] each
+    layers: list[tuple[torch.Tensor, torch.Tensor]]  # [1, kv heads, length, head dim]; emptied once batched
     length: int  # prefix tokens
     branches: list[list[int]]  # each prompt's tokens after the prefix (at least one)
     limits: list[int]  # each prompt's max_new_tokens
@@ -119,9 +121,11 @@ class TreeDecoder:
         return result
 
     def _cache(self, images: list[Prefilled], layout: _Layout, slots: int) -> Cache:
-        """One preallocated cache for the batch, each image's prefix copied in once (and never again)."""
+        """One preallocated cache for the batch, each image's prefix copied in once and then released from
+        `images`, layer by layer, so GPU memory never holds the batch's prefixes twice."""
         layers: list[Any] = []
-        for index, (keys, values) in enumerate(images[0].layers):
+        for index in range(len(images[0].layers)):
+            keys, values = images[0].layers[index]
             shared: Any = StaticLayer(max_cache_len=slots)
             shape = (len(images), keys.shape[1], 1, keys.shape[3])
             shared.lazy_initialization(keys.new_empty(shape), values.new_empty((*shape[:3], values.shape[3])))
@@ -129,6 +133,8 @@ class TreeDecoder:
                 image_keys, image_values = image.layers[index]
                 shared.keys[row, :, : image.length] = image_keys[0]
                 shared.values[row, :, : image.length] = image_values[0]
+                image.layers[index] = (_RELEASED, _RELEASED)
+            del keys, values
             shared.cumulative_length.fill_(layout.prefix)  # the next tokens go after the longest prefix
             layers.append(shared)
         return Cache(layers=layers)
