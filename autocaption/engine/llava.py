@@ -100,7 +100,8 @@ def _halves(batch: list[_Unit]) -> list[list[_Unit]]:
 
 
 class LlavaEngine:
-    """`Engine` on `LlavaNextForConditionalGeneration`; greedy decoding, left-padded batches."""
+    """`Engine` on `LlavaNextForConditionalGeneration`; greedy decoding, the prompts of each image as
+    branches over its one prefill (tree.py), or left-padded batches of separate prompts."""
 
     def __init__(self, model: Any, processor: Any, info: EngineInfo, config: ModelConfig) -> None:
         self.model = model
@@ -112,7 +113,6 @@ class LlavaEngine:
         self.rows_limit = config.batch_size
         self.grow_after = 16
         self._since_out_of_memory = 0  # batches in a row that went through without being split
-        self._out_of_memory_errors = 0
         self.max_batch_tokens = config.max_batch_tokens
         # Branches of a token tree need a 4D attention mask, which sdpa and eager take; flash_attention_2
         # only knows padding, so with it every prompt is prefilled on its own (the plain path).
@@ -207,11 +207,8 @@ class LlavaEngine:
         units = self._units(jobs)
         answers: dict[int, Answer] = {}
         for batch in self._pack(units):
-            errors = self._out_of_memory_errors
             for index, answer in self._run(batch, cancel):
                 answers[index] = answer
-            if self._out_of_memory_errors == errors:
-                self._grow_back()
             if cancel is not None and cancel.is_set():
                 raise Cancelled()
         flat = iter(answers[i] for i in range(len(answers)))
@@ -264,9 +261,13 @@ class LlavaEngine:
     def _run(self, batch: list[_Unit], cancel: threading.Event | None, depth: int = 0) -> list[tuple[int, Answer]]:
         """Generate for one batch; on GPU out-of-memory retry it in halves (nothing is lost)."""
         try:
-            return self._attempt(batch, cancel)
+            answers = self._attempt(batch, cancel)
         except torch.cuda.OutOfMemoryError:  # the same class as torch.OutOfMemoryError on torch >= 2.5
             pass  # retried below, outside the handler: its traceback still holds the failed batch's tensors
+        else:
+            if depth == 0:  # a whole batch went through without being split
+                self._grow_back()
+            return answers
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         rows = _rows(batch)
@@ -274,7 +275,6 @@ class LlavaEngine:
             raise EngineError("GPU out of memory on a single image", transient=True)
         self.rows_limit = max(1, min(self.rows_limit, rows // 2))
         self._since_out_of_memory = 0
-        self._out_of_memory_errors += 1
         # One warning per batch that ran out of memory; how far it had to be split is detail.
         (log.warning if depth == 0 else log.debug)(
             "GPU out of memory on a batch of %d prompts; retrying it in halves (batches of at most %d prompts "

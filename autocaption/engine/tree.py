@@ -91,28 +91,29 @@ class TreeDecoder:
         logits = forward(ids, positions, self._additive(mask, positions, slot_positions), cache)
         tokens = logits[lasts[0], lasts[1]].argmax(-1).view(len(images), layout.width)
         answers: list[list[int]] = [[] for _ in range(len(images) * layout.width)]
-        live = self._live(images, layout.width)
+        # Per branch slot, image by image: its max_new_tokens, 0 where an image has fewer branches.
+        limits = [limit for image in images for limit in image.limits + [0] * (layout.width - len(image.limits))]
+        live = [limit > 0 for limit in limits]
         base = layout.prefix + layout.suffix
         next_positions = torch.tensor(
             [[image.length + len(b) for b in image.branches] + [image.length] * (layout.width - len(image.branches))
              for image in images]
         )  # fmt: skip
         for step_index in range(longest):
-            live = self._record(tokens, answers, images, layout.width, live, step_index)
-            if not live.any() or step_index + 1 == longest or (cancel is not None and cancel.is_set()):
+            live = self._record(tokens, answers, live, limits, step_index)
+            if not any(live) or step_index + 1 == longest or (cancel is not None and cancel.is_set()):
                 break
             new_slots = base + step_index * layout.width + torch.arange(layout.width)
             visible[:, torch.arange(layout.width), new_slots] = True
             slot_positions[:, new_slots] = next_positions
-            query_positions = next_positions.clone()
             logits = step(
                 tokens.to(self.device),
-                query_positions.to(self.device),
-                self._additive(visible, query_positions, slot_positions),
+                next_positions.to(self.device),
+                self._additive(visible, next_positions, slot_positions),
                 cache,
             )
             tokens = logits.argmax(-1)
-            next_positions += 1
+            next_positions = next_positions + 1
         per_branch = iter(answers)
         result = []
         for image in images:
@@ -188,21 +189,16 @@ class TreeDecoder:
         mask = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill_(~allowed, torch.finfo(self.dtype).min)
         return mask[:, None].to(self.device)
 
-    def _live(self, images: list[Prefilled], width: int) -> torch.Tensor:
-        return torch.tensor([[b < len(image.branches) for b in range(width)] for image in images])
-
-    def _record(self, tokens: torch.Tensor, answers: list[list[int]], images: list[Prefilled], width: int,
-                live: torch.Tensor, step_index: int) -> torch.Tensor:  # fmt: skip
+    def _record(self, tokens: torch.Tensor, answers: list[list[int]], live: list[bool], limits: list[int],
+                step_index: int) -> list[bool]:  # fmt: skip
         """Append this step's token to every live branch; a branch ends at EOS or its own limit."""
-        values = tokens.view(-1).tolist()
-        flags = live.view(-1).tolist()
-        limits = [limit for image in images for limit in (*image.limits, *[0] * (width - len(image.limits)))]
         still = []
-        for branch, (token, alive, limit) in enumerate(zip(values, flags, limits, strict=True)):
-            if alive and token not in self.eos_ids:
+        for branch, (token, alive, limit) in enumerate(zip(tokens.view(-1).tolist(), live, limits, strict=True)):
+            ended = token in self.eos_ids
+            if alive and not ended:
                 answers[branch].append(token)
-            still.append(alive and token not in self.eos_ids and step_index + 1 < limit)
-        return torch.tensor(still).view(live.shape)
+            still.append(alive and not ended and step_index + 1 < limit)
+        return still
 
 
 def grouped_sdpa(
