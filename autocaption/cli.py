@@ -3,19 +3,18 @@ codes in `main`, the one place that does so."""
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import click
 
 from autocaption import __version__, log
 from autocaption.config import Config, load
 from autocaption.errors import AutocaptionError, ExitCode
-
-if TYPE_CHECKING:
-    from autocaption.journal import Journal
 
 logger = logging.getLogger("autocaption")
 
@@ -81,30 +80,39 @@ def run(config_path: Path) -> None:
 
 @cli.command()
 @config_option
-def status(config_path: Path) -> None:
+@click.option("--json", "as_json", is_flag=True, help="One JSON object, for monitoring.")
+def status(config_path: Path, as_json: bool) -> None:
     """Queue depth, rate and recent errors, from the journal (the daemon need not be running)."""
-    from autocaption.journal import Journal
-
-    journal = Journal(load(config_path).state.dir)
-    try:
-        click.echo(format_status(journal))
-    finally:
-        journal.close()
+    report = status_report(load(config_path))
+    click.echo(json.dumps(report, ensure_ascii=False) if as_json else format_status(report))
 
 
 @cli.command()
 @config_option
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
 def retry(config_path: Path, paths: tuple[Path, ...]) -> None:
-    """Queue failed images again (all, or the PATHS given); a running daemon picks them up."""
-    from autocaption.journal import Journal
-
-    journal = Journal(load(config_path).state.dir)
-    try:
-        count = journal.retry([p.absolute() for p in paths] if paths else None)
-    finally:
-        journal.close()
+    """Queue failed images again (all, or those at or under PATHS); a running daemon picks them up."""
+    count, problems = retry_failed(load(config_path), paths)
+    for problem in problems:
+        click.echo(f"autocaption: error: {problem}", err=True)
     click.echo(f"{count} image(s) queued again")
+    if problems:
+        raise SystemExit(ExitCode.FAILURES)
+
+
+@cli.command()
+@click.option(
+    "--config", "-c", "config_path", type=click.Path(path_type=Path, dir_okay=False), envvar="AUTOCAPTION_CONFIG",
+    help="The rules file, for its model, state dir and folders (default: the default model and state dir).",
+)
+def doctor(config_path: Path | None) -> None:
+    """Check this machine: torch build, GPUs, ROCm access, attention kernels, model, state dir, limits, unit."""
+    from autocaption.doctor import run as examine  # imports torch: only here
+
+    found, code = examine(load(config_path) if config_path else None)
+    for check in found:
+        click.echo(check.line())
+    raise SystemExit(code)
 
 
 @cli.group()
@@ -124,16 +132,62 @@ def service_install(config_path: Path, user_unit: bool, unit_dir: Path | None, r
     click.echo(install(load(config_path), user=user_unit, unit_dir=unit_dir, run_as=run_as))
 
 
-def format_status(journal: Journal) -> str:
-    stats = journal.stats()
+def status_report(config: Config) -> dict[str, Any]:
+    """What `status` says, as data: the journal's counts and whether a daemon holds the state dir."""
+    from autocaption.journal import Journal
+    from autocaption.locks import DaemonLock
+
+    journal = Journal(config.state.dir, read_only=True)  # works on a state dir this user cannot write
+    try:
+        stats = journal.stats()
+    finally:
+        journal.close()
+    pid = DaemonLock(config.state.dir).holder()
+    return {
+        "journal": str(journal.path),
+        "daemon": {"running": pid is not None, "pid": pid or None},
+        "queued": stats.queued,
+        "retrying": stats.retrying,
+        "done": stats.done,
+        "failed": stats.failed,
+        "per_hour": stats.per_hour,
+        "recent_errors": [{"path": path, "error": error} for path, error in stats.recent_errors],
+    }
+
+
+def format_status(report: dict[str, Any]) -> str:
+    daemon = report["daemon"]
+    running = f"running (pid {daemon['pid']})" if daemon["pid"] else "running"
     lines = [
-        f"queued: {stats.queued}  retrying: {stats.retrying}  done: {stats.done}  failed: {stats.failed}",
-        f"rate: {stats.per_hour} images in the last hour",
+        f"daemon: {running if daemon['running'] else 'not running'}",
+        f"queued: {report['queued']}  retrying: {report['retrying']}  done: {report['done']}  "
+        f"failed: {report['failed']}",
+        f"rate: {report['per_hour']} images in the last hour",
     ]
-    if stats.recent_errors:
+    if report["recent_errors"]:
         lines.append("recent errors:")
-        lines.extend(f"  {error}" for _, error in stats.recent_errors)
+        lines.extend(f"  {entry['error']}" for entry in report["recent_errors"])
     return "\n".join(lines)
+
+
+def retry_failed(config: Config, paths: Sequence[Path]) -> tuple[int, list[str]]:
+    """Queue failed images again: all of them, or those at or under `paths`; (count, one line per path that
+    matched none)."""
+    from autocaption.journal import Journal
+
+    journal = Journal(config.state.dir)
+    try:
+        if not paths:
+            return journal.retry(), []
+        count, problems = 0, []
+        for path in paths:
+            queued, problem = journal.retry_at(path)
+            count += queued
+            if problem:
+                problems.append(problem)
+        return count, problems
+    finally:
+        journal.close()
 
 
 def describe_config(config: Config) -> str:

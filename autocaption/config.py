@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -122,6 +123,15 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class UserPath:
+    """A path written with `~` or `$VARS`: it means another folder for another user (a system service)."""
+
+    where: str  # "rules.yaml:5: watch[0].path"
+    written: str  # "~/Pictures"
+    expanded: Path  # what it means for the user who read the config
+
+
+@dataclass(frozen=True)
 class Config:
     source: Path
     model: ModelConfig
@@ -131,6 +141,7 @@ class Config:
     state: StateConfig
     daemon: DaemonConfig
     rules: tuple[Rule, ...]
+    user_paths: tuple[UserPath, ...] = ()
 
     def fingerprint(self, rules: tuple[Rule, ...]) -> str:
         """What produced an image's result: its rules and the model. Stored in the journal."""
@@ -151,9 +162,14 @@ class _Node:
     def __init__(self, node: yaml.Node, path: str, source: Path) -> None:
         self.node, self.path, self.source = node, path, source
 
-    def fail(self, message: str) -> ConfigError:
+    @property
+    def where(self) -> str:
+        """"rules.yaml:14: rules[2].prompt" (the file and line alone for the top level)."""
         line = self.node.start_mark.line + 1
-        return ConfigError(f"{display(self.source)}:{line}: {self.path}: {message}")
+        return f"{display(self.source)}:{line}" + (f": {self.path}" if self.path else "")
+
+    def fail(self, message: str) -> ConfigError:
+        return ConfigError(f"{self.where}: {message}")
 
     def _child_path(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key
@@ -246,6 +262,23 @@ class _Node:
         return GlobSet.of(patterns)
 
 
+_VARIABLE = re.compile(r"\$(\w+|\{([^}]*)\})")
+
+
+def _path(node: _Node, base: Path, user_paths: list[UserPath]) -> Path:
+    """A path: `~` and `$VARS` expanded (an unset variable is an error, not a literal folder name),
+    relative paths taken from the config file's folder. Paths that depend on the user are remembered."""
+    text = node.text()
+    for match in _VARIABLE.finditer(text):
+        name = match.group(2) if match.group(2) is not None else match.group(1)
+        if name not in os.environ:
+            raise node.fail(f"environment variable ${name} is not set (in {text!r})")
+    path = expand(text, relative_to=base)
+    if text.startswith("~") or _VARIABLE.search(text):
+        user_paths.append(UserPath(node.where, text, path))
+    return path
+
+
 def _is_cuda_index(value: str) -> bool:
     prefix, _, index = value.partition(":")
     return prefix == "cuda" and index.isdigit()
@@ -258,7 +291,7 @@ def _optional(keys: dict[str, _Node], name: str, read: Callable[[_Node], T], def
     return read(node)
 
 
-def _model(node: _Node, base: Path) -> ModelConfig:
+def _model(node: _Node, base: Path, user_paths: list[UserPath]) -> ModelConfig:
     # `api_key` is accepted only to be refused with a helpful message below.
     k = node.mapping(dict.fromkeys([*(f.name for f in fields(ModelConfig)), "api_key"], False))
     d = ModelConfig()
@@ -271,12 +304,12 @@ def _model(node: _Node, base: Path) -> ModelConfig:
         engine=engine,
         base_url=_optional(k, "base_url", _url, None),
         api_key_env=_optional(k, "api_key_env", lambda n: n.text(), None),
-        api_key_file=_optional(k, "api_key_file", lambda n: expand(n.text(), relative_to=base), None),
+        api_key_file=_optional(k, "api_key_file", lambda n: _path(n, base, user_paths), None),
         timeout_seconds=_optional(k, "timeout_seconds", lambda n: n.number(minimum=1.0), d.timeout_seconds),
         max_in_flight=_optional(k, "max_in_flight", lambda n: n.integer(minimum=1, maximum=256), d.max_in_flight),
         retries=_optional(k, "retries", lambda n: n.integer(minimum=0, maximum=20), d.retries),
         max_image_side=_optional(k, "max_image_side", lambda n: n.integer(minimum=32), d.max_image_side),
-        id=_optional(k, "id", lambda n: n.text(), d.id),
+        id=_optional(k, "id", lambda n: _model_id(n, user_paths), d.id),
         revision=_optional(k, "revision", lambda n: n.text(), d.revision),
         device=_optional(k, "device", lambda n: n.choice(DEVICES), d.device),
         dtype=_optional(k, "dtype", lambda n: n.choice(DTYPES), d.dtype),
@@ -288,6 +321,14 @@ def _model(node: _Node, base: Path) -> ModelConfig:
         image_grid_pinpoints=_optional(k, "image_grid_pinpoints", _pinpoints, None),
         compile=_optional(k, "compile", _Node.boolean, d.compile),
     )
+
+
+def _model_id(node: _Node, user_paths: list[UserPath]) -> str:
+    """A hub id, or a local folder (`~/models/llava`: remembered as depending on the user)."""
+    text = node.text()
+    if text.startswith("~"):
+        user_paths.append(UserPath(node.where, text, Path(os.path.expanduser(text))))
+    return text
 
 
 def _url(node: _Node) -> str:
@@ -322,7 +363,7 @@ def _polling(node: _Node) -> str:
     return node.choice(("auto",))
 
 
-def _watch(node: _Node, base: Path) -> WatchConfig:
+def _watch(node: _Node, base: Path, user_paths: list[UserPath]) -> WatchConfig:
     k = node.mapping(
         {"path": True, "recursive": False, "include": False, "exclude": False, "settle_seconds": False,
          "polling": False, "poll_seconds": False}
@@ -331,7 +372,7 @@ def _watch(node: _Node, base: Path) -> WatchConfig:
     return WatchConfig(
         # Resolved once here: watcher events, folder walks and journal keys then all spell every photo's
         # path the same way, even when the configured folder is (or sits under) a symlink.
-        path=expand(k["path"].text(), relative_to=base).resolve(),
+        path=_path(k["path"], base, user_paths).resolve(),
         recursive=_optional(k, "recursive", _Node.boolean, True),
         include=_optional(k, "include", _Node.globs, GlobSet.of(DEFAULT_INCLUDE)),
         exclude=_optional(k, "exclude", _Node.globs, GlobSet.of(DEFAULT_EXCLUDE)),
@@ -419,6 +460,9 @@ def parse(text: str, source: Path) -> Config:
     if root_node is None:
         raise ConfigError(f"{display(source)}: the file is empty; it needs at least `rules:`")
     root = _Node(root_node, "", source)
+    if not isinstance(root_node, yaml.MappingNode):
+        kind = root_node.tag.rsplit(":", 1)[-1]
+        raise root.fail(f"the file must be a mapping of settings with at least `rules:`, not a {kind}")
     keys = root.mapping(
         dict(model=False, images=False, output=False, watch=False, state=False, daemon=False, rules=True)
     )
@@ -433,17 +477,27 @@ def parse(text: str, source: Path) -> Config:
             raise node.fail(f"name {rule.name!r} is used by an earlier rule; names must be unique")
         seen.add(rule.name)
     state_keys = keys["state"].mapping({"dir": False}) if "state" in keys else {}
-    state_dir = _optional(state_keys, "dir", lambda n: expand(n.text(), relative_to=base), _default_state_dir())
+    user_paths: list[UserPath] = []
+    state_dir = _optional(state_keys, "dir", lambda n: _path(n, base, user_paths), _default_state_dir())
     return Config(
         source=source,
-        model=_optional(keys, "model", lambda n: _model(n, base), ModelConfig()),
+        model=_optional(keys, "model", lambda n: _model(n, base, user_paths), ModelConfig()),
         images=_optional(keys, "images", _images, ImagesConfig()),
         output=_optional(keys, "output", _output, OutputConfig()),
-        watch=tuple(_watch(n, base) for n in keys["watch"].sequence()) if "watch" in keys else (),
+        watch=tuple(_watch(n, base, user_paths) for n in keys["watch"].sequence()) if "watch" in keys else (),
         state=StateConfig(dir=state_dir),
         daemon=_optional(keys, "daemon", _daemon, DaemonConfig()),
         rules=rules,
+        user_paths=tuple(user_paths),
     )
+
+
+def defaults() -> Config:
+    """The settings of an empty configuration (no rules, no folders): for commands that work without one."""
+    return Config(
+        source=Path("(defaults)"), model=ModelConfig(), images=ImagesConfig(), output=OutputConfig(), watch=(),
+        state=StateConfig(dir=_default_state_dir()), daemon=DaemonConfig(), rules=(),
+    )  # fmt: skip
 
 
 def load(path: Path) -> Config:

@@ -6,7 +6,12 @@ exit codes in exactly one place (`autocaption.cli.main`).
 
 from __future__ import annotations
 
+import errno
 from enum import IntEnum
+
+# Write failures that go away by themselves (space freed, quota raised, a file no longer busy): worth
+# retrying later, unlike a read-only folder or a missing permission.
+TRANSIENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EAGAIN, errno.EBUSY, errno.EINTR})
 
 
 class ExitCode(IntEnum):
@@ -37,9 +42,19 @@ class ImageError(AutocaptionError):
 
 
 class WriteError(AutocaptionError):
-    """A result cannot be written next to an image; fatal for that image only."""
+    """A result cannot be written next to an image; fatal for that image only. `transient` ones (disk full)
+    are retried later by the daemon."""
 
     exit_code = ExitCode.FAILURES
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+    @classmethod
+    def from_os(cls, what: str, exc: OSError) -> WriteError:
+        """`what` ("photo.jpg: cannot write") and the system's reason, transient when it may pass."""
+        return cls(f"{what}: {exc.strerror or exc}", transient=exc.errno in TRANSIENT_ERRNOS)
 
 
 class EngineError(AutocaptionError):

@@ -73,6 +73,8 @@ def sniff(head: bytes) -> str | None:
         return "HEIF"
     if head[:6] in (b"GIF87a", b"GIF89a"):
         return "GIF"
+    if head[:2] == b"BM" and head[6:10] == b"\x00\x00\x00\x00":  # reserved fields are zero
+        return "BMP"
     return None
 
 

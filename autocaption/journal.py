@@ -27,6 +27,7 @@ from autocaption.paths import display
 from autocaption.pipeline import Described, Outcome, Skipped
 
 QUEUED, RETRY, DONE, FAILED = "queued", "retry", "done", "failed"
+JOURNAL_NAME = "journal.sqlite3"
 
 MIGRATIONS: tuple[tuple[str, str], ...] = (
     (
@@ -87,13 +88,19 @@ class Stats:
 class Journal:
     """Thread-safe: one connection shared behind a lock (the worker, the settler and the main thread)."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, *, read_only: bool = False) -> None:
+        """`read_only`: for `status` and dry runs, which must work on a state dir they cannot (or must not)
+        write; the journal must exist then (see `exists`)."""
+        self.path = state_dir / JOURNAL_NAME
+        self.read_only = read_only
+        self._lock = threading.RLock()
+        if read_only:
+            self._db = _open_read_only(self.path)
+            return
         try:
             state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"state.dir: {display(state_dir)}: cannot create: {exc.strerror or exc}") from None
-        self.path = state_dir / "journal.sqlite3"
-        self._lock = threading.RLock()
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -102,6 +109,10 @@ class Journal:
             self._migrate()
         except sqlite3.Error as exc:
             raise ConfigError(f"state.dir: {display(self.path)}: cannot open the journal: {exc}") from None
+
+    @staticmethod
+    def exists(state_dir: Path) -> bool:
+        return (state_dir / JOURNAL_NAME).is_file()
 
     def close(self) -> None:
         with self._lock:
@@ -278,6 +289,28 @@ class Journal:
                 count += cursor.rowcount
             return count
 
+    def retry_at(self, given: Path) -> tuple[int, str | None]:
+        """Re-queue the failed images at `given` (a photo) or under it (a folder): (how many, why none)."""
+        spellings = dict.fromkeys([str(given.absolute()), str(given.resolve())])
+        with self._lock:
+            for spelling in spellings:
+                row = self.get(Path(spelling))
+                if row is not None:
+                    if row.status not in (FAILED, RETRY):
+                        return 0, f"{display(given)}: not failed (it is {row.status}); nothing to retry"
+                    return self.retry([row.path]), None
+            for spelling in spellings:
+                prefix = spelling.rstrip("/") + "/"
+                rows = self._db.execute(
+                    "SELECT path, status FROM images WHERE substr(path, 1, ?) = ?", (len(prefix), prefix)
+                ).fetchall()
+                if rows:
+                    failed = [Path(path) for path, status in rows if status in (FAILED, RETRY)]
+                    if not failed:
+                        return 0, f"{display(given)}: no failed images under it ({len(rows)} known)"
+                    return self.retry(failed), None
+        return 0, f"{display(given)}: not in the journal (never seen by autocaption with this state.dir)"
+
 
 def record_outcome(journal: Journal, config: Config, candidate: Candidate, outcome: Outcome) -> str | None:
     """Book a pipeline outcome; returns the new status for failures (RETRY or FAILED), else None."""
@@ -299,6 +332,24 @@ def record_outcome(journal: Journal, config: Config, candidate: Candidate, outco
         path, outcome.message, transient=outcome.transient, max_attempts=daemon.max_attempts,
         backoff=daemon.retry_seconds,
     )  # fmt: skip
+
+
+def _open_read_only(path: Path) -> sqlite3.Connection:
+    """A connection that never writes. `mode=ro` sees a running daemon's latest commits but needs the WAL's
+    shared-memory file; where there is none and the folder is read-only, `immutable=1` reads the file as is
+    (nobody can be writing it then)."""
+    if not path.is_file():
+        raise ConfigError(f"state.dir: {display(path)}: no journal yet (neither the daemon nor process has run)")
+    problem: sqlite3.Error | None = None
+    for mode in ("mode=ro", "immutable=1"):
+        db = sqlite3.connect(f"{path.as_uri()}?{mode}", uri=True, check_same_thread=False, timeout=30)
+        try:
+            db.execute("SELECT COUNT(*) FROM images").fetchone()
+            return db
+        except sqlite3.Error as exc:
+            db.close()
+            problem = exc
+    raise ConfigError(f"state.dir: {display(path)}: cannot read the journal: {problem}")
 
 
 def _record(row: tuple[object, ...]) -> Record:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
+from typing import TextIO
 
 # syslog priorities, which journald reads from a "<N>" line prefix (sd-daemon(3)).
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
@@ -37,6 +39,21 @@ class _Formatter(logging.Formatter):
         return f"autocaption: {level}: {message}" if record.levelno != logging.INFO else f"autocaption: {message}"
 
 
+# Warnings a library raises about its own bookkeeping, harmless to us: watchdog warns that it "overwrites"
+# a callback when a watched subfolder is moved out and back in (it re-adds the folder's inotify watch).
+_QUIET_WARNINGS = ("/watchdog/",)
+
+
+def _log_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, file: TextIO | None = None,
+    line: str | None = None,
+) -> None:  # fmt: skip
+    """Python warnings as one log line each (the default prints the warning and a line of source)."""
+    level = logging.DEBUG if any(part in filename for part in _QUIET_WARNINGS) else logging.WARNING
+    where = f"{os.path.basename(filename)}:{lineno}"
+    logging.getLogger("autocaption").log(level, "%s: %s (%s)", category.__name__, str(message).splitlines()[0], where)
+
+
 def setup(verbosity: int) -> None:
     """verbosity: -1 quiet (errors only), 0 normal, 1 verbose, 2 debug (libraries too)."""
     level = {-1: logging.ERROR, 0: logging.INFO, 1: logging.DEBUG}.get(min(verbosity, 1), logging.INFO)
@@ -46,3 +63,4 @@ def setup(verbosity: int) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbosity >= 2 else logging.WARNING)
     logging.getLogger("autocaption").setLevel(level)
+    warnings.showwarning = _log_warning

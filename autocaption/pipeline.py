@@ -10,16 +10,18 @@ import os
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from autocaption import sidecar
 from autocaption.config import Config, Rule
 from autocaption.discover import Candidate
-from autocaption.engine.base import Answer, Engine, Job, Prompt
+from autocaption.engine.base import Answer, Engine, EngineInfo, Job, Prompt
 from autocaption.errors import EngineError, ImageError, ServerUnreachable, WriteError
 from autocaption.images import Picture, open_picture
+from autocaption.locks import PhotoLocks
 from autocaption.paths import display
 from autocaption.textclean import clean_answer
 from autocaption.writers.metadata import Caption, MetadataWriter, WriteRecord
@@ -38,6 +40,8 @@ class Described:
     stat: os.stat_result | None = None  # the photo as it is now (after any write into it)
     sha256: str | None = None  # of the photo as it is now
     fingerprint: str | None = None  # of the rules and model that produced the result
+    json_sidecar: Path | None = None  # where the results are (or, in a dry run, would be)
+    earlier: bool = False  # answers recorded by an earlier run, written again (no model involved)
 
 
 @dataclass(frozen=True)
@@ -63,9 +67,21 @@ class _Work:
     candidate: Candidate
     rules: tuple[Rule, ...]
     stat: os.stat_result
-    existing: dict[str, object] | None
+    found: sidecar.Sidecar
     picture: Picture
     prompts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Unwritten:
+    """An image whose sidecar holds current answers that are not in the photo (the write failed, or its XMP
+    sidecar is gone): they are written again from the sidecar, without the model."""
+
+    candidate: Candidate
+    rules: tuple[Rule, ...]
+    stat: os.stat_result
+    found: sidecar.Sidecar
+    reason: str
 
 
 def triage(
@@ -74,9 +90,10 @@ def triage(
     *,
     force: bool,
     stat: os.stat_result | None = None,
-    existing: dict[str, object] | None = None,
-) -> Skipped | None:
-    """Why this image needs no work (no rule matches it, or its sidecar is current), or None."""
+    found: sidecar.Sidecar | None = None,
+) -> Skipped | Unwritten | None:
+    """Why this image needs no model (no rule matches it, its sidecar is current, or only the write into
+    the photo is missing), or None when it must be described."""
     rules = config.rules_for(candidate.relative)
     if not rules:
         return Skipped(candidate.path, "no rule matches")
@@ -86,9 +103,13 @@ def triage(
         stat = stat or candidate.path.stat()
     except OSError:
         return None  # let the read report it properly
-    if existing is None:
-        existing = sidecar.read(candidate.path)
-    return Skipped(candidate.path, "already described") if sidecar.is_current(existing, stat, rules) else None
+    found = found or sidecar.locate(candidate.path)
+    if found.document is None or not sidecar.is_current(found.document, stat, rules):
+        return None
+    reason = sidecar.unwritten(found.document, candidate.path)
+    if reason is None:
+        return Skipped(candidate.path, "already described")
+    return Unwritten(candidate, rules, stat, found, reason)
 
 
 def render_values(path: Path, picture: Picture) -> dict[str, str | None]:
@@ -96,12 +117,19 @@ def render_values(path: Path, picture: Picture) -> dict[str, str | None]:
 
 
 class Pipeline:
-    def __init__(self, config: Config, engine: Engine, *, force: bool = False, dry_run: bool = False) -> None:
+    def __init__(
+        self,
+        config: Config,
+        engine: Engine,
+        *,
+        force: bool = False,
+        dry_run: bool = False,
+        locks: PhotoLocks | None = None,
+    ) -> None:
         self.config = config
         self.engine = engine
         self.force = force
-        self.dry_run = dry_run
-        self.metadata = MetadataWriter(config.output)
+        self.writer = ResultWriter(config, dry_run=dry_run, locks=locks, force=force)
         self.timings: dict[str, float] = defaultdict(float)  # seconds per stage, for `-v` and the benchmarks
 
     def run(self, candidates: Sequence[Candidate], cancel: threading.Event | None = None) -> list[Outcome]:
@@ -111,26 +139,36 @@ class Pipeline:
         """
         return self.finish(self.prepare(candidates), cancel)
 
-    def prepare(self, candidates: Sequence[Candidate]) -> list[_Work | Outcome]:
+    def prepare(self, candidates: Sequence[Candidate]) -> list[_Work | Unwritten | Outcome]:
         """Read and decode the pictures (no model involved): may run on a prefetch thread."""
         started = time.perf_counter()
         prepared = [self._prepare(candidate) for candidate in candidates]
         self.timings["read+decode"] += time.perf_counter() - started
         return prepared
 
-    def finish(self, prepared: list[_Work | Outcome], cancel: threading.Event | None = None) -> list[Outcome]:
+    def finish(
+        self, prepared: list[_Work | Unwritten | Outcome], cancel: threading.Event | None = None
+    ) -> list[Outcome]:
         """Ask the engine about the prepared pictures and write the results; one outcome each, in order."""
         work = [item for item in prepared if isinstance(item, _Work)]
         described = iter(self._describe(work, cancel) if work else [])
-        return [next(described) if isinstance(item, _Work) else item for item in prepared]
+        outcomes: list[Outcome] = []
+        for item in prepared:
+            if isinstance(item, _Work):
+                outcomes.append(next(described))
+            elif isinstance(item, Unwritten):
+                outcomes.append(self.writer.earlier(item))
+            else:
+                outcomes.append(item)
+        return outcomes
 
-    def _prepare(self, candidate: Candidate) -> _Work | Outcome:
+    def _prepare(self, candidate: Candidate) -> _Work | Unwritten | Outcome:
         path = candidate.path
         rules = self.config.rules_for(candidate.relative)
         try:
             stat = path.stat()
-            existing = sidecar.read(path)
-            skip = triage(self.config, candidate, force=self.force, stat=stat, existing=existing)
+            found = sidecar.locate(path)
+            skip = triage(self.config, candidate, force=self.force, stat=stat, found=found)
             if skip:
                 return skip
             picture = open_picture(
@@ -143,11 +181,11 @@ class Pipeline:
             return Failed(path, f"{display(path)}: cannot read: {exc.strerror or exc}")
         except ImageError as exc:
             return Failed(path, str(exc))
-        if (after.st_size, after.st_mtime_ns) != (stat.st_size, stat.st_mtime_ns):
+        if not _same_file(after, stat):
             return Failed(path, f"{display(path)}: changed while being read; will retry", transient=True)
         values = render_values(path, picture)
         prompts = tuple(rule.prompt.render(values) for rule in rules)
-        return _Work(candidate, rules, stat, existing, picture, prompts)
+        return _Work(candidate, rules, stat, found, picture, prompts)
 
     def _describe(self, work: list[_Work], cancel: threading.Event | None = None) -> list[Outcome]:
         jobs = [
@@ -170,39 +208,140 @@ class Pipeline:
             path = work[0].candidate.path
             return [Failed(path, f"{display(path)}: {exc}", transient=exc.transient)]
         started = time.perf_counter()
-        outcomes = [self._write(item, item_answers) for item, item_answers in zip(work, answers, strict=True)]
+        outcomes = [
+            self.writer.answers(item, self.engine.info, item_answers)
+            for item, item_answers in zip(work, answers, strict=True)
+        ]
         self.timings["write"] += time.perf_counter() - started
         return outcomes
 
-    def _write(self, item: _Work, answers: Sequence[Answer]) -> Outcome:
-        """Into the photo (or its XMP sidecar) first, then the JSON sidecar, which records both."""
-        path = item.candidate.path
+
+class ResultWriter:
+    """Writes answers into the photo (or its XMP sidecar) first, then the JSON sidecar, which records both.
+
+    One writer at a time per photo (`PhotoLocks`, shared with other autocaption processes): under the lock
+    the sidecar is read again, so a photo another process finished meanwhile is not written twice, and a
+    photo that changed since it was read is left for a retry rather than captioned with stale answers.
+    """
+
+    def __init__(self, config: Config, *, dry_run: bool, locks: PhotoLocks | None, force: bool = False) -> None:
+        self.config = config
+        self.dry_run = dry_run
+        self.locks = locks
+        self.force = force
+        self.metadata = MetadataWriter(config.output)
+
+    def answers(self, item: _Work, engine: EngineInfo, answers: Sequence[Answer]) -> Outcome:
+        """Fresh answers from the model."""
         results = tuple(
             sidecar.RuleResult(rule, prompt, clean_answer(answer.text, strip_prefixes=rule.strip_prefixes), answer)
             for rule, prompt, answer in zip(item.rules, item.prompts, answers, strict=True)
         )
-        failure = None
+
+        def document(found: sidecar.Sidecar, record: WriteRecord) -> dict[str, Any]:
+            path = item.candidate.path
+            return sidecar.build(path, item.picture, item.stat, engine, results, found.document, record)
+
+        return self._locked(item.candidate, item.rules, item.stat, item.found, results, document,
+                            item.picture.sha256)  # fmt: skip
+
+    def earlier(self, item: Unwritten) -> Outcome:
+        """Answers an earlier run recorded in the sidecar, whose write into the photo is missing."""
+        assert item.found.document is not None
+        log.info("%s: %s; writing the recorded answers again", display(item.candidate.path), item.reason)
+        results = sidecar.results_of(item.found.document, item.rules)
+
+        def document(found: sidecar.Sidecar, record: WriteRecord) -> dict[str, Any]:
+            assert found.document is not None  # checked under the lock
+            return sidecar.with_written(found.document, record, record.stat or item.stat)
+
+        sha256 = str(item.found.document["image"].get("sha256") or "")
+        return self._locked(item.candidate, item.rules, item.stat, item.found, results, document, sha256,
+                            earlier=True)  # fmt: skip
+
+    def _locked(
+        self,
+        candidate: Candidate,
+        rules: tuple[Rule, ...],
+        stat: os.stat_result,
+        found: sidecar.Sidecar,
+        results: tuple[sidecar.RuleResult, ...],
+        document: Callable[[sidecar.Sidecar, WriteRecord], dict[str, Any]],
+        described_sha256: str,
+        *,
+        earlier: bool = False,
+    ) -> Outcome:
+        """Write under the photo's lock, after reading its sidecar again (none of this in a dry run)."""
+        if self.dry_run or self.locks is None:
+            return self._write(candidate, rules, stat, found, results, document, described_sha256, earlier)
         try:
-            record = self.metadata.write(path, item.candidate.root, caption_of(results), dry_run=self.dry_run)
+            with self.locks.hold(candidate.path):
+                found = sidecar.locate(candidate.path)
+                return self._stale(candidate, rules, stat, found, earlier) or self._write(
+                    candidate, rules, stat, found, results, document, described_sha256, earlier
+                )
+        except WriteError as exc:  # only the lock raises: every write failure below becomes an outcome
+            return Failed(candidate.path, str(exc), transient=exc.transient)
+
+    def _stale(
+        self, candidate: Candidate, rules: tuple[Rule, ...], before: os.stat_result, found: sidecar.Sidecar,
+        earlier: bool,
+    ) -> Outcome | None:  # fmt: skip
+        """Under the lock: another process finished this photo meanwhile, or it changed since it was read."""
+        path = candidate.path
+        try:
+            now = path.stat()
+        except FileNotFoundError:
+            return Failed(path, f"{display(path)}: file disappeared while being described")
+        except OSError as exc:
+            return Failed(path, f"{display(path)}: cannot read: {exc.strerror or exc}")
+        current = found.document is not None and sidecar.is_current(found.document, now, rules)
+        if current and not self.force and sidecar.unwritten(found.document or {}, path) is None:
+            return Skipped(path, "described meanwhile by another autocaption process")
+        if not _same_file(now, before) or (earlier and not current):
+            return Failed(path, f"{display(path)}: changed while being described; will retry", transient=True)
+        return None
+
+    def _write(
+        self,
+        candidate: Candidate,
+        rules: tuple[Rule, ...],
+        stat: os.stat_result,
+        found: sidecar.Sidecar,
+        results: tuple[sidecar.RuleResult, ...],
+        document: Callable[[sidecar.Sidecar, WriteRecord], dict[str, Any]],
+        described_sha256: str,
+        earlier: bool,
+    ) -> Outcome:
+        path = candidate.path
+        failure: WriteError | None = None
+        try:
+            record = self.metadata.write(path, candidate.root, caption_of(results), dry_run=self.dry_run)
         except WriteError as exc:
-            failure = str(exc)
-            record = WriteRecord("failed", "not written", "not written", reason=failure)
-        seconds = sum(r.raw.seconds for r in results)
+            failure = exc
+            record = WriteRecord("failed", "not written", "not written", reason=str(exc))
         rewritten = record.stat is not None
         described = Described(
-            path, len(results), seconds, results, record,
-            stat=record.stat if rewritten else item.stat,
-            sha256=record.sha256 if rewritten else item.picture.sha256,
-            fingerprint=self.config.fingerprint(item.rules),
+            path, 0 if earlier else len(results), sum(r.raw.seconds for r in results), results, record,
+            stat=record.stat if rewritten else stat,
+            sha256=record.sha256 if rewritten else described_sha256,
+            fingerprint=self.config.fingerprint(rules), json_sidecar=found.path, earlier=earlier,
         )  # fmt: skip
+        if found.foreign:
+            log.warning("%s", found.notice())
         if self.dry_run:
             return described
-        document = sidecar.build(path, item.picture, item.stat, self.engine.info, results, item.existing, record)
         try:
-            sidecar.write(path, document)
+            sidecar.write(found, document(found, record))
         except WriteError as exc:
-            failure = f"{failure}; {exc}" if failure else str(exc)
-        return Failed(path, failure) if failure else described
+            failure = WriteError(f"{failure}; {exc}", transient=failure.transient) if failure else exc
+        if failure:
+            return Failed(path, str(failure), transient=failure.transient)
+        return described
+
+
+def _same_file(now: os.stat_result, before: os.stat_result) -> bool:
+    return (now.st_size, now.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
 
 
 def caption_of(results: Sequence[sidecar.RuleResult]) -> Caption:
@@ -213,4 +352,4 @@ def caption_of(results: Sequence[sidecar.RuleResult]) -> Caption:
         if "keywords" in result.rule.write:
             for word in split_keywords(result.answer):
                 keywords.setdefault(word.casefold(), word)
-    return Caption(description, tuple(keywords.values()))
+    return Caption(description, tuple(keywords.values()), asked=any(result.rule.write for result in results))

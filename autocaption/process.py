@@ -11,7 +11,8 @@ from autocaption.config import Config, ModelConfig
 from autocaption.discover import Candidate, Unreadable, scan
 from autocaption.engine import Engine, load_engine
 from autocaption.journal import DONE, Journal, record_outcome
-from autocaption.pipeline import Pipeline, Skipped, triage
+from autocaption.locks import PhotoLocks
+from autocaption.pipeline import Outcome, Pipeline, ResultWriter, Skipped, Unwritten, triage
 from autocaption.report import Progress, Summary, report_unreadable
 
 EngineFactory = Callable[[ModelConfig], Engine]
@@ -41,30 +42,48 @@ def process(
         elif found.path not in seen:
             seen.add(found.path)
             candidates.append(found)
-    journal = Journal(config.state.dir)
+    # A dry run touches nothing, the state dir included: it reads the journal (for --stale) only if it exists.
+    if not dry_run:
+        journal: Journal | None = Journal(config.state.dir)
+    else:
+        journal = Journal(config.state.dir, read_only=True) if Journal.exists(config.state.dir) else None
+    locks = None if dry_run else PhotoLocks(config.state.dir)
     try:
         if stale:
             candidates = _stale(config, journal, candidates, summary)
             force = True
         pending: list[Candidate] = []
+        unwritten: list[Unwritten] = []
         for candidate in candidates:
-            skip = triage(config, candidate, force=force)
-            if skip is None:
+            triaged = triage(config, candidate, force=force)
+            if triaged is None:
                 pending.append(candidate)
+            elif isinstance(triaged, Unwritten):
+                unwritten.append(triaged)
             else:
-                summary.add(skip)
+                summary.add(triaged)
+        writer = ResultWriter(config, dry_run=dry_run, locks=locks)
+        for item in unwritten:  # answers recorded earlier, not yet in the photo: no model needed
+            _book(summary, journal, config, item.candidate, writer.earlier(item))
         if pending:  # a re-run with nothing to do never pays for loading the model
-            _describe(config, pending, force, dry_run, engine_factory, summary, journal)
+            _describe(config, pending, force, dry_run, locks, engine_factory, summary, journal)
     finally:
-        journal.close()
+        if journal is not None:
+            journal.close()
     summary.seconds = time.perf_counter() - started
     return summary
 
 
-def _stale(config: Config, journal: Journal, candidates: list[Candidate], summary: Summary) -> list[Candidate]:
+def _book(summary: Summary, journal: Journal | None, config: Config, candidate: Candidate, outcome: Outcome) -> None:
+    summary.add(outcome)
+    if journal is not None and not journal.read_only:
+        record_outcome(journal, config, candidate, outcome)
+
+
+def _stale(config: Config, journal: Journal | None, candidates: list[Candidate], summary: Summary) -> list[Candidate]:
     stale = []
     for candidate in candidates:
-        record = journal.get(candidate.path)
+        record = journal.get(candidate.path) if journal is not None else None
         current = config.fingerprint(config.rules_for(candidate.relative))
         if record is not None and record.status == DONE and record.fingerprint not in (None, current):
             stale.append(candidate)
@@ -78,13 +97,14 @@ def _describe(
     pending: list[Candidate],
     force: bool,
     dry_run: bool,
+    locks: PhotoLocks | None,
     engine_factory: EngineFactory,
     summary: Summary,
-    journal: Journal,
+    journal: Journal | None,
 ) -> None:
     engine = engine_factory(config.model)
     try:
-        pipeline = Pipeline(config, engine, force=force, dry_run=dry_run)
+        pipeline = Pipeline(config, engine, force=force, dry_run=dry_run, locks=locks)
         progress = Progress(len(pending))
         progress.draw()
         step = config.model.batch_size
@@ -98,9 +118,7 @@ def _describe(
                     upcoming = prefetch.submit(pipeline.prepare, chunks[index + 1])
                 outcomes = pipeline.finish(prepared)
                 for candidate, outcome in zip(chunk, outcomes, strict=True):
-                    summary.add(outcome)
-                    if not dry_run:
-                        record_outcome(journal, config, candidate, outcome)
+                    _book(summary, journal, config, candidate, outcome)
                 progress.advance(outcomes)
         progress.clear()
         summary.stages = {**pipeline.timings, **engine.timings}

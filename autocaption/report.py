@@ -19,6 +19,7 @@ log = logging.getLogger("autocaption")
 class Summary:
     images: int = 0  # described in this run
     answers: int = 0
+    earlier: int = 0  # answers recorded by an earlier run, written into the photo again
     skipped: int = 0
     failures: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -27,8 +28,11 @@ class Summary:
 
     def add(self, outcome: Outcome) -> None:
         if isinstance(outcome, Described):
-            self.images += 1
-            self.answers += outcome.answers
+            if outcome.earlier:
+                self.earlier += 1
+            else:
+                self.images += 1
+                self.answers += outcome.answers
             if outcome.written is not None and outcome.written.file == "dry-run":
                 self.planned.append(plan_line(outcome))
         elif isinstance(outcome, Skipped):
@@ -41,8 +45,9 @@ class Summary:
 
     def line(self) -> str:
         verb = "would be described" if self.planned else "described"
+        earlier = f"{self.earlier} written again from recorded answers, " if self.earlier else ""
         return (
-            f"{self.images} images {verb}, {self.answers} answers, {self.skipped} skipped, "
+            f"{self.images} images {verb}, {self.answers} answers, {earlier}{self.skipped} skipped, "
             f"{len(self.failures)} failed in {self.seconds:.1f} s"
         )
 
@@ -96,7 +101,8 @@ def plan_line(outcome: Described) -> str:
         target = f"into {written.xmp_sidecar} ({written.reason})"
     else:
         target = f"nowhere in the photo ({written.reason})"
-    lines = [f"{display(outcome.path)}: would write {target}; JSON sidecar {display(outcome.path.name)}.json"]
+    sidecar = display(outcome.json_sidecar.name) if outcome.json_sidecar else "none"
+    lines = [f"{display(outcome.path)}: would write {target}; JSON sidecar {sidecar}"]
     for result in outcome.results:
         lines.append(f"  {result.rule.name}: {result.answer!r}")
     lines.append(f"  description: {written.description}; keywords: {written.keywords}")

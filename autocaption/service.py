@@ -27,6 +27,7 @@ from autocaption.discover import Candidate, relative_path, walk_names
 from autocaption.engine import Cancelled, Engine, load_engine
 from autocaption.errors import AutocaptionError, ExitCode, ServerUnreachable
 from autocaption.journal import FAILED, QUEUED, RETRY, Journal, record_outcome
+from autocaption.locks import AlreadyRunning, DaemonLock, PhotoLocks
 from autocaption.notify import Notifier
 from autocaption.paths import display
 from autocaption.pipeline import Described, Failed, Outcome, Pipeline
@@ -36,6 +37,16 @@ from autocaption.writers.metadata import MetadataWriter
 log = logging.getLogger("autocaption")
 
 EngineFactory = Callable[[ModelConfig], Engine]
+# How often the watched folders themselves are looked at: one that appeared (a NAS mounted late) or was
+# deleted and created again is (re)armed within this time.
+FOLDER_CHECK_SECONDS = 2.0
+
+
+def _describes(document: dict[str, Any] | None, digest: str) -> bool:
+    """The sidecar document holds results for exactly these bytes (as described, or as written)."""
+    if document is None:
+        return False
+    return digest in (document["image"].get("sha256"), (document.get("written") or {}).get("sha256"))
 
 
 def reconcile(config: Config, journal: Journal) -> int:
@@ -44,7 +55,7 @@ def reconcile(config: Config, journal: Journal) -> int:
     missing: list[Path] = []
     for watch in config.watch:
         if not watch.path.is_dir():
-            log.warning("watch: %s: folder does not exist; skipped", display(watch.path))
+            log.debug("watch: %s: folder does not exist; nothing to reconcile", display(watch.path))
             continue
         root = watch.path
         for found in walk_names(
@@ -147,9 +158,9 @@ class Worker:
                 and (record.fingerprint == fingerprint or not config.daemon.redo_stale)
             ):
                 journal.done(path, st, None, record.fingerprint)  # our own write, or nothing changed
-            elif (record is None or record.fingerprint is None) and service.follow_move(path, st):
-                continue
             else:
+                if record is None or record.fingerprint is None:
+                    service.follow_move(path, st)  # carries its results along; the pipeline then skips it
                 todo.append(candidate)
         if todo:
             for candidate, outcome in zip(todo, service.pipeline.run(todo, cancel=service.stop), strict=True):
@@ -173,6 +184,8 @@ class Service:
         self.reload_requested = threading.Event()
         self.reconcile_requested = threading.Event()
         self.journal = Journal(config.state.dir)
+        self.daemon_lock = DaemonLock(config.state.dir)
+        self.photo_locks = PhotoLocks(config.state.dir)
         self.settler = Settler(self._settled)
         self.worker = Worker(self)
         self.pipeline: Pipeline
@@ -192,33 +205,45 @@ class Service:
         if self.journal.enqueue(c.path for c in candidates):
             self.worker.wake.set()
 
-    def follow_move(self, path: Path, st: os.stat_result) -> bool:
-        """A new path whose content we already described elsewhere (gone now): move its sidecars."""
+    def follow_move(self, path: Path, st: os.stat_result) -> None:
+        """A new path whose content we described elsewhere, now gone: a move, when its results exist (beside
+        the old path, or already beside the new one). They are carried over, so the pipeline finds them
+        current and skips the model. Without results (the photo and its sidecars were deleted, then the same
+        bytes added again) it is no move: the pipeline describes it like any new photo."""
         try:
             digest = sidecar.hash_file(path)
         except OSError:
-            return False
+            return
         old = self.journal.moved_from(digest, path)
         if old is None:
-            return False
-        writer = MetadataWriter(self.config.output)
-        for source, target in (
-            (sidecar.sidecar_path(old.path), sidecar.sidecar_path(path)),
-            (writer.sidecar_path(old.path), writer.sidecar_path(path)),
-        ):
-            if source.exists() and not target.exists():
+            return
+        source, target = sidecar.locate(old.path), sidecar.locate(path)
+        if not (_describes(target.document, digest) or _describes(source.document, digest)):
+            self.journal.forget(old.path)  # its file and its results are gone: describe it as new
+            return
+        if not _describes(target.document, digest):  # else they were moved together with the photo
+            self._carry(old.path, path, source, target)
+        self.journal.moved(old.path, path, st)  # keeps the content hash: the next move is recognised too
+
+    def _carry(self, old: Path, new: Path, source: sidecar.Sidecar, target: sidecar.Sidecar) -> None:
+        moves = [(source.path, target.path)]
+        xmp = ((source.document or {}).get("written") or {}).get("xmp_sidecar")
+        if xmp:
+            moves.append((old.with_name(xmp), MetadataWriter(self.config.output).sidecar_path(new)))
+        for before, after in moves:
+            if before.exists() and not after.exists():
                 try:
-                    shutil.move(source, target)
+                    shutil.move(before, after)
                 except OSError as exc:
-                    log.warning("%s: could not move sidecar along: %s", display(source), exc.strerror or exc)
-        sidecar.rename_image(path)
-        self.journal.moved(old.path, path, st)
-        log.info("%s: moved from %s; result carried over, not described again", display(path), display(old.path))
-        return True
+                    log.warning("%s: could not move sidecar along: %s", display(before), exc.strerror or exc)
+        sidecar.rename_image(new)
+        log.info("%s: moved from %s; its results came along", display(new), display(old))
 
     def record(self, candidate: Candidate, outcome: Outcome) -> None:
         status = record_outcome(self.journal, self.config, candidate, outcome)
-        if isinstance(outcome, Described):
+        if isinstance(outcome, Described) and outcome.earlier:
+            log.info("%s: recorded answers written", display(candidate.path))
+        elif isinstance(outcome, Described):
             log.info("%s: described (%d answers, %.1f s)", display(candidate.path), outcome.answers, outcome.seconds)
         elif isinstance(outcome, Failed):
             if status == RETRY:
@@ -229,8 +254,19 @@ class Service:
     # --- lifecycle --------------------------------------------------------------------------------
 
     def run(self) -> int:
+        try:
+            self.daemon_lock.acquire()  # before the model is loaded: a second daemon stops at once
+        except AlreadyRunning:
+            self.journal.close()
+            raise
+        try:
+            return self._run()
+        finally:
+            self.daemon_lock.release()
+
+    def _run(self) -> int:
         engine = self.engine_factory(self.config.model)
-        self.pipeline = Pipeline(self.config, engine)
+        self.pipeline = Pipeline(self.config, engine, locks=self.photo_locks)
         previous = self._install_signals()
         threads: list[threading.Thread] = []
         try:
@@ -277,11 +313,16 @@ class Service:
     def _main_loop(self) -> None:
         interval = self.config.daemon.reconcile_minutes * 60
         next_reconcile = time.monotonic() + interval if interval else float("inf")
+        next_folder_check = time.monotonic() + FOLDER_CHECK_SECONDS
         last_status = ""
         while not self.stop.wait(0.5):
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
                 self._reload()
+            if time.monotonic() >= next_folder_check and self.watchers is not None:
+                next_folder_check = time.monotonic() + FOLDER_CHECK_SECONDS
+                if self.watchers.check():  # a folder appeared or was replaced: what is in it now?
+                    self.reconcile_requested.set()
             if self.reconcile_requested.is_set() or time.monotonic() >= next_reconcile:
                 self.reconcile_requested.clear()
                 next_reconcile = time.monotonic() + interval if interval else float("inf")
@@ -325,11 +366,10 @@ class Service:
             new = replace(new, state=self.config.state)
         watches_changed = new.watch != self.config.watch
         self.config = new
-        self.pipeline = Pipeline(new, self.pipeline.engine)
+        self.pipeline = Pipeline(new, self.pipeline.engine, locks=self.photo_locks)
         if watches_changed and self.watchers is not None:
-            self.watchers.stop()
-            self.watchers = Watchers(new.watch, self.settler, self.reconcile_requested.set)
-            self.watchers.start()
+            # Folders that do not exist yet are waited for, never fatal: the daemon keeps every watch it can.
+            self.watchers.update(new.watch)
             self.reconcile_requested.set()
         log.info("configuration reloaded: %d rule(s)", len(new.rules))
         self.notifier.ready(self._status())

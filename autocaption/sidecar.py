@@ -31,11 +31,19 @@ from autocaption.paths import display
 from autocaption.writers.metadata import WriteRecord
 
 SCHEMA = "autocaption/1"
+ALTERNATE_SUFFIX = ".autocaption.json"
 log = logging.getLogger(__name__)
 
 
 def sidecar_path(image: Path) -> Path:
+    """Where autocaption's results for `image` normally go: `<image file name>.json`."""
     return image.with_name(image.name + ".json")
+
+
+def alternate_path(image: Path) -> Path:
+    """Where they go when `<image file name>.json` belongs to another program (Google Takeout writes
+    `IMG_1.jpg.json` with the person's description, places and people): `<image file name>.autocaption.json`."""
+    return image.with_name(image.name + ALTERNATE_SUFFIX)
 
 
 @dataclass(frozen=True)
@@ -46,29 +54,86 @@ class RuleResult:
     raw: Answer
 
 
+@dataclass(frozen=True)
+class Sidecar:
+    """Where the JSON sidecar of an image is (or will be written), and its document when it is ours."""
+
+    path: Path
+    document: dict[str, Any] | None = None
+    # Why the usual name is not used: the file there is not ours (another program's JSON, or one of the
+    # wrong shape). It is never overwritten; the writer says so once, when it writes ours beside it.
+    foreign: str | None = None
+
+    def notice(self) -> str | None:
+        if self.foreign is None:
+            return None
+        usual = display(self.path.with_name(self.path.name.removesuffix(ALTERNATE_SUFFIX) + ".json"))
+        return f"{usual}: {self.foreign}; left as it is, autocaption's results go to {self.path.name}"
+
+
+def locate(image: Path) -> Sidecar:
+    """Our sidecar for `image`: under its usual name, or beside a file there that is not ours."""
+    alternate = alternate_path(image)
+    document, _ = _load(alternate)
+    if document is not None:
+        return Sidecar(alternate, document)
+    primary = sidecar_path(image)
+    document, problem = _load(primary)
+    if problem is None:
+        return Sidecar(primary, document)
+    return Sidecar(alternate, foreign=problem)
+
+
 def read(image: Path) -> dict[str, Any] | None:
-    """The existing sidecar, or None when there is none or it is not ours/readable."""
-    path = sidecar_path(image)
+    """Our existing sidecar document for `image`, or None."""
+    return locate(image).document
+
+
+def _load(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(our document, None); (None, None) when there is no file to protect; (None, why) when the file
+    exists but is not ours to replace."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        log.warning("%s: existing sidecar is unreadable and will be replaced (%s)", display(path), exc)
-        return None
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-        return None
-    return data
+        return None, None
+    except OSError as exc:
+        # A folder in its place, or no permission: writing there will fail and say so; nothing to protect.
+        log.debug("%s: %s", display(path), exc)
+        return None, None
+    except UnicodeDecodeError:
+        return None, "not a JSON file of autocaption's (not UTF-8 text)"
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        return None, f"not valid JSON ({exc}), so not autocaption's"
+    problem = _shape_problem(data)
+    return (None, problem) if problem else (data, None)
+
+
+def _shape_problem(data: object) -> str | None:
+    """Why `data` is not an autocaption/1 document we can build on, or None."""
+    if not isinstance(data, dict) or "schema" not in data:
+        return "belongs to another program (not an autocaption sidecar)"
+    if data["schema"] != SCHEMA:
+        return f"has schema {data['schema']!r}, not {SCHEMA!r}"
+    image, rules, written = data.get("image"), data.get("rules"), data.get("written")
+    if not isinstance(image, dict) or not all(isinstance(image.get(k), int) for k in ("size", "mtime_ns")):
+        return "is an autocaption sidecar of the wrong shape (image is not an object with size and mtime_ns)"
+    if not isinstance(rules, dict) or not all(isinstance(entry, dict) for entry in rules.values()):
+        return "is an autocaption sidecar of the wrong shape (rules is not an object of rule entries)"
+    if written is not None and not isinstance(written, dict):
+        return "is an autocaption sidecar of the wrong shape (written is not an object)"
+    return None
 
 
 def is_current(existing: Mapping[str, Any] | None, stat: os.stat_result, rules: Iterable[Rule]) -> bool:
     """True when the sidecar already answers every rule, as configured now, for this very file."""
     if existing is None:
         return False
-    image = existing.get("image", {})
+    image = existing["image"]
     if image.get("size") != stat.st_size or image.get("mtime_ns") != stat.st_mtime_ns:
         return False
-    done = existing.get("rules", {})
+    done = existing["rules"]
     return all(done.get(rule.name, {}).get("fingerprint") == rule.fingerprint for rule in rules)
 
 
@@ -115,14 +180,46 @@ def build(
     return document
 
 
-def write(image: Path, document: Mapping[str, Any]) -> Path:
-    path = sidecar_path(image)
+def write(target: Sidecar, document: Mapping[str, Any]) -> Path:
     data = (json.dumps(document, ensure_ascii=False, indent=2) + "\n").encode("utf-8")
     try:
-        write_atomic(path, data)
+        write_atomic(target.path, data)
     except OSError as exc:
-        raise WriteError(f"{display(path)}: cannot write sidecar: {exc.strerror or exc}") from None
-    return path
+        raise WriteError.from_os(f"{display(target.path)}: cannot write sidecar", exc) from None
+    return target.path
+
+
+def unwritten(existing: Mapping[str, Any], image: Path) -> str | None:
+    """Why the answers recorded in a current sidecar are not (all) in the photo or its XMP sidecar, or None:
+    the write into the photo failed (disk full...), or the XMP sidecar it went to is gone. Such a photo
+    needs its answers written again, not the model run again."""
+    written = existing.get("written") or {}
+    if written.get("file") == "failed":
+        return "the earlier write into the photo failed"
+    xmp = written.get("xmp_sidecar")
+    if isinstance(xmp, str) and xmp and not image.with_name(xmp).exists():
+        return f"its XMP sidecar {xmp} is missing"
+    return None
+
+
+def results_of(existing: Mapping[str, Any], rules: Iterable[Rule]) -> tuple[RuleResult, ...]:
+    """The recorded answers of `rules` (the sidecar is current for them), to write them again."""
+    results = []
+    for rule in rules:
+        entry = existing["rules"][rule.name]
+        tokens = entry.get("tokens") or {}
+        answer = str(entry.get("answer") or "")
+        raw = Answer(answer, int(tokens.get("prompt") or 0), int(tokens.get("answer") or 0), 0.0)
+        results.append(RuleResult(rule, str(entry.get("prompt") or ""), answer, raw))
+    return tuple(results)
+
+
+def with_written(existing: Mapping[str, Any], written: WriteRecord, stat: os.stat_result) -> dict[str, Any]:
+    """The sidecar after its recorded answers were written again: the same answers, the new record."""
+    document = dict(existing)
+    document["image"] = {**existing["image"], "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    document["written"] = {**written.as_json(), "sha256": written.sha256}
+    return document
 
 
 def hash_file(path: Path) -> str:
@@ -135,11 +232,11 @@ def hash_file(path: Path) -> str:
 
 def rename_image(image: Path) -> None:
     """After a move, the JSON sidecar that came along names the new file."""
-    document = read(image)
-    if document is None or document.get("image", {}).get("file") == image.name:
+    found = locate(image)
+    if found.document is None or found.document["image"].get("file") == image.name:
         return
-    document["image"]["file"] = image.name
+    found.document["image"]["file"] = image.name
     try:
-        write(image, document)
+        write(found, found.document)
     except WriteError as exc:
         log.warning("%s", exc)

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from autocaption.config import Config
+from autocaption.errors import ConfigError
 from autocaption.paths import display
 
 SYSTEM_UNIT_DIR = Path("/etc/systemd/system")
@@ -120,8 +121,25 @@ def _command() -> str:
     return _quote(Path(found)) if found else f"{_quote(Path(sys.executable))} -m autocaption"
 
 
+def check_paths_for(config: Config, run_as: str) -> None:
+    """A system unit runs as `run_as`, whose `~` and environment are not the installing user's: a path written
+    with them would name other folders there (`~/Pictures` -> /var/lib/autocaption/Pictures) than the ones
+    this unit opens for writing. Refuse with the first such path rather than render a unit that lies."""
+    if not config.user_paths:
+        return
+    first = config.user_paths[0]
+    more = len(config.user_paths) - 1
+    raise ConfigError(
+        f"{first.where}: {first.written!r} is {display(first.expanded)} for you, but the service runs as "
+        f"{run_as!r} with another home and environment; write the absolute path in the config for a system "
+        f"service (or install a --user unit){f' ({more} more such path(s))' if more else ''}"
+    )
+
+
 def install(config: Config, *, user: bool, unit_dir: Path | None, run_as: str) -> str:
     """Write the unit and return what to run next."""
+    if not user:
+        check_paths_for(config, run_as)
     directory = unit_dir or (Path.home() / ".config/systemd/user" if user else SYSTEM_UNIT_DIR)
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / UNIT_NAME

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -30,13 +31,12 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 from watchdog.observers import Observer
-from watchdog.observers.api import BaseObserver
+from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.polling import PollingObserver
 
 from autocaption.complete import looks_complete, stat_key
 from autocaption.config import WatchConfig
 from autocaption.discover import Candidate, relative_path, walk
-from autocaption.errors import ConfigError
 from autocaption.paths import TEMP_PREFIX, display
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 EVENTS = [FileCreatedEvent, FileModifiedEvent, FileMovedEvent, FileClosedEvent, DirCreatedEvent, DirMovedEvent]
 NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs", "fuse.sshfs",
                        "fuse.rclone", "fuse.glusterfs", "davfs", "fuse.davfs2"}  # fmt: skip
+EMPTY_FILE_WAIT = 60.0  # seconds an empty file may stay empty before it is reported
 INOTIFY_LIMIT_HELP = (
     "the inotify watch limit is reached (one watch per folder). Raise it with "
     "`sudo sysctl fs.inotify.max_user_watches=1048576` and make it permanent in "
@@ -57,15 +58,18 @@ class _Pending:
     watch: WatchConfig
     due: float  # monotonic time of the next check
     key: tuple[int, int] | None = None  # (size, mtime) at the last check
-    stable_since: float | None = None
+    stable_since: float | None = None  # monotonic time since when the key has not changed
 
 
 class Settler:
     """Holds paths until their files are complete, then passes them to `ready` in one call per round."""
 
-    def __init__(self, ready: Callable[[list[Candidate]], None], interval: float = 0.2) -> None:
+    def __init__(
+        self, ready: Callable[[list[Candidate]], None], interval: float = 0.2, empty_wait: float = EMPTY_FILE_WAIT
+    ) -> None:
         self.ready = ready
         self.interval = interval
+        self.empty_wait = empty_wait
         self._pending: dict[Path, _Pending] = {}
         self._folders: list[tuple[Path, WatchConfig]] = []
         self._lock = threading.Lock()
@@ -118,14 +122,19 @@ class Settler:
             return False
         settle = entry.watch.settle_seconds
         recheck = now + max(settle / 2, self.interval)
-        if key[0] == 0 or key != entry.key:
+        if key != entry.key:
             entry.key, entry.due, entry.stable_since = key, recheck, None
             return None
         if entry.stable_since is None:
             entry.stable_since = now
+        quiet = now - entry.stable_since
         # Stable twice. A file that still looks unfinished gets more time, but not forever: after a long
-        # quiet spell it goes to the decoder, which reports a truncated file clearly.
-        if looks_complete(path) or now - entry.stable_since > 5 * settle + 10:
+        # quiet spell it goes to the decoder, which reports it clearly (truncated). An empty file waits
+        # longest (a browser creates the final name empty while it downloads next to it), then is reported.
+        if key[0] == 0:
+            if quiet > self.empty_wait:
+                return True
+        elif looks_complete(path) or quiet > 5 * settle + 10:
             return True
         entry.due = recheck
         return None
@@ -192,48 +201,133 @@ class _OverflowLog(logging.Handler):
             self.on_overflow()
 
 
+@dataclass
+class _Armed:
+    """A watch in force: the observer that runs it, its handle there, and the folder it was set on."""
+
+    observer: BaseObserver
+    handle: ObservedWatch
+    identity: tuple[int, int]  # (st_dev, st_ino) of the folder: a new folder under the same name differs
+    shared: bool  # the one inotify observer (kept running) rather than a polling observer of its own
+
+
 class Watchers:
-    """One inotify observer for local folders, one polling observer per network or polled folder."""
+    """One inotify observer for local folders, one polling observer per network or polled folder.
+
+    A watched folder that does not exist (yet) is not an error: a NAS mounted late, an external disk, a
+    folder deleted and created again. `check` (called every few seconds) arms a folder as soon as it
+    appears and re-arms one that was replaced (another inode under the same name, a mount on top of it),
+    and says so, so the caller can reconcile the folder's contents.
+    """
 
     def __init__(self, watches: tuple[WatchConfig, ...], settler: Settler, on_overflow: Callable[[], None]) -> None:
         self.watches = watches
         self.settler = settler
-        self.observers: list[BaseObserver] = []
+        self._armed: dict[WatchConfig, _Armed] = {}
+        self._told: dict[WatchConfig, str] = {}  # the last thing said about a folder not watched: said once
+        self._inotify: BaseObserver | None = None
         self._overflow = _OverflowLog(on_overflow)
+
+    @property
+    def observers(self) -> list[BaseObserver]:
+        return [armed.observer for armed in self._armed.values()]
 
     def start(self) -> None:
         for name in ("watchdog.observers.inotify", "watchdog.observers.inotify_c"):
             logging.getLogger(name).addHandler(self._overflow)
-        inotify: BaseObserver | None = None
+        self.check()
+
+    def update(self, watches: tuple[WatchConfig, ...]) -> None:
+        """New watch settings (SIGHUP): folders no longer listed (or changed) are dropped, new ones armed."""
+        for watch in [w for w in self._armed if w not in watches]:
+            self._disarm(watch)
+        self._told = {w: told for w, told in self._told.items() if w in watches}
+        self.watches = watches
+        self.check()
+
+    def check(self) -> bool:
+        """Arm the folders that appeared, re-arm the replaced ones. True when any was (re)armed: files may
+        have arrived in it while nobody watched."""
+        armed_any = False
         for watch in self.watches:
-            if not watch.path.is_dir():
-                raise ConfigError(f"watch: {display(watch.path)}: folder does not exist")
-            polled = watch.polling == "yes" or (watch.polling == "auto" and is_network_mount(watch.path))
-            if not polled:
-                if inotify is None:
-                    inotify = Observer()
-                    inotify.start()
-                    self.observers.append(inotify)
-                try:
-                    inotify.schedule(_Handler(watch, self.settler), str(watch.path), recursive=watch.recursive,
-                                     event_filter=EVENTS)  # fmt: skip
-                    log.info("watching %s (inotify)", display(watch.path))
+            identity = _identity(watch.path)
+            armed = self._armed.get(watch)
+            if armed is not None and armed.identity == identity:
+                continue
+            if armed is not None:
+                self._disarm(watch)
+                if identity is None:
+                    self._tell(watch, "folder is gone; it is watched again as soon as it reappears", logging.WARNING)
                     continue
-                except OSError as exc:
-                    if exc.errno not in (errno.ENOSPC, errno.EMFILE):
-                        raise
-                    log.error("%s: %s", display(watch.path), INOTIFY_LIMIT_HELP)
-            poller = PollingObserver(timeout=watch.poll_seconds)
-            poller.schedule(_Handler(watch, self.settler), str(watch.path), recursive=watch.recursive)
-            poller.start()
-            self.observers.append(poller)
-            log.info("watching %s (polling every %.0f s)", display(watch.path), watch.poll_seconds)
+                log.info("watch: %s: the folder was replaced; watching the new one", display(watch.path))
+            if identity is None:
+                self._tell(watch, "folder does not exist (yet); it is watched as soon as it appears", logging.WARNING)
+                continue
+            if self._arm(watch, identity):
+                armed_any = True
+        return armed_any
+
+    def _tell(self, watch: WatchConfig, message: str, level: int) -> None:
+        if self._told.get(watch) != message:
+            self._told[watch] = message
+            log.log(level, "watch: %s: %s", display(watch.path), message)
+
+    def _arm(self, watch: WatchConfig, identity: tuple[int, int]) -> bool:
+        try:
+            self._armed[watch] = self._schedule(watch, identity)
+        except OSError as exc:
+            self._tell(watch, f"cannot watch: {exc.strerror or exc}; trying again", logging.ERROR)
+            return False
+        self._told.pop(watch, None)
+        return True
+
+    def _schedule(self, watch: WatchConfig, identity: tuple[int, int]) -> _Armed:
+        handler = _Handler(watch, self.settler)
+        polled = watch.polling == "yes" or (watch.polling == "auto" and is_network_mount(watch.path))
+        if not polled:
+            if self._inotify is None:
+                self._inotify = Observer()
+                self._inotify.start()
+            try:
+                handle = self._inotify.schedule(handler, str(watch.path), recursive=watch.recursive,
+                                                event_filter=EVENTS)  # fmt: skip
+                log.info("watching %s (inotify)", display(watch.path))
+                return _Armed(self._inotify, handle, identity, shared=True)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EMFILE):
+                    raise
+                log.error("%s: %s", display(watch.path), INOTIFY_LIMIT_HELP)
+        poller = PollingObserver(timeout=watch.poll_seconds)
+        handle = poller.schedule(handler, str(watch.path), recursive=watch.recursive)
+        poller.start()
+        log.info("watching %s (polling every %.0f s)", display(watch.path), watch.poll_seconds)
+        return _Armed(poller, handle, identity, shared=False)
+
+    def _disarm(self, watch: WatchConfig) -> None:
+        armed = self._armed.pop(watch)
+        try:
+            armed.observer.unschedule(armed.handle)
+        except KeyError:  # watchdog already dropped it
+            log.debug("watch: %s: already unscheduled", display(watch.path))
+        if not armed.shared:
+            armed.observer.stop()
+            armed.observer.join(timeout=10)
 
     def stop(self) -> None:
-        for observer in self.observers:
-            observer.stop()
-        for observer in self.observers:
-            observer.join(timeout=10)
-        self.observers.clear()
+        for watch in list(self._armed):
+            self._disarm(watch)
+        if self._inotify is not None:
+            self._inotify.stop()
+            self._inotify.join(timeout=10)
+            self._inotify = None
         for name in ("watchdog.observers.inotify", "watchdog.observers.inotify_c"):
             logging.getLogger(name).removeHandler(self._overflow)
+
+
+def _identity(folder: Path) -> tuple[int, int] | None:
+    """(device, inode) of a folder, or None when there is no folder by that name."""
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None

@@ -72,13 +72,22 @@ RunCli = Callable[..., subprocess.CompletedProcess[str]]
 def run_cli() -> RunCli:
     """Run the real `autocaption` command line in a subprocess."""
 
-    def run(*args: str | Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    def run(
+        *args: str | Path, timeout: float = 300, env: dict[str, str | None] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """`env`: variables to set for this run (None removes one)."""
+        environment = cli_env()
+        for name, value in (env or {}).items():
+            if value is None:
+                environment.pop(name, None)
+            else:
+                environment[name] = value
         return subprocess.run(
             [sys.executable, "-m", "autocaption", *map(str, args)],
             capture_output=True,
             text=True,
             timeout=timeout,
-            env=cli_env(),
+            env=environment,
             check=False,
         )
 

@@ -15,6 +15,8 @@ import pytest
 IGNORED_GROUPS = {"System", "File", "ExifTool", "Composite"}
 OURS = {
     "IFD0:ImageDescription", "IFD0:XPComment", "IFD0:XPKeywords", "XMP-dc:Description", "XMP-dc:Subject",
+    # IPTC-IIM, kept in step with XMP where a file has it (and its digest, which says they agree)
+    "IPTC:Caption-Abstract", "IPTC:Keywords", "IPTC:CodedCharacterSet", "Photoshop:IPTCDigest",
 }  # fmt: skip
 
 
@@ -32,6 +34,16 @@ def tags(*paths: Path) -> dict[Path, dict[str, Any]]:
         capture_output=True, text=True, check=False,
     ).stdout  # fmt: skip
     return {Path(entry["SourceFile"]): entry for entry in json.loads(out or "[]")}
+
+
+def values(path: Path, *names: str) -> dict[str, Any]:
+    """Tags that must be asked for by name (exiftool's computed ones, e.g. CurrentIPTCDigest)."""
+    out = subprocess.run(
+        [require(), "-j", "-charset", "utf8", *(f"-{name}" for name in names), str(path)],
+        capture_output=True, text=True, check=False,
+    ).stdout  # fmt: skip
+    entry: dict[str, Any] = json.loads(out or "[{}]")[0]
+    return entry
 
 
 def warnings(path: Path) -> set[str]:

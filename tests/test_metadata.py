@@ -83,7 +83,7 @@ def test_every_corpus_jpeg_gets_the_caption_and_keeps_everything_else(corpus: Pa
         assert record.file == "embedded", (path, record)
         write(path, photos, existing="overwrite")  # twice: still one EXIF and one XMP segment
     after_tags = exiftool.tags(*files)
-    compared = 0
+    compared = iptc_files = 0
     for path in files:
         data, warnings, image = before[path]
         new = after_tags[path]
@@ -92,6 +92,16 @@ def test_every_corpus_jpeg_gets_the_caption_and_keeps_everything_else(corpus: Pa
         assert xp_text(new["IFD0:XPComment"]) == CAPTION, path
         subject = new["XMP-dc:Subject"]
         assert list(KEYWORDS) == (subject if isinstance(subject, list) else [subject])[-len(KEYWORDS) :], path
+        if any(key.startswith("IPTC:") for key in before_tags[path]):  # IPTC follows XMP where it exists
+            iptc_files += 1
+            assert new["IPTC:Caption-Abstract"] == CAPTION and new["IPTC:CodedCharacterSet"] == "UTF8", path
+            iptc_keywords = new["IPTC:Keywords"]
+            assert list(KEYWORDS) == (iptc_keywords if isinstance(iptc_keywords, list) else [iptc_keywords])[
+                -len(KEYWORDS) :
+            ], path
+            if "Photoshop:IPTCDigest" in before_tags[path]:  # Photoshop and Lightroom: IPTC and XMP agree
+                digests = exiftool.values(path, "IPTCDigest", "CurrentIPTCDigest")
+                assert digests["IPTCDigest"] == digests["CurrentIPTCDigest"], path
         old = exiftool.comparable(before_tags[path])
         assert exiftool.comparable(new, ignore=exiftool.OURS) | old == exiftool.comparable(new), path
         lost = {k: v for k, v in old.items() if new.get(k) != v}
@@ -101,7 +111,7 @@ def test_every_corpus_jpeg_gets_the_caption_and_keeps_everything_else(corpus: Pa
         assert scan_data(path.read_bytes()) == scan_data(data), path
         assert pixels(path) == image, path
         assert segment_counts(path) == (1, 1), path
-    assert compared > 4000
+    assert compared > 4000 and iptc_files >= 4
 
 
 def test_a_persons_caption_is_kept_and_boilerplate_replaced(corpus: Path, tmp_path: Path) -> None:

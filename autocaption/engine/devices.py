@@ -12,6 +12,14 @@ from autocaption.errors import ModelUnavailable
 
 
 @dataclass(frozen=True)
+class Gpu:
+    name: str
+    total_bytes: int
+    free_bytes: int | None  # None when the device could not be asked
+    arch: str  # "gfx1100" on ROCm, "sm_90" on CUDA
+
+
+@dataclass(frozen=True)
 class Accelerator:
     """What torch says about the machine."""
 
@@ -20,6 +28,8 @@ class Accelerator:
     cuda_version: str | None  # torch.version.cuda on CUDA builds
     bf16_supported: bool
     names: tuple[str, ...] = ()
+    gpus: tuple[Gpu, ...] = ()
+    torch_version: str = ""
 
     @property
     def runtime(self) -> str:

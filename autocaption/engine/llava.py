@@ -6,14 +6,12 @@ This is the only module that imports torch and transformers.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,45 +25,16 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from autocaption.config import ModelConfig
+from autocaption.engine import hub
 from autocaption.engine.base import Answer, Cancelled, EngineInfo, Job, Prompt
-from autocaption.engine.devices import Accelerator, place
+from autocaption.engine.devices import place
+from autocaption.engine.hardware import accelerator
 from autocaption.engine.tree import TREE_ATTENTION, Prefilled, TreeDecoder, register_attention
 from autocaption.errors import EngineError, ModelUnavailable
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def _accelerator() -> Accelerator:
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return Accelerator(
-        gpu_count=count,
-        hip_version=getattr(torch.version, "hip", None),
-        cuda_version=torch.version.cuda,
-        bf16_supported=count > 0 and torch.cuda.is_bf16_supported(),
-        names=tuple(torch.cuda.get_device_name(i) for i in range(count)),
-    )
-
-
-def _model_source(model: ModelConfig) -> tuple[str, bool]:
-    """Where to load from and whether to stay off the network."""
-    local = Path(os.path.expanduser(model.id))
-    if local.is_dir():
-        return str(local), True
-    if model.id.startswith(("/", "./", "../", "~")) or local.exists():
-        raise ModelUnavailable(f"model.id: {model.id}: no such model folder")
-    return model.id, model.local_files_only
-
-
-def _unavailable(model: ModelConfig, exc: Exception) -> ModelUnavailable:
-    if Path(os.path.expanduser(model.id)).is_dir():
-        return ModelUnavailable(f"model.id: {model.id}: not a usable model folder ({exc})")
-    return ModelUnavailable(
-        f"model {model.id!r} is not on this machine and cannot be downloaded ({type(exc).__name__}). "
-        "Put a local model folder in model.id, or allow network access to huggingface.co once so it is "
-        "cached in $HF_HOME (unset HF_HUB_OFFLINE, model.local_files_only: false)."
-    )
 
 
 class _StopWhenSet(StoppingCriteria):
@@ -146,24 +115,26 @@ class LlavaEngine:
 
     @classmethod
     def load(cls, config: ModelConfig) -> LlavaEngine:
-        placement = place(config.device, config.dtype, _accelerator())
+        placement = place(config.device, config.dtype, accelerator())
         if placement.warning:
             log.warning(placement.warning)
-        source, offline = _model_source(config)
         hf_logging.disable_progress_bar()  # a tqdm bar per load is noise in a service log
         started = time.perf_counter()
-        try:
-            revision = config.revision or "main"
+        revision = config.revision or "main"
+
+        def from_pretrained(source: str, offline: bool) -> tuple[Any, Any]:
             processor = AutoProcessor.from_pretrained(source, revision=revision, local_files_only=offline)
-            model: Any = LlavaNextForConditionalGeneration.from_pretrained(
+            model = LlavaNextForConditionalGeneration.from_pretrained(
                 source,
                 revision=revision,
                 local_files_only=offline,
                 dtype=_DTYPES[placement.dtype],
                 attn_implementation=_attention(config),
             )
-        except (OSError, ValueError) as exc:
-            raise _unavailable(config, exc) from None
+            return processor, model
+
+        try:
+            processor, model = hub.load(config, from_pretrained)
         except ImportError as exc:  # flash_attention_2 asked for but not installed
             raise ModelUnavailable(f"model.attn_implementation: {config.attn_implementation}: {exc}") from None
         model = model.to(placement.device).eval()

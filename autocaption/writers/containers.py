@@ -1,7 +1,7 @@
 """Putting EXIF and XMP blocks into JPEG, PNG and WebP files by editing segments/chunks only.
 
 The compressed image data is never decoded or re-encoded: every byte we do not replace is copied.
-Each function takes the file's bytes and the new blocks (None = leave that block as it is) and
+Each `*_with` function takes the file's bytes and the new blocks (None = leave that block as it is) and
 returns the new bytes, or raises `ContainerError` when the file cannot be edited safely.
 """
 
@@ -10,6 +10,8 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass
+
+from autocaption.writers import iptc
 
 EXIF_HEADER = b"Exif\x00\x00"
 XMP_HEADER = b"http://ns.adobe.com/xap/1.0/\x00"
@@ -28,6 +30,10 @@ class Blocks:
 
     exif: bytes | None
     xmp: bytes | None
+    # Further standard XMP packets (some JPEGs carry two APP1 XMP segments; readers disagree on which
+    # counts). They are merged into the first, and the file is written back with one.
+    more_xmp: tuple[bytes, ...] = ()
+    iptc: bytes | None = None  # JPEG: the IPTC-IIM data in the Photoshop APP13 segment, when there is one
 
 
 # --- JPEG -------------------------------------------------------------------------------------------
@@ -59,23 +65,44 @@ def _jpeg_segments(data: bytes) -> tuple[list[tuple[int, bytes]], int]:
 def jpeg_blocks(data: bytes) -> Blocks:
     segments, _ = _jpeg_segments(data)
     exif = next((p[6:] for m, p in segments if m == 0xE1 and p.startswith(EXIF_HEADER)), None)
-    xmp = next((p[len(XMP_HEADER) :] for m, p in segments if m == 0xE1 and p.startswith(XMP_HEADER)), None)
-    return Blocks(exif, xmp)
+    packets = [p[len(XMP_HEADER) :] for m, p in segments if m == 0xE1 and p.startswith(XMP_HEADER)]
+    return Blocks(exif, packets[0] if packets else None, tuple(packets[1:]), _jpeg_iptc(segments))
 
 
-def jpeg_with(data: bytes, exif: bytes | None, xmp: bytes | None) -> bytes:
+def _jpeg_iptc(segments: list[tuple[int, bytes]]) -> bytes | None:
+    """The IIM data of the one Photoshop APP13 segment. None when there is none, or when it is split over
+    several segments or unparseable: then IPTC is left exactly as it is."""
+    photoshop = [p for m, p in segments if m == 0xED and p.startswith(iptc.PHOTOSHOP_HEADER)]
+    if len(photoshop) != 1:
+        return None
+    try:
+        return iptc.iim_of(photoshop[0])
+    except iptc.IptcError:
+        return None
+
+
+def jpeg_with(data: bytes, new: Blocks) -> bytes:
+    exif, xmp = new.exif, new.xmp
     segments, scan = _jpeg_segments(data)
     for name, header, block in (("EXIF", EXIF_HEADER, exif), ("XMP", XMP_HEADER, xmp)):
         if block is not None and len(header) + len(block) + 2 > MAX_SEGMENT + 2:
             raise ContainerError(f"{name} would need {len(header) + len(block)} bytes, over the 64 KB segment limit")
     out = list(segments)
+    if new.iptc is not None:
+        at = next(i for i, (m, p) in enumerate(out) if m == 0xED and p.startswith(iptc.PHOTOSHOP_HEADER))
+        payload = iptc.with_iim(out[at][1], new.iptc)
+        if len(payload) > MAX_SEGMENT:
+            raise ContainerError(f"IPTC would need {len(payload)} bytes, over the 64 KB segment limit")
+        out[at] = (0xED, payload)
     for header, block in ((EXIF_HEADER, exif), (XMP_HEADER, xmp)):
         if block is None:
             continue
         payload = header + block
-        existing = next((i for i, (m, p) in enumerate(out) if m == 0xE1 and p.startswith(header)), None)
-        if existing is not None:
-            out[existing] = (0xE1, payload)  # in place: the order of segments is kept
+        existing = [i for i, (m, p) in enumerate(out) if m == 0xE1 and p.startswith(header)]
+        if existing:
+            out[existing[0]] = (0xE1, payload)  # in place: the order of segments is kept
+            for index in reversed(existing[1:]):  # merged into this one by the caller
+                del out[index]
         else:
             out.insert(_insert_at(out, after_exif=header == XMP_HEADER), (0xE1, payload))
     body = b"".join(b"\xff" + bytes([m]) + struct.pack(">H", len(p) + 2) + p for m, p in out)
@@ -140,7 +167,8 @@ def png_blocks(data: bytes) -> Blocks:
     return Blocks(exif, xmp)
 
 
-def png_with(data: bytes, exif: bytes | None, xmp: bytes | None) -> bytes:
+def png_with(data: bytes, new: Blocks) -> bytes:
+    exif, xmp = new.exif, new.xmp
     chunks = _png_chunks(data)
     replacements: list[tuple[bytes, bytes, object]] = []
     if exif is not None:
@@ -207,7 +235,8 @@ def _canvas(chunks: list[tuple[bytes, bytes]]) -> tuple[int, int, bool]:
     raise ContainerError(f"WebP starts with an unexpected {kind!r} chunk")
 
 
-def webp_with(data: bytes, exif: bytes | None, xmp: bytes | None) -> bytes:
+def webp_with(data: bytes, new: Blocks) -> bytes:
+    exif, xmp = new.exif, new.xmp
     chunks = _webp_chunks(data)
     if chunks[0][0] != b"VP8X":
         width, height, alpha = _canvas(chunks)

@@ -26,7 +26,7 @@ from autocaption.config import OutputConfig
 from autocaption.errors import WriteError
 from autocaption.images import sniff
 from autocaption.paths import display
-from autocaption.writers import containers, exif, policy, xmp
+from autocaption.writers import containers, exif, iptc, policy, xmp
 from autocaption.writers.containers import Blocks, ContainerError
 from autocaption.writers.exif import ExifError, Tiff
 from autocaption.writers.xmp import XmpError
@@ -34,7 +34,7 @@ from autocaption.writers.xmp import XmpError
 log = logging.getLogger(__name__)
 
 _Reader = Callable[[bytes], Blocks]
-_Writer = Callable[[bytes, bytes | None, bytes | None], bytes]
+_Writer = Callable[[bytes, Blocks], bytes]
 EDITABLE: dict[str, tuple[_Reader, _Writer]] = {
     "JPEG": (containers.jpeg_blocks, containers.jpeg_with),
     "PNG": (containers.png_blocks, containers.png_with),
@@ -46,6 +46,7 @@ EDITABLE: dict[str, tuple[_Reader, _Writer]] = {
 class Caption:
     description: str | None  # the answer of the rule that writes `description`
     keywords: tuple[str, ...] = ()
+    asked: bool = False  # some rule writes into the photo (so an empty caption means empty answers)
 
     @property
     def empty(self) -> bool:
@@ -100,12 +101,13 @@ class MetadataWriter:
 
     def write(self, path: Path, root: Path, caption: Caption, *, dry_run: bool = False) -> WriteRecord:
         if caption.empty:
-            return WriteRecord("unchanged", "none", "none", reason="no rule writes into the photo")
+            why = "the answers were empty: nothing to write" if caption.asked else "no rule writes into the photo"
+            return WriteRecord("dry-run" if dry_run else "unchanged", "none", "none", reason=why)
         target = path.resolve()
         try:
             data = target.read_bytes()
         except OSError as exc:
-            raise WriteError(f"{display(path)}: cannot read for writing: {exc.strerror or exc}") from None
+            raise WriteError.from_os(f"{display(path)}: cannot read for writing", exc) from None
         reason = self._why_not_embedded(path, target, root, data)
         found = _facts_of(data)
         notes = ("none", "none")
@@ -113,7 +115,7 @@ class MetadataWriter:
         if reason is None:
             try:
                 new_data, notes = self._embed(data, caption, found)
-            except (ContainerError, ExifError, XmpError) as exc:
+            except (ContainerError, ExifError, XmpError, iptc.IptcError) as exc:
                 reason = f"its metadata cannot be rewritten safely ({exc})"
             else:
                 if not dry_run:
@@ -152,7 +154,7 @@ class MetadataWriter:
         read_blocks, write_blocks = EDITABLE[kind]
         blocks = read_blocks(data)
         tiff = Tiff(blocks.exif) if blocks.exif is not None else exif.new_block()
-        root = xmp.parse(blocks.xmp)
+        root = xmp.parse_all(blocks.xmp, blocks.more_xmp)
         applied = self._apply(root, caption, found)
         updates: dict[int, tuple[int, bytes] | None] = {}
         if applied.description is not None:
@@ -161,7 +163,8 @@ class MetadataWriter:
         if applied.keywords:
             updates[exif.XP_KEYWORDS] = exif.xp_value(";".join(applied.keywords))
         new_exif = tiff.with_tags(updates) if updates else None
-        new_data = write_blocks(data, new_exif, xmp.serialize(root))
+        new_iptc = _synced_iptc(blocks.iptc, applied)
+        new_data = write_blocks(data, Blocks(new_exif, xmp.serialize(root), iptc=new_iptc))
         _verify(new_data, data, kind)
         return new_data, applied.notes
 
@@ -190,7 +193,7 @@ class MetadataWriter:
         except RefusedError as exc:
             raise WriteError(f"{display(path)}: not rewritten: {exc}") from None
         except OSError as exc:
-            raise WriteError(f"{display(path)}: cannot write: {exc.strerror or exc}") from None
+            raise WriteError.from_os(f"{display(path)}: cannot write", exc) from None
 
     def _sidecar(self, path: Path, caption: Caption, found: _Found, dry_run: bool) -> tuple[Path, tuple[str, str]]:
         """Merge the caption into `<image>.xmp`, keeping everything else in it (darktable history...)."""
@@ -200,7 +203,7 @@ class MetadataWriter:
         except FileNotFoundError:
             existing = None
         except OSError as exc:
-            raise WriteError(f"{display(sidecar)}: cannot read: {exc.strerror or exc}") from None
+            raise WriteError.from_os(f"{display(sidecar)}: cannot read", exc) from None
         try:
             root = xmp.parse(existing)
         except XmpError as exc:
@@ -219,7 +222,7 @@ class MetadataWriter:
             try:
                 write_atomic(sidecar, xmp.serialize(root, padding=0))
             except OSError as exc:
-                raise WriteError(f"{display(sidecar)}: cannot write sidecar: {exc.strerror or exc}") from None
+                raise WriteError.from_os(f"{display(sidecar)}: cannot write sidecar", exc) from None
         return sidecar, (f"{notes[0]} (sidecar)" if notes[0] != "none" else "none", notes[1])
 
 
@@ -233,7 +236,7 @@ def _facts_of(data: bytes) -> _Found:
         return found
     if blocks.xmp is not None:
         try:
-            facts = xmp.facts(xmp.parse(blocks.xmp))
+            facts = xmp.facts(xmp.parse_all(blocks.xmp, blocks.more_xmp))
         except XmpError:
             facts = None
         if facts:
@@ -245,10 +248,34 @@ def _facts_of(data: bytes) -> _Found:
         try:
             tiff = Tiff(blocks.exif)
         except ExifError:
+            tiff = None
+        if tiff is not None:
+            found.descriptions.append(tiff.text(exif.IMAGE_DESCRIPTION))
+            found.make, found.model = tiff.text(exif.MAKE), tiff.text(exif.MODEL)
+    if blocks.iptc is not None:
+        try:
+            legacy = iptc.facts(blocks.iptc)
+        except iptc.IptcError:
             return found
-        found.descriptions.append(tiff.text(exif.IMAGE_DESCRIPTION))
-        found.make, found.model = tiff.text(exif.MAKE), tiff.text(exif.MODEL)
+        found.descriptions.append(legacy.caption)
+        known = {word.casefold() for word in found.keywords}
+        found.keywords += tuple(word for word in legacy.keywords if word.casefold() not in known)
     return found
+
+
+def _synced_iptc(iim: bytes | None, applied: _Applied) -> bytes | None:
+    """New IPTC-IIM data carrying what was set in XMP, or None to leave the IPTC block as it is (none in the
+    file, nothing set, or a legacy character set that UTF-8 text would change)."""
+    if iim is None or (applied.description is None and not applied.keywords):
+        return None
+    try:
+        synced = iptc.with_caption(iim, applied.description, applied.keywords or None)
+    except iptc.IptcError as exc:
+        log.info("IPTC left as it is: %s", exc)
+        return None
+    if synced is None:
+        log.info("IPTC left as it is: it holds non-ASCII text in a legacy character set")
+    return synced
 
 
 def _pillow_blocks(data: bytes) -> Blocks:
@@ -271,6 +298,10 @@ def _verify(new: bytes, old: bytes, kind: str) -> None:
         Tiff(blocks.exif)
     if blocks.xmp is not None:
         xmp.parse(blocks.xmp)
+    if blocks.more_xmp:
+        raise ContainerError("the rewritten file still has more than one XMP packet")
+    if blocks.iptc is not None:
+        iptc.datasets(blocks.iptc)
     with Image.open(io.BytesIO(new)) as after, Image.open(io.BytesIO(old)) as before:
         if after.size != before.size or after.mode != before.mode:
             raise ContainerError("the rewritten file no longer decodes to the same image")

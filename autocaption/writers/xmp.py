@@ -21,12 +21,14 @@ NS = {
     "dc": "http://purl.org/dc/elements/1.1/",
     "xmp": "http://ns.adobe.com/xap/1.0/",
     "autocaption": "https://github.com/autocaption/autocaption/ns/1.0/",
+    "lr": "http://ns.adobe.com/lightroom/1.0/",
 }
 XML_LANG = "{http://www.w3.org/XML/1998/namespace}lang"
 PACKET_ID = "W5M0MpCehiHzreSzNTczkc9d"
 _RDF = "{" + NS["rdf"] + "}"
 _DC = "{" + NS["dc"] + "}"
 _OWN = "{" + NS["autocaption"] + "}"
+_LR = "{" + NS["lr"] + "}"
 _PI = re.compile(rb"<\?xpacket[^>]*\?>")
 
 
@@ -72,6 +74,33 @@ def parse(packet: bytes | None) -> ET.Element:
     if root.find(_RDF + "RDF") is None:
         raise XmpError("XMP without an rdf:RDF element")
     return root
+
+
+def parse_all(packet: bytes | None, more: Sequence[bytes] = ()) -> ET.Element:
+    """One tree from a file's XMP packets: the first, with the properties only the others have added."""
+    root = parse(packet)
+    for other in more:
+        merge(root, parse(other))
+    return root
+
+
+def merge(root: ET.Element, other: ET.Element) -> None:
+    """Add the properties of `other` that `root` does not have (in any form); on a conflict the first wins."""
+    about = _RDF + "about"
+    present = {
+        name for description in _descriptions(root) for name in (*description.attrib, *(c.tag for c in description))
+    }
+    target = _descriptions(root)[0]
+    rdf = other.find(_RDF + "RDF")
+    for description in rdf.findall(_RDF + "Description") if rdf is not None else []:
+        for name, value in description.attrib.items():
+            if name != about and name not in present:
+                target.set(name, value)
+                present.add(name)
+        for child in list(description):
+            if child.tag not in present:
+                target.append(child)
+                present.add(child.tag)
 
 
 def _empty() -> ET.Element:
@@ -156,6 +185,17 @@ def set_description(root: ET.Element, text: str, own: str) -> None:
 
 
 def set_keywords(root: ET.Element, keywords: Sequence[str], own: Sequence[str]) -> None:
+    """dc:subject = keywords; remember `own` as ours. Where the file has Lightroom's hierarchical keywords,
+    ours are added there too as top-level entries (Immich and Lightroom ignore dc:subject when
+    lr:hierarchicalSubject is present), replacing the ones we added last time; a person's stay."""
+    hierarchical = _find(root, _LR + "hierarchicalSubject")
+    if hierarchical is not None:
+        previous = {(li.text or "").casefold() for li in _items(_find(root, _OWN + "Keywords"))}
+        entries = [li.text or "" for li in _items(hierarchical)]
+        kept = [entry for entry in entries if entry.casefold() not in previous]
+        present = {entry.casefold() for entry in kept}
+        _replace(root, _LR + "hierarchicalSubject", "Bag",
+                 kept + [word for word in own if word.casefold() not in present], lang=False)  # fmt: skip
     _replace(root, _DC + "subject", "Bag", keywords, lang=False)
     _replace(root, _OWN + "Keywords", "Bag", own, lang=False)
 
