@@ -461,7 +461,7 @@ def parse(text: str, source: Path) -> Config:
         raise ConfigError(f"{display(source)}: the file is empty; it needs at least `rules:`")
     root = _Node(root_node, "", source)
     if not isinstance(root_node, yaml.MappingNode):
-        kind = root_node.tag.rsplit(":", 1)[-1]
+        kind = {"seq": "list"}.get(root_node.tag.rsplit(":", 1)[-1], "single value")
         raise root.fail(f"the file must be a mapping of settings with at least `rules:`, not a {kind}")
     keys = root.mapping(
         dict(model=False, images=False, output=False, watch=False, state=False, daemon=False, rules=True)

@@ -300,10 +300,10 @@ def _gpu_nodes() -> list[str]:
     return nodes
 
 
-def _amd_gfx() -> tuple[str, ...]:
+def _amd_gfx(topology: Path = Path("/sys/class/kfd/kfd/topology/nodes")) -> tuple[str, ...]:
     """gfx names of the GPU nodes the amdgpu driver reports (gfx_target_version 110000 -> gfx1100)."""
     found = []
-    for properties in sorted(Path("/sys/class/kfd/kfd/topology/nodes").glob("*/properties")):
+    for properties in sorted(topology.glob("*/properties")):
         try:
             text = properties.read_text(encoding="ascii")
         except OSError:

@@ -130,3 +130,25 @@ def test_watch_paths_are_resolved_so_every_photo_has_one_spelling(tmp_path: Path
     (tmp_path / "link").symlink_to(real)
     config = parse("watch: [{path: link}]\nrules: [{name: a, prompt: b}]", tmp_path / "rules.yaml")
     assert config.watch[0].path == real
+
+
+def test_an_unset_variable_in_a_path_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AUTOCAPTION_NO_SUCH_VAR", raising=False)
+    monkeypatch.setenv("AUTOCAPTION_PHOTOS", "/srv/photos")
+    text = "watch: [{path: '${AUTOCAPTION_NO_SUCH_VAR}/inbox'}]\nrules: [{name: a, prompt: b}]\n"
+    assert error(text) == (
+        f"{SOURCE}:1: watch[0].path: environment variable $AUTOCAPTION_NO_SUCH_VAR is not set "
+        "(in '${AUTOCAPTION_NO_SUCH_VAR}/inbox')"
+    )
+    state = "state: {dir: $AUTOCAPTION_NO_SUCH_VAR}\nrules: [{name: a, prompt: b}]"
+    assert "state.dir: environment variable $AUTOCAPTION_NO_SUCH_VAR is not set" in error(state)
+    config = parse("watch: [{path: '$AUTOCAPTION_PHOTOS/inbox'}]\nrules: [{name: a, prompt: b}]\n", SOURCE)
+    assert config.watch[0].path == Path("/srv/photos/inbox")
+    assert [p.written for p in config.user_paths] == ["$AUTOCAPTION_PHOTOS/inbox"]
+
+
+def test_a_top_level_list_names_the_file_and_line() -> None:
+    assert error("- {name: a, prompt: b}\n") == (
+        f"{SOURCE}:1: the file must be a mapping of settings with at least `rules:`, not a list"
+    )
+    assert error("just text\n").endswith("not a single value")

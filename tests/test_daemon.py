@@ -6,6 +6,8 @@ still goes to the model); the process-level tests run the real `autocaption run`
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import signal
@@ -25,7 +27,8 @@ from autocaption.config import ModelConfig, load
 from autocaption.engine import Answer, Engine, Job, load_engine
 from autocaption.journal import DONE, FAILED, MIGRATIONS, QUEUED, RETRY, Journal
 from autocaption.service import Service
-from tests.conftest import cli_env
+from tests.conftest import RunCli, cli_env
+from tests.test_metadata import segment_counts
 
 FAST_RULES = '- {name: caption, prompt: "Describe.", max_new_tokens: 4, write: [description]}'
 
@@ -69,7 +72,9 @@ def inbox(tmp_path: Path) -> Path:
 def daemon(make_config: Callable[..., Path], inbox: Path) -> Iterator[Callable[..., tuple[Service, CountingEngine]]]:
     started: list[tuple[Service, threading.Thread]] = []
 
-    def start(rules: str = FAST_RULES, extra: str = "") -> tuple[Service, CountingEngine]:
+    def start(
+        rules: str = FAST_RULES, extra: str = "", empty_wait: float | None = None
+    ) -> tuple[Service, CountingEngine]:
         config_path = make_config(rules=rules, extra=f"watch: [{{path: {str(inbox)!r}, settle_seconds: 0.5}}]\n{extra}")
         counter: list[CountingEngine] = []
 
@@ -78,6 +83,8 @@ def daemon(make_config: Callable[..., Path], inbox: Path) -> Iterator[Callable[.
             return counter[0]
 
         service = Service(config_path, load(config_path), engine_factory=factory)
+        if empty_wait is not None:
+            service.settler.empty_wait = empty_wait  # how long an empty file may stay empty (default a minute)
         thread = threading.Thread(target=service.run, daemon=True)
         thread.start()
         wait_for(lambda: bool(counter) and service.watchers is not None and bool(service.watchers.observers),
@@ -380,6 +387,25 @@ def test_service_install_renders_a_unit_for_the_users_folders(
     assert "User=" not in (tmp_path / "user" / "autocaption.service").read_text(encoding="utf-8")
 
 
+def test_service_install_refuses_paths_that_mean_another_folder_for_the_service_user(
+    run_cli: RunCli, make_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    config = make_config(extra="watch: [{path: ~/Pictures}]")
+    home = {"HOME": str(tmp_path)}
+    result = run_cli("service", "install", "--config", config, "--unit-dir", tmp_path / "units", env=home)
+    assert result.returncode == 2 and not (tmp_path / "units" / "autocaption.service").exists()
+    line = result.stderr.strip()
+    assert line == (
+        f"autocaption: error: {config}:3: watch[0].path: '~/Pictures' is {tmp_path / 'Pictures'} for you, but the "
+        "service runs as 'autocaption' with another home and environment; write the absolute path in the config "
+        "for a system service (or install a --user unit)"
+    ), line
+    user = run_cli("service", "install", "--user", "--config", config, "--unit-dir", tmp_path / "user", env=home)
+    assert user.returncode == 0 and f"ReadWritePaths={tmp_path / 'Pictures'}" in (
+        tmp_path / "user" / "autocaption.service"
+    ).read_text(encoding="utf-8")
+
+
 def test_status_and_retry_commands(run_cli, make_config: Callable[..., Path], tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     config = make_config()
     journal = Journal(load(config).state.dir)
@@ -413,3 +439,200 @@ def test_reconcile_removes_temp_files_left_by_a_killed_write(make_config: Callab
     assert reconcile(config, journal) == 0  # temp files are never queued
     journal.close()
     assert not stale.exists() and fresh.exists()
+
+
+# --- issue 13: never skip, never lose --------------------------------------------------------------
+
+
+def test_deleted_with_its_sidecars_then_added_again_is_described_again(daemon, inbox: Path, corpus: Path) -> None:  # type: ignore[no-untyped-def]
+    """Same bytes at a new path after the old one and its results were deleted: no move (nothing to carry)."""
+    _, engine = daemon()
+    first = inbox / "IMG_1.tiff"  # never rewritten: its bytes stay the ones the journal knows
+    first.write_bytes((corpus / "tiff/Arbitro.tiff").read_bytes())
+    xmp = inbox / "IMG_1.tiff.xmp"
+    wait_for(lambda: sidecar(first).exists() and xmp.exists(), what="the first description")
+    for path in (first, sidecar(first), xmp):
+        path.unlink()
+    (inbox / "2024-05-01").mkdir()
+    again = inbox / "2024-05-01" / "IMG_1.tiff"
+    again.write_bytes((corpus / "tiff/Arbitro.tiff").read_bytes())
+    wait_for(lambda: sidecar(again).exists() and again.with_name("IMG_1.tiff.xmp").exists(), what="described again")
+    assert engine.images == 2
+    # A real move still carries both sidecars and costs no model call.
+    (inbox / "sorted").mkdir()
+    moved = inbox / "sorted" / "IMG_1.tiff"
+    again.rename(moved)
+    wait_for(lambda: sidecar(moved).exists() and moved.with_name("IMG_1.tiff.xmp").exists(), what="the move")
+    time.sleep(1.5)
+    assert engine.images == 2 and not sidecar(again).exists() and not again.with_name("IMG_1.tiff.xmp").exists()
+
+
+def test_a_second_daemon_on_the_same_state_dir_refuses_to_start(
+    make_config: Callable[..., Path], inbox: Path, tmp_path: Path
+) -> None:
+    config = make_config(rules=FAST_RULES, extra=f"watch: [{{path: {str(inbox)!r}, settle_seconds: 0.3}}]")
+    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
+    first = start_cli(config, first_log)
+    try:
+        wait_for(lambda: "ready:" in first_log.read_text(encoding="utf-8"), what="ready")
+        second = start_cli(config, second_log)
+        assert second.wait(timeout=60) == 2
+        text = second_log.read_text(encoding="utf-8")
+        assert f"is in use by another autocaption daemon (pid {first.pid})" in text, text
+        assert "loaded" not in text and len(text.strip().splitlines()) == 1  # refused before loading the model
+        assert first.poll() is None
+    finally:
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=60) == 0
+
+
+def test_process_waits_while_another_process_writes_the_photo(
+    run_cli: RunCli, make_config: Callable[..., Path], corpus: Path, tmp_path: Path
+) -> None:
+    from autocaption.locks import PhotoLocks
+
+    config = make_config(rules=FAST_RULES)
+    photo = tmp_path / "held.jpg"
+    photo.write_bytes((corpus / "jpg/gps/DSCN0012.jpg").read_bytes())
+    log = tmp_path / "process.log"
+    with PhotoLocks(load(config).state.dir).hold(photo):  # as the daemon does while it writes this photo
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "autocaption", "process", "--config", str(config), str(photo)],
+            stdout=subprocess.DEVNULL, stderr=log.open("wb"), env=cli_env(),
+        )  # fmt: skip
+        wait_for(lambda: "loaded" in log.read_text(encoding="utf-8"), what="the model")
+        time.sleep(3)  # described by now; waiting for the lock
+        assert proc.poll() is None and not sidecar(photo).exists()
+    assert proc.wait(timeout=60) == 0
+    assert json.loads(sidecar(photo).read_text(encoding="utf-8"))["written"]["file"] == "embedded"
+
+
+def test_process_and_the_daemon_on_the_same_photos_leave_each_complete(
+    run_cli: RunCli, make_config: Callable[..., Path], inbox: Path, tmp_path: Path, corpus: Path
+) -> None:
+    config = make_config(rules=FAST_RULES, extra=f"watch: [{{path: {str(inbox)!r}, settle_seconds: 0.2}}]")
+    log = tmp_path / "daemon.log"
+    proc = start_cli(config, log)
+    names = sorted(p.name for p in (corpus / "jpg/gps").glob("*.jpg"))
+    try:
+        wait_for(lambda: "ready:" in log.read_text(encoding="utf-8"), what="ready")
+        for name in names:
+            (inbox / name).write_bytes((corpus / "jpg/gps" / name).read_bytes())
+        result = run_cli("process", "--config", config, inbox)
+        assert result.returncode == 0, result.stderr
+        wait_for(lambda: all(sidecar(inbox / n).exists() for n in names), what="every sidecar")
+        time.sleep(2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    for name in names:
+        photo = inbox / name
+        document = json.loads(sidecar(photo).read_text(encoding="utf-8"))
+        assert document["written"]["sha256"] == hashlib.sha256(photo.read_bytes()).hexdigest(), name
+        assert document["image"]["size"] == photo.stat().st_size, name
+        assert segment_counts(photo) == (1, 1), name
+
+
+def test_watch_folders_that_appear_later_and_a_reload_that_adds_one(
+    make_config: Callable[..., Path], inbox: Path, tmp_path: Path
+) -> None:
+    """`run` with a folder that does not exist yet (a NAS mounted late) waits for it; SIGHUP with a new missing
+    folder keeps the daemon and its watchers (issue 13.5)."""
+    late, later = tmp_path / "nas" / "photos", tmp_path / "usb" / "photos"
+    watch = f"{{path: {str(inbox)!r}, settle_seconds: 0.3}}, {{path: {str(late)!r}, settle_seconds: 0.3}}"
+    config = make_config(rules=FAST_RULES, extra=f"watch: [{watch}]")
+    log = tmp_path / "daemon.log"
+    proc = start_cli(config, log)
+    try:
+        wait_for(lambda: "ready:" in log.read_text(encoding="utf-8"), what="ready")
+        text = config.read_text(encoding="utf-8")
+        added = f"{watch}, {{path: {str(later)!r}, settle_seconds: 0.3}}"
+        config.write_text(text.replace(f"watch: [{watch}]", f"watch: [{added}]"), encoding="utf-8")
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "configuration reloaded" in log.read_text(encoding="utf-8"), what="the reload")
+        (inbox / "one.jpg").write_bytes(photo(1))
+        wait_for(lambda: sidecar(inbox / "one.jpg").exists(), what="a photo in the folder watched all along")
+        for folder, index in ((late, 2), (later, 3)):
+            folder.mkdir(parents=True)
+            (folder / f"p{index}.jpg").write_bytes(photo(index))
+            wait_for(lambda f=folder, i=index: sidecar(f / f"p{i}.jpg").exists(), what=f"a photo in {folder}")
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    text = log.read_text(encoding="utf-8")
+    for folder in (late, later):
+        assert text.count(f"watch: {folder}: folder does not exist (yet)") == 1, text
+
+
+def test_a_watched_folder_deleted_and_created_again_is_watched_again(daemon, inbox: Path) -> None:  # type: ignore[no-untyped-def]
+    _, engine = daemon(extra="daemon: {reconcile_minutes: 0}")
+    (inbox / "before.jpg").write_bytes(photo(1))
+    wait_for(lambda: sidecar(inbox / "before.jpg").exists())
+    shutil.rmtree(inbox)
+    time.sleep(2.5)  # the daemon notices the folder is gone
+    inbox.mkdir()
+    time.sleep(2.5)  # ...and watches the new one
+    (inbox / "after.jpg").write_bytes(photo(2))
+    wait_for(lambda: sidecar(inbox / "after.jpg").exists(), timeout=30, what="a photo in the new folder")
+    assert engine.images == 2
+
+
+def test_an_empty_photo_is_reported(daemon, inbox: Path) -> None:  # type: ignore[no-untyped-def]
+    service, engine = daemon(empty_wait=1.0)
+    (inbox / "empty.jpg").write_bytes(b"")
+    wait_for(lambda: service.journal.stats().failed == 1, what="the empty file to be reported")
+    assert "empty.jpg: empty file (0 bytes)" in service.journal.stats().recent_errors[0][1]
+    assert engine.images == 0
+
+
+def test_a_disk_full_write_is_retried_by_the_daemon_once_there_is_space(
+    make_config: Callable[..., Path], corpus: Path, tmp_path: Path
+) -> None:
+    from tests.test_never_lose import grow, small_disk
+
+    with small_disk(tmp_path / "disk", 1200) as disk:
+        watch = f"watch: [{{path: {str(disk)!r}, settle_seconds: 0.3}}]\ndaemon: {{retry_seconds: 1}}"
+        config = make_config(rules=FAST_RULES, extra=watch)
+        log = tmp_path / "daemon.log"
+        proc = start_cli(config, log)
+        try:
+            wait_for(lambda: "ready:" in log.read_text(encoding="utf-8"), what="ready")
+            target = disk / "jolla.jpg"
+            target.write_bytes((corpus / "jpg/large/jolla.jpg").read_bytes())
+            wait_for(lambda: "No space left on device (will retry)" in log.read_text(encoding="utf-8"), what="ENOSPC")
+            grow(disk, 4096)
+            wait_for(lambda: "recorded answers written" in log.read_text(encoding="utf-8"), what="the late write")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=60) == 0
+        text = log.read_text(encoding="utf-8")
+        # The model ran once, in the attempt whose write failed; every retry wrote the recorded answers.
+        assert not described_in(log) and text.count("jolla.jpg: cannot write: No space left on device") >= 1
+        document = json.loads(sidecar(target).read_text(encoding="utf-8"))
+        assert document["written"]["file"] == "embedded"
+        assert document["written"]["sha256"] == hashlib.sha256(target.read_bytes()).hexdigest()
+
+
+def test_a_folder_moved_out_and_back_prints_no_python_warning(
+    make_config: Callable[..., Path], inbox: Path, tmp_path: Path
+) -> None:
+    config = make_config(rules=FAST_RULES, extra=f"watch: [{{path: {str(inbox)!r}, settle_seconds: 0.3}}]")
+    log = tmp_path / "daemon.log"
+    proc = start_cli(config, log)
+    try:
+        wait_for(lambda: "ready:" in log.read_text(encoding="utf-8"), what="ready")
+        (inbox / "sub").mkdir()
+        for _ in range(2):
+            time.sleep(0.5)
+            (inbox / "sub").rename(tmp_path / "sub")
+            time.sleep(0.5)
+            (tmp_path / "sub").rename(inbox / "sub")
+        (inbox / "sub" / "x.jpg").write_bytes(photo(4))
+        wait_for(lambda: sidecar(inbox / "sub" / "x.jpg").exists())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    text = log.read_text(encoding="utf-8")
+    assert "Warning" not in text and "warnings.warn" not in text, text
+    assert all(line.startswith("autocaption: ") for line in text.splitlines()), text

@@ -342,3 +342,92 @@ def test_digest_of_whole_file_changes_only_in_metadata(corpus: Path, tmp_path: P
     path = writable_copy(corpus / "jpg/gps/DSCN0040.jpg", tmp_path / "d.jpg")
     record = write(path, tmp_path)
     assert record.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def add_xmp_segment_first(path: Path, packet: bytes) -> None:
+    """A second standard XMP APP1 segment, before EXIF (the file already has one after its SOF)."""
+    import struct
+
+    header = b"http://ns.adobe.com/xap/1.0/\x00"
+    data = path.read_bytes()
+    path.write_bytes(data[:2] + b"\xff\xe1" + struct.pack(">H", len(header) + len(packet) + 2) + header + packet
+                     + data[2:])  # fmt: skip
+
+
+EARLY_PACKET = (
+    b'<?xpacket begin="" id="W5M0MpCehiHzreSzNTczkc9d"?><x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
+    b'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description rdf:about="" '
+    b'xmlns:dc="http://purl.org/dc/elements/1.1/" xmlns:xmp="http://ns.adobe.com/xap/1.0/" xmp:Rating="3">'
+    b"<dc:creator><rdf:Seq><rdf:li>Ann Example</rdf:li></rdf:Seq></dc:creator></rdf:Description></rdf:RDF>"
+    b'</x:xmpmeta><?xpacket end="w"?>'
+)
+
+
+def test_two_xmp_packets_are_merged_into_one(corpus: Path, tmp_path: Path) -> None:
+    path = writable_copy(corpus / "jpg/gps/DSCN0010.jpg", tmp_path / "two.jpg")
+    add_xmp_segment_first(path, EARLY_PACKET)
+    assert segment_counts(path) == (1, 2) and "Duplicate XMP at JPEG-APP1-XMP" in exiftool.warnings(path)
+    before = exiftool.tags(path)[path]
+    assert before["XMP-xmp:Rating"] == 3 and before["XMP-microsoft:RatingPercent"] == 0
+    write(path, tmp_path)
+    after = exiftool.tags(path)[path]
+    assert segment_counts(path) == (1, 1)
+    assert "Duplicate XMP at JPEG-APP1-XMP" not in exiftool.warnings(path)
+    assert after["XMP-dc:Description"] == CAPTION
+    # the properties of both packets are kept: Rating and Creator from the first, Microsoft's from the second
+    assert after["XMP-xmp:Rating"] == 3 and after["XMP-dc:Creator"] == "Ann Example"
+    assert after["XMP-microsoft:RatingPercent"] == 0 and after["XMP-x:XMPToolkit"] == before["XMP-x:XMPToolkit"]
+
+
+def test_iptc_follows_the_caption_and_a_persons_iptc_caption_is_kept(corpus: Path, tmp_path: Path) -> None:
+    goalie = writable_copy(corpus / "jpg/xmp/no_exif.jpg", tmp_path / "goalie.jpg")  # IPTC in UTF-8, a caption
+    record = write(goalie, tmp_path)  # existing: keep
+    tags = exiftool.tags(goalie)[goalie]
+    assert record.description.startswith("kept") and tags["IPTC:Caption-Abstract"] == "Der Goalie bin ig"
+    assert tags["IPTC:Keywords"] == ["tag", *KEYWORDS] and tags["XMP-dc:Subject"] == ["tag", *KEYWORDS]
+    assert tags["IPTC:By-line"] == "CREDIT"  # every other dataset as it was
+    digests = exiftool.values(goalie, "IPTCDigest", "CurrentIPTCDigest")
+    assert digests["IPTCDigest"] == digests["CurrentIPTCDigest"]
+
+    blue = writable_copy(corpus / "jpg/xmp/BlueSquare.jpg", tmp_path / "blue.jpg")  # IPTC without a charset
+    write(blue, tmp_path, existing="overwrite")
+    tags = exiftool.tags(blue)[blue]
+    assert tags["IPTC:CodedCharacterSet"] == "UTF8" and tags["IPTC:Caption-Abstract"] == CAPTION
+    assert tags["IPTC:ObjectName"] == "Blue Square Test File - .jpg"
+    assert exiftool.warnings(blue) <= exiftool.warnings(corpus / "jpg/xmp/BlueSquare.jpg")
+
+
+def test_iptc_in_a_legacy_character_set_is_left_alone(corpus: Path, tmp_path: Path) -> None:
+    path = writable_copy(corpus / "jpg/gps/DSCN0012.jpg", tmp_path / "latin.jpg")
+    subprocess.run([exiftool.require(), "-q", "-overwrite_original", "-charset", "iptc=Latin", "-IPTC:City=Zürich",
+                    "-IPTC:Caption-Abstract=SONY DSC", str(path)], check=True)  # fmt: skip
+    before = exiftool.tags(path)[path]
+    assert before["IPTC:City"] == "Zürich" and "IPTC:CodedCharacterSet" not in before
+    assert write(path, tmp_path).description == "written"
+    after = exiftool.tags(path)[path]
+    assert after["XMP-dc:Description"] == CAPTION and after["IFD0:ImageDescription"] == CAPTION
+    assert {k: v for k, v in after.items() if k.startswith("IPTC:")} == {
+        k: v for k, v in before.items() if k.startswith("IPTC:")
+    }  # untouched: UTF-8 text would change how Zürich reads
+
+
+def test_lightroom_hierarchical_keywords_get_ours_too(corpus: Path, tmp_path: Path) -> None:
+    path = writable_copy(corpus / "jpg/gps/DSCN0021.jpg", tmp_path / "lr.jpg")
+    subprocess.run([exiftool.require(), "-q", "-overwrite_original", "-XMP-lr:HierarchicalSubject=Places|France|Paris",
+                    "-XMP-dc:Subject=Paris", str(path)], check=True)  # fmt: skip
+    write(path, tmp_path, Caption(None, ("fox", "snow")))
+    write(path, tmp_path, Caption(None, ("fox", "forest")))  # replaces our own entries only
+    tags = exiftool.tags(path)[path]
+    assert tags["XMP-lr:HierarchicalSubject"] == ["Places|France|Paris", "fox", "forest"]
+    assert tags["XMP-dc:Subject"] == ["Paris", "fox", "forest"]
+    plain = writable_copy(corpus / "jpg/gps/DSCN0025.jpg", tmp_path / "plain.jpg")
+    write(plain, tmp_path, Caption(None, ("fox",)))
+    assert "XMP-lr:HierarchicalSubject" not in exiftool.tags(plain)[plain]  # not added where there was none
+
+
+def test_empty_answers_are_named_as_such(corpus: Path, tmp_path: Path) -> None:
+    path = writable_copy(corpus / "jpg/gps/DSCN0010.jpg", tmp_path / "a.jpg")
+    before = path.read_bytes()
+    assert write(path, tmp_path, Caption(None, (), asked=True)).reason == "the answers were empty: nothing to write"
+    assert write(path, tmp_path, Caption(None)).reason == "no rule writes into the photo"
+    assert path.read_bytes() == before

@@ -90,6 +90,8 @@ def merge(root: ET.Element, other: ET.Element) -> None:
     present = {
         name for description in _descriptions(root) for name in (*description.attrib, *(c.tag for c in description))
     }
+    for name, value in other.attrib.items():  # x:xmpmeta's own attributes (x:xmptk, the toolkit)
+        root.attrib.setdefault(name, value)
     target = _descriptions(root)[0]
     rdf = other.find(_RDF + "RDF")
     for description in rdf.findall(_RDF + "Description") if rdf is not None else []:
