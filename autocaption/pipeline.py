@@ -242,8 +242,8 @@ class ResultWriter:
             path = item.candidate.path
             return sidecar.build(path, item.picture, item.stat, engine, results, found.document, record)
 
-        return self._locked(item.candidate, item.rules, item.stat, item.found, results, document,
-                            item.picture.sha256)  # fmt: skip
+        return self._locked(_ToWrite(item.candidate, item.rules, item.stat, results, document, item.picture.sha256),
+                            item.found)  # fmt: skip
 
     def earlier(self, item: Unwritten) -> Outcome:
         """Answers an earlier run recorded in the sidecar, whose write into the photo is missing."""
@@ -256,88 +256,76 @@ class ResultWriter:
             return sidecar.with_written(found.document, record, record.stat or item.stat)
 
         sha256 = str(item.found.document["image"].get("sha256") or "")
-        return self._locked(item.candidate, item.rules, item.stat, item.found, results, document, sha256,
-                            earlier=True)  # fmt: skip
+        todo = _ToWrite(item.candidate, item.rules, item.stat, results, document, sha256, earlier=True)
+        return self._locked(todo, item.found)
 
-    def _locked(
-        self,
-        candidate: Candidate,
-        rules: tuple[Rule, ...],
-        stat: os.stat_result,
-        found: sidecar.Sidecar,
-        results: tuple[sidecar.RuleResult, ...],
-        document: Callable[[sidecar.Sidecar, WriteRecord], dict[str, Any]],
-        described_sha256: str,
-        *,
-        earlier: bool = False,
-    ) -> Outcome:
+    def _locked(self, todo: _ToWrite, found: sidecar.Sidecar) -> Outcome:
         """Write under the photo's lock, after reading its sidecar again (none of this in a dry run)."""
         if self.dry_run or self.locks is None:
-            return self._write(candidate, rules, stat, found, results, document, described_sha256, earlier)
+            return self._write(todo, found)
         try:
-            with self.locks.hold(candidate.path):
-                found = sidecar.locate(candidate.path)
-                return self._stale(candidate, rules, stat, found, earlier) or self._write(
-                    candidate, rules, stat, found, results, document, described_sha256, earlier
-                )
+            with self.locks.hold(todo.candidate.path):
+                found = sidecar.locate(todo.candidate.path)
+                return self._stale(todo, found) or self._write(todo, found)
         except WriteError as exc:  # only the lock raises: every write failure below becomes an outcome
-            return Failed(candidate.path, str(exc), transient=exc.transient)
+            return Failed(todo.candidate.path, str(exc), transient=exc.transient)
 
-    def _stale(
-        self, candidate: Candidate, rules: tuple[Rule, ...], before: os.stat_result, found: sidecar.Sidecar,
-        earlier: bool,
-    ) -> Outcome | None:  # fmt: skip
+    def _stale(self, todo: _ToWrite, found: sidecar.Sidecar) -> Outcome | None:
         """Under the lock: another process finished this photo meanwhile, or it changed since it was read."""
-        path = candidate.path
+        path = todo.candidate.path
         try:
             now = path.stat()
         except FileNotFoundError:
             return Failed(path, f"{display(path)}: file disappeared while being described")
         except OSError as exc:
             return Failed(path, f"{display(path)}: cannot read: {exc.strerror or exc}")
-        current = found.document is not None and sidecar.is_current(found.document, now, rules)
+        current = found.document is not None and sidecar.is_current(found.document, now, todo.rules)
         if current and not self.force and sidecar.unwritten(found.document or {}, path) is None:
             return Skipped(path, "described meanwhile by another autocaption process")
-        if not _same_file(now, before) or (earlier and not current):
+        if not _same_file(now, todo.stat) or (todo.earlier and not current):
             return Failed(path, f"{display(path)}: changed while being described; will retry", transient=True)
         return None
 
-    def _write(
-        self,
-        candidate: Candidate,
-        rules: tuple[Rule, ...],
-        stat: os.stat_result,
-        found: sidecar.Sidecar,
-        results: tuple[sidecar.RuleResult, ...],
-        document: Callable[[sidecar.Sidecar, WriteRecord], dict[str, Any]],
-        described_sha256: str,
-        earlier: bool,
-    ) -> Outcome:
-        path = candidate.path
+    def _write(self, todo: _ToWrite, found: sidecar.Sidecar) -> Outcome:
+        path = todo.candidate.path
         failure: WriteError | None = None
         try:
-            record = self.metadata.write(path, candidate.root, caption_of(results), dry_run=self.dry_run)
+            record = self.metadata.write(path, todo.candidate.root, caption_of(todo.results), dry_run=self.dry_run)
         except WriteError as exc:
             failure = exc
             record = WriteRecord("failed", "not written", "not written", reason=str(exc))
         rewritten = record.stat is not None
         described = Described(
-            path, 0 if earlier else len(results), sum(r.raw.seconds for r in results), results, record,
-            stat=record.stat if rewritten else stat,
-            sha256=record.sha256 if rewritten else described_sha256,
-            fingerprint=self.config.fingerprint(rules), json_sidecar=found.path, earlier=earlier,
+            path, 0 if todo.earlier else len(todo.results), sum(r.raw.seconds for r in todo.results),
+            todo.results, record,
+            stat=record.stat if rewritten else todo.stat,
+            sha256=record.sha256 if rewritten else todo.sha256,
+            fingerprint=self.config.fingerprint(todo.rules), json_sidecar=found.path, earlier=todo.earlier,
         )  # fmt: skip
         if found.foreign:
             log.warning("%s", found.notice())
         if self.dry_run:
             return described
         try:
-            sidecar.write(found, document(found, record))
+            sidecar.write(found, todo.document(found, record))
         except WriteError as exc:
             failure = WriteError(f"{failure}; {exc}", transient=failure.transient) if failure else exc
         if failure:
             return Failed(path, str(failure), transient=failure.transient)
         return described
+
+
+@dataclass(frozen=True)
+class _ToWrite:
+    """Answers on their way into a photo and its JSON sidecar."""
+
+    candidate: Candidate
+    rules: tuple[Rule, ...]
+    stat: os.stat_result  # the photo as it was read
+    results: tuple[sidecar.RuleResult, ...]
+    document: Callable[[sidecar.Sidecar, WriteRecord], dict[str, Any]]  # the JSON sidecar, given what was written
+    sha256: str  # of the bytes that were described
+    earlier: bool = False  # the answers come from an earlier run's sidecar
 
 
 def _same_file(now: os.stat_result, before: os.stat_result) -> bool:

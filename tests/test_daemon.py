@@ -6,6 +6,7 @@ still goes to the model); the process-level tests run the real `autocaption run`
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -229,6 +230,19 @@ def start_cli(config: Path, log: Path, env: dict[str, str] | None = None) -> sub
         stderr=log.open("ab"),
         env=env or cli_env(),
     )
+
+
+@contextlib.contextmanager
+def running(config: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """The real daemon, ready; stopped with SIGTERM afterwards, which it must answer with exit 0."""
+    proc = start_cli(config, log)
+    try:
+        wait_for(lambda: "ready:" in log.read_text(encoding="utf-8"), what="ready")
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
 
 
 def described_in(log: Path) -> Counter[str]:
@@ -472,18 +486,13 @@ def test_a_second_daemon_on_the_same_state_dir_refuses_to_start(
 ) -> None:
     config = make_config(rules=FAST_RULES, extra=f"watch: [{{path: {str(inbox)!r}, settle_seconds: 0.3}}]")
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
-    first = start_cli(config, first_log)
-    try:
-        wait_for(lambda: "ready:" in first_log.read_text(encoding="utf-8"), what="ready")
+    with running(config, first_log) as first:
         second = start_cli(config, second_log)
         assert second.wait(timeout=60) == 2
         text = second_log.read_text(encoding="utf-8")
         assert f"is in use by another autocaption daemon (pid {first.pid})" in text, text
         assert "loaded" not in text and len(text.strip().splitlines()) == 1  # refused before loading the model
         assert first.poll() is None
-    finally:
-        first.send_signal(signal.SIGTERM)
-        assert first.wait(timeout=60) == 0
 
 
 def test_process_waits_while_another_process_writes_the_photo(
@@ -511,20 +520,14 @@ def test_process_and_the_daemon_on_the_same_photos_leave_each_complete(
     run_cli: RunCli, make_config: Callable[..., Path], inbox: Path, tmp_path: Path, corpus: Path
 ) -> None:
     config = make_config(rules=FAST_RULES, extra=f"watch: [{{path: {str(inbox)!r}, settle_seconds: 0.2}}]")
-    log = tmp_path / "daemon.log"
-    proc = start_cli(config, log)
     names = sorted(p.name for p in (corpus / "jpg/gps").glob("*.jpg"))
-    try:
-        wait_for(lambda: "ready:" in log.read_text(encoding="utf-8"), what="ready")
+    with running(config, tmp_path / "daemon.log"):
         for name in names:
             (inbox / name).write_bytes((corpus / "jpg/gps" / name).read_bytes())
         result = run_cli("process", "--config", config, inbox)
         assert result.returncode == 0, result.stderr
         wait_for(lambda: all(sidecar(inbox / n).exists() for n in names), what="every sidecar")
         time.sleep(2)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
     for name in names:
         photo = inbox / name
         document = json.loads(sidecar(photo).read_text(encoding="utf-8"))
@@ -542,9 +545,7 @@ def test_watch_folders_that_appear_later_and_a_reload_that_adds_one(
     watch = f"{{path: {str(inbox)!r}, settle_seconds: 0.3}}, {{path: {str(late)!r}, settle_seconds: 0.3}}"
     config = make_config(rules=FAST_RULES, extra=f"watch: [{watch}]")
     log = tmp_path / "daemon.log"
-    proc = start_cli(config, log)
-    try:
-        wait_for(lambda: "ready:" in log.read_text(encoding="utf-8"), what="ready")
+    with running(config, log) as proc:
         text = config.read_text(encoding="utf-8")
         added = f"{watch}, {{path: {str(later)!r}, settle_seconds: 0.3}}"
         config.write_text(text.replace(f"watch: [{watch}]", f"watch: [{added}]"), encoding="utf-8")
@@ -557,9 +558,6 @@ def test_watch_folders_that_appear_later_and_a_reload_that_adds_one(
             (folder / f"p{index}.jpg").write_bytes(photo(index))
             wait_for(lambda f=folder, i=index: sidecar(f / f"p{i}.jpg").exists(), what=f"a photo in {folder}")
         assert proc.poll() is None
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
     text = log.read_text(encoding="utf-8")
     for folder in (late, later):
         assert text.count(f"watch: {folder}: folder does not exist (yet)") == 1, text
@@ -595,17 +593,12 @@ def test_a_disk_full_write_is_retried_by_the_daemon_once_there_is_space(
         watch = f"watch: [{{path: {str(disk)!r}, settle_seconds: 0.3}}]\ndaemon: {{retry_seconds: 1}}"
         config = make_config(rules=FAST_RULES, extra=watch)
         log = tmp_path / "daemon.log"
-        proc = start_cli(config, log)
-        try:
-            wait_for(lambda: "ready:" in log.read_text(encoding="utf-8"), what="ready")
+        with running(config, log):
             target = disk / "jolla.jpg"
             target.write_bytes((corpus / "jpg/large/jolla.jpg").read_bytes())
             wait_for(lambda: "No space left on device (will retry)" in log.read_text(encoding="utf-8"), what="ENOSPC")
             grow(disk, 4096)
             wait_for(lambda: "recorded answers written" in log.read_text(encoding="utf-8"), what="the late write")
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=60) == 0
         text = log.read_text(encoding="utf-8")
         # The model ran once, in the attempt whose write failed; every retry wrote the recorded answers.
         assert not described_in(log) and text.count("jolla.jpg: cannot write: No space left on device") >= 1
@@ -619,9 +612,7 @@ def test_a_folder_moved_out_and_back_prints_no_python_warning(
 ) -> None:
     config = make_config(rules=FAST_RULES, extra=f"watch: [{{path: {str(inbox)!r}, settle_seconds: 0.3}}]")
     log = tmp_path / "daemon.log"
-    proc = start_cli(config, log)
-    try:
-        wait_for(lambda: "ready:" in log.read_text(encoding="utf-8"), what="ready")
+    with running(config, log):
         (inbox / "sub").mkdir()
         for _ in range(2):
             time.sleep(0.5)
@@ -630,9 +621,6 @@ def test_a_folder_moved_out_and_back_prints_no_python_warning(
             (tmp_path / "sub").rename(inbox / "sub")
         (inbox / "sub" / "x.jpg").write_bytes(photo(4))
         wait_for(lambda: sidecar(inbox / "sub" / "x.jpg").exists())
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
     text = log.read_text(encoding="utf-8")
     assert "Warning" not in text and "warnings.warn" not in text, text
     assert all(line.startswith("autocaption: ") for line in text.splitlines()), text
