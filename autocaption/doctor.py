@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autocaption.config import Config, defaults
+from autocaption.dependencies import findings
 from autocaption.engine.devices import Accelerator
 from autocaption.locks import DaemonLock
 from autocaption.paths import display
@@ -87,6 +88,8 @@ class Facts:
     watched_folders: int  # folders under inotify watches (one watch each)
     inotify_limit: int | None
     unit: UnitFacts
+    dependencies: tuple[str, ...] = ()  # one line per dependency outside its tested range (dependencies.py)
+    newer_only: bool = True  # every one of them is newer than tested (a warning), none older or missing
 
 
 # --- the checks -------------------------------------------------------------------------------------------
@@ -96,7 +99,8 @@ def checks(facts: Facts) -> list[Check]:
     if facts.accelerator is None:
         return [Check(False, f"torch cannot be imported ({facts.torch_problem})",
                       "install torch's ROCm or CUDA build, then `pip install -e .` (README: AMD ROCm)")]  # fmt: skip
-    found: list[Check] = [_torch_build(facts, facts.accelerator), *_gpus(facts, facts.accelerator)]
+    acc = facts.accelerator
+    found: list[Check] = [_dependencies(facts), _torch_build(facts, acc), *_gpus(facts, acc)]
     if facts.amd_gfx or facts.accelerator.hip_version:
         found.append(_device_access(facts))
         found.extend(_gfx_override(facts, arch) for arch in facts.amd_gfx)
@@ -107,6 +111,12 @@ def checks(facts: Facts) -> list[Check]:
         found.append(_inotify(facts))
     found.append(_unit(facts))
     return found
+
+
+def _dependencies(facts: Facts) -> Check:
+    if not facts.dependencies:
+        return Check(True, "every dependency is within the range autocaption is tested with")
+    return Check(facts.newer_only, "; ".join(facts.dependencies))
 
 
 def _torch_build(facts: Facts, acc: Accelerator) -> Check:
@@ -254,6 +264,7 @@ def _unit(facts: Facts) -> Check:
 
 
 def gather(config: Config) -> Facts:
+    outside = findings()
     accelerator, problem, sdpa_device, sdpa_problem = _torch_facts()
     devices = {path: os.access(path, os.R_OK | os.W_OK) for path in _gpu_nodes()}
     user = pwd.getpwuid(os.getuid()).pw_name
@@ -277,6 +288,8 @@ def gather(config: Config) -> Facts:
         watched_folders=_folders_under(config),
         inotify_limit=_read_int(Path("/proc/sys/fs/inotify/max_user_watches")),
         unit=_unit_facts(),
+        dependencies=tuple(finding.line() for finding in outside),
+        newer_only=all(finding.newer for finding in outside),
     )
 
 

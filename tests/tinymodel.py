@@ -65,10 +65,16 @@ def _save(directory: Path, *, crop: int, patch: int, pinpoints: list[list[int]],
         LlavaNextForConditionalGeneration,
         LlavaNextProcessor,
     )
-    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    try:  # the PIL image processor's name since transformers 5.11 (no torchvision needed)
+        from transformers.models.llava_next.image_processing_pil_llava_next import (
+            LlavaNextImageProcessorPil as ImageProcessor,
+        )
+    except ImportError:
+        from transformers import LlavaNextImageProcessor as ImageProcessor  # type: ignore[assignment,no-redef]
 
     tokenizer, vocab = _tokenizer(vocab_size)
-    image_processor = LlavaNextImageProcessorPil(
+    image_processor = ImageProcessor(
         size={"shortest_edge": crop}, crop_size={"height": crop, "width": crop}, image_grid_pinpoints=pinpoints
     )
     processor = LlavaNextProcessor(
@@ -105,10 +111,21 @@ def _save(directory: Path, *, crop: int, patch: int, pinpoints: list[list[int]],
     finally:
         torch.set_default_dtype(previous)
     if peaky:
-        with torch.no_grad():  # larger weights: confident, well-separated greedy choices (no near-ties)
-            for parameter in model.parameters():
-                if parameter.dim() > 1:
-                    parameter.normal_(0.0, 0.08)
+        # Larger weights: confident, well-separated greedy choices (no near-ties). Every random parameter is
+        # drawn here from one seeded generator in name order, so the model (and its answers) is the same
+        # whatever the transformers release, whose own initialisation differs between versions.
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for _, parameter in sorted(model.named_parameters()):
+                if parameter.dim() > 1 or parameter.unique().numel() > 1:  # not a constant norm weight or bias
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.08)
+            # Like a trained model, it never writes template or image tokens (a zero row's logit 0 loses to the
+            # largest of ~100 random ones), and end-of-sequence is quieter than the rest, so an answer is
+            # rarely over before its first word (tests check every photo gets an answer).
+            for token in SPECIAL:
+                if token != "</s>":
+                    model.lm_head.weight[vocab[token]] = 0.0
+            model.lm_head.weight[vocab["</s>"]] *= 0.5
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     processor.save_pretrained(directory)

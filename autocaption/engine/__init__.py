@@ -3,7 +3,9 @@ transformers are imported only when a model is really needed (not for `--help` o
 
 from __future__ import annotations
 
+from autocaption import dependencies
 from autocaption.config import ModelConfig
+from autocaption.dependencies import DependencyError
 from autocaption.engine.base import Answer, Cancelled, Engine, EngineInfo, Job, Prompt
 
 __all__ = ["Answer", "Cancelled", "Engine", "EngineInfo", "Job", "Prompt", "load_engine"]
@@ -12,9 +14,13 @@ __all__ = ["Answer", "Cancelled", "Engine", "EngineInfo", "Job", "Prompt", "load
 def load_engine(model: ModelConfig) -> Engine:
     """Load the model described by `model` and keep it resident until `close()`."""
     if model.engine == "openai":
+        dependencies.check(name for name in dependencies.declared() if name not in dependencies.ENGINE)
         from autocaption.engine.openai import OpenAIEngine  # stdlib only: no torch for a remote model
 
         return OpenAIEngine.load(model)
-    from autocaption.engine.llava import LlavaEngine  # torch is heavy: imported only here, on demand
-
+    dependencies.check()  # before torch is imported: a version outside the tested ranges is one line
+    try:
+        from autocaption.engine.llava import LlavaEngine  # torch is heavy: imported only here, on demand
+    except ImportError as exc:  # a transformers release without the internals compat.py fences
+        raise DependencyError(f"the installed torch/transformers cannot be used: {exc}") from None
     return LlavaEngine.load(model)

@@ -24,8 +24,10 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from autocaption import dependencies
 from autocaption.config import ModelConfig
-from autocaption.engine import hub
+from autocaption.dependencies import DependencyError
+from autocaption.engine import compat, hub
 from autocaption.engine.base import Answer, Cancelled, EngineInfo, Job, Prompt
 from autocaption.engine.devices import place
 from autocaption.engine.hardware import accelerator
@@ -89,6 +91,7 @@ class LlavaEngine:
         if config.share_prefix and not self.share_prefix:
             log.info("prompts of one image are prefilled separately: prefix sharing needs attn_implementation sdpa")
         self.image_id = model.config.image_token_index
+        self.cache_argument = compat.cache_argument(model)
         self.timings: dict[str, float] = defaultdict(float)
         self.device = torch.device(info.device.split(" ", 1)[0])
         # Compiling the decode step (CUDA graphs: one launch per step instead of one per kernel) pays on a
@@ -115,6 +118,12 @@ class LlavaEngine:
 
     @classmethod
     def load(cls, config: ModelConfig) -> LlavaEngine:
+        missing = compat.problems()
+        if missing:
+            raise DependencyError(
+                f"transformers {compat.VERSION} lacks what autocaption's engine uses ({', '.join(missing)}); "
+                f"install a tested release: pip install 'transformers{dependencies.declared().get('transformers', '')}'"
+            )
         placement = place(config.device, config.dtype, accelerator())
         if placement.warning:
             log.warning(placement.warning)
@@ -224,8 +233,7 @@ class LlavaEngine:
 
     def _image_tokens(self, image: Image.Image) -> int:
         try:
-            counts = self.processor._get_num_multimodal_tokens(image_sizes=[(image.height, image.width)])
-            return int(counts["num_image_tokens"][0])
+            return compat.image_tokens(self.processor, image.height, image.width)
         except (AttributeError, KeyError, TypeError, ValueError):
             return 3000  # the most LLaVA-NeXT uses for one image
 
@@ -301,7 +309,7 @@ class LlavaEngine:
         """One image alone: no padding, so attention runs causal without a mask (sdpa's fastest kernels)."""
         started = time.perf_counter()
         pixels = (unit.pixels or self._pixels_ahead(unit.image)).result()
-        placeholder = self.processor.replace_image_token(pixels, 0)  # as many image tokens as features
+        placeholder = compat.image_placeholder(self.processor, pixels)  # as many image tokens as features
         texts = [self.render(prompt).replace(self.processor.image_token, placeholder) for _, prompt in unit.prompts]
         add_special = self._add_special(texts)
         full = [self.processor.tokenizer(text, add_special_tokens=add_special)["input_ids"] for text in texts]
@@ -319,14 +327,14 @@ class LlavaEngine:
             logits_to_keep=1,  # only the cache is needed; skip the vocabulary projection of 2,000+ tokens
         )
         self.timings["vision+prefill"] += time.perf_counter() - prefill_started
-        layers = _prefix_layers(output.cache, length)
+        layers = _prefix_layers(compat.output_cache(output, self.cache_argument), length)
         if layers is None:
             return None
         return Prefilled(layers, length, [f[length:] for f in full], [p.max_new_tokens for _, p in unit.prompts])
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: Any) -> torch.Tensor:
         logits: torch.Tensor = self.model(
-            input_ids=ids, position_ids=positions, attention_mask=mask, cache=cache, use_cache=True
+            input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True, **{self.cache_argument: cache}
         ).logits
         return logits
 

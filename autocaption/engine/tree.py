@@ -19,10 +19,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import AttentionInterface, AttentionMaskInterface
-from transformers.cache_utils import Cache, StaticLayer
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import sdpa_mask
+
+from autocaption.engine import compat
+from autocaption.engine.compat import Cache, sdpa_attention_forward
 
 # The attention implementation tree decoding runs on: sdpa, with grouped-query heads folded (below).
 TREE_ATTENTION = "autocaption_sdpa"
@@ -127,16 +126,15 @@ class TreeDecoder:
         layers: list[Any] = []
         for index in range(len(images[0].layers)):
             keys, values = images[0].layers[index]
-            shared: Any = StaticLayer(max_cache_len=slots)
             shape = (len(images), keys.shape[1], 1, keys.shape[3])
-            shared.lazy_initialization(keys.new_empty(shape), values.new_empty((*shape[:3], values.shape[3])))
+            shared = compat.static_layer(keys.new_empty(shape), values.new_empty((*shape[:3], values.shape[3])), slots)
             for row, image in enumerate(images):
                 image_keys, image_values = image.layers[index]
                 shared.keys[row, :, : image.length] = image_keys[0]
                 shared.values[row, :, : image.length] = image_values[0]
                 image.layers[index] = (_RELEASED, _RELEASED)
             del keys, values
-            shared.cumulative_length.fill_(layout.prefix)  # the next tokens go after the longest prefix
+            compat.set_length(shared, layout.prefix)  # the next tokens go after the longest prefix
             layers.append(shared)
         return Cache(layers=layers)
 
@@ -234,6 +232,5 @@ def grouped_sdpa(
 def register_attention() -> str:
     """Make `TREE_ATTENTION` an attention implementation transformers models can be loaded with (masks as
     for sdpa). Registering the same function again is harmless."""
-    AttentionInterface.register(TREE_ATTENTION, grouped_sdpa)
-    AttentionMaskInterface.register(TREE_ATTENTION, sdpa_mask)
+    compat.register_attention(TREE_ATTENTION, grouped_sdpa)
     return TREE_ATTENTION
