@@ -70,6 +70,9 @@ class ModelConfig:
 class ImagesConfig:
     # 200 MP admits every current camera (Fujifilm GFX 100 is 102 MP) and stops decompression bombs.
     max_pixels: int = 200_000_000
+    # JPEGs larger than the model can use are decoded smaller (DCT scaling), never below what its processor
+    # needs; false decodes every photo at full size.
+    draft: bool = True
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,8 @@ class Rule:
     # Opt-in clean-up: leading phrases to drop from the answer ("This image shows").
     strip_prefixes: tuple[str, ...] = ()
     write: frozenset[str] = frozenset()  # "description", "keywords": where the answer goes in the photo
+    # Where `system:` is written ("rules.yaml:12: rules[1].system"), for errors found once the model is known.
+    system_where: str = field(default="", compare=False)
 
     @property
     def fingerprint(self) -> str:
@@ -351,9 +356,10 @@ def _pinpoints(node: _Node) -> tuple[tuple[int, int], ...]:
 
 
 def _images(node: _Node) -> ImagesConfig:
-    k = node.mapping({"max_pixels": False})
+    k = node.mapping({"max_pixels": False, "draft": False})
     return ImagesConfig(
         max_pixels=_optional(k, "max_pixels", lambda n: n.integer(minimum=1), ImagesConfig.max_pixels),
+        draft=_optional(k, "draft", _Node.boolean, ImagesConfig.draft),
     )
 
 
@@ -437,6 +443,7 @@ def _rule(node: _Node) -> Rule:
         system=_optional(k, "system", lambda n: n.text(), None),
         strip_prefixes=_optional(k, "strip_prefixes", _Node.texts, ()),
         write=_optional(k, "write", _targets, frozenset()),
+        system_where=k["system"].where if "system" in k else "",
     )
 
 

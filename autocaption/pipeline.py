@@ -19,7 +19,7 @@ from autocaption import sidecar
 from autocaption.config import Config, Rule
 from autocaption.discover import Candidate
 from autocaption.engine.base import Answer, Engine, EngineInfo, Job, Prompt
-from autocaption.errors import EngineError, ImageError, ServerUnreachable, WriteError
+from autocaption.errors import ConfigError, EngineError, ImageError, ServerUnreachable, WriteError
 from autocaption.images import Picture, open_picture
 from autocaption.locks import PhotoLocks
 from autocaption.paths import display
@@ -84,6 +84,19 @@ class Unwritten:
     reason: str
 
 
+def check_rules(config: Config, engine: EngineInfo) -> None:
+    """What the configuration asks that this model cannot do: a system text for a template without one is
+    an error naming the rule, never silently dropped."""
+    if engine.system_role:
+        return
+    for rule in config.rules:
+        if rule.system is not None:
+            raise ConfigError(
+                f"{rule.system_where or rule.name}: the chat template of {engine.model_id} has no system turn; "
+                "move this text into the prompt, or choose a model whose template has one"
+            )
+
+
 def triage(
     config: Config,
     candidate: Candidate,
@@ -126,10 +139,12 @@ class Pipeline:
         dry_run: bool = False,
         locks: PhotoLocks | None = None,
     ) -> None:
+        check_rules(config, engine.info)
         self.config = config
         self.engine = engine
         self.force = force
         self.writer = ResultWriter(config, dry_run=dry_run, locks=locks, force=force)
+        self.draft_side = engine.info.max_image_side if config.images.draft else None
         self.timings: dict[str, float] = defaultdict(float)  # seconds per stage, for `-v` and the benchmarks
 
     def run(self, candidates: Sequence[Candidate], cancel: threading.Event | None = None) -> list[Outcome]:
@@ -171,9 +186,7 @@ class Pipeline:
             skip = triage(self.config, candidate, force=self.force, stat=stat, found=found)
             if skip:
                 return skip
-            picture = open_picture(
-                path, max_pixels=self.config.images.max_pixels, draft_side=self.engine.info.max_image_side
-            )
+            picture = open_picture(path, max_pixels=self.config.images.max_pixels, draft_side=self.draft_side)
             after = path.stat()
         except FileNotFoundError:
             return Failed(path, f"{display(path)}: file disappeared before it could be read")

@@ -354,19 +354,20 @@ class Service:
         self.notifier.reloading()
         try:
             new = load(self.config_path)
+            if new.model != self.config.model:
+                log.warning("model settings changed: they take effect at the next restart")
+                new = replace(new, model=self.config.model)
+            if new.state != self.config.state:
+                log.warning("state.dir changed: it takes effect at the next restart")
+                new = replace(new, state=self.config.state)
+            pipeline = Pipeline(new, self.pipeline.engine, locks=self.photo_locks)  # checks the rules
         except AutocaptionError as exc:
             log.error("configuration not reloaded, the old rules stay in force: %s", exc)
             self.notifier.ready(self._status())
             return
-        if new.model != self.config.model:
-            log.warning("model settings changed: they take effect at the next restart")
-            new = replace(new, model=self.config.model)
-        if new.state != self.config.state:
-            log.warning("state.dir changed: it takes effect at the next restart")
-            new = replace(new, state=self.config.state)
         watches_changed = new.watch != self.config.watch
         self.config = new
-        self.pipeline = Pipeline(new, self.pipeline.engine, locks=self.photo_locks)
+        self.pipeline = pipeline
         if watches_changed and self.watchers is not None:
             # Folders that do not exist yet are waited for, never fatal: the daemon keeps every watch it can.
             self.watchers.update(new.watch)

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# The suite's engine, writer and end-to-end tests at both ends of the declared dependency ranges, each in
-# a venv of its own (the main run, tests/run.sh, has the newest releases with the small CPU build of torch):
-#   lowest  every dependency at its floor (tests/lowest.txt): torch 2.6.0 (PyPI's build, ~3 GB), transformers 5.5.0, ...
-#   newest  the newest torch a plain `pip install -e .` takes here (its CUDA build runs on the CPU)
-# Usage: bash tests/ends.sh [lowest|newest]...   (both by default)
+# The engine, family, writer and end-to-end tests at the low end of every declared dependency range, in a
+# venv of its own (the main run, tests/run.sh, is the high end: the newest release of each):
+#   lowest  every dependency at its floor (tests/lowest.txt): torch 2.6.0 with torchvision 0.21.0 (PyPI's
+#           build, ~3 GB), transformers 5.5.0, pillow 10.1.0, ...
+#   newest  the newest torch and transformers again, in a clean venv (the main run covers it; kept for
+#           checking a new release by hand)
+# Usage: bash tests/ends.sh [lowest|newest]...   (lowest by default)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SUBSET=(tests/test_dependencies.py tests/test_engine.py tests/test_metadata.py tests/test_process.py
-        tests/test_never_lose.py tests/test_config.py tests/test_images.py)
+SUBSET=(tests/test_dependencies.py tests/test_engine.py tests/test_families.py tests/test_metadata.py
+        tests/test_process.py tests/test_never_lose.py tests/test_config.py tests/test_images.py)
 
 pip_quietly() {  # this machine's pip warns about every package missing from its local index mirrors
     "$@" 2>&1 | { grep -v "^WARNING: Location '" || true; }
@@ -20,10 +22,11 @@ run_end() {
     local started=$SECONDS
     python3 -m venv "$venv"
     "$venv/bin/python" -m pip install -q --upgrade pip 2>/dev/null || true
-    pip_quietly "$venv/bin/python" -m pip install -q "$@" -e . pytest
+    pip_quietly "$venv/bin/python" -m pip install -q "$@" -e . pytest num2words
     "$venv/bin/python" - <<'PY'
 from importlib import metadata
-names = ["torch", "transformers", "pillow", "watchdog", "pyyaml", "piexif", "click", "defusedxml", "packaging", "pillow-heif"]
+names = ["torch", "torchvision", "transformers", "pillow", "watchdog", "pyyaml", "piexif", "click", "defusedxml",
+         "packaging", "pillow-heif"]
 print("versions:", ", ".join(f"{n} {metadata.version(n)}" for n in names))
 PY
     "$venv/bin/python" -m pytest -q -p no:cacheprovider "${SUBSET[@]}"
@@ -31,11 +34,11 @@ PY
 }
 
 ends=("$@")
-[ ${#ends[@]} -gt 0 ] || ends=(lowest newest)
+[ ${#ends[@]} -gt 0 ] || ends=(lowest)
 for which in "${ends[@]}"; do
     case "$which" in
-        lowest) run_end lowest -c tests/lowest.txt pillow-heif ;;
-        newest) run_end newest torch pillow-heif ;;
+        lowest) run_end lowest -c tests/lowest.txt torch torchvision pillow-heif ;;
+        newest) run_end newest torch torchvision pillow-heif ;;
         *) echo "tests/ends.sh: unknown end $which (lowest, newest)" >&2; exit 2 ;;
     esac
 done

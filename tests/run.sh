@@ -18,8 +18,10 @@ fi
 
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip 2>/dev/null || true
-# The CPU build of torch: small, and what the tests run on. Users keep their ROCm/CUDA build.
-.venv/bin/python -m pip install -q torch==2.13.0
+# torch and the torchvision built for it, installed together as users do (the processors of Qwen-VL,
+# LLaVA-OneVision and SmolVLM need torchvision). 2.14.1 is the newest this machine's pip takes (from its own
+# disk); its CUDA build runs the tests on the CPU. Users keep their ROCm/CUDA build.
+.venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
 .venv/bin/python -m pip install -q -e '.[test]'
 
 .venv/bin/ruff check .

@@ -9,6 +9,7 @@ photo) with a language model small enough for a CPU, for benchmarks. Both are sa
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 # The chat template shipped with llava-hf/llava-v1.6-mistral-7b-hf: `[INST] <image>\n{text} [/INST]`,
 # the tokenizer adding <s>. Using the real one keeps the engine honest about templates.
@@ -111,25 +112,38 @@ def _save(directory: Path, *, crop: int, patch: int, pinpoints: list[list[int]],
     finally:
         torch.set_default_dtype(previous)
     if peaky:
-        # Larger weights: confident, well-separated greedy choices (no near-ties). Every random parameter is
-        # drawn here from one seeded generator in name order, so the model (and its answers) is the same
-        # whatever the transformers release, whose own initialisation differs between versions.
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for _, parameter in sorted(model.named_parameters()):
-                if parameter.dim() > 1 or parameter.unique().numel() > 1:  # not a constant norm weight or bias
-                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.08)
-            # Like a trained model, it never writes template or image tokens (a zero row's logit 0 loses to the
-            # largest of ~100 random ones), and end-of-sequence is quieter than the rest, so an answer is
-            # rarely over before its first word (tests check every photo gets an answer).
-            for token in SPECIAL:
-                if token != "</s>":
-                    model.lm_head.weight[vocab[token]] = 0.0
-            model.lm_head.weight[vocab["</s>"]] *= 0.5
+        reinitialise(model, vocab, seed=seed, ends=("</s>",))
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory
+
+
+def reinitialise(model: Any, vocab: dict[str, int], *, seed: int, ends: tuple[str, ...]) -> None:
+    """Larger weights: confident, well-separated greedy choices (no near-ties). Every random parameter is
+    drawn from one seeded generator in name order, so the model (and its answers) is the same whatever the
+    transformers release, whose own initialisation differs between versions. Like a trained model it never
+    writes template or image tokens (a zero row of the output layer gives logit 0, which loses to the largest
+    of ~100 random ones), and its end tokens (`ends`) are quieter than the rest, so an answer is rarely over
+    before its first word (tests check every photo gets an answer)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    special = [token for token, _ in sorted(vocab.items(), key=lambda item: item[1]) if _is_special(token)]
+    with torch.no_grad():
+        for _, parameter in sorted(model.named_parameters()):
+            if parameter.dim() > 1 or parameter.unique().numel() > 1:  # not a constant norm weight or bias
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.08)
+        head = model.get_output_embeddings().weight
+        for token in special:
+            if token in ends:
+                head[vocab[token]] *= 0.5
+            else:
+                head[vocab[token]] = 0.0
+
+
+def _is_special(token: str) -> bool:
+    return (len(token) > 1 and token.startswith("<") and token.endswith(">")) or token in ("[INST]", "[/INST]")
 
 
 def build_tiny(directory: Path, seed: int = 0, sliding_window: int = 4096) -> Path:

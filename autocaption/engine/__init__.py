@@ -20,7 +20,7 @@ def load_engine(model: ModelConfig) -> Engine:
         return OpenAIEngine.load(model)
     dependencies.check()  # before torch is imported: a version outside the tested ranges is one line
     try:
-        from autocaption.engine.llava import LlavaEngine  # torch is heavy: imported only here, on demand
+        from autocaption.engine.local import LocalEngine  # torch is heavy: imported only here, on demand
     except ImportError as exc:  # a transformers release without the internals compat.py fences
         raise DependencyError(f"the installed torch/transformers cannot be used: {exc}") from None
-    return LlavaEngine.load(model)
+    return LocalEngine.load(model)

@@ -47,6 +47,7 @@ class EngineInfo:
     dtype: str
     # The longest image side the model can use; callers may decode big JPEGs down to this (DCT draft).
     max_image_side: int | None = None
+    system_role: bool = True  # the prompt template carries a system turn (rules' `system:` can be honoured)
 
 
 class Cancelled(Exception):

@@ -37,11 +37,6 @@ def problems() -> list[str]:
     for interface in (AttentionInterface, AttentionMaskInterface):
         if not callable(getattr(interface, "register", None)):
             missing.append(f"{interface.__name__}.register")
-    from transformers import LlavaNextProcessor
-
-    for name in ("_get_number_of_features", "_get_num_multimodal_tokens"):
-        if not callable(getattr(LlavaNextProcessor, name, None)):
-            missing.append(f"LlavaNextProcessor.{name}")
     return missing
 
 
@@ -75,17 +70,11 @@ def set_length(layer: Any, length: int) -> None:
     layer.cumulative_length.fill_(length)
 
 
-def image_placeholder(processor: Any, pixels: Any) -> str:
-    """The image token repeated as often as the model has features for this image (what the processor's own
-    expansion computes; its `replace_image_token` exists only in some 5.x releases, a stub in others)."""
-    height, width = (int(side) for side in pixels["image_sizes"][0])
-    tile_height, tile_width = pixels["pixel_values"][0][0].shape[-2:]
-    count = processor._get_number_of_features(height, width, tile_height, tile_width)
-    if processor.vision_feature_select_strategy == "default":
-        count -= 1
-    return str(processor.image_token * count)
-
-
-def image_tokens(processor: Any, height: int, width: int) -> int:
-    counts = processor._get_num_multimodal_tokens(image_sizes=[(height, width)])
-    return int(counts["num_image_tokens"][0])
+def image_tokens(processor: Any, height: int, width: int) -> int | None:
+    """How many image tokens a photo of this size becomes (for packing batches), when the processor can say
+    without processing it (most 5.x processors: `_get_num_multimodal_tokens`); None otherwise."""
+    try:
+        counts = processor._get_num_multimodal_tokens(image_sizes=[(height, width)])
+        return int(counts["num_image_tokens"][0])
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError, NotImplementedError):
+        return None

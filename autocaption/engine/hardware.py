@@ -35,6 +35,23 @@ def accelerator() -> Accelerator:
     )
 
 
+def memory_free(device: str) -> int | None:
+    """Bytes free on the device (a GPU's free memory, or the CPU's available RAM); None when unknown."""
+    if device.startswith("cuda"):
+        try:
+            free, _ = torch.cuda.mem_get_info(torch.device(device))
+        except RuntimeError:
+            return None
+        return int(free)
+    try:
+        for line in open("/proc/meminfo", encoding="ascii"):  # noqa: SIM115 - read to the line needed
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 def masked_sdpa_problem(
     device: str, dtype: torch.dtype = torch.float16, *, heads: int = 32, kv_length: int = 2400, head_dim: int = 128
 ) -> str | None:

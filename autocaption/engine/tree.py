@@ -8,7 +8,7 @@ position ids as if it came straight after the prefix, so every branch computes e
 read once per image and step instead of once per prompt, and no per-prompt copy of it is ever made (on a
 GPU that is 2,300 tokens x 32 layers, ~300 MB in bf16, per extra prompt).
 
-Only the transformers engine (`llava.py`) imports this module; it needs torch.
+Only the in-process engine (`local.py`) imports this module; it needs torch.
 """
 
 from __future__ import annotations

@@ -1,0 +1,561 @@
+"""The in-process engine: any image-text-to-text checkpoint through transformers, loaded once and kept
+resident on the GPU (AMD ROCm or NVIDIA) or the CPU.
+
+Two ways to decode, both greedy and equal to a plain one-image, one-prompt `generate`:
+- the tree path (families.py says which families): each image's vision tower and prompt prefix run
+  once, and every rule of that image continues from that one KV cache as a branch of a token tree;
+- the batched path: left-padded batches of (image, rule) pairs through `generate`.
+
+This module and tree.py, compat.py and hardware.py are the only ones that import torch and transformers.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor, StoppingCriteria, StoppingCriteriaList
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+from transformers.utils import cached_file
+from transformers.utils import logging as hf_logging
+
+from autocaption import dependencies
+from autocaption.config import ModelConfig
+from autocaption.dependencies import DependencyError
+from autocaption.engine import compat, families, hub, memory
+from autocaption.engine.base import Answer, Cancelled, EngineInfo, Job, Prompt
+from autocaption.engine.devices import Placement, place
+from autocaption.engine.families import Family
+from autocaption.engine.hardware import accelerator, memory_free
+from autocaption.engine.tree import TREE_ATTENTION, Prefilled, TreeDecoder, register_attention
+from autocaption.errors import EngineError, ModelUnavailable
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# A photo's image tokens, for the memory estimate before loading (LLaVA-NeXT's most; others use fewer).
+TYPICAL_IMAGE_TOKENS = 3000
+SLOW_ON_CPU = 5e9  # parameters above which the first CPU batch reports how slow it was
+_PROBE = "autocaption-system-probe"
+
+
+class _StopWhenSet(StoppingCriteria):
+    """Ends generation at the next token once the daemon is asked to stop (SIGTERM)."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+@dataclass(frozen=True)
+class _TreeInputs:
+    """One image's prefill and its prompts' branches, prepared by the processor on the worker thread."""
+
+    prefix: list[int]  # tokens through the image's last token
+    branches: list[list[int]]  # each prompt's tokens after the prefix
+    tensors: dict[str, torch.Tensor]  # pixel values and the like, per-token ones cut to the prefix
+
+    def only(self, keep: Sequence[int]) -> _TreeInputs:
+        return _TreeInputs(self.prefix, [self.branches[i] for i in keep], self.tensors)
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """One image and prompts that share its prefix: (index in the flattened request, prompt)."""
+
+    image: Image.Image
+    prompts: list[tuple[int, Prompt]]
+    prepared: Callable[[], _TreeInputs | None] | None  # tree path: waits for the worker's result
+
+
+def _rows(batch: list[_Unit]) -> int:
+    return sum(len(unit.prompts) for unit in batch)
+
+
+def _halves(batch: list[_Unit]) -> list[list[_Unit]]:
+    if len(batch) > 1:
+        return [batch[: len(batch) // 2], batch[len(batch) // 2 :]]
+    unit = batch[0]  # one image with several prompts: split its prompts
+    half = len(unit.prompts) // 2
+    return [[_subset(unit, range(half))], [_subset(unit, range(half, len(unit.prompts)))]]
+
+
+def _subset(unit: _Unit, keep: range) -> _Unit:
+    parent = unit.prepared
+
+    def prepared() -> _TreeInputs | None:
+        inputs = parent() if parent else None
+        return inputs.only(keep) if inputs else None
+
+    return _Unit(unit.image, [unit.prompts[i] for i in keep], prepared if parent else None)
+
+
+class LocalEngine:
+    """`Engine` on a transformers image-text-to-text model: greedy decoding, the prompts of each image as
+    branches over its one prefill (tree.py) where the family allows, else left-padded batches."""
+
+    def __init__(self, model: Any, processor: Any, info: EngineInfo, config: ModelConfig, family: Family) -> None:
+        self.model = model
+        self.processor = processor  # used on the preprocessing thread only (a fast tokenizer is not shareable)
+        self.tokenizer = copy.deepcopy(processor.tokenizer)  # the model thread's own, for decoding
+        self.info = info
+        self.family = family
+        self.batch_size = config.batch_size
+        # After a GPU out-of-memory error batches are packed smaller, and grow back (doubling) after
+        # `grow_after` batches in a row went through: a spike (a huge panorama) does not shrink them forever.
+        self.rows_limit = config.batch_size
+        self.grow_after = 16
+        self._since_out_of_memory = 0  # batches in a row that went through without being split
+        self.max_batch_tokens = config.max_batch_tokens
+        # Branches of a token tree need a 4D attention mask, which sdpa and eager take; flash_attention_2
+        # only knows padding, so with it every prompt is prefilled on its own (the batched path).
+        attention = model.config._attn_implementation
+        self.share_prefix = config.share_prefix and family.tree and attention in (TREE_ATTENTION, "eager")
+        self.image_id = _image_token_id(model.config)
+        self.cache_argument = compat.cache_argument(model)
+        takes = inspect.signature(model.forward).parameters
+        self._keep_logits = {"logits_to_keep": 1} if "logits_to_keep" in takes else {}
+        self.timings: dict[str, float] = defaultdict(float)
+        self.device = torch.device(info.device.split(" ", 1)[0])
+        # Compiling the decode step (CUDA graphs: one launch per step instead of one per kernel) pays on a
+        # GPU once shapes repeat, so cache lengths are bucketed; shapes vary per batch, hence opt-in.
+        self.compile = config.compile and self.device.type != "cpu"
+        self._step = (
+            torch.compile(self._forward, mode="reduce-overhead", dynamic=False) if self.compile else self._forward
+        )
+        self.dtype = _DTYPES[info.dtype]
+        eos = model.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        tokenizer = processor.tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids))
+        self._preprocessor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="preprocess")
+        window, self.window_limit = _windows(model.config.get_text_config())
+        self.tree = TreeDecoder(
+            pad_id=self.pad_id, eos_ids=self.eos_ids, dtype=self.dtype, device=self.device, sliding_window=window,
+            bucket=self._cache_length,
+        )  # fmt: skip
+        parameters = sum(parameter.numel() for parameter in model.parameters())
+        self._report_cpu_speed = self.device.type == "cpu" and parameters >= SLOW_ON_CPU
+        self.parameters = parameters
+        path = "tree decoding (each image's rules share its prefill)" if self.share_prefix else "batched decoding"
+        reason = family.why_batched or ("prefix sharing needs attn_implementation sdpa" if family.tree else "")
+        log.info("%s (%s): %s%s", info.model_id, family.label, path, f" — {reason}" if not self.share_prefix else "")
+
+    @classmethod
+    def load(cls, config: ModelConfig) -> LocalEngine:
+        missing = compat.problems()
+        if missing:
+            raise DependencyError(
+                f"transformers {compat.VERSION} lacks what autocaption's engine uses ({', '.join(missing)}); "
+                f"install a tested release: pip install 'transformers{dependencies.declared().get('transformers', '')}'"
+            )
+        acc = accelerator()
+        placement = place(config.device, config.dtype, acc)
+        if placement.warning:
+            log.warning(placement.warning)
+        hf_logging.disable_progress_bar()  # a tqdm bar per load is noise in a service log
+        started = time.perf_counter()
+        revision = config.revision or "main"
+
+        def from_pretrained(source: str, offline: bool) -> tuple[Family, Any, Any]:
+            settings, folder = _config_json(source, revision, offline)
+            family = families.family_of(
+                settings, config.id, image_text_to_text=set(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES),
+                known=set(CONFIG_MAPPING_NAMES),
+            )  # fmt: skip
+            _check_packages(family)
+            _check_memory(config, folder, placement)
+            processor = AutoProcessor.from_pretrained(source, revision=revision, local_files_only=offline)
+            model = AutoModelForImageTextToText.from_pretrained(
+                source, revision=revision, local_files_only=offline, dtype=_DTYPES[placement.dtype],
+                attn_implementation=_attention(config),
+            )  # fmt: skip
+            return family, processor, model
+
+        try:
+            family, processor, model = hub.load(config, from_pretrained)
+        except ImportError as exc:  # flash_attention_2 asked for but not installed, a broken torchvision...
+            raise ModelUnavailable(f"model {config.id!r} cannot be loaded: {exc}") from None
+        model = model.to(placement.device).eval()
+        if config.image_grid_pinpoints:
+            if not getattr(processor.image_processor, "image_grid_pinpoints", None):
+                raise ModelUnavailable(f"model.image_grid_pinpoints: {family.label} has no anyres grid to change")
+            # Processor and model must agree, or LLaVA-NeXT fails with a split_with_sizes error.
+            pinpoints = [list(pair) for pair in config.image_grid_pinpoints]
+            processor.image_processor.image_grid_pinpoints = pinpoints
+            model.config.image_grid_pinpoints = pinpoints
+        # Batches are padded on the left so every row's new tokens start at the same column.
+        processor.tokenizer.padding_side = "left"
+        log.info(
+            "model %s loaded on %s as %s in %.1f s",
+            config.id, placement.description, placement.dtype, time.perf_counter() - started,
+        )  # fmt: skip
+        info = EngineInfo(
+            backend="transformers",
+            model_id=config.id,
+            device=placement.description,
+            dtype=placement.dtype,
+            max_image_side=families.max_image_side(processor),
+            system_role=_takes_system(processor),
+        )
+        return cls(model, processor, info, config, family)
+
+    def close(self) -> None:
+        self._preprocessor.shutdown(cancel_futures=True)
+        del self.model
+        if self.device.type == "cuda":
+            log.debug("peak GPU memory %.1f GiB", torch.cuda.max_memory_allocated(self.device) / 2**30)
+            torch.cuda.empty_cache()
+
+    def render(self, prompt: Prompt) -> str:
+        """The processor's own chat template: one user turn, the image then the text (a system turn if set)."""
+        return _render(self.processor, prompt.text, prompt.system)
+
+    def describe(self, jobs: Sequence[Job], cancel: threading.Event | None = None) -> list[list[Answer]]:
+        started = time.perf_counter()
+        units = self._units(jobs)
+        answers: dict[int, Answer] = {}
+        for batch in self._pack(units):
+            for index, answer in self._run(batch, cancel):
+                answers[index] = answer
+            if cancel is not None and cancel.is_set():
+                raise Cancelled()
+        if self._report_cpu_speed and answers:
+            self._report_cpu_speed = False
+            log.warning(
+                "on the CPU, %s (%.1f B parameters) took %.0f s per answer in its first batch; a GPU takes a "
+                "fraction of a second", self.info.model_id, self.parameters / 1e9,
+                (time.perf_counter() - started) / len(answers),
+            )  # fmt: skip
+        flat = iter(answers[i] for i in range(len(answers)))
+        return [[next(flat) for _ in job.prompts] for job in jobs]
+
+    def _units(self, jobs: Sequence[Job]) -> list[_Unit]:
+        """One unit per image and system text (they share a prefix); one per prompt on the batched path."""
+        units: list[_Unit] = []
+        index = 0
+        for job in jobs:
+            by_system: dict[str | None, list[tuple[int, Prompt]]] = {}
+            for prompt in job.prompts:
+                by_system.setdefault(prompt.system, []).append((index, prompt))
+                index += 1
+            for group in by_system.values():
+                if self.share_prefix:
+                    # All prompts of an image in one unit, prefilled once, decoded together even beyond
+                    # batch_size (branches of one tree); the processor prepares it ahead on the worker.
+                    future = self._preprocessor.submit(self._tree_inputs, job.image, [p for _, p in group])
+                    units.append(_Unit(job.image, group, future.result))
+                else:
+                    units.extend(_Unit(job.image, [item], None) for item in group)
+        return units
+
+    def _pack(self, units: list[_Unit]) -> list[list[_Unit]]:
+        """Batches of at most `batch_size` prompts and `max_batch_tokens` image+prompt tokens; an image with
+        more prompts than `batch_size` is a batch of its own."""
+        batches: list[list[_Unit]] = []
+        rows = tokens = 0
+        for unit in units:
+            cost = compat.image_tokens(self.processor, unit.image.height, unit.image.width) or TYPICAL_IMAGE_TOKENS
+            if batches and rows + len(unit.prompts) <= self.rows_limit and tokens + cost <= self.max_batch_tokens:
+                batches[-1].append(unit)
+                rows, tokens = rows + len(unit.prompts), tokens + cost
+            else:
+                batches.append([unit])
+                rows, tokens = len(unit.prompts), cost
+        return batches
+
+    def _run(self, batch: list[_Unit], cancel: threading.Event | None, depth: int = 0) -> list[tuple[int, Answer]]:
+        """Generate for one batch; on GPU out-of-memory retry it in halves (nothing is lost)."""
+        try:
+            answers = self._attempt(batch, cancel)
+        except torch.cuda.OutOfMemoryError:  # the same class as torch.OutOfMemoryError on torch >= 2.5
+            pass  # retried below, outside the handler: its traceback still holds the failed batch's tensors
+        else:
+            if depth == 0:  # a whole batch went through without being split
+                self._grow_back()
+            return answers
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        rows = _rows(batch)
+        if len(batch) == 1 and rows == 1:
+            raise EngineError("GPU out of memory on a single image", transient=True)
+        self.rows_limit = max(1, min(self.rows_limit, rows // 2))
+        self._since_out_of_memory = 0
+        # One warning per batch that ran out of memory; how far it had to be split is detail.
+        (log.warning if depth == 0 else log.debug)(
+            "GPU out of memory on a batch of %d prompts; retrying it in halves (batches of at most %d prompts "
+            "until %d in a row went through)", rows, self.rows_limit, self.grow_after,
+        )  # fmt: skip
+        return [pair for half in _halves(batch) for pair in self._run(half, cancel, depth + 1)]
+
+    def _attempt(self, batch: list[_Unit], cancel: threading.Event | None) -> list[tuple[int, Answer]]:
+        if self.share_prefix:
+            shared = self._generate_shared(batch, cancel)
+            if shared is not None:
+                return shared
+        items = [(index, unit.image, prompt) for unit in batch for index, prompt in unit.prompts]
+        return self._generate(items, cancel)
+
+    def _grow_back(self) -> None:
+        self._since_out_of_memory += 1
+        if self.rows_limit < self.batch_size and self._since_out_of_memory >= self.grow_after:
+            self.rows_limit = min(self.batch_size, self.rows_limit * 2)
+            self._since_out_of_memory = 0
+            log.info("batches grow back to %d prompts", self.rows_limit)
+
+    def _cache_length(self, needed: int) -> int:
+        """With compilation, round cache lengths up to 512-token buckets so shapes repeat."""
+        return -(-needed // 512) * 512 if self.compile else needed
+
+    def _add_special(self, texts: Sequence[str]) -> bool:
+        # Templates that render the BOS themselves must not get a second one from the tokenizer.
+        bos = self.tokenizer.bos_token
+        return not (bos and all(text.startswith(bos) for text in texts))
+
+    def _images(self, images: list[Image.Image]) -> list[Any]:
+        return [[image] for image in images] if self.family.nested_images else list(images)
+
+    # --- the tree path -------------------------------------------------------------------------------------
+
+    def _tree_inputs(self, image: Image.Image, prompts: list[Prompt]) -> _TreeInputs | None:
+        """On the worker thread: the processor's own expansion of the first prompt (image tokens and whatever
+        the family puts around them), and every prompt's text after the image. None when the prompts do not
+        read as one prefix ending in the image plus a text of their own (the batched path takes them)."""
+        texts = [self.render(prompt) for prompt in prompts]
+        add_special = self._add_special(texts)
+        first = self.processor(
+            images=self._images([image]), text=[texts[0]], return_tensors="pt", add_special_tokens=add_special
+        )
+        ids = first["input_ids"][0].tolist()
+        if self.image_id not in ids:
+            return None
+        length = len(ids) - ids[::-1].index(self.image_id)
+        marker = self.processor.tokenizer.convert_tokens_to_ids(self.processor.image_token)
+        raw = [self.processor.tokenizer(text, add_special_tokens=add_special)["input_ids"] for text in texts]
+        if any(tokens.count(marker) != 1 for tokens in raw):
+            return None
+        heads = [tokens[: tokens.index(marker)] for tokens in raw]
+        tails = [tokens[tokens.index(marker) + 1 :] for tokens in raw]
+        around = ids[length : len(ids) - len(tails[0])]  # what the processor adds after the image's tokens
+        if any(head != heads[0] for head in heads) or ids[len(ids) - len(tails[0]) :] != tails[0] or not tails[0]:
+            return None
+        tensors = {  # pixel values and the like; per-token ones (token_type_ids) cut to the prefix
+            key: value[:, :length] if value.shape[:2] == (1, len(ids)) else value
+            for key, value in first.items()
+            if key not in ("input_ids", "attention_mask") and isinstance(value, torch.Tensor)
+        }
+        return _TreeInputs(ids[:length], [around + tail for tail in tails], tensors)
+
+    @torch.inference_mode()
+    def _generate_shared(self, batch: list[_Unit], cancel: threading.Event | None) -> list[tuple[int, Answer]] | None:
+        """Each image paid for once: the vision tower and the prompt prefix up to the image's last token run
+        once per image, and every prompt of that image continues from that one KV cache as a branch of a
+        token tree (see tree.py). None when that cannot be done exactly (the caller falls back)."""
+        started = time.perf_counter()
+        prepared = []
+        for unit in batch:
+            inputs = unit.prepared() if unit.prepared else None
+            if inputs is None:
+                return None
+            prepared.append(inputs)
+        self.timings["preprocess wait"] += time.perf_counter() - started
+        if self.window_limit is not None:  # mixed sliding/full layers: exact only while nothing leaves the window
+            longest = max(len(i.prefix) + len(b) + p.max_new_tokens for i, u in zip(prepared, batch, strict=True)
+                          for b, (_, p) in zip(i.branches, u.prompts, strict=True))  # fmt: skip
+            if longest > self.window_limit:
+                return None
+        prefilled = []
+        for unit, inputs in zip(batch, prepared, strict=True):
+            image = self._prefill(unit, inputs)
+            if image is None:
+                return None
+            prefilled.append(image)
+        decode_started = time.perf_counter()
+        new_tokens = self.tree.run(prefilled, self._forward, self._step, cancel)
+        self.timings["decode"] += time.perf_counter() - decode_started
+        prompts = [prompt for unit in batch for _, prompt in unit.prompts]
+        lengths = [image.length + len(branch) for image in prefilled for branch in image.branches]
+        indices = [index for unit in batch for index, _ in unit.prompts]
+        return self._answers(indices, prompts, new_tokens, lengths, started)
+
+    def _prefill(self, unit: _Unit, inputs: _TreeInputs) -> Prefilled | None:
+        """One image alone: no padding, so attention runs causal without a mask (sdpa's fastest kernels)."""
+        started = time.perf_counter()
+        tensors = {
+            key: value.to(self.device, self.dtype) if value.is_floating_point() else value.to(self.device)
+            for key, value in inputs.tensors.items()
+        }
+        length = len(inputs.prefix)
+        output = self.model(
+            input_ids=torch.tensor([inputs.prefix], device=self.device), use_cache=True, **tensors,
+            **self._keep_logits,  # only the cache is needed; skip the vocabulary projection of 2,000+ tokens
+        )  # fmt: skip
+        self.timings["vision+prefill"] += time.perf_counter() - started
+        layers = _prefix_layers(compat.output_cache(output, self.cache_argument), length)
+        if layers is None:
+            return None
+        return Prefilled(layers, length, inputs.branches, [p.max_new_tokens for _, p in unit.prompts])
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: Any) -> torch.Tensor:
+        logits: torch.Tensor = self.model(
+            input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True, **{self.cache_argument: cache}
+        ).logits
+        return logits
+
+    # --- the batched path ----------------------------------------------------------------------------------
+
+    def _batch_inputs(self, items: list[tuple[int, Image.Image, Prompt]]) -> Any:
+        """On the worker thread: the processor's inputs for a left-padded batch."""
+        texts = [self.render(prompt) for _, _, prompt in items]
+        return self.processor(
+            images=self._images([image for _, image, _ in items]), text=texts, padding=True, return_tensors="pt",
+            add_special_tokens=self._add_special(texts),
+        )  # fmt: skip
+
+    @torch.inference_mode()
+    def _generate(
+        self, items: list[tuple[int, Image.Image, Prompt]], cancel: threading.Event | None
+    ) -> list[tuple[int, Answer]]:
+        """Each prompt with its own copy of the image, left-padded into one batch."""
+        started = time.perf_counter()
+        inputs = self._preprocessor.submit(self._batch_inputs, items).result().to(self.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        generate_started = time.perf_counter()
+        self.timings["preprocess"] += generate_started - started
+        prompts = [prompt for _, _, prompt in items]
+        output = self.model.generate(
+            **inputs,
+            max_new_tokens=max(p.max_new_tokens for p in prompts),
+            disable_compile=not self.compile,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=self.pad_id,
+            stopping_criteria=StoppingCriteriaList([_StopWhenSet(cancel)]) if cancel is not None else None,
+        )
+        new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()
+        self.timings["prefill+decode"] += time.perf_counter() - generate_started
+        lengths = [int(n) for n in inputs["attention_mask"].sum(dim=1).tolist()]
+        return self._answers([index for index, _, _ in items], prompts, new_tokens, lengths, started)
+
+    def _answers(
+        self, indices: list[int], prompts: list[Prompt], new_tokens: list[list[int]], lengths: list[int],
+        started: float,
+    ) -> list[tuple[int, Answer]]:  # fmt: skip
+        share = (time.perf_counter() - started) / len(prompts)
+        answers = []
+        for index, prompt, tokens, length in zip(indices, prompts, new_tokens, lengths, strict=True):
+            kept = list(self._until_eos(tokens[: prompt.max_new_tokens]))
+            text = self.tokenizer.decode(kept, skip_special_tokens=True)
+            answers.append((index, Answer(text=text, prompt_tokens=length, new_tokens=len(kept), seconds=share)))
+        return answers
+
+    def _until_eos(self, tokens: list[int]) -> Iterator[int]:
+        for token in tokens:
+            if token in self.eos_ids:
+                return
+            yield token
+
+
+def _render(processor: Any, text: str, system: str | None) -> str:
+    conversation: list[dict[str, Any]] = []
+    if system:
+        conversation.append({"role": "system", "content": [{"type": "text", "text": system}]})
+    conversation.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]})
+    rendered: str = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    return rendered
+
+
+def _takes_system(processor: Any) -> bool:
+    """Whether the checkpoint's chat template carries a system turn (some refuse it, some drop it silently)."""
+    try:
+        return _PROBE in _render(processor, "x", _PROBE)
+    except Exception:  # noqa: BLE001 - a template that raises on a system role has none
+        return False
+
+
+def _image_token_id(config: Any) -> int:
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    raise ModelUnavailable(f"model {config.model_type}: its config names no image token")
+
+
+def _windows(text_config: Any) -> tuple[int | None, int | None]:
+    """(the sliding window every layer uses, or None; the window some layers use, when others attend to all).
+    Tree masks apply one window to every layer: with mixed layers they are exact only below the window."""
+    window = getattr(text_config, "sliding_window", None)
+    kinds = set(getattr(text_config, "layer_types", None) or [])
+    if not window or kinds == {"full_attention"}:
+        return None, None
+    if len(kinds) > 1:
+        return None, int(window)
+    return int(window), None
+
+
+def _config_json(source: str, revision: str, offline: bool) -> tuple[dict[str, Any], Path]:
+    """The checkpoint's config.json and the folder holding it (the local folder, or its cache snapshot)."""
+    path = cached_file(source, "config.json", revision=revision, local_files_only=offline)
+    if path is None:
+        raise OSError(f"{source}: no config.json")
+    return json.loads(Path(path).read_text(encoding="utf-8")), Path(path).parent
+
+
+def _check_packages(family: Family) -> None:
+    missing = families.missing_packages(family)
+    if missing:
+        hint = " from the index your torch came from (the same ROCm or CUDA build)" if "torchvision" in missing else ""
+        raise ModelUnavailable(
+            f"{family.label}'s processor needs {' and '.join(missing)}, which is not installed: "
+            f"pip install {' '.join(missing)}{hint}"
+        )
+
+
+def _check_memory(config: ModelConfig, folder: Path, placement: Placement) -> None:
+    """Refuse, before loading anything, a model that cannot fit (weights and one photo's KV cache)."""
+    try:
+        from transformers import AutoConfig
+
+        text_config = AutoConfig.from_pretrained(folder, local_files_only=True).get_text_config()
+    except (OSError, ValueError):
+        return
+    needed = memory.need(folder, text_config, placement.dtype, TYPICAL_IMAGE_TOKENS)
+    free = memory_free(placement.device)
+    if needed is None or free is None:
+        return
+    if needed.total > free:
+        where = "the CPU's memory" if placement.device == "cpu" else placement.description
+        raise ModelUnavailable(memory.too_big(config.id, needed, free, where))
+
+
+def _prefix_layers(cache: Any, length: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Each layer's keys and values of a one-image prefill; None when a layer does not hold all `length`
+    tokens (a sliding-window cache shorter than the prefix): that image's prompts are not shared."""
+    layers = []
+    for layer in cache.layers:
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor) or keys.shape[2] != length:
+            return None
+        layers.append((keys, values))
+    return layers
+
+
+def _attention(config: ModelConfig) -> str:
+    """sdpa becomes its tree-decoding variant (the same kernels; see tree.grouped_sdpa)."""
+    return register_attention() if config.attn_implementation == "sdpa" else config.attn_implementation

@@ -1,0 +1,80 @@
+"""Will the model fit? Estimated from the checkpoint's files before anything is loaded, so a model too big
+for the card is one line with smaller choices, not an out-of-memory traceback after minutes of loading.
+
+Weights: the safetensors index's total size, else the size of the weight files. KV cache: per token,
+2 (keys, values) x layers x key/value heads x head size x bytes, for the image tokens of one photo.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from autocaption.engine.families import SMALLER
+
+GB = 1e9
+GiB = 2**30
+WORKING = 1 * GiB  # activations of a prefill and the allocator's slack, beyond weights and KV cache
+_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@dataclass(frozen=True)
+class Need:
+    weights: int  # bytes of weights in the dtype they are loaded in
+    kv_per_image: int  # bytes of KV cache for one photo's image tokens
+    parameters: int  # approximate parameter count
+
+    @property
+    def total(self) -> int:
+        """Enough for one batch of one photo: the least a run needs."""
+        return self.weights + self.kv_per_image + WORKING
+
+
+def weight_bytes(folder: Path) -> tuple[int, int]:
+    """(bytes on disk, bytes per stored parameter) of the weights in a checkpoint folder; (0, 2) if unknown."""
+    index = folder / "model.safetensors.index.json"
+    stored = 2
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        dtype = config.get("dtype") or config.get("torch_dtype") or (config.get("text_config") or {}).get("dtype")
+        stored = _BYTES.get(str(dtype), 2)
+    except (OSError, ValueError):
+        pass
+    try:
+        total = int(json.loads(index.read_text(encoding="utf-8"))["metadata"]["total_size"])
+        return total, stored
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    files = [*folder.glob("*.safetensors"), *folder.glob("*.bin")]
+    return sum(path.stat().st_size for path in files), stored
+
+
+def kv_bytes_per_token(text_config: Any, dtype_bytes: int) -> int:
+    heads = getattr(text_config, "num_attention_heads", 0) or 0
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(text_config, "head_dim", None) or (getattr(text_config, "hidden_size", 0) // max(heads, 1))
+    layers = getattr(text_config, "num_hidden_layers", 0) or 0
+    return int(2 * layers * kv_heads * head_dim * dtype_bytes)
+
+
+def need(folder: Path, text_config: Any, dtype: str, image_tokens: int) -> Need | None:
+    """What loading the checkpoint in `folder` as `dtype` needs, or None when its size cannot be told."""
+    on_disk, stored = weight_bytes(folder)
+    if not on_disk:
+        return None
+    loaded = _BYTES.get(dtype, 2)
+    kv = kv_bytes_per_token(text_config, loaded) * image_tokens
+    return Need(on_disk * loaded // stored, kv, on_disk // stored)
+
+
+def too_big(model_id: str, needed: Need, free: int, device: str) -> str:
+    """The one line that says it does not fit, and what would."""
+    fits = [name for name, size in SMALLER if size * GB * 1.15 + WORKING < free and name != model_id]
+    choices = f"; models that fit: {', '.join(fits)}" if fits else "; no suggested model fits in what is free"
+    return (
+        f"model {model_id!r} needs about {needed.total / GiB:.1f} GiB on {device} ({needed.weights / GiB:.1f} GiB of "
+        f"weights, {needed.kv_per_image / GiB:.2f} GiB of KV cache per photo), but {free / GiB:.1f} GiB are free"
+        f"{choices} (model.id)"
+    )
