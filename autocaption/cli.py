@@ -115,6 +115,37 @@ def doctor(config_path: Path | None) -> None:
     raise SystemExit(code)
 
 
+@cli.command()
+@config_option
+@click.argument("query")
+@click.option("--rule", default="", help="Only this rule's answers.")
+@click.option("--json", "as_json", is_flag=True, help="JSON, for scripts.")
+def search(config_path: Path, query: str, rule: str, as_json: bool) -> None:
+    """Search the answers (every word, best match first); exit 1 when nothing matches."""
+    from autocaption.catalog import render_hits
+    from autocaption.catalog import search as find
+
+    hits = find(load(config_path), query, rule=rule)
+    if hits or as_json:
+        click.echo(render_hits(hits, as_json=as_json, bold=sys.stdout.isatty()))
+    if not hits:
+        if not as_json:
+            click.echo(f"autocaption: nothing matches {query!r}", err=True)
+        raise SystemExit(ExitCode.FAILURES)
+
+
+@cli.command()
+@config_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (others: a warning).")
+@click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535), help="0: any free port.")
+@click.option("--read-only", is_flag=True, help="Look and search only: every change is refused.")
+def web(config_path: Path, host: str, port: int, read_only: bool) -> None:
+    """A local page to look at the captions, search them and correct them. Prints the URL to open."""
+    from autocaption.web.server import serve
+
+    raise SystemExit(serve(load(config_path), host=host, port=port, read_only=read_only))
+
+
 @cli.group()
 def service() -> None:
     """Install autocaption as a systemd service."""

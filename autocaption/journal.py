@@ -15,10 +15,11 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from autocaption.config import Config
 from autocaption.discover import Candidate
@@ -29,7 +30,31 @@ from autocaption.pipeline import Described, Outcome, Skipped
 QUEUED, RETRY, DONE, FAILED = "queued", "retry", "done", "failed"
 JOURNAL_NAME = "journal.sqlite3"
 
-MIGRATIONS: tuple[tuple[str, str], ...] = (
+def _statements(*statements: str) -> Callable[[sqlite3.Connection], None]:
+    """A migration of statements that contain semicolons themselves (triggers)."""
+
+    def run(db: sqlite3.Connection) -> None:
+        for statement in statements:
+            db.execute(statement)
+
+    return run
+
+
+def _answers_from_sidecars(db: sqlite3.Connection) -> None:
+    """Fill the answers table (and its full-text index) from the JSON sidecars of images described before
+    it existed. Once; a large library takes a few seconds per 10,000 photos."""
+    from autocaption import sidecar
+
+    rows = db.execute("SELECT rowid, path FROM images WHERE status = ?", (DONE,)).fetchall()
+    for image_id, path in rows:
+        document = sidecar.read(Path(path))
+        for rule, entry in (document or {}).get("rules", {}).items():
+            if isinstance(entry, dict) and isinstance(entry.get("answer"), str):
+                db.execute("INSERT OR REPLACE INTO answers VALUES (?, ?, ?)", (image_id, rule, entry["answer"]))
+
+
+Migration = str | Callable[[sqlite3.Connection], None]
+MIGRATIONS: tuple[tuple[str, Migration], ...] = (
     (
         "0001_images",
         """
@@ -57,6 +82,30 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         CREATE INDEX done_log_at ON done_log (at);
         """,
     ),
+    (
+        # Every rule's answer per image (the images' rowid is their id for the review page), with a full-text
+        # index kept in step by triggers, for `autocaption search` and the page's search box.
+        "0003_answers",
+        _statements(
+            "CREATE TABLE answers (image_id INTEGER NOT NULL, rule TEXT NOT NULL, answer TEXT NOT NULL,"
+            " PRIMARY KEY (image_id, rule))",
+            "CREATE VIRTUAL TABLE answers_fts USING fts5(answer, content='answers',"
+            " tokenize='unicode61 remove_diacritics 2')",
+            "CREATE TRIGGER answers_insert AFTER INSERT ON answers BEGIN"
+            " INSERT INTO answers_fts (rowid, answer) VALUES (new.rowid, new.answer); END",
+            "CREATE TRIGGER answers_delete AFTER DELETE ON answers BEGIN"
+            " INSERT INTO answers_fts (answers_fts, rowid, answer) VALUES ('delete', old.rowid, old.answer); END",
+            "CREATE TRIGGER answers_update AFTER UPDATE ON answers BEGIN"
+            " INSERT INTO answers_fts (answers_fts, rowid, answer) VALUES ('delete', old.rowid, old.answer);"
+            " INSERT INTO answers_fts (rowid, answer) VALUES (new.rowid, new.answer); END",
+            "CREATE TRIGGER images_delete AFTER DELETE ON images BEGIN"
+            " DELETE FROM answers WHERE image_id = old.rowid; END",
+            "CREATE INDEX images_updated ON images (updated_at)",
+        ),
+    ),
+    ("0004_answers_from_sidecars", _answers_from_sidecars),
+    # "Describe again" from the review page: the daemon describes such a row even if its sidecar is current.
+    ("0005_force", "ALTER TABLE images ADD COLUMN force INTEGER NOT NULL DEFAULT 0"),
 )
 
 
@@ -133,17 +182,26 @@ class Journal:
         with self._tx() as db:
             db.execute("CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
             applied = {row[0] for row in db.execute("SELECT name FROM migrations")}
-            for name, sql in MIGRATIONS:
-                if name not in applied:
-                    for statement in filter(str.strip, sql.split(";")):
+            for name, migration in MIGRATIONS:
+                if name in applied:
+                    continue
+                if isinstance(migration, str):
+                    for statement in filter(str.strip, migration.split(";")):
                         db.execute(statement)
-                    db.execute("INSERT INTO migrations VALUES (?, ?)", (name, time.time()))
+                else:
+                    migration(db)
+                db.execute("INSERT INTO migrations VALUES (?, ?)", (name, time.time()))
 
     def applied_migrations(self) -> list[str]:
         with self._lock:
             return [row[0] for row in self._db.execute("SELECT name FROM migrations ORDER BY name")]
 
     # --- reading ---------------------------------------------------------------------------------
+
+    def rows(self, sql: str, parameters: Iterable[object] = ()) -> list[tuple[Any, ...]]:
+        """A read query (catalog.py asks the review page's questions through it)."""
+        with self._lock:
+            return self._db.execute(sql, tuple(parameters)).fetchall()
 
     def get(self, path: Path) -> Record | None:
         with self._lock:
@@ -225,7 +283,11 @@ class Journal:
 
     # --- outcomes --------------------------------------------------------------------------------
 
-    def done(self, path: Path, st: os.stat_result, sha256: str | None, fingerprint: str, answers: int = 0) -> None:
+    def done(
+        self, path: Path, st: os.stat_result, sha256: str | None, fingerprint: str, answers: int = 0,
+        texts: Mapping[str, str] | None = None,
+    ) -> None:  # fmt: skip
+        """The image is described (or needs nothing): `texts` are its rules' answers, for search."""
         now = time.time()
         with self._tx() as db:
             db.execute(
@@ -233,11 +295,35 @@ class Journal:
                 " updated_at) VALUES (?, ?, ?, ?, ?, ?, 0, NULL, ?) ON CONFLICT (path) DO UPDATE SET"
                 " size = excluded.size, mtime_ns = excluded.mtime_ns,"
                 " sha256 = COALESCE(excluded.sha256, images.sha256), fingerprint = excluded.fingerprint,"
-                " status = excluded.status, attempts = 0, last_error = NULL, updated_at = excluded.updated_at",
+                " status = excluded.status, attempts = 0, last_error = NULL, updated_at = excluded.updated_at,"
+                " force = 0",
                 (str(path), st.st_size, st.st_mtime_ns, sha256, fingerprint, DONE, now),
             )
             if answers:
                 db.execute("INSERT INTO done_log VALUES (?, ?)", (now, answers))
+            if texts:
+                (image_id,) = db.execute("SELECT rowid FROM images WHERE path = ?", (str(path),)).fetchone()
+                db.executemany(
+                    "INSERT OR REPLACE INTO answers VALUES (?, ?, ?)", [(image_id, r, t) for r, t in texts.items()]
+                )
+
+    def describe_again(self, path: Path) -> None:
+        """Queue an image to be described even though its results are current (the review page's button)."""
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                "UPDATE images SET status = ?, force = 1, attempts = 0, next_attempt = 0, queued_at = ?,"
+                " updated_at = ? WHERE path = ?",
+                (QUEUED, now, now, str(path)),
+            )
+
+    def forced(self, paths: Iterable[Path]) -> set[Path]:
+        """Which of these were queued to be described again regardless of their results."""
+        with self._lock:
+            return {
+                path for path in paths
+                if self._db.execute("SELECT force FROM images WHERE path = ?", (str(path),)).fetchone() == (1,)
+            }  # fmt: skip
 
     def failed(self, path: Path, error: str, *, transient: bool, max_attempts: int, backoff: float) -> str:
         """Record a failure; transient ones are retried with exponential backoff until `max_attempts`."""
@@ -317,7 +403,8 @@ def record_outcome(journal: Journal, config: Config, candidate: Candidate, outco
     path = candidate.path
     if isinstance(outcome, Described):
         assert outcome.stat is not None and outcome.fingerprint is not None
-        journal.done(path, outcome.stat, outcome.sha256, outcome.fingerprint, outcome.answers)
+        texts = {result.rule.name: result.answer for result in outcome.results}
+        journal.done(path, outcome.stat, outcome.sha256, outcome.fingerprint, outcome.answers, texts)
         return None
     if isinstance(outcome, Skipped):
         try:

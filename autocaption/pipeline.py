@@ -10,7 +10,7 @@ import os
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,7 @@ class _Work:
     found: sidecar.Sidecar
     picture: Picture
     prompts: tuple[str, ...]
+    force: bool = False  # described again even if another process finished it meanwhile
 
 
 @dataclass(frozen=True)
@@ -147,17 +148,22 @@ class Pipeline:
         self.draft_side = engine.info.max_image_side if config.images.draft else None
         self.timings: dict[str, float] = defaultdict(float)  # seconds per stage, for `-v` and the benchmarks
 
-    def run(self, candidates: Sequence[Candidate], cancel: threading.Event | None = None) -> list[Outcome]:
-        """Describe a batch of images; one outcome per candidate, in order.
+    def run(
+        self, candidates: Sequence[Candidate], cancel: threading.Event | None = None, forced: Set[Path] = frozenset()
+    ) -> list[Outcome]:
+        """Describe a batch of images; one outcome per candidate, in order. `forced`: paths to describe even
+        when their results are current (the review page's "describe again").
 
         Raises `Cancelled` when `cancel` is set during generation: nothing of the batch was written.
         """
-        return self.finish(self.prepare(candidates), cancel)
+        return self.finish(self.prepare(candidates, forced), cancel)
 
-    def prepare(self, candidates: Sequence[Candidate]) -> list[_Work | Unwritten | Outcome]:
+    def prepare(
+        self, candidates: Sequence[Candidate], forced: Set[Path] = frozenset()
+    ) -> list[_Work | Unwritten | Outcome]:
         """Read and decode the pictures (no model involved): may run on a prefetch thread."""
         started = time.perf_counter()
-        prepared = [self._prepare(candidate) for candidate in candidates]
+        prepared = [self._prepare(candidate, self.force or candidate.path in forced) for candidate in candidates]
         self.timings["read+decode"] += time.perf_counter() - started
         return prepared
 
@@ -177,13 +183,13 @@ class Pipeline:
                 outcomes.append(item)
         return outcomes
 
-    def _prepare(self, candidate: Candidate) -> _Work | Unwritten | Outcome:
+    def _prepare(self, candidate: Candidate, force: bool) -> _Work | Unwritten | Outcome:
         path = candidate.path
         rules = self.config.rules_for(candidate.relative)
         try:
             stat = path.stat()
             found = sidecar.locate(path)
-            skip = triage(self.config, candidate, force=self.force, stat=stat, found=found)
+            skip = triage(self.config, candidate, force=force, stat=stat, found=found)
             if skip:
                 return skip
             picture = open_picture(path, max_pixels=self.config.images.max_pixels, draft_side=self.draft_side)
@@ -198,7 +204,7 @@ class Pipeline:
             return Failed(path, f"{display(path)}: changed while being read; will retry", transient=True)
         values = render_values(path, picture)
         prompts = tuple(rule.prompt.render(values) for rule in rules)
-        return _Work(candidate, rules, stat, found, picture, prompts)
+        return _Work(candidate, rules, stat, found, picture, prompts, force)
 
     def _describe(self, work: list[_Work], cancel: threading.Event | None = None) -> list[Outcome]:
         jobs = [
@@ -255,8 +261,8 @@ class ResultWriter:
             path = item.candidate.path
             return sidecar.build(path, item.picture, item.stat, engine, results, found.document, record)
 
-        return self._locked(_ToWrite(item.candidate, item.rules, item.stat, results, document, item.picture.sha256),
-                            item.found)  # fmt: skip
+        todo = _ToWrite(item.candidate, item.rules, item.stat, results, document, item.picture.sha256, force=item.force)
+        return self._locked(todo, item.found)
 
     def earlier(self, item: Unwritten) -> Outcome:
         """Answers an earlier run recorded in the sidecar, whose write into the photo is missing."""
@@ -293,7 +299,7 @@ class ResultWriter:
         except OSError as exc:
             return Failed(path, f"{display(path)}: cannot read: {exc.strerror or exc}")
         current = found.document is not None and sidecar.is_current(found.document, now, todo.rules)
-        if current and not self.force and sidecar.unwritten(found.document or {}, path) is None:
+        if current and not (self.force or todo.force) and sidecar.unwritten(found.document or {}, path) is None:
             return Skipped(path, "described meanwhile by another autocaption process")
         if not _same_file(now, todo.stat) or (todo.earlier and not current):
             return Failed(path, f"{display(path)}: changed while being described; will retry", transient=True)
@@ -339,6 +345,7 @@ class _ToWrite:
     document: Callable[[sidecar.Sidecar, WriteRecord], dict[str, Any]]  # the JSON sidecar, given what was written
     sha256: str  # of the bytes that were described
     earlier: bool = False  # the answers come from an earlier run's sidecar
+    force: bool = False  # written even if another process finished the photo meanwhile
 
 
 def _same_file(now: os.stat_result, before: os.stat_result) -> bool:

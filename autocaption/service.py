@@ -139,6 +139,7 @@ class Worker:
         service = self.service
         config, journal = service.config, service.journal
         todo: list[Candidate] = []
+        forced = journal.forced(paths)  # "describe again" from the review page
         for path in paths:
             candidate = service.candidate(path)
             try:
@@ -152,7 +153,8 @@ class Worker:
             if not rules:
                 journal.done(path, st, None, fingerprint)
             elif (
-                record
+                path not in forced
+                and record
                 and record.fingerprint
                 and record.matches(st)
                 and (record.fingerprint == fingerprint or not config.daemon.redo_stale)
@@ -163,7 +165,8 @@ class Worker:
                     service.follow_move(path, st)  # carries its results along; the pipeline then skips it
                 todo.append(candidate)
         if todo:
-            for candidate, outcome in zip(todo, service.pipeline.run(todo, cancel=service.stop), strict=True):
+            outcomes = service.pipeline.run(todo, cancel=service.stop, forced=forced)
+            for candidate, outcome in zip(todo, outcomes, strict=True):
                 service.record(candidate, outcome)
 
 

@@ -214,6 +214,20 @@ def results_of(existing: Mapping[str, Any], rules: Iterable[Rule]) -> tuple[Rule
     return tuple(results)
 
 
+def with_edit(
+    existing: Mapping[str, Any], description: str, keywords: Iterable[str], written: WriteRecord, stat: os.stat_result
+) -> dict[str, Any]:
+    """The sidecar after a person corrected the caption (the review page): their text under "edited", the
+    model's answers kept as they were under "rules"."""
+    document = with_written(existing, written, stat)
+    document["edited"] = {
+        "description": description,
+        "keywords": list(keywords),
+        "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    return document
+
+
 def with_written(existing: Mapping[str, Any], written: WriteRecord, stat: os.stat_result) -> dict[str, Any]:
     """The sidecar after its recorded answers were written again: the same answers, the new record."""
     document = dict(existing)

@@ -13,7 +13,11 @@ On a GPU, `--device cuda --shape mistral-7b` builds the true llava-v1.6-mistral-
 weights in bf16 (15 GB written to a temp folder; nothing downloaded) and reports decode tokens/s
 against the HBM limit (weight bytes / bandwidth per step) and peak GPU memory.
 
-Usage: python bench/throughput.py [--rounds 2] [--device cuda --shape mistral-7b [--hbm-tbps 3.35]]
+`--family NAME` takes one of the tiny models of tests/families.py instead (llava, llava_onevision, qwen2_vl,
+qwen2_5_vl, qwen3_vl, gemma3, idefics3, smolvlm, llava_next), and also times autocaption with the tree path
+switched off (`share_prefix: false`), so the tree and the batched paths can be compared on the CPU.
+
+Usage: python bench/throughput.py [--rounds 2] [--family NAME] [--device cuda --shape mistral-7b [--hbm-tbps 3.35]]
 """
 
 from __future__ import annotations
@@ -46,18 +50,20 @@ import sys, time
 from pathlib import Path
 import torch
 from PIL import Image, ImageOps
-from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+from transformers import AutoModelForImageTextToText, AutoProcessor
 model_dir, rules, device = sys.argv[1], sys.argv[2].split("|"), sys.argv[3]
-new_tokens, photos = int(sys.argv[4]), sys.argv[5:]
+new_tokens, nested, photos = int(sys.argv[4]), sys.argv[5] == "nested", sys.argv[6:]
 dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
 processor = AutoProcessor.from_pretrained(model_dir)
-model = LlavaNextForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype).to(device).eval()
 for photo in photos:
     image = ImageOps.exif_transpose(Image.open(photo)).convert("RGB")
     for rule in rules:
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": rule}]}]
         prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
-        inputs = processor(images=image, text=prompt, return_tensors="pt").to(device)
+        bos = processor.tokenizer.bos_token
+        inputs = processor(images=[[image]] if nested else image, text=prompt, return_tensors="pt",
+                           add_special_tokens=not (bos and prompt.startswith(bos))).to(device)
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
         with torch.inference_mode():
             out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
@@ -74,9 +80,12 @@ def photos(count: int) -> list[Path]:
 
 
 def build_model(directory: Path, args: argparse.Namespace) -> Path:
+    from tests.families import build
     from tests.tinymodel import build_geometry, build_mistral_7b
 
-    if args.shape == "mistral-7b":
+    if args.family:
+        build(args.family, directory)
+    elif args.shape == "mistral-7b":
         build_mistral_7b(directory, device=args.device, text_layers=args.text_layers, vision_layers=args.vision_layers)
     else:
         build_geometry(directory)
@@ -105,9 +114,12 @@ def peak_gpu(log: str) -> str:
     return next((line.split("peak GPU memory ")[1] for line in log.splitlines() if "peak GPU memory" in line), "n/a")
 
 
-def config_file(base: Path, model: Path, rules: list[str], name: str, args: argparse.Namespace) -> Path:
+def config_file(
+    base: Path, model: Path, rules: list[str], name: str, args: argparse.Namespace, *, share_prefix: bool = True
+) -> Path:
     lines = [
-        f"model: {{id: {str(model)!r}, batch_size: {args.batch_size}, device: {args.device}}}",
+        f"model: {{id: {str(model)!r}, batch_size: {args.batch_size}, device: {args.device}, "
+        f"share_prefix: {str(share_prefix).lower()}}}",
         f"state: {{dir: {str(base / 'state')!r}}}",
         "output: {embed: false, xmp_sidecar: never}",
         "rules:",
@@ -125,6 +137,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--shape", choices=["small-lm", "mistral-7b"], default="small-lm")
+    parser.add_argument("--family", help="a tiny model of tests/families.py instead of --shape")
     parser.add_argument("--text-layers", type=int, default=32, help="mistral-7b only: fewer for a smoke test")
     parser.add_argument("--vision-layers", type=int, default=24, help="mistral-7b only")
     parser.add_argument("--photos", type=int, default=20)
@@ -145,14 +158,20 @@ def main() -> None:
         three = config_file(base, model, RULES[:3], "three.yaml", args)
         one = config_file(base, model, RULES[:1], "one.yaml", args)
         four = config_file(base, model, RULES, "four.yaml", args)
+        batched = config_file(base, model, RULES[:3], "batched.yaml", args, share_prefix=False)
         ours = [sys.executable, "-m", "autocaption", "-v", "process", "--force", "--config"]
         results: dict[str, list[float]] = {"naive": [], "autocaption": [], "1 rule": [], "4 rules": []}
+        if args.family:
+            results["batched path"] = []
+        from autocaption.engine.families import FAMILIES
+
+        nested = "nested" if args.family and FAMILIES[args.family].nested_images else "flat"
         peaks: dict[str, float] = {}
         stages = ""
         gpu = {"naive": "n/a", "autocaption": "n/a"}
         for _ in range(args.rounds):  # alternate, so both sides see the same machine state
             naive = [sys.executable, "-c", NAIVE, str(model), "|".join(RULES[:3]), args.device]
-            seconds, peak, naive_log = timed([*naive, str(args.max_new_tokens), *files], env)
+            seconds, peak, naive_log = timed([*naive, str(args.max_new_tokens), nested, *files], env)
             results["naive"].append(seconds)
             peaks["naive"] = peak
             seconds, peak, log = timed([*ours, str(three), str(work)], env)
@@ -162,10 +181,13 @@ def main() -> None:
             gpu = {"naive": peak_gpu(naive_log), "autocaption": peak_gpu(log)}
             results["1 rule"].append(timed([*ours, str(one), str(work)], env)[0])
             results["4 rules"].append(timed([*ours, str(four), str(work)], env)[0])
+            if args.family:
+                results["batched path"].append(timed([*ours, str(batched), str(work)], env)[0])
     best = {name: min(values) for name, values in results.items()}
     n = len(files)
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
-    print(f"shape {args.shape} on {args.device}, weights {weight_bytes / 1e9:.2f} GB, batch_size {args.batch_size}")
+    print(f"{f'family {args.family}' if args.family else f'shape {args.shape}'} on {args.device}, "
+          f"weights {weight_bytes / 1e9:.2f} GB, batch_size {args.batch_size}")  # fmt: skip
     print(f"{n} photos, 3 rules, max_new_tokens {args.max_new_tokens}; best of {args.rounds} whole-process runs")
     for name, values in results.items():
         print(f"  {name} runs: {', '.join(f'{v:.1f} s' for v in values)}")
@@ -176,7 +198,7 @@ def main() -> None:
           f"peak RSS {peaks['autocaption']:.0f} MB")  # fmt: skip
     print(f"speed-up (b)/(a): {best['naive'] / best['autocaption']:.2f}x")
     print(f"autocaption {re.sub(r'^.*stages: ', 'stages: ', stages)} (last run; stages overlap)")
-    found = re.search(r"decode ([0-9.]+) s", stages)
+    found = re.search(r"(?:^|, )decode ([0-9.]+) s", re.sub(r"^.*stages: ", "", stages))  # not "read+decode"
     tokens = n * 3 * args.max_new_tokens
     if found:
         decode = float(found.group(1))
@@ -188,6 +210,9 @@ def main() -> None:
     print(f"peak GPU memory: naive {gpu['naive']}, autocaption {gpu['autocaption']}")
     print(f"1 rule {best['1 rule']:.1f} s, 4 rules {best['4 rules']:.1f} s: 4 rules cost "
           f"{best['4 rules'] / best['1 rule']:.2f}x of 1 rule")  # fmt: skip
+    if args.family:
+        print(f"batched path (share_prefix: false) {best['batched path']:.1f} s: the default path is "
+              f"{best['batched path'] / best['autocaption']:.2f}x as fast")  # fmt: skip
 
 
 if __name__ == "__main__":

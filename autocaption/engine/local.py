@@ -345,7 +345,10 @@ class LocalEngine:
         if self.image_id not in ids:
             return None
         length = len(ids) - ids[::-1].index(self.image_id)
-        marker = self.processor.tokenizer.convert_tokens_to_ids(self.processor.image_token)
+        image_token = getattr(self.processor, "image_token", None)  # what the template writes for the image
+        if not isinstance(image_token, str):
+            return None
+        marker = self.processor.tokenizer.convert_tokens_to_ids(image_token)
         raw = [self.processor.tokenizer(text, add_special_tokens=add_special)["input_ids"] for text in texts]
         if any(tokens.count(marker) != 1 for tokens in raw):
             return None

@@ -47,10 +47,13 @@ class Caption:
     description: str | None  # the answer of the rule that writes `description`
     keywords: tuple[str, ...] = ()
     asked: bool = False  # some rule writes into the photo (so an empty caption means empty answers)
+    # A person's correction (the review page): written as given — description and the whole keyword list —
+    # and not marked as autocaption's, so later runs keep it under `existing: keep`.
+    person: bool = False
 
     @property
     def empty(self) -> bool:
-        return self.description is None and not self.keywords
+        return self.description is None and not self.keywords and not self.person
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,7 @@ class _Applied:
     """What `_apply` set: the description text, the merged keywords, and notes for the JSON record."""
 
     description: str | None = None
-    keywords: tuple[str, ...] = ()
+    keywords: tuple[str, ...] | None = None  # None: left as they were
     notes: tuple[str, str] = ("none", "none")
 
 
@@ -160,8 +163,8 @@ class MetadataWriter:
         if applied.description is not None:
             updates[exif.IMAGE_DESCRIPTION] = exif.ascii_value(applied.description)
             updates[exif.XP_COMMENT] = exif.xp_value(applied.description)
-        if applied.keywords:
-            updates[exif.XP_KEYWORDS] = exif.xp_value(";".join(applied.keywords))
+        if applied.keywords is not None:
+            updates[exif.XP_KEYWORDS] = exif.xp_value(";".join(applied.keywords)) if applied.keywords else None
         new_exif = tiff.with_tags(updates) if updates else None
         new_iptc = _synced_iptc(blocks.iptc, applied)
         new_data = write_blocks(data, Blocks(new_exif, xmp.serialize(root), iptc=new_iptc))
@@ -172,6 +175,14 @@ class MetadataWriter:
         """Set description and keywords in an XMP tree as the `existing` policy allows (a person's caption
         is kept, our earlier text and keywords replaced); the EXIF tags then mirror what was set."""
         applied = _Applied()
+        if caption.person:
+            if caption.description is not None:
+                xmp.set_description(root, caption.description, None)
+                applied.description = caption.description
+            xmp.set_keywords(root, caption.keywords, ())
+            applied.keywords = caption.keywords
+            applied.notes = ("written: a person's correction", "written: a person's correction")
+            return applied
         if caption.description is not None:
             decision = policy.decide_description(
                 caption.description, found.descriptions, found.own_description, self.output.existing,
@@ -266,10 +277,10 @@ def _facts_of(data: bytes) -> _Found:
 def _synced_iptc(iim: bytes | None, applied: _Applied) -> bytes | None:
     """New IPTC-IIM data carrying what was set in XMP, or None to leave the IPTC block as it is (none in the
     file, nothing set, or a legacy character set that UTF-8 text would change)."""
-    if iim is None or (applied.description is None and not applied.keywords):
+    if iim is None or (applied.description is None and applied.keywords is None):
         return None
     try:
-        synced = iptc.with_caption(iim, applied.description, applied.keywords or None)
+        synced = iptc.with_caption(iim, applied.description, applied.keywords)
     except iptc.IptcError as exc:
         log.info("IPTC left as it is: %s", exc)
         return None

@@ -169,17 +169,23 @@ def _replace(
     description.insert(index, element)
 
 
-def _set_text(root: ET.Element, tag: str, value: str) -> None:
+def _set_text(root: ET.Element, tag: str, value: str | None) -> None:
+    """Set a simple property (None removes it)."""
     for description in _descriptions(root):
         existing = description.find(tag)
         if existing is not None:
-            existing.text = value
+            if value is None:
+                description.remove(existing)
+            else:
+                existing.text = value
             return
-    ET.SubElement(_descriptions(root)[0], tag).text = value
+    if value is not None:
+        ET.SubElement(_descriptions(root)[0], tag).text = value
 
 
-def set_description(root: ET.Element, text: str, own: str) -> None:
-    """dc:description x-default = text (other languages kept); remember `own` as ours."""
+def set_description(root: ET.Element, text: str, own: str | None) -> None:
+    """dc:description x-default = text (other languages kept); remember `own` as ours (None: the text is a
+    person's, and nothing in it is autocaption's any more)."""
     tag = _DC + "description"
     others = [li for li in _items(_find(root, tag)) if li.get(XML_LANG) not in (None, "x-default")]
     _replace(root, tag, "Alt", [text], lang=True, extra=others)
@@ -199,7 +205,12 @@ def set_keywords(root: ET.Element, keywords: Sequence[str], own: Sequence[str]) 
         _replace(root, _LR + "hierarchicalSubject", "Bag",
                  kept + [word for word in own if word.casefold() not in present], lang=False)  # fmt: skip
     _replace(root, _DC + "subject", "Bag", keywords, lang=False)
-    _replace(root, _OWN + "Keywords", "Bag", own, lang=False)
+    if own:
+        _replace(root, _OWN + "Keywords", "Bag", own, lang=False)
+    else:  # a person's keywords: none of them are autocaption's any more
+        for description in _descriptions(root):
+            for element in description.findall(_OWN + "Keywords"):
+                description.remove(element)
 
 
 def serialize(root: ET.Element, *, padding: int = 2048) -> bytes:

@@ -1,0 +1,184 @@
+"""What the journal knows, asked the way the review page and `autocaption search` ask: pages of images with
+their answers, filtered by folder, status, rule and words, and full-text search ranked by relevance.
+
+Images are known by their journal id (the row id), never by a path taken from a request: a page or an
+API call can only reach photos the journal lists. Every query is bounded (a page, a limit), so a journal
+of 100,000 photos answers as fast as one of 100.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+from autocaption.config import Config
+from autocaption.errors import ConfigError
+from autocaption.journal import DONE, FAILED, QUEUED, RETRY, Journal
+
+# What the page calls a status, and the journal's statuses behind it.
+STATUSES = {"described": (DONE,), "failed": (FAILED,), "queued": (QUEUED, RETRY)}
+MARK = ("\x02", "\x03")  # around matched words in search snippets: the CLI and the page each render them
+
+
+@dataclass(frozen=True)
+class Image:
+    id: int
+    path: Path
+    status: str  # described, failed, queued
+    error: str | None
+    updated: float  # when the journal last changed it (seconds since the epoch)
+    answers: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Page:
+    total: int
+    images: list[Image]
+
+
+@dataclass(frozen=True)
+class Hit:
+    image: Image
+    rule: str
+    snippet: str  # the answer with the matched words between MARK[0] and MARK[1]
+    rank: float
+
+
+def match_expression(query: str) -> str | None:
+    """Words as an FTS5 query: every word must occur (as a prefix, so "beac" finds "beach"); quotes keep a
+    phrase. Anything else a user types is taken literally, never as FTS5 syntax."""
+    parts = []
+    for phrase, word in re.findall(r'"([^"]*)"|(\S+)', query):
+        text = phrase or word
+        tokens = re.findall(r"\w+", text)
+        if not tokens:
+            continue
+        quoted = '"' + " ".join(tokens) + '"'
+        parts.append(quoted if phrase else quoted + "*")
+    return " AND ".join(parts) or None
+
+
+def _display_status(status: str) -> str:
+    return next((name for name, kinds in STATUSES.items() if status in kinds), status)
+
+
+class Catalog:
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+
+    def page(
+        self, *, query: str = "", status: str = "", rule: str = "", folder: str = "", page: int = 1, per_page: int = 60
+    ) -> Page:
+        """One page of images, newest first, with the filters the page offers."""
+        where, parameters = self._filters(query, status, rule, folder)
+        total = self.journal.rows(f"SELECT COUNT(*) FROM images WHERE {where}", parameters)[0][0]
+        rows = self.journal.rows(
+            f"SELECT rowid, path, status, last_error, updated_at FROM images WHERE {where}"
+            " ORDER BY updated_at DESC, rowid DESC LIMIT ? OFFSET ?",
+            [*parameters, per_page, (max(page, 1) - 1) * per_page],
+        )
+        answers = self._answers([row[0] for row in rows])
+        images = [
+            Image(row[0], Path(row[1]), _display_status(row[2]), row[3], row[4], answers.get(row[0], {}))
+            for row in rows
+        ]
+        return Page(int(total), images)
+
+    def get(self, image_id: int) -> Image | None:
+        rows = self.journal.rows("SELECT rowid, path, status, last_error, updated_at FROM images WHERE rowid = ?",
+                                 [image_id])  # fmt: skip
+        if not rows:
+            return None
+        image_id, path, status, error, updated = rows[0]
+        answers = self._answers([image_id]).get(image_id, {})
+        return Image(image_id, Path(path), _display_status(status), error, updated, answers)
+
+    def search(self, query: str, *, rule: str = "", limit: int = 50) -> list[Hit]:
+        """Answers matching every word, best first (FTS5's bm25)."""
+        expression = match_expression(query)
+        if expression is None:
+            return []
+        rule_filter, parameters = ("AND answers.rule = ?", [rule]) if rule else ("", [])
+        rows = self.journal.rows(
+            "SELECT answers.image_id, answers.rule, highlight(answers_fts, 0, ?, ?), bm25(answers_fts)"
+            " FROM answers_fts JOIN answers ON answers.rowid = answers_fts.rowid"
+            f" WHERE answers_fts MATCH ? {rule_filter} ORDER BY bm25(answers_fts) LIMIT ?",
+            [*MARK, expression, *parameters, limit],
+        )
+        hits = []
+        for image_id, rule_name, snippet, rank in rows:
+            image = self.get(image_id)
+            if image is not None:
+                hits.append(Hit(image, rule_name, snippet, float(rank)))
+        return hits
+
+    def rules(self) -> list[str]:
+        return [row[0] for row in self.journal.rows("SELECT DISTINCT rule FROM answers ORDER BY rule")]
+
+    def _answers(self, ids: list[int]) -> dict[int, dict[str, str]]:
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        found: dict[int, dict[str, str]] = {}
+        for image_id, rule, answer in self.journal.rows(
+            f"SELECT image_id, rule, answer FROM answers WHERE image_id IN ({marks}) ORDER BY rule", ids
+        ):
+            found.setdefault(image_id, {})[rule] = answer
+        return found
+
+    @staticmethod
+    def _filters(query: str, status: str, rule: str, folder: str) -> tuple[str, list[object]]:
+        clauses, parameters = ["1"], []  # type: tuple[list[str], list[object]]
+        if status in STATUSES:
+            kinds = STATUSES[status]
+            clauses.append(f"status IN ({','.join('?' * len(kinds))})")
+            parameters.extend(kinds)
+        if folder:
+            prefix = folder.rstrip("/") + "/"
+            clauses.append("substr(path, 1, ?) = ?")
+            parameters.extend([len(prefix), prefix])
+        if rule:
+            clauses.append("rowid IN (SELECT image_id FROM answers WHERE rule = ?)")
+            parameters.append(rule)
+        expression = match_expression(query) if query else None
+        if query and expression is None:
+            clauses.append("0")  # words without letters or digits match nothing
+        elif expression:
+            clauses.append(
+                "rowid IN (SELECT answers.image_id FROM answers_fts JOIN answers ON answers.rowid = answers_fts.rowid"
+                " WHERE answers_fts MATCH ?)"
+            )
+            parameters.append(expression)
+        return " AND ".join(clauses), parameters
+
+
+def search(config: Config, query: str, *, rule: str = "", limit: int = 50) -> list[Hit]:
+    """`autocaption search`: the journal opened read-only (the daemon may be writing it)."""
+    journal = Journal(config.state.dir, read_only=True)
+    try:
+        return Catalog(journal).search(query, rule=rule, limit=limit)
+    except sqlite3.OperationalError as exc:
+        raise ConfigError(
+            f"state.dir: {journal.path}: no search index yet ({exc}); run `autocaption process` or the daemon once"
+        ) from None
+    finally:
+        journal.close()
+
+
+def render_hits(hits: list[Hit], *, as_json: bool, bold: bool) -> str:
+    """One block per hit (path, then rule and answer with the match marked), or JSON for scripts."""
+    if as_json:
+        return json.dumps(
+            [{"id": hit.image.id, "path": str(hit.image.path), "rule": hit.rule,
+              "answer": hit.image.answers.get(hit.rule), "rank": hit.rank, "status": hit.image.status,
+              "snippet": hit.snippet.replace(MARK[0], "[").replace(MARK[1], "]")} for hit in hits],
+            ensure_ascii=False, indent=2,
+        )  # fmt: skip
+    opening, closing = ("\x1b[1m", "\x1b[0m") if bold else ("[", "]")
+    return "\n".join(
+        f"{hit.image.path}\n  {hit.rule}: {hit.snippet.replace(MARK[0], opening).replace(MARK[1], closing)}"
+        for hit in hits
+    )

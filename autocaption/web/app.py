@@ -1,0 +1,224 @@
+"""The review page's routes: server-rendered HTML (Jinja2, every value escaped) with a little plain
+JavaScript, and the JSON API behind it.
+
+Security: every request needs the access token — from the cookie that visiting `/?token=…` sets
+(HttpOnly, SameSite=Strict), or `Authorization: Bearer …` — else 401. State-changing requests (POST)
+need the token in a header, which another site's page cannot add, else 403; `--read-only` refuses them
+all. Images are addressed by journal id only: no request parameter ever becomes a filesystem path.
+"""
+
+from __future__ import annotations
+
+import hmac
+import math
+from datetime import datetime, timezone
+from typing import Any
+
+from flask import Flask, Response, abort, jsonify, redirect, render_template, request, url_for
+from werkzeug.exceptions import HTTPException
+
+from autocaption.catalog import STATUSES, Catalog, Image
+from autocaption.config import Config
+from autocaption.errors import WriteError
+from autocaption.review import PREVIEW, THUMBNAIL, Conflict, Detail, NotFound, Review, keywords_from
+
+COOKIE = "autocaption_token"
+HEADER = "X-Autocaption-Token"
+PER_PAGE = 60
+POLICY = (
+    "default-src 'self'; img-src 'self'; script-src 'self'; style-src 'self'; form-action 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'"
+)
+
+
+def create_app(config: Config, review: Review, token: str, *, read_only: bool = False) -> Flask:
+    app = Flask(__name__)
+    app.config.update(TOKEN=token, READ_ONLY=read_only, MAX_CONTENT_LENGTH=64 * 1024)
+    catalog = Catalog(review.journal)
+
+    @app.before_request
+    def authenticate() -> Any:
+        header = _bearer() or request.headers.get(HEADER, "")
+        given = header or request.cookies.get(COOKIE, "") or request.args.get("token", "")
+        if not _same(given, token):
+            return _error(401, "this page needs its access token: open the URL `autocaption web` printed")
+        if request.method == "GET" and "token" in request.args:  # set the cookie, drop the token from the URL
+            arguments: dict[str, Any] = {k: v for k, v in request.args.items() if k != "token"}
+            response = redirect(url_for(request.endpoint or "grid", **(request.view_args or {}), **arguments))
+            response.set_cookie(COOKIE, token, httponly=True, samesite="Strict", secure=request.is_secure)
+            return response
+        if request.method not in ("GET", "HEAD"):
+            if not _same(header, token):
+                return _error(403, f"state-changing requests need the token in a header ({HEADER})")
+            if read_only:
+                return _error(403, "read-only: this page was started with --read-only")
+        return None
+
+    @app.after_request
+    def harden(response: Response) -> Response:
+        response.headers["Content-Security-Policy"] = POLICY
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        response.headers["Cache-Control"] = "private, no-store" if response.mimetype != "image/jpeg" else "private"
+        return response
+
+    @app.errorhandler(NotFound)
+    def not_found(exc: NotFound) -> Response:
+        return _error(404, str(exc))
+
+    @app.errorhandler(Conflict)
+    def conflict(exc: Conflict) -> Response:
+        return _error(409, str(exc))
+
+    @app.errorhandler(WriteError)
+    def cannot_write(exc: WriteError) -> Response:
+        return _error(503 if exc.transient else 500, str(exc))
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Response:
+        return _error(exc.code or 500, exc.description or exc.name)
+
+    # --- pages ---------------------------------------------------------------------------------------------
+
+    @app.get("/")
+    def grid() -> str:
+        filters = _filters()
+        page = catalog.page(**filters, page=_page(), per_page=PER_PAGE)
+        pages = max(1, math.ceil(page.total / PER_PAGE))
+        return render_template(
+            "grid.html", page=page, filters=filters, number=_page(), pages=pages, statuses=list(STATUSES),
+            rules=catalog.rules(), folders=[str(w.path) for w in config.watch], token=token, read_only=read_only,
+            caption=_caption, when=_when,
+        )  # fmt: skip
+
+    @app.get("/images/<int:image_id>")
+    def detail(image_id: int) -> str:
+        found = review.detail(image_id)
+        return render_template("detail.html", detail=found, token=token, read_only=read_only, when=_when,
+                               current=_current(found))  # fmt: skip
+
+    @app.get("/thumbnails/<int:image_id>.jpg")
+    def thumbnail(image_id: int) -> Response:
+        return Response(review.preview(image_id, THUMBNAIL), mimetype="image/jpeg")
+
+    @app.get("/previews/<int:image_id>.jpg")
+    def preview(image_id: int) -> Response:
+        return Response(review.preview(image_id, PREVIEW), mimetype="image/jpeg")
+
+    # --- the JSON API ----------------------------------------------------------------------------------------
+
+    @app.get("/api/images")
+    def api_images() -> Response:
+        per_page = min(max(_integer("per_page", 100), 1), 500)
+        page = catalog.page(**_filters(), page=_page(), per_page=per_page)
+        return jsonify(total=page.total, page=_page(), per_page=per_page, images=[_summary(i) for i in page.images])
+
+    @app.get("/api/images/<int:image_id>")
+    def api_image(image_id: int) -> Response:
+        return jsonify(_full(review.detail(image_id)))
+
+    @app.post("/api/images/<int:image_id>/caption")
+    def api_caption(image_id: int) -> Response:
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict) or not isinstance(body.get("description"), str):
+            return _error(400, 'send JSON: {"description": "...", "keywords": ["...", ...]}')
+        description = body["description"].strip()
+        if not description:
+            return _error(400, "description must not be empty")
+        try:
+            keywords = keywords_from(body.get("keywords", []))
+        except ValueError as exc:
+            return _error(400, str(exc))
+        return jsonify(_full(review.correct(image_id, description, keywords)))
+
+    @app.post("/api/images/<int:image_id>/describe")
+    def api_describe(image_id: int) -> Response:
+        running = review.describe_again(image_id)
+        path = review.image(image_id).path
+        message = (
+            "queued: the daemon describes it again shortly" if running
+            else f"queued, but no daemon is running: run `autocaption process --force {path}`"
+        )  # fmt: skip
+        return jsonify(queued=True, daemon=running, message=message)
+
+    return app
+
+
+def _bearer() -> str:
+    value = request.headers.get("Authorization", "")
+    return value[7:].strip() if value.startswith("Bearer ") else ""
+
+
+def _same(given: str, token: str) -> bool:
+    return bool(given) and hmac.compare_digest(given.encode(), token.encode())
+
+
+def _error(status: int, message: str) -> Response:
+    if request.path.startswith("/api/") or request.accept_mimetypes.best == "application/json":
+        response = jsonify(error=message)
+    else:
+        response = Response(render_template("error.html", status=status, message=message), mimetype="text/html")
+    response.status_code = status
+    return response
+
+
+def _integer(name: str, default: int) -> int:
+    value = request.args.get(name, str(default))
+    if not value.lstrip("-").isdigit():
+        abort(400, f"{name} must be a whole number")
+    return int(value)
+
+
+def _page() -> int:
+    return max(_integer("page", 1), 1)
+
+
+def _filters() -> dict[str, str]:
+    status = request.args.get("status", "")
+    if status and status not in STATUSES:
+        abort(400, f"status must be one of {', '.join(STATUSES)}")
+    return {name: request.args.get(key, "") for name, key in
+            (("query", "q"), ("rule", "rule"), ("folder", "folder"))} | {"status": status}  # fmt: skip
+
+
+def _summary(image: Image) -> dict[str, Any]:
+    return {"id": image.id, "path": str(image.path), "status": image.status, "error": image.error,
+            "updated": _iso(image.updated), "answers": image.answers,
+            "thumbnail": f"/thumbnails/{image.id}.jpg"}  # fmt: skip
+
+
+def _full(detail: Detail) -> dict[str, Any]:
+    document = detail.document or {}
+    return {
+        **_summary(detail.image),
+        "preview": f"/previews/{detail.image.id}.jpg",
+        "sidecar": detail.sidecar.name if detail.document else None,
+        "model": document.get("model"),
+        "rules": document.get("rules", {}),
+        "written": document.get("written"),
+        "edited": document.get("edited"),
+        "caption": _current(detail),
+    }
+
+
+def _current(detail: Detail) -> dict[str, Any]:
+    """The caption the photo carries now, as far as the sidecar knows: a person's correction, else the
+    answers written into it."""
+    document = detail.document or {}
+    edited = document.get("edited")
+    if isinstance(edited, dict):
+        return {"description": edited.get("description", ""), "keywords": edited.get("keywords", []), "by": "person"}
+    return {"description": _caption(detail.image), "keywords": [], "by": "model"}
+
+
+def _caption(image: Image) -> str:
+    """What a card shows: the first answer (rules in name order)."""
+    return next(iter(image.answers.values()), "")
+
+
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="seconds")
+
+
+def _when(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds).strftime("%Y-%m-%d %H:%M")

@@ -1,0 +1,51 @@
+// The review page's only script: saving a caption and "describe again" on the detail page, sent with the
+// access token in a header (another site's page cannot add it). Text from the server is shown with
+// textContent, never as HTML.
+"use strict";
+
+const token = document.querySelector('meta[name="autocaption-token"]').content;
+
+async function post(url, body) {
+  const response = await fetch(url, {
+    method: "POST",
+    headers: {"Content-Type": "application/json", "X-Autocaption-Token": token},
+    body: JSON.stringify(body || {}),
+    credentials: "same-origin",
+  });
+  const data = await response.json().catch(() => ({error: response.statusText}));
+  if (!response.ok) throw new Error(data.error || response.statusText);
+  return data;
+}
+
+function say(form, text, bad) {
+  const message = form.querySelector(".message");
+  message.textContent = text;
+  message.classList.toggle("bad", Boolean(bad));
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  const article = document.querySelector("article.detail");
+  const form = document.getElementById("edit");
+  if (!article || !form) return;
+  const id = article.dataset.image;
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const keywords = form.keywords.value.split(/[,;\n]/).map((word) => word.trim()).filter(Boolean);
+    say(form, "Saving…");
+    try {
+      const saved = await post(`/api/images/${id}/caption`, {description: form.description.value, keywords});
+      form.description.value = saved.caption.description;
+      form.keywords.value = saved.caption.keywords.join(", ");
+      say(form, "Saved into the photo as your caption; later runs keep it.");
+    } catch (error) {
+      say(form, `Not saved: ${error.message}`, true);
+    }
+  });
+  document.getElementById("again").addEventListener("click", async () => {
+    try {
+      say(form, (await post(`/api/images/${id}/describe`)).message);
+    } catch (error) {
+      say(form, `Not queued: ${error.message}`, true);
+    }
+  });
+});

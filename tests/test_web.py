@@ -1,0 +1,297 @@
+"""The review page and `autocaption search`: the JSON API through Flask's test client on photos really
+described by the tiny model, its security (token, header for changes, ids only, escaping, read-only),
+search ranking and paging, a correction that ends up in the photo and survives `process --force`, and a
+real headless Chromium driving the page."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from autocaption.config import Config, load
+from autocaption.journal import Journal
+from autocaption.review import Review
+from autocaption.web.app import COOKIE, HEADER, create_app
+from tests import exiftool
+from tests.conftest import RunCli, cli_env
+
+SCRIPT_NAME = "<script>alert(1)<b>.jpg"  # a file name cannot hold "/", so no closing tag
+PHOTOS = ["jpg/gps/DSCN0010.jpg", "jpg/gps/DSCN0012.jpg", "jpg/gps/DSCN0021.jpg", "jpg/camera/Canon_40D.jpg",
+          "jpg/orientation/portrait_6.jpg"]  # fmt: skip
+RULES = """
+- {name: caption, prompt: "Describe.", max_new_tokens: 12, write: [description]}
+- {name: tags, prompt: "Keywords.", max_new_tokens: 8, write: [keywords]}
+"""
+TOKEN = "test-token-0123456789abcdef"
+
+
+@pytest.fixture
+def described(run_cli: RunCli, make_config: Callable[..., Path], corpus: Path, tmp_path: Path) -> Config:
+    """Six photos described by the tiny model (one named like a script), through the real CLI."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for source in PHOTOS:
+        shutil.copyfile(corpus / source, folder / Path(source).name)
+    shutil.copyfile(corpus / "jpg/gps/DSCN0025.jpg", folder / SCRIPT_NAME)
+    config_path = make_config(rules=RULES, extra=f"watch: [{{path: {str(folder)!r}}}]")
+    result = run_cli("process", "--config", config_path, folder)
+    assert result.returncode == 0, result.stderr
+    return load(config_path)
+
+
+@pytest.fixture
+def client(described: Config) -> Iterator[Any]:
+    journal = Journal(described.state.dir)
+    yield create_app(described, Review(described, journal), TOKEN).test_client()
+    journal.close()
+
+
+def auth(**headers: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {TOKEN}", **headers}
+
+
+def ids(client: Any, **query: Any) -> list[int]:
+    return [image["id"] for image in client.get("/api/images", query_string=query, headers=auth()).json["images"]]
+
+
+def test_every_request_needs_the_token(client: Any) -> None:
+    for url in ("/", "/api/images", "/api/images/1", "/thumbnails/1.jpg", "/previews/1.jpg", "/static/app.js",
+                "/images/1"):  # fmt: skip
+        assert client.get(url).status_code == 401, url
+        assert client.get(url, headers={"Authorization": "Bearer wrong-token-000000"}).status_code == 401, url
+        assert client.get(url, headers=auth()).status_code == 200, url
+    assert "needs its access token" in client.get("/").get_data(as_text=True)
+
+
+def test_the_token_link_sets_a_strict_cookie_and_changes_need_the_header(client: Any) -> None:
+    visit = client.get(f"/?token={TOKEN}")
+    assert visit.status_code == 302 and visit.headers["Location"] == "/"  # the token leaves the address bar
+    cookie = visit.headers["Set-Cookie"]
+    assert f"{COOKIE}={TOKEN}" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    assert client.get("/api/images").status_code == 200  # the cookie is enough to look
+    refused = client.post("/api/images/1/describe")  # ...but not to change: a form on another site sends it too
+    assert refused.status_code == 403 and HEADER in refused.json["error"]
+    assert client.post("/api/images/1/describe", headers={HEADER: TOKEN}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["/api/images/../../etc/passwd", "/api/images/%2e%2e%2f%2e%2e%2fetc%2fpasswd", "/thumbnails/..%2f..%2fetc%2fpasswd",
+     "/previews/%2Fetc%2Fpasswd.jpg", "/api/images/999999", "/api/images/-1", "/thumbnails/0.jpg",
+     "/static/../../autocaption/config.py", "/static/%2e%2e/%2e%2e/pyproject.toml", "/images//etc/passwd"],
+)  # fmt: skip
+def test_no_request_reaches_a_file_by_path(client: Any, url: str) -> None:
+    response = client.get(url, headers=auth())
+    assert response.status_code == 404, (url, response.status_code)
+    body = response.get_data(as_text=True)
+    assert "root:x:0:0" not in body and "[project]" not in body and "def load" not in body
+
+
+def test_a_script_in_an_answer_or_a_file_name_shows_as_text(client: Any, described: Config) -> None:
+    journal = Journal(described.state.dir)
+    script_id = next(i["id"] for i in client.get("/api/images", headers=auth()).json["images"]
+                     if i["path"].endswith(SCRIPT_NAME))  # fmt: skip
+    path = Path(journal.rows("SELECT path FROM images WHERE rowid = ?", [script_id])[0][0])
+    journal.done(path, path.stat(), None, "fp", texts={"caption": "<img src=x onerror=alert(2)> & <b>bold</b>"})
+    journal.close()
+    for page in ("/", f"/images/{script_id}"):
+        html = client.get(page, headers=auth()).get_data(as_text=True)
+        assert "<script>alert(1)" not in html and "&lt;script&gt;alert(1)&lt;b&gt;.jpg" in html, page
+    grid = client.get("/", headers=auth()).get_data(as_text=True)
+    assert "<img src=x" not in grid and "&lt;img src=x onerror=alert(2)&gt; &amp; &lt;b&gt;bold&lt;/b&gt;" in grid
+    policy = client.get("/", headers=auth()).headers["Content-Security-Policy"]
+    assert "script-src 'self'" in policy and "unsafe-inline" not in policy
+
+
+def test_read_only_refuses_every_change(described: Config) -> None:
+    journal = Journal(described.state.dir, read_only=True)
+    client = create_app(described, Review(described, journal), TOKEN, read_only=True).test_client()
+    assert client.get("/api/images", headers=auth()).status_code == 200
+    for url, body in (("/api/images/1/caption", {"description": "x", "keywords": []}), ("/api/images/1/describe", {})):
+        response = client.post(url, json=body, headers=auth())
+        assert response.status_code == 403 and "read-only" in response.json["error"]
+    journal.close()
+
+
+def test_paging_and_filters(client: Any, described: Config) -> None:
+    everything = ids(client, per_page=100)
+    assert len(everything) == len(PHOTOS) + 1
+    pages = [ids(client, per_page=2, page=n) for n in (1, 2, 3, 4)]
+    assert [len(p) for p in pages] == [2, 2, 2, 0] and [i for p in pages for i in p] == everything
+    assert client.get("/api/images", query_string={"per_page": 2}, headers=auth()).json["total"] == len(everything)
+    assert ids(client, status="failed") == [] and len(ids(client, status="described")) == len(everything)
+    assert ids(client, rule="no-such-rule") == [] and len(ids(client, rule="tags")) == len(everything)
+    assert len(ids(client, folder=str(described.watch[0].path))) == len(everything)
+    assert ids(client, folder="/elsewhere") == []
+    assert client.get("/api/images", query_string={"status": "weird"}, headers=auth()).status_code == 400
+
+
+def test_search_is_ranked_and_marks_the_match(
+    client: Any, described: Config, run_cli: RunCli
+) -> None:
+    journal = Journal(described.state.dir)
+    rows = journal.rows("SELECT rowid, path FROM images ORDER BY rowid")
+    answers = ["A fox, another fox and a third fox.", "Snow on a mountain.",
+               "A red car, a blue boat and one fox far away in the snowy hills.", "Café au lait on a table."]
+    for (_, path), answer in zip(rows, answers, strict=False):
+        journal.done(Path(path), Path(path).stat(), None, "fp", texts={"caption": answer})
+    journal.close()
+    listed = client.get("/api/images", query_string={"q": "fox"}, headers=auth()).json["images"]
+    found = [image["path"] for image in listed]
+    assert sorted(found) == sorted([rows[0][1], rows[2][1]])
+    cli = run_cli("search", "--config", described.source, "fox", "--rule", "caption", "--json")
+    hits = json.loads(cli.stdout)
+    assert cli.returncode == 0 and [hit["path"] for hit in hits] == [rows[0][1], rows[2][1]]  # three foxes first
+    assert hits[0]["snippet"] == "A [fox], another [fox] and a third [fox]."
+    text = run_cli("search", "--config", described.source, "cafe")  # diacritics folded
+    assert text.returncode == 0 and text.stdout.splitlines() == [rows[3][1], "  caption: [Café] au lait on a table."]
+    nothing = run_cli("search", "--config", described.source, "zebra")
+    assert nothing.returncode == 1 and nothing.stdout == "" and "nothing matches 'zebra'" in nothing.stderr
+    odd = run_cli("search", "--config", described.source, 'fox "(', "--json")  # never an FTS5 syntax error
+    assert odd.returncode == 0 and "Traceback" not in odd.stderr
+
+
+def test_a_correction_is_written_into_the_photo_and_kept_by_later_runs(
+    client: Any, described: Config, run_cli: RunCli
+) -> None:
+    listed = client.get("/api/images", headers=auth()).json["images"]
+    image = next(i for i in listed if i["path"].endswith("DSCN0012.jpg"))
+    path = Path(image["path"])
+    model_answer = image["answers"]["caption"]
+    body = {"description": "Grandma's 80th birthday in the garden", "keywords": ["garden", " family ", "garden", ""]}
+    saved = client.post(f"/api/images/{image['id']}/caption", json=body, headers=auth())
+    assert saved.status_code == 200, saved.json
+    wanted = {"description": body["description"], "keywords": ["garden", "family"], "by": "person"}
+    assert saved.json["caption"] == wanted
+    tags = exiftool.tags(path)[path]
+    assert tags["XMP-dc:Description"] == body["description"] == tags["IFD0:ImageDescription"]
+    assert tags["XMP-dc:Subject"] == ["garden", "family"] and "XMP-autocaption:Description" not in tags
+    document = json.loads((path.parent / (path.name + ".json")).read_text(encoding="utf-8"))
+    assert document["edited"]["description"] == body["description"]
+    assert document["rules"]["caption"]["answer"] == model_answer  # the model's answer, kept beside it
+    assert run_cli("process", "--config", described.source, path).stdout.startswith("0 images described")  # current
+    forced = run_cli("process", "--force", "--config", described.source, path)
+    assert forced.returncode == 0 and forced.stdout.startswith("1 images described"), forced.stdout
+    assert exiftool.tags(path)[path]["XMP-dc:Description"] == body["description"]  # existing: keep
+    after = json.loads((path.parent / (path.name + ".json")).read_text(encoding="utf-8"))
+    assert after["written"]["description"].startswith("kept")
+    bad = client.post(f"/api/images/{image['id']}/caption", json={"description": "  ", "keywords": []}, headers=auth())
+    assert bad.status_code == 400 and "must not be empty" in bad.json["error"]
+    assert client.post(f"/api/images/{image['id']}/caption", data="x", headers=auth()).status_code == 400
+
+
+def test_web_prints_its_url_first_and_warns_off_loopback(described: Config, tmp_path: Path) -> None:
+    import urllib.request
+
+    token_file = described.state.dir / "web-token"
+    token_file.write_text("a-token-from-the-state-dir-123\n", encoding="utf-8")
+    token_file.chmod(0o644)
+    refused = subprocess.run([sys.executable, "-m", "autocaption", "web", "--config", str(described.source),
+                              "--port", "0"], capture_output=True, text=True, env=cli_env(), timeout=60)  # fmt: skip
+    assert refused.returncode == 2 and "other users can read it; chmod 600" in refused.stderr
+    token_file.chmod(0o600)
+    log = tmp_path / "web.log"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "autocaption", "web", "--config", str(described.source), "--port", "0",
+         "--host", "0.0.0.0"], stdout=subprocess.PIPE, stderr=log.open("wb"), text=True, env=cli_env(),
+    )  # fmt: skip
+    try:
+        assert server.stdout is not None
+        url = server.stdout.readline().strip()
+        assert url.startswith("http://0.0.0.0:") and url.endswith("/?token=a-token-from-the-state-dir-123")
+        port = url.split(":")[2].split("/")[0]
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/api/images",
+                                         headers={"Authorization": "Bearer a-token-from-the-state-dir-123"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert json.loads(response.read())["total"] == len(PHOTOS) + 1
+    finally:
+        server.terminate()
+        assert server.wait(timeout=30) == 0
+    warnings = [line for line in log.read_text(encoding="utf-8").splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "listening on 0.0.0.0" in warnings[0]
+
+
+# --- a real browser ---------------------------------------------------------------------------------------
+
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+
+
+def chromium() -> Any:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not browser or not driver:
+        pytest.fail("chromium and chromium-driver are required (Debian packages); tests/run.sh installs them")
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1400,1000"):  # fmt: skip
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(executable_path=driver), options=options)
+
+
+def test_a_real_browser_sees_searches_opens_and_corrects(described: Config, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server = subprocess.Popen([sys.executable, "-m", "autocaption", "web", "--config", str(described.source),
+                               "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                              env=cli_env())  # fmt: skip
+    browser = chromium()
+    try:
+        assert server.stdout is not None
+        url = server.stdout.readline().strip()
+        browser.get(url)
+        wait = WebDriverWait(browser, 30)
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".card img")) == len(PHOTOS) + 1)
+        wait.until(lambda b: all(b.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", img)
+                                 for img in b.find_elements(By.CSS_SELECTOR, ".card img")))  # fmt: skip
+        assert "token=" not in browser.current_url  # the cookie took over
+        assert "<script>" not in browser.page_source.split("</head>")[1].split("app.js")[-1]
+        assert SCRIPT_NAME in [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".card .name")]
+        ARTIFACTS.mkdir(exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "review-grid.png"))
+
+        first_answer = browser.find_element(By.CSS_SELECTOR, ".card .caption").text
+        word = next(w for w in first_answer.replace(",", " ").split() if any(c.isalnum() for c in w))
+        search = browser.find_element(By.NAME, "q")
+        search.send_keys(word)
+        search.submit()
+        wait.until(ready.url_contains("q="))
+        assert 1 <= len(browser.find_elements(By.CSS_SELECTOR, ".card")) <= len(PHOTOS) + 1
+
+        browser.find_element(By.CSS_SELECTOR, ".card a.name").click()
+        wait.until(ready.presence_of_element_located((By.ID, "edit")))
+        description = browser.find_element(By.NAME, "description")
+        description.clear()
+        description.send_keys("Children on a beach at sunset")
+        keywords = browser.find_element(By.NAME, "keywords")
+        keywords.clear()
+        keywords.send_keys("beach, sunset, children")
+        browser.find_element(By.CSS_SELECTOR, "#edit button[type=submit]").click()
+        wait.until(ready.text_to_be_present_in_element((By.CSS_SELECTOR, ".message"), "Saved"))
+        browser.save_screenshot(str(ARTIFACTS / "review-detail.png"))
+        browser.refresh()
+        wait.until(ready.presence_of_element_located((By.NAME, "description")))
+        assert browser.find_element(By.NAME, "description").get_attribute("value") == "Children on a beach at sunset"
+        assert "later runs keep it" in browser.find_element(By.CSS_SELECTOR, ".message").text
+        path = Path(browser.find_element(By.CSS_SELECTOR, "figcaption .path").text)
+        tags = exiftool.tags(path)[path]
+        assert tags["XMP-dc:Description"] == "Children on a beach at sunset"
+        assert tags["XMP-dc:Subject"] == ["beach", "sunset", "children"]
+    finally:
+        browser.quit()
+        server.terminate()
+        server.wait(timeout=30)
+    assert os.path.getsize(ARTIFACTS / "review-grid.png") > 10_000  # kept in tests/artifacts for a look
