@@ -115,9 +115,6 @@ class Catalog:
                 hits.append(Hit(image, rule_name, snippet, float(rank)))
         return hits
 
-    def rules(self) -> list[str]:
-        return [row[0] for row in self.journal.rows("SELECT DISTINCT rule FROM answers ORDER BY rule")]
-
     def _answers(self, ids: list[int]) -> dict[int, dict[str, str]]:
         if not ids:
             return {}

@@ -177,6 +177,8 @@ def build(
     }
     if written is not None:
         document["written"] = {**written.as_json(), "sha256": written.sha256}
+    if existing and existing.get("edited"):  # a person's correction outlives new answers (existing: keep)
+        document["edited"] = existing["edited"]
     return document
 
 

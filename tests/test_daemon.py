@@ -624,3 +624,62 @@ def test_a_folder_moved_out_and_back_prints_no_python_warning(
     text = log.read_text(encoding="utf-8")
     assert "Warning" not in text and "warnings.warn" not in text, text
     assert all(line.startswith("autocaption: ") for line in text.splitlines()), text
+
+
+# --- the review page and the daemon ---------------------------------------------------------------------
+
+
+def test_describe_again_from_the_review_page(daemon, inbox: Path) -> None:  # type: ignore[no-untyped-def]
+    service, engine = daemon()
+    target = inbox / "again.jpg"
+    target.write_bytes(photo(11))
+    wait_for(lambda: sidecar(target).exists() and engine.images == 1, what="the first description")
+    first = json.loads(sidecar(target).read_text(encoding="utf-8"))["rules"]["caption"]["created"]
+    time.sleep(1.1)  # "created" has a resolution of seconds
+    service.journal.describe_again(target)
+    service.worker.wake.set()
+    wait_for(lambda: engine.images == 2, what="the second description")
+    wait_for(lambda: service.journal.rows("SELECT status, force FROM images WHERE path = ?", [str(target)])
+             == [("done", 0)], what="the row to be done")  # fmt: skip
+    assert json.loads(sidecar(target).read_text(encoding="utf-8"))["rules"]["caption"]["created"] != first
+
+
+def test_a_correction_racing_the_daemon_loses_nothing(daemon, inbox: Path, corpus: Path) -> None:  # type: ignore[no-untyped-def]
+    """The review page corrects a photo while the daemon describes it again and again: one writer at a time
+    (the shared photo lock), the person's caption wins, and the JSON sidecar matches the photo."""
+    from autocaption.review import Review
+    from tests import exiftool
+
+    service, engine = daemon()
+    target = inbox / "raced.jpg"
+    target.write_bytes((corpus / "jpg/gps/DSCN0027.jpg").read_bytes())
+    wait_for(lambda: sidecar(target).exists(), what="the first description")
+    review = Review(service.config, service.journal)
+    image_id = service.journal.rows("SELECT rowid FROM images WHERE path = ?", [str(target)])[0][0]
+    stop = threading.Event()
+
+    def describe_again_and_again() -> None:
+        while not stop.is_set():
+            service.journal.describe_again(target)
+            service.worker.wake.set()
+            time.sleep(0.15)
+
+    racer = threading.Thread(target=describe_again_and_again)
+    racer.start()
+    try:
+        for round_ in range(6):
+            review.correct(image_id, f"A person's caption, version {round_}", ["person", f"v{round_}"])
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        racer.join()
+    wait_for(lambda: service.journal.pending() == 0, what="the daemon to finish")
+    assert engine.images >= 3  # it really raced
+    tags = exiftool.tags(target)[target]
+    assert tags["XMP-dc:Description"] == "A person's caption, version 5" == tags["IFD0:ImageDescription"]
+    assert tags["XMP-dc:Subject"] == ["person", "v5"]
+    document = json.loads(sidecar(target).read_text(encoding="utf-8"))
+    assert document["edited"]["description"] == "A person's caption, version 5"
+    assert document["written"]["sha256"] == hashlib.sha256(target.read_bytes()).hexdigest()
+    assert document["image"]["size"] == target.stat().st_size
+    assert segment_counts(target) == (1, 1)

@@ -87,7 +87,8 @@ def create_app(config: Config, review: Review, token: str, *, read_only: bool = 
         pages = max(1, math.ceil(page.total / PER_PAGE))
         return render_template(
             "grid.html", page=page, filters=filters, number=_page(), pages=pages, statuses=list(STATUSES),
-            rules=catalog.rules(), folders=[str(w.path) for w in config.watch], token=token, read_only=read_only,
+            rules=[rule.name for rule in config.rules], folders=[str(w.path) for w in config.watch], token=token,
+            read_only=read_only,
             caption=_caption, when=_when,
         )  # fmt: skip
 
