@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 need=()
 command -v exiftool >/dev/null || need+=(libimage-exiftool-perl)
 command -v systemd-analyze >/dev/null || need+=(systemd)
+command -v chromium >/dev/null || need+=(chromium)  # the review page's browser test
+command -v chromedriver >/dev/null || need+=(chromium-driver)
 if ((${#need[@]})); then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
@@ -21,8 +23,11 @@ python3 -m venv .venv
 # torch and the torchvision built for it, installed together as users do (the processors of Qwen-VL,
 # LLaVA-OneVision and SmolVLM need torchvision). 2.14.1 is the newest this machine's pip takes (from its own
 # disk); its CUDA build runs the tests on the CPU. Users keep their ROCm/CUDA build.
-.venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-.venv/bin/python -m pip install -q -e '.[test]'
+pip_quietly() {  # this machine's pip warns about every package missing from its local index mirrors
+    "$@" 2>&1 | { grep -v "^WARNING: Location '" || true; }
+}
+pip_quietly .venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+pip_quietly .venv/bin/python -m pip install -q -e '.[test]'
 
 .venv/bin/ruff check .
 .venv/bin/mypy autocaption
