@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set everything up on a fresh clone and run the whole test suite (lint, types, tests).
 # Installs the Debian tools the tests use as independent readers when they are missing and
-# apt-get is usable, a CPU build of torch, and the project with its test extra, into .venv.
+# apt-get is usable, torch with its torchvision, and the project with its test extra, into .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
