@@ -224,7 +224,7 @@ def retry_failed(config: Config, paths: Sequence[Path]) -> tuple[int, list[str]]
 def describe_config(config: Config) -> str:
     lines = [f"{config.source}: OK"]
     lines.append(f"  model: {config.model.id} (device {config.model.device}, dtype {config.model.dtype}, "
-                 f"batch {config.model.batch_size})")  # fmt: skip
+                 f"batch {config.model.batch_size or 'auto'})")  # fmt: skip
     for watch in config.watch:
         note = "" if watch.path.is_dir() else "  (folder does not exist yet)"
         lines.append(f"  watch: {watch.path}{' (recursive)' if watch.recursive else ''}{note}")

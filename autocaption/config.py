@@ -46,7 +46,7 @@ class ModelConfig:
     revision: str | None = None
     device: str = "auto"
     dtype: str = "auto"
-    batch_size: int = 4
+    batch_size: int | None = None  # prompts decoded together; None ("auto"): from free GPU memory
     attn_implementation: str = "sdpa"
     local_files_only: bool = False
     # Prompts of one image reuse its prefill (vision tower + prompt up to the image) instead of paying again.
@@ -55,7 +55,8 @@ class ModelConfig:
     # Speed/quality options, off by default: fewer anyres tiles ([[336, 672], [672, 336]] is ~41% fewer
     # image tokens for a 4:3 photo), and torch.compile of the decode step on GPU (recompiles per shape).
     image_grid_pinpoints: tuple[tuple[int, int], ...] | None = None
-    compile: bool = False
+    compile: bool = False  # torch.compile the decode step (inductor: GPU and CPU), cached under state.dir
+    graphs: bool = True  # on a GPU, run each decode step as one captured CUDA/HIP graph
     # engine: openai. The key is read from an environment variable or a file, never from this file.
     base_url: str | None = None
     api_key_env: str | None = None
@@ -318,13 +319,14 @@ def _model(node: _Node, base: Path, user_paths: list[UserPath]) -> ModelConfig:
         revision=_optional(k, "revision", lambda n: n.text(), d.revision),
         device=_optional(k, "device", lambda n: n.choice(DEVICES), d.device),
         dtype=_optional(k, "dtype", lambda n: n.choice(DTYPES), d.dtype),
-        batch_size=_optional(k, "batch_size", lambda n: n.integer(minimum=1, maximum=256), d.batch_size),
+        batch_size=_optional(k, "batch_size", _batch_size, d.batch_size),
         attn_implementation=_optional(k, "attn_implementation", lambda n: n.choice(ATTENTION), d.attn_implementation),
         local_files_only=_optional(k, "local_files_only", _Node.boolean, d.local_files_only),
         share_prefix=_optional(k, "share_prefix", _Node.boolean, d.share_prefix),
         max_batch_tokens=_optional(k, "max_batch_tokens", lambda n: n.integer(minimum=256), d.max_batch_tokens),
         image_grid_pinpoints=_optional(k, "image_grid_pinpoints", _pinpoints, None),
         compile=_optional(k, "compile", _Node.boolean, d.compile),
+        graphs=_optional(k, "graphs", _Node.boolean, d.graphs),
     )
 
 
@@ -334,6 +336,13 @@ def _model_id(node: _Node, user_paths: list[UserPath]) -> str:
     if text.startswith("~"):
         user_paths.append(UserPath(node.where, text, Path(os.path.expanduser(text))))
     return text
+
+
+def _batch_size(node: _Node) -> int | None:
+    if isinstance(node.node, yaml.ScalarNode) and node.node.tag == "tag:yaml.org,2002:str":
+        node.choice(("auto",))
+        return None
+    return node.integer(minimum=1, maximum=256)
 
 
 def _url(node: _Node) -> str:

@@ -107,7 +107,7 @@ def _describe(
         pipeline = Pipeline(config, engine, force=force, dry_run=dry_run, locks=locks)
         progress = Progress(len(pending))
         progress.draw()
-        step = config.model.batch_size
+        step = engine.info.batch_images
         chunks = [pending[start : start + step] for start in range(0, len(pending), step)]
         # The next chunk is read and decoded on a prefetch thread while the model works on this one.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as prefetch:

@@ -41,7 +41,12 @@ class Summary:
             self.failures.append(outcome.message)
 
     def stages_line(self) -> str:
-        return "stages: " + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in self.stages.items())
+        """Seconds per stage; counts ("… steps") and sizes ("… GB") as what they are."""
+        return "stages: " + ", ".join(
+            f"{name} {value:.0f}" if name.endswith("steps") else f"{name} {value:.2f}" if name.endswith("GB")
+            else f"{name} {value:.2f} s"
+            for name, value in self.stages.items()
+        )  # fmt: skip
 
     def line(self) -> str:
         verb = "would be described" if self.planned else "described"

@@ -108,7 +108,7 @@ class Worker:
         outage = 0.0  # seconds to wait before trying an unreachable server again
         while not service.stop.is_set():
             self.heartbeat = time.monotonic()
-            paths = service.journal.due(service.config.model.batch_size)
+            paths = service.journal.due(service.pipeline.engine.info.batch_images)
             if not paths:
                 self.wake.wait(1.0)
                 self.wake.clear()

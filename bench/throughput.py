@@ -17,7 +17,11 @@ against the HBM limit (weight bytes / bandwidth per step) and peak GPU memory.
 qwen2_5_vl, qwen3_vl, gemma3, idefics3, smolvlm, llava_next), and also times autocaption with the tree path
 switched off (`share_prefix: false`), so the tree and the batched paths can be compared on the CPU.
 
-Usage: python bench/throughput.py [--rounds 2] [--family NAME] [--device cuda --shape mistral-7b [--hbm-tbps 3.35]]
+The steady-state line is a bucket's later batches only (no compile, no graph capture in them): milliseconds
+per decode step against the memory floor (weights plus the KV cache a step reads, over the bandwidth).
+
+Usage: python bench/throughput.py [--rounds 2] [--family NAME] [--batch-size 12|auto] [--photos-dir DIR]
+           [--device cuda --shape mistral-7b [--hbm-tbps 3.35]] [--compile] [--no-rule-counts]
 """
 
 from __future__ import annotations
@@ -73,7 +77,14 @@ if device.startswith("cuda"):
 """
 
 
-def photos(count: int) -> list[Path]:
+def photos(count: int, folder: Path | None) -> list[Path]:
+    """The corpus's large photos first, then small ones; or the JPEGs of `folder` (on a GPU machine the
+    corpus may not be beside the checkout: copy some photos there and pass --photos-dir)."""
+    if folder is not None:
+        found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))
+        if len(found) < count:
+            raise SystemExit(f"--photos-dir {folder}: {len(found)} JPEGs, {count} wanted")
+        return found[:count]
     large = sorted((CORPUS / "large").glob("*.jpg"))
     small = sorted((CORPUS / "gps").glob("*.jpg")) + sorted((CORPUS / "exif-org").glob("*.jpg"))
     return (large + small)[:count]
@@ -119,7 +130,7 @@ def config_file(
 ) -> Path:
     lines = [
         f"model: {{id: {str(model)!r}, batch_size: {args.batch_size}, device: {args.device}, "
-        f"share_prefix: {str(share_prefix).lower()}}}",
+        f"share_prefix: {str(share_prefix).lower()}, compile: {str(args.compile).lower()}}}",
         f"state: {{dir: {str(base / 'state')!r}}}",
         "output: {embed: false, xmp_sidecar: never}",
         "rules:",
@@ -141,7 +152,10 @@ def main() -> None:
     parser.add_argument("--text-layers", type=int, default=32, help="mistral-7b only: fewer for a smoke test")
     parser.add_argument("--vision-layers", type=int, default=24, help="mistral-7b only")
     parser.add_argument("--photos", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=12)
+    parser.add_argument("--batch-size", default="12", help="prompts per batch, or auto")
+    parser.add_argument("--photos-dir", type=Path, help="take the JPEGs of this folder instead of the corpus")
+    parser.add_argument("--compile", action="store_true", help="model.compile: true (inductor)")
+    parser.add_argument("--no-rule-counts", action="store_true", help="skip the 1-rule and 4-rule runs")
     parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
     parser.add_argument("--hbm-tbps", type=float, default=3.35, help="GPU memory bandwidth (H100 SXM 3.35)")
     args = parser.parse_args()
@@ -152,7 +166,7 @@ def main() -> None:
         weight_bytes = sum(f.stat().st_size for f in model.glob("*.safetensors"))
         work = base / "photos"
         work.mkdir()
-        for photo in photos(args.photos):
+        for photo in photos(args.photos, args.photos_dir):
             shutil.copy(photo, work / photo.name)
         files = sorted(str(p) for p in work.glob("*.jpg"))
         three = config_file(base, model, RULES[:3], "three.yaml", args)
@@ -179,11 +193,12 @@ def main() -> None:
             peaks["autocaption"] = peak
             stages = next((line for line in log.splitlines() if "stages:" in line), "")
             gpu = {"naive": peak_gpu(naive_log), "autocaption": peak_gpu(log)}
-            results["1 rule"].append(timed([*ours, str(one), str(work)], env)[0])
-            results["4 rules"].append(timed([*ours, str(four), str(work)], env)[0])
+            if not args.no_rule_counts:
+                results["1 rule"].append(timed([*ours, str(one), str(work)], env)[0])
+                results["4 rules"].append(timed([*ours, str(four), str(work)], env)[0])
             if args.family:
                 results["batched path"].append(timed([*ours, str(batched), str(work)], env)[0])
-    best = {name: min(values) for name, values in results.items()}
+    best = {name: min(values) for name, values in results.items() if values}
     n = len(files)
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
     print(f"{f'family {args.family}' if args.family else f'shape {args.shape}'} on {args.device}, "
@@ -198,18 +213,25 @@ def main() -> None:
           f"peak RSS {peaks['autocaption']:.0f} MB")  # fmt: skip
     print(f"speed-up (b)/(a): {best['naive'] / best['autocaption']:.2f}x")
     print(f"autocaption {re.sub(r'^.*stages: ', 'stages: ', stages)} (last run; stages overlap)")
-    found = re.search(r"(?:^|, )decode ([0-9.]+) s", re.sub(r"^.*stages: ", "", stages))  # not "read+decode"
+    stage = dict(re.findall(r"(?:^|, )([a-z+ A-Z]+?) ([0-9.]+)(?: s)?(?=,|$)", re.sub(r"^.*stages: ", "", stages)))
     tokens = n * 3 * args.max_new_tokens
-    if found:
-        decode = float(found.group(1))
-        ceiling = args.hbm_tbps * 1e12 / weight_bytes  # steps/s when every step reads all weights once
-        print(f"decode: {tokens / decode:.0f} tokens/s over {tokens} tokens; HBM limit at batch 1: "
-              f"{ceiling:.0f} tokens/s ({weight_bytes / 1e9:.1f} GB at {args.hbm_tbps} TB/s), "
-              f"up to x{args.batch_size} with {args.batch_size} rows per step")  # fmt: skip
+    if "decode" in stage:  # the stage called "decode", not "read+decode"
+        decode = float(stage["decode"])
+        print(f"decode: {tokens / decode:.0f} tokens/s over {tokens} tokens ({decode:.2f} s, "
+              f"{stage.get('decode steps', '?')} steps)")  # fmt: skip
+    if float(stage.get("steady steps", 0)):
+        steps = float(stage["steady steps"])
+        per_step = float(stage["steady decode"]) / steps
+        read = weight_bytes + float(stage["steady KV read GB"]) * 1e9 / steps  # bytes one step reads
+        floor = read / (args.hbm_tbps * 1e12)
+        print(f"steady state (each bucket's later batches): {per_step * 1000:.2f} ms per step over {steps:.0f} steps; "
+              f"memory floor {floor * 1000:.2f} ms ({read / 1e9:.1f} GB per step at {args.hbm_tbps} TB/s): "
+              f"{per_step / floor:.2f}x the floor, {100 * floor / per_step:.0f}% of bandwidth")  # fmt: skip
     print(f"images/hour with 3 rules: {3600 * n / best['autocaption']:.0f} (naive {3600 * n / best['naive']:.0f})")
     print(f"peak GPU memory: naive {gpu['naive']}, autocaption {gpu['autocaption']}")
-    print(f"1 rule {best['1 rule']:.1f} s, 4 rules {best['4 rules']:.1f} s: 4 rules cost "
-          f"{best['4 rules'] / best['1 rule']:.2f}x of 1 rule")  # fmt: skip
+    if "1 rule" in best:
+        print(f"1 rule {best['1 rule']:.1f} s, 4 rules {best['4 rules']:.1f} s: 4 rules cost "
+              f"{best['4 rules'] / best['1 rule']:.2f}x of 1 rule")  # fmt: skip
     if args.family:
         print(f"batched path (share_prefix: false) {best['batched path']:.1f} s: the default path is "
               f"{best['batched path'] / best['autocaption']:.2f}x as fast")  # fmt: skip

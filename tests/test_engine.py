@@ -281,3 +281,128 @@ def test_fewer_anyres_tiles_is_an_explicit_option(tiny_model: Path, corpus: Path
     fewer = load_engine(ModelConfig(id=str(tiny_model), image_grid_pinpoints=((32, 64), (64, 32))))
     answer = fewer.describe([Job(picture.image, prompt)])[0][0]
     assert answer.prompt_tokens < full.prompt_tokens and answer.new_tokens > 0
+
+
+# --- persistent decode state, compiled steps, batch sizes from memory (issue 10) ----------------------------
+
+
+def answers_of(engine: Any, pictures: list[Any], prompt_sets: list[tuple[Prompt, ...]]) -> list[list[str]]:
+    jobs = [Job(p.image, prompts) for p, prompts in zip(pictures, prompt_sets, strict=True)]
+    return [[answer.text for answer in per_image] for per_image in engine.describe(jobs)]
+
+
+def test_padded_buckets_give_the_answers_of_plain_generate(tiny_model: Path, corpus: Path) -> None:
+    """The GPU's shapes on the CPU: images padded up to a bucket (padding rows ended from the start), slots
+    rounded up to 512, one persistent state per bucket reused by the next batch; different rules per
+    image and answers of different lengths."""
+    from autocaption.engine.tree import IMAGE_BUCKETS
+
+    engine: Any = load_engine(ModelConfig(id=str(tiny_model), batch_size=11))
+    engine.tree.bucketed = True  # what compile or CUDA graphs switch on
+    pictures = [open_picture(corpus / name, max_pixels=10**9, draft_side=64) for name in IMAGES]
+    prompt_sets = [PROMPTS + EXTRA[: i % 4] for i in range(len(pictures))]  # 2 to 5 rules
+    answers = answers_of(engine, pictures, prompt_sets)
+    for picture, prompts, texts in zip(pictures, prompt_sets, answers, strict=True):
+        assert texts == [reference_generate(tiny_model, picture.image, prompt) for prompt in prompts]
+    rows = {rows for rows, _ in engine.tree.states}
+    assert rows <= set(IMAGE_BUCKETS) and any(state.slots % 512 == 0 for state in engine.tree.states.values())
+    kept = {key: id(state) for key, state in engine.tree.states.items()}
+    assert answers_of(engine, pictures, prompt_sets) == answers
+    assert {key: id(state) for key, state in engine.tree.states.items()} == kept  # reused, not made again
+
+
+def test_a_compiled_step_never_recompiles_after_its_first_batch(tiny_model: Path, corpus: Path) -> None:
+    """model.compile on the CPU: the decode step through inductor, whole graph (fullgraph), fixed shapes.
+    Several batches of one bucket compile once."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    engine: Any = load_engine(ModelConfig(id=str(tiny_model), batch_size=6, compile=True))
+    pictures = [open_picture(corpus / name, max_pixels=10**9, draft_side=64) for name in IMAGES[:4]]
+    prompts = (PROMPTS[0], EXTRA[0])
+    first = answers_of(engine, pictures[:2], [prompts, prompts])  # one batch: 2 images x 2 rules, bucket 2
+    compiled = dict(torch._dynamo.utils.counters["stats"])
+    assert compiled.get("unique_graphs", 0) >= 1
+    second = answers_of(engine, pictures[2:], [prompts, prompts])  # the same bucket, other photos
+    third = answers_of(engine, pictures[:2], [prompts, prompts])
+    assert dict(torch._dynamo.utils.counters["stats"]).get("unique_graphs") == compiled.get("unique_graphs")
+    assert third == first
+    for picture, texts in zip(pictures[:2] + pictures[2:], first + second, strict=True):
+        assert texts == [reference_generate(tiny_model, picture.image, prompt) for prompt in prompts]
+
+
+def test_cancel_stops_a_batch_within_16_steps(tmp_path: Path, corpus: Path) -> None:
+    import json
+    import threading
+
+    from autocaption.engine import Cancelled
+    from tests.tinymodel import build_tiny
+
+    endless = build_tiny(tmp_path / "endless")
+    settings = json.loads((endless / "generation_config.json").read_text(encoding="utf-8"))
+    settings["eos_token_id"] = None  # every branch decodes to its limit
+    (endless / "generation_config.json").write_text(json.dumps(settings), encoding="utf-8")
+    engine: Any = load_engine(ModelConfig(id=str(endless), batch_size=4))
+    picture = open_picture(corpus / IMAGES[0], max_pixels=10**9, draft_side=64)
+    cancel = threading.Event()
+    steps = []
+    forward = engine._forward
+
+    def counting(*args: Any) -> Any:
+        steps.append(1)
+        if len(steps) == 5:
+            cancel.set()  # as SIGTERM does
+        return forward(*args)
+
+    engine._forward = counting
+    with pytest.raises(Cancelled):
+        engine.describe([Job(picture.image, (Prompt("Describe.", 400), Prompt("Colours?", 400)))], cancel)
+    assert 5 <= len(steps) <= 5 + 16  # stopped at the next look, not after 400 steps
+
+
+def test_batch_size_auto_from_stated_free_memory(tiny_model: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from autocaption.engine.memory import CPU_PROMPTS, GiB, plan_batches
+
+    kv = 131072  # bytes per token: llava-v1.6-mistral-7b in bf16 (32 layers x 8 KV heads x 128 x 2 x 2)
+    big = plan_batches(free=125 * GiB, total=140 * GiB, kv_per_token=kv)  # an H200 with 15 GB of weights loaded
+    assert big.images == 32 and big.prompts == 256 and big.kv_budget == 125 * GiB - 14 * GiB
+    mid = plan_batches(free=8 * GiB, total=24 * GiB, kv_per_token=kv)  # a 24 GB card
+    assert mid.images == (8 * GiB - int(2.4 * GiB)) // (kv * 3600)
+    assert mid.line().startswith(f"batches of up to {mid.images} images / {mid.prompts} prompts, ")
+    assert plan_batches(free=GiB, total=8 * GiB, kv_per_token=kv).images == 1  # never less than one
+    with caplog.at_level("INFO"):
+        engine: Any = load_engine(ModelConfig(id=str(tiny_model)))  # batch_size: auto (the default) on the CPU
+    assert engine.batch_size == CPU_PROMPTS and engine.info.batch_images == CPU_PROMPTS
+    assert f"batches of up to 32 images / {CPU_PROMPTS} prompts" in caplog.text
+
+
+def test_the_attention_self_check_falls_back_to_the_math_kernel(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import torch
+
+    from autocaption.engine import local
+    from autocaption.engine.devices import Placement
+    from autocaption.engine.tree import TREE_ATTENTION, TREE_ATTENTION_MATH, grouped_sdpa, grouped_sdpa_math
+
+    class Text:
+        num_attention_heads, head_dim = 32, 128
+
+    gpu = Placement("cuda:0", "bfloat16", "cuda:0 (a card whose fused kernel is wrong)")
+    monkeypatch.setattr(local, "masked_sdpa_problem", lambda *a, **k: "largest difference 3.1 (tolerance 0.02)")
+    with caplog.at_level("WARNING"):
+        assert local._attention(ModelConfig(), gpu, Text()) == TREE_ATTENTION_MATH
+    assert "disagrees with the math kernel" in caplog.text
+    monkeypatch.setattr(local, "masked_sdpa_problem", lambda *a, **k: None)
+    assert local._attention(ModelConfig(), gpu, Text()) == TREE_ATTENTION
+    assert local._attention(ModelConfig(attn_implementation="eager"), gpu, Text()) == "eager"
+
+    class Module(torch.nn.Module):
+        num_key_value_groups = 2
+
+    query, key, value = torch.randn(2, 4, 3, 8), torch.randn(2, 2, 10, 8), torch.randn(2, 2, 10, 8)
+    mask = torch.zeros(2, 1, 3, 10).masked_fill_(torch.rand(2, 1, 3, 10) > 0.6, float("-inf"))
+    mask[..., 0] = 0
+    fast, _ = grouped_sdpa(Module(), query, key, value, mask)
+    exact, _ = grouped_sdpa_math(Module(), query, key, value, mask)
+    assert torch.allclose(fast, exact, atol=1e-5)

@@ -48,6 +48,7 @@ class EngineInfo:
     # The longest image side the model can use; callers may decode big JPEGs down to this (DCT draft).
     max_image_side: int | None = None
     system_role: bool = True  # the prompt template carries a system turn (rules' `system:` can be honoured)
+    batch_images: int = 4  # images per call that keep the model busy (callers hand it this many at a time)
 
 
 class Cancelled(Exception):

@@ -12,9 +12,11 @@ This module and tree.py, compat.py and hardware.py are the only ones that import
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import json
 import logging
+import os
 import threading
 import time
 from collections import defaultdict
@@ -26,7 +28,13 @@ from typing import Any
 
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 from transformers.utils import cached_file
@@ -39,15 +47,14 @@ from autocaption.engine import compat, families, hub, memory
 from autocaption.engine.base import Answer, Cancelled, EngineInfo, Job, Prompt
 from autocaption.engine.devices import Placement, place
 from autocaption.engine.families import Family
-from autocaption.engine.hardware import accelerator, memory_free
+from autocaption.engine.hardware import accelerator, masked_sdpa_problem, memory_free
+from autocaption.engine.memory import TYPICAL_IMAGE_TOKENS, BatchPlan
 from autocaption.engine.tree import TREE_ATTENTION, Prefilled, TreeDecoder, register_attention
 from autocaption.errors import EngineError, ModelUnavailable
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# A photo's image tokens, for the memory estimate before loading (LLaVA-NeXT's most; others use fewer).
-TYPICAL_IMAGE_TOKENS = 3000
 SLOW_ON_CPU = 5e9  # parameters above which the first CPU batch reports how slow it was
 _PROBE = "autocaption-system-probe"
 
@@ -109,16 +116,19 @@ class LocalEngine:
     """`Engine` on a transformers image-text-to-text model: greedy decoding, the prompts of each image as
     branches over its one prefill (tree.py) where the family allows, else left-padded batches."""
 
-    def __init__(self, model: Any, processor: Any, info: EngineInfo, config: ModelConfig, family: Family) -> None:
+    def __init__(
+        self, model: Any, processor: Any, info: EngineInfo, config: ModelConfig, family: Family, plan: BatchPlan
+    ) -> None:
         self.model = model
         self.processor = processor  # used on the preprocessing thread only (a fast tokenizer is not shareable)
         self.tokenizer = copy.deepcopy(processor.tokenizer)  # the model thread's own, for decoding
         self.info = info
         self.family = family
-        self.batch_size = config.batch_size
+        self.batch_size = plan.prompts
+        self.max_images = plan.images
         # After a GPU out-of-memory error batches are packed smaller, and grow back (doubling) after
         # `grow_after` batches in a row went through: a spike (a huge panorama) does not shrink them forever.
-        self.rows_limit = config.batch_size
+        self.rows_limit = plan.prompts
         self.grow_after = 16
         self._since_out_of_memory = 0  # batches in a row that went through without being split
         self.max_batch_tokens = config.max_batch_tokens
@@ -132,12 +142,12 @@ class LocalEngine:
         self._keep_logits = {"logits_to_keep": 1} if "logits_to_keep" in takes else {}
         self.timings: dict[str, float] = defaultdict(float)
         self.device = torch.device(info.device.split(" ", 1)[0])
-        # Compiling the decode step (CUDA graphs: one launch per step instead of one per kernel) pays on a
-        # GPU once shapes repeat, so cache lengths are bucketed; shapes vary per batch, hence opt-in.
-        self.compile = config.compile and self.device.type != "cpu"
-        self._step = (
-            torch.compile(self._forward, mode="reduce-overhead", dynamic=False) if self.compile else self._forward
-        )
+        # A decode step is ~2,000 small kernels launched from Python: on a GPU the launches, not the memory,
+        # set its time. So each bucket's step is captured once as a CUDA/HIP graph and replayed (one launch
+        # per step); `compile` also fuses it with inductor (GPU and CPU; compiled once per bucket, cached
+        # under state.dir). Both need fixed shapes: the tree decoder pads batches up to buckets.
+        self.compile = config.compile
+        self.graphs = config.graphs and self.device.type == "cuda"
         self.dtype = _DTYPES[info.dtype]
         eos = model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -147,7 +157,7 @@ class LocalEngine:
         window, self.window_limit = _windows(model.config.get_text_config())
         self.tree = TreeDecoder(
             pad_id=self.pad_id, eos_ids=self.eos_ids, dtype=self.dtype, device=self.device, sliding_window=window,
-            bucket=self._cache_length,
+            make_runner=self._runner, bucketed=self.compile or self.graphs, budget_bytes=plan.kv_budget,
         )  # fmt: skip
         parameters = sum(parameter.numel() for parameter in model.parameters())
         self._report_cpu_speed = self.device.type == "cpu" and parameters >= SLOW_ON_CPU
@@ -155,9 +165,13 @@ class LocalEngine:
         path = "tree decoding (each image's rules share its prefill)" if self.share_prefix else "batched decoding"
         reason = family.why_batched or ("prefix sharing needs attn_implementation sdpa" if family.tree else "")
         log.info("%s (%s): %s%s", info.model_id, family.label, path, f" — {reason}" if not self.share_prefix else "")
+        log.info("%s%s", plan.line(), "" if config.batch_size is None else " (model.batch_size)")
 
     @classmethod
-    def load(cls, config: ModelConfig) -> LocalEngine:
+    def load(cls, config: ModelConfig, cache_dir: Path | None = None) -> LocalEngine:
+        """`cache_dir`: where compiled decode steps are kept between runs (state.dir/torch-compile)."""
+        if config.compile and cache_dir is not None:
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir))
         missing = compat.problems()
         if missing:
             raise DependencyError(
@@ -179,11 +193,12 @@ class LocalEngine:
                 known=set(CONFIG_MAPPING_NAMES),
             )  # fmt: skip
             _check_packages(family)
-            _check_memory(config, folder, placement)
+            text_config = _text_config(folder)
+            _check_memory(config, folder, text_config, placement)
             processor = AutoProcessor.from_pretrained(source, revision=revision, local_files_only=offline)
             model = AutoModelForImageTextToText.from_pretrained(
                 source, revision=revision, local_files_only=offline, dtype=_DTYPES[placement.dtype],
-                attn_implementation=_attention(config),
+                attn_implementation=_attention(config, placement, text_config),
             )  # fmt: skip
             return family, processor, model
 
@@ -213,7 +228,9 @@ class LocalEngine:
             max_image_side=families.max_image_side(processor),
             system_role=_takes_system(processor),
         )
-        return cls(model, processor, info, config, family)
+        plan = _batch_plan(config, model, placement)
+        info = dataclasses.replace(info, batch_images=max(1, min(plan.images, plan.prompts)))
+        return cls(model, processor, info, config, family, plan)
 
     def close(self) -> None:
         self._preprocessor.shutdown(cancel_futures=True)
@@ -271,7 +288,8 @@ class LocalEngine:
         rows = tokens = 0
         for unit in units:
             cost = compat.image_tokens(self.processor, unit.image.height, unit.image.width) or TYPICAL_IMAGE_TOKENS
-            if batches and rows + len(unit.prompts) <= self.rows_limit and tokens + cost <= self.max_batch_tokens:
+            fits = rows + len(unit.prompts) <= self.rows_limit and tokens + cost <= self.max_batch_tokens
+            if batches and fits and len(batches[-1]) < self.max_images:
                 batches[-1].append(unit)
                 rows, tokens = rows + len(unit.prompts), tokens + cost
             else:
@@ -318,9 +336,12 @@ class LocalEngine:
             self._since_out_of_memory = 0
             log.info("batches grow back to %d prompts", self.rows_limit)
 
-    def _cache_length(self, needed: int) -> int:
-        """With compilation, round cache lengths up to 512-token buckets so shapes repeat."""
-        return -(-needed // 512) * 512 if self.compile else needed
+    def _runner(self, step: Callable[[], None]) -> Callable[[], None]:
+        """What runs a bucket's decode step: the step itself, compiled (inductor, whole graph, fixed shapes:
+        any later recompile would be a bug), and on a GPU captured as a graph."""
+        if self.compile:
+            step = torch.compile(step, fullgraph=True, dynamic=False)
+        return _Captured(step, self.device) if self.graphs else step
 
     def _add_special(self, texts: Sequence[str]) -> bool:
         # Templates that render the BOS themselves must not get a second one from the tokenizer.
@@ -389,8 +410,15 @@ class LocalEngine:
                 return None
             prefilled.append(image)
         decode_started = time.perf_counter()
-        new_tokens = self.tree.run(prefilled, self._forward, self._step, cancel)
-        self.timings["decode"] += time.perf_counter() - decode_started
+        new_tokens = self.tree.run(prefilled, self._forward, cancel)
+        seconds = time.perf_counter() - decode_started
+        steps, cache_bytes, steady = self.tree.last
+        self.timings["decode"] += seconds
+        self.timings["decode steps"] += steps
+        if steady:  # the bench's steady state: a bucket's later batches, no compile or capture in them
+            self.timings["steady decode"] += seconds
+            self.timings["steady steps"] += steps
+            self.timings["steady KV read GB"] += steps * cache_bytes / 1e9
         prompts = [prompt for unit in batch for _, prompt in unit.prompts]
         lengths = [image.length + len(branch) for image in prefilled for branch in image.branches]
         indices = [index for unit in batch for index, _ in unit.prompts]
@@ -530,13 +558,16 @@ def _check_packages(family: Family) -> None:
         )
 
 
-def _check_memory(config: ModelConfig, folder: Path, placement: Placement) -> None:
-    """Refuse, before loading anything, a model that cannot fit (weights and one photo's KV cache)."""
+def _text_config(folder: Path) -> Any:
     try:
-        from transformers import AutoConfig
-
-        text_config = AutoConfig.from_pretrained(folder, local_files_only=True).get_text_config()
+        return AutoConfig.from_pretrained(folder, local_files_only=True).get_text_config()
     except (OSError, ValueError):
+        return None
+
+
+def _check_memory(config: ModelConfig, folder: Path, text_config: Any, placement: Placement) -> None:
+    """Refuse, before loading anything, a model that cannot fit (weights and one photo's KV cache)."""
+    if text_config is None:
         return
     needed = memory.need(folder, text_config, placement.dtype, TYPICAL_IMAGE_TOKENS)
     free = memory_free(placement.device)
@@ -559,6 +590,68 @@ def _prefix_layers(cache: Any, length: int) -> list[tuple[torch.Tensor, torch.Te
     return layers
 
 
-def _attention(config: ModelConfig) -> str:
-    """sdpa becomes its tree-decoding variant (the same kernels; see tree.grouped_sdpa)."""
-    return register_attention() if config.attn_implementation == "sdpa" else config.attn_implementation
+def _attention(config: ModelConfig, placement: Placement, text_config: Any) -> str:
+    """sdpa becomes its tree-decoding variant (the same kernels; see tree.grouped_sdpa). On a GPU, masked
+    attention is first checked against the math kernel on random data of the model's head shapes: where
+    a fused kernel gets custom masks wrong (torch 2.6.0+rocm6.2.4, pytorch issue 147460), tree steps use the
+    math kernel, said in one warning."""
+    if config.attn_implementation != "sdpa":
+        return config.attn_implementation
+    if placement.device != "cpu":
+        heads = getattr(text_config, "num_attention_heads", None) or 32
+        head_dim = getattr(text_config, "head_dim", None) or (getattr(text_config, "hidden_size", 4096) // heads)
+        problem = masked_sdpa_problem(placement.device, _DTYPES[placement.dtype], heads=heads, head_dim=head_dim)
+        if problem:
+            log.warning("masked attention on %s disagrees with the math kernel (%s): tree decoding uses the "
+                        "math kernel (correct, slower); update torch to get the fast one back", placement.device,
+                        problem)  # fmt: skip
+            return register_attention(math=True)
+    return register_attention()
+
+
+def _batch_plan(config: ModelConfig, model: Any, placement: Placement) -> BatchPlan:
+    """`model.batch_size`, or for `auto`: from the free GPU memory after loading; a fixed size on the CPU."""
+    if config.batch_size is not None:
+        return BatchPlan(images=memory.LARGEST_BATCH, prompts=config.batch_size, kv_budget=None)
+    if placement.device == "cpu":
+        return BatchPlan(images=memory.LARGEST_BATCH, prompts=memory.CPU_PROMPTS, kv_budget=None)
+    free, total = torch.cuda.mem_get_info(torch.device(placement.device))
+    dtype_bytes = torch.finfo(_DTYPES[placement.dtype]).bits // 8
+    kv = memory.kv_bytes_per_token(model.config.get_text_config(), dtype_bytes)
+    return memory.plan_batches(int(free), int(total), kv)
+
+
+class _Captured:
+    """A decode step as a CUDA/HIP graph: on its first call it runs once for real (on a side stream: the
+    warm-up the capture needs) and is recorded; every later call replays the recording, one launch instead
+    of ~2,000. Its buffers are the bucket's persistent state, so the recording stays valid. Should a build
+    refuse the capture, the step runs as it is, said once."""
+
+    def __init__(self, step: Callable[[], None], device: torch.device) -> None:
+        self.step = step
+        self.device = device
+        self.graph: Any = None
+        self.plain = False
+
+    def __call__(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        if self.plain:
+            self.step()
+            return
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            self.step()  # a real step, and the warm-up of what gets recorded
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self.step()  # recorded, not run
+        except RuntimeError as exc:
+            log.warning("decode steps run without CUDA/HIP graphs: the capture failed (%s)", exc)
+            torch.cuda.synchronize(self.device)
+            self.plain = True
+            return
+        self.graph = graph

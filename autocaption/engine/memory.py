@@ -16,6 +16,7 @@ from autocaption.engine.families import SMALLER
 
 GB = 1e9
 GiB = 2**30
+TYPICAL_IMAGE_TOKENS = 3000  # a photo's image tokens: LLaVA-NeXT's most (others use fewer)
 WORKING = 1 * GiB  # activations of a prefill and the allocator's slack, beyond weights and KV cache
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -78,3 +79,28 @@ def too_big(model_id: str, needed: Need, free: int, device: str) -> str:
         f"weights, {needed.kv_per_image / GiB:.2f} GiB of KV cache per photo), but {free / GiB:.1f} GiB are free"
         f"{choices} (model.id)"
     )
+
+
+CPU_PROMPTS = 12  # prompts per batch on the CPU: what measured best on 2 cores (bench/README.md)
+LARGEST_BATCH = 32  # images: the largest bucket of the tree decoder's persistent states
+SLOTS_PER_IMAGE = TYPICAL_IMAGE_TOKENS + 600  # a photo's image tokens, its prompts and their answers
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    images: int  # at most, per batch
+    prompts: int  # at most, per batch
+    kv_budget: int | None  # bytes of KV cache the batches may use together (None: not limited)
+
+    def line(self) -> str:
+        budget = f", {self.kv_budget / 1e9:.0f} GB KV budget" if self.kv_budget is not None else ""
+        return f"batches of up to {self.images} images / {self.prompts} prompts{budget}"
+
+
+def plan_batches(free: int, total: int, kv_per_token: int) -> BatchPlan:
+    """`model.batch_size: auto` on a GPU: as many images per batch as the free memory holds the KV cache of
+    (a reserve kept for activations and the allocator), at most the largest bucket."""
+    reserve = max(int(total * 0.1), 2 * GiB)
+    budget = max(free - reserve, 0)
+    images = max(1, min(LARGEST_BATCH, budget // max(kv_per_token * SLOTS_PER_IMAGE, 1)))
+    return BatchPlan(images=images, prompts=images * 8, kv_budget=budget)

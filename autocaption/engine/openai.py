@@ -61,7 +61,7 @@ class OpenAIEngine:
         self._key = key
         self.info = EngineInfo(
             backend="openai", model_id=config.id, device=self.base_url, dtype="server",
-            max_image_side=config.max_image_side,
+            max_image_side=config.max_image_side, batch_images=config.batch_size or config.max_in_flight,
         )  # fmt: skip
         self.timings: dict[str, float] = {"encode": 0.0, "server": 0.0}
         self._pool = ThreadPoolExecutor(max_workers=config.max_in_flight, thread_name_prefix="openai")
