@@ -128,7 +128,8 @@ class Catalog:
 
     @staticmethod
     def _filters(query: str, status: str, rule: str, folder: str) -> tuple[str, list[object]]:
-        clauses, parameters = ["1"], []  # type: tuple[list[str], list[object]]
+        clauses: list[str] = ["1"]
+        parameters: list[object] = []
         if status in STATUSES:
             kinds = STATUSES[status]
             clauses.append(f"status IN ({','.join('?' * len(kinds))})")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,7 +133,3 @@ def keywords_from(value: object) -> list[str]:
         if word and word.casefold() not in seen:
             seen[word.casefold()] = word
     return list(seen.values())
-
-
-def file_mode_is_private(path: Path) -> bool:
-    return path.stat().st_mode & 0o077 == 0 and path.stat().st_uid == os.getuid()
