@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SUBSET=(tests/test_dependencies.py tests/test_engine.py tests/test_families.py tests/test_metadata.py
-        tests/test_process.py tests/test_never_lose.py tests/test_config.py tests/test_images.py)
+        tests/test_process.py tests/test_never_lose.py tests/test_config.py tests/test_images.py tests/test_web.py)
 
 pip_quietly() {  # this machine's pip warns about every package missing from its local index mirrors
     "$@" 2>&1 | { grep -v "^WARNING: Location '" || true; }
@@ -22,7 +22,7 @@ run_end() {
     local started=$SECONDS
     python3 -m venv "$venv"
     "$venv/bin/python" -m pip install -q --upgrade pip 2>/dev/null || true
-    pip_quietly "$venv/bin/python" -m pip install -q "$@" -e . pytest num2words
+    pip_quietly "$venv/bin/python" -m pip install -q "$@" -e . pytest num2words selenium
     "$venv/bin/python" - <<'PY'
 from importlib import metadata
 names = ["torch", "torchvision", "transformers", "pillow", "watchdog", "pyyaml", "piexif", "click", "defusedxml",
