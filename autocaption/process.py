@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 from autocaption.config import Config, ModelConfig
@@ -25,7 +26,7 @@ def process(
     force: bool = False,
     dry_run: bool = False,
     stale: bool = False,
-    engine_factory: EngineFactory = load_engine,
+    engine_factory: EngineFactory | None = None,
 ) -> Summary:
     """Describe every image under `paths`; with `dry_run` nothing is written and `summary.planned`
     says what would have been. With `stale`, only images the journal says were described by other
@@ -98,11 +99,11 @@ def _describe(
     force: bool,
     dry_run: bool,
     locks: PhotoLocks | None,
-    engine_factory: EngineFactory,
+    engine_factory: EngineFactory | None,
     summary: Summary,
     journal: Journal | None,
 ) -> None:
-    engine = engine_factory(config.model)
+    engine = (engine_factory or partial(load_engine, cache_dir=config.state.dir / "torch-compile"))(config.model)
     try:
         pipeline = Pipeline(config, engine, force=force, dry_run=dry_run, locks=locks)
         progress = Progress(len(pending))

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -176,12 +177,13 @@ class Service:
         config_path: Path,
         config: Config,
         *,
-        engine_factory: EngineFactory = load_engine,
+        engine_factory: EngineFactory | None = None,
         notifier: Notifier | None = None,
     ) -> None:
         self.config_path = config_path
         self.config = config
-        self.engine_factory = engine_factory
+        # Compiled decode steps (model.compile) are kept under state.dir: a restart does not compile again.
+        self.engine_factory = engine_factory or partial(load_engine, cache_dir=config.state.dir / "torch-compile")
         self.notifier = notifier or Notifier()
         self.stop = threading.Event()
         self.reload_requested = threading.Event()
@@ -379,5 +381,5 @@ class Service:
         self.notifier.ready(self._status())
 
 
-def run(config_path: Path, *, engine_factory: EngineFactory = load_engine) -> int:
+def run(config_path: Path, *, engine_factory: EngineFactory | None = None) -> int:
     return Service(config_path, load(config_path), engine_factory=engine_factory).run()

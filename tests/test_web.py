@@ -34,17 +34,19 @@ TOKEN = "test-token-0123456789abcdef"
 
 
 @pytest.fixture
-def described(run_cli: RunCli, make_config: Callable[..., Path], corpus: Path, tmp_path: Path) -> Config:
-    """Six photos described by the tiny model (one named like a script), through the real CLI."""
+def described(make_config: Callable[..., Path], corpus: Path, tmp_path: Path) -> Config:
+    """Six photos described by the tiny model (one named like a script); `autocaption process` in-process
+    (the CLI's own run is tested elsewhere; here it would only add its start-up to every test)."""
+    from autocaption.process import process
     folder = tmp_path / "photos"
     folder.mkdir()
     for source in PHOTOS:
         shutil.copyfile(corpus / source, folder / Path(source).name)
     shutil.copyfile(corpus / "jpg/gps/DSCN0025.jpg", folder / SCRIPT_NAME)
-    config_path = make_config(rules=RULES, extra=f"watch: [{{path: {str(folder)!r}}}]")
-    result = run_cli("process", "--config", config_path, folder)
-    assert result.returncode == 0, result.stderr
-    return load(config_path)
+    config = load(make_config(rules=RULES, extra=f"watch: [{{path: {str(folder)!r}}}]"))
+    summary = process(config, [folder])
+    assert summary.images == len(PHOTOS) + 1 and not summary.failures, summary.failures
+    return config
 
 
 @pytest.fixture
