@@ -340,7 +340,8 @@ def _model_id(node: _Node, user_paths: list[UserPath]) -> str:
 
 def _batch_size(node: _Node) -> int | None:
     if isinstance(node.node, yaml.ScalarNode) and node.node.tag == "tag:yaml.org,2002:str":
-        node.choice(("auto",))
+        if node.text() != "auto":
+            raise node.fail(f"expected a whole number (1 to 256) or auto, got {node.text()!r}")
         return None
     return node.integer(minimum=1, maximum=256)
 

@@ -22,6 +22,9 @@ def error(text: str) -> str:
 def test_minimal_config_gets_defaults() -> None:
     config = parse("rules: [{name: c, prompt: Describe.}]", SOURCE)
     assert config.model.id == DEFAULT_MODEL
+    assert config.model.batch_size is None  # auto
+    assert parse("model: {batch_size: auto}\nrules: [{name: c, prompt: x}]", SOURCE).model.batch_size is None
+    assert parse("model: {batch_size: 6}\nrules: [{name: c, prompt: x}]", SOURCE).model.batch_size == 6
     assert (config.model.device, config.model.dtype) == ("auto", "auto")
     assert config.rules[0].max_new_tokens == 200
     assert config.rules[0].match.matches("a/b/IMG_1.JPG")
@@ -42,7 +45,7 @@ def test_unknown_key_is_an_error_with_its_path_and_the_known_keys() -> None:
     ("text", "expected"),
     [
         ("model: {batch_size: 0}\nrules: [{name: a, prompt: b}]", "model.batch_size: must be between 1 and 256"),
-        ("model: {batch_size: four}\nrules: [{name: a, prompt: b}]", "model.batch_size: expected a whole number"),
+        ("model: {batch_size: four}\nrules: [{name: a, prompt: b}]", "model.batch_size: expected a whole number (1 to"),
         ("model: {device: tpu}\nrules: [{name: a, prompt: b}]", "model.device: must be one of auto, cpu, cuda"),
         ("model: {dtype: int8}\nrules: [{name: a, prompt: b}]", "model.dtype: must be one of"),
         ("rules: []", "rules: at least one rule is needed"),
