@@ -102,7 +102,11 @@ def retry(config_path: Path, paths: tuple[Path, ...]) -> None:
 
 @cli.command()
 @click.option(
-    "--config", "-c", "config_path", type=click.Path(path_type=Path, dir_okay=False), envvar="AUTOCAPTION_CONFIG",
+    "--config",
+    "-c",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="AUTOCAPTION_CONFIG",
     help="The rules file, for its model, state dir and folders (default: the default model and state dir).",
 )
 def doctor(config_path: Path | None) -> None:

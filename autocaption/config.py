@@ -170,7 +170,7 @@ class _Node:
 
     @property
     def where(self) -> str:
-        """"rules.yaml:14: rules[2].prompt" (the file and line alone for the top level)."""
+        """ "rules.yaml:14: rules[2].prompt" (the file and line alone for the top level)."""
         line = self.node.start_mark.line + 1
         return f"{display(self.source)}:{line}" + (f": {self.path}" if self.path else "")
 

@@ -51,7 +51,7 @@ class Finding:
 
     @property
     def range(self) -> str:
-        """"transformers>=5.5,<5.25": the lower bound first, as people write it."""
+        """ "transformers>=5.5,<5.25": the lower bound first, as people write it."""
         return self.name + ",".join(sorted(map(str, self.wanted), key=lambda spec: spec.startswith("<")))
 
     def fix(self) -> str:

@@ -418,4 +418,3 @@ def run(config: Config | None) -> tuple[list[Check], int]:
     state dir, no folders."""
     found = checks(gather(config or defaults()))
     return found, 0 if all(check.ok for check in found) else 1
-

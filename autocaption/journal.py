@@ -30,6 +30,7 @@ from autocaption.pipeline import Described, Outcome, Skipped
 QUEUED, RETRY, DONE, FAILED = "queued", "retry", "done", "failed"
 JOURNAL_NAME = "journal.sqlite3"
 
+
 def _statements(*statements: str) -> Callable[[sqlite3.Connection], None]:
     """A migration of statements that contain semicolons themselves (triggers)."""
 

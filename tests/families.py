@@ -197,8 +197,12 @@ def _onevision(directory: Path, seed: int) -> Path:
     pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64]]
     image_processor = LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32}, image_grid_pinpoints=pinpoints)
     processor = t.LlavaOnevisionProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, video_processor=t.LlavaOnevisionVideoProcessor(),
-        num_image_tokens=16, vision_feature_select_strategy="full", chat_template=ONEVISION_TEMPLATE,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=t.LlavaOnevisionVideoProcessor(),
+        num_image_tokens=16,
+        vision_feature_select_strategy="full",
+        chat_template=ONEVISION_TEMPLATE,
     )
     config = t.LlavaOnevisionConfig(
         vision_config=t.SiglipVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
@@ -297,8 +301,12 @@ FAMILIES = {
         Family("qwen3_vl", "Qwen/Qwen3-VL-2B-Instruct", lambda d, s: _qwen(d, s, "qwen3_vl"), ("torchvision",)),
         Family("gemma3", "google/gemma-3-4b-it", _gemma3),
         Family("idefics3", "HuggingFaceTB/SmolVLM-Instruct", lambda d, s: _idefics(d, s, "idefics3")),
-        Family("smolvlm", "HuggingFaceTB/SmolVLM2-2.2B-Instruct", lambda d, s: _idefics(d, s, "smolvlm"),
-               ("torchvision", "num2words")),
+        Family(
+            "smolvlm",
+            "HuggingFaceTB/SmolVLM2-2.2B-Instruct",
+            lambda d, s: _idefics(d, s, "smolvlm"),
+            ("torchvision", "num2words"),
+        ),
     )
 }
 

@@ -48,8 +48,11 @@ def test_an_older_transformers_is_one_line_with_the_fix(monkeypatch: pytest.Monk
 
 def test_a_missing_torch_names_the_index_of_its_build(monkeypatch: pytest.MonkeyPatch) -> None:
     pretend(monkeypatch, "torch", None)
-    with pytest.raises(DependencyError, match=r"torch is not installed; autocaption needs torch>=2\.6,<3: pip install "
-                       r"'torch>=2\.6,<3' with the index of your build: --index-url https://download\.pytorch\.org/whl/rocm"):
+    with pytest.raises(
+        DependencyError,
+        match=r"torch is not installed; autocaption needs torch>=2\.6,<3: pip install "
+        r"'torch>=2\.6,<3' with the index of your build: --index-url https://download\.pytorch\.org/whl/rocm",
+    ):
         dependencies.check()
 
 

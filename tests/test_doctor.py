@@ -93,8 +93,10 @@ def test_override_set_and_cpu_only_hosts() -> None:
     assert found[1].ok and found[1].what.startswith("torch 2.13.0+cpu: CPU-only build; no GPU on this machine")
     memory = [check for check in found if "on the CPU it needs" in check.what]
     assert memory and not memory[0].ok  # 2 x 15.1 GiB of float32 weights do not fit in 8 GiB
-    assert checks(healthy(accelerator=None, torch_problem="No module named 'torch'"))[0].line().startswith(
-        "✗ torch cannot be imported (No module named 'torch')"
+    assert (
+        checks(healthy(accelerator=None, torch_problem="No module named 'torch'"))[0]
+        .line()
+        .startswith("✗ torch cannot be imported (No module named 'torch')")
     )
 
 

@@ -27,8 +27,12 @@ from autocaption.textclean import clean_answer
 from tests.conftest import RunCli
 from tests.families import FAMILIES, build
 
-PHOTOS = ["jpg/gps/DSCN0010.jpg", "jpg/orientation/portrait_6.jpg", "jpg/camera/Canon_40D.jpg",
-          "jpg/large/Reconyx_HC500_Hyperfire.jpg"]  # fmt: skip  4:3, upright portrait, 3:2, 16:9
+PHOTOS = [
+    "jpg/gps/DSCN0010.jpg",
+    "jpg/orientation/portrait_6.jpg",
+    "jpg/camera/Canon_40D.jpg",
+    "jpg/large/Reconyx_HC500_Hyperfire.jpg",
+]  # fmt: skip  4:3, upright portrait, 3:2, 16:9
 RULES = [
     {"name": "caption", "prompt": "Describe this photo.", "max_new_tokens": 12},
     {"name": "keywords", "prompt": "Keywords, comma separated.", "max_new_tokens": 8, "system": "Be terse."},

@@ -96,9 +96,10 @@ def test_every_corpus_jpeg_gets_the_caption_and_keeps_everything_else(corpus: Pa
             iptc_files += 1
             assert new["IPTC:Caption-Abstract"] == CAPTION and new["IPTC:CodedCharacterSet"] == "UTF8", path
             iptc_keywords = new["IPTC:Keywords"]
-            assert list(KEYWORDS) == (iptc_keywords if isinstance(iptc_keywords, list) else [iptc_keywords])[
-                -len(KEYWORDS) :
-            ], path
+            assert (
+                list(KEYWORDS)
+                == (iptc_keywords if isinstance(iptc_keywords, list) else [iptc_keywords])[-len(KEYWORDS) :]
+            ), path
             if "Photoshop:IPTCDigest" in before_tags[path]:  # Photoshop and Lightroom: IPTC and XMP agree
                 digests = exiftool.values(path, "IPTCDigest", "CurrentIPTCDigest")
                 assert digests["IPTCDigest"] == digests["CurrentIPTCDigest"], path

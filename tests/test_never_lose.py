@@ -185,9 +185,7 @@ def test_status_reads_a_state_dir_it_cannot_write(
         subprocess.run(["umount", str(state)], check=False)
 
 
-def test_bmp_is_named_and_left_unchanged(
-    run_cli: RunCli, make_config: Callable[..., Path], tmp_path: Path
-) -> None:
+def test_bmp_is_named_and_left_unchanged(run_cli: RunCli, make_config: Callable[..., Path], tmp_path: Path) -> None:
     from PIL import Image
 
     photo = tmp_path / "scan.bmp"

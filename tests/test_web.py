@@ -38,6 +38,7 @@ def described(make_config: Callable[..., Path], corpus: Path, tmp_path: Path) ->
     """Six photos described by the tiny model (one named like a script); `autocaption process` in-process
     (the CLI's own run is tested elsewhere; here it would only add its start-up to every test)."""
     from autocaption.process import process
+
     folder = tmp_path / "photos"
     folder.mkdir()
     for source in PHOTOS:
@@ -136,13 +137,15 @@ def test_paging_and_filters(client: Any, described: Config) -> None:
     assert client.get("/api/images", query_string={"status": "weird"}, headers=auth()).status_code == 400
 
 
-def test_search_is_ranked_and_marks_the_match(
-    client: Any, described: Config, run_cli: RunCli
-) -> None:
+def test_search_is_ranked_and_marks_the_match(client: Any, described: Config, run_cli: RunCli) -> None:
     journal = Journal(described.state.dir)
     rows = journal.rows("SELECT rowid, path FROM images ORDER BY rowid")
-    answers = ["A fox, another fox and a third fox.", "Snow on a mountain.",
-               "A red car, a blue boat and one fox far away in the snowy hills.", "Café au lait on a table."]
+    answers = [
+        "A fox, another fox and a third fox.",
+        "Snow on a mountain.",
+        "A red car, a blue boat and one fox far away in the snowy hills.",
+        "Café au lait on a table.",
+    ]
     for (_, path), answer in zip(rows, answers, strict=False):
         journal.done(Path(path), Path(path).stat(), None, "fp", texts={"caption": answer})
     journal.close()
@@ -210,8 +213,9 @@ def test_web_prints_its_url_first_and_warns_off_loopback(described: Config, tmp_
         url = server.stdout.readline().strip()
         assert url.startswith("http://0.0.0.0:") and url.endswith("/?token=a-token-from-the-state-dir-123")
         port = url.split(":")[2].split("/")[0]
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/api/images",
-                                         headers={"Authorization": "Bearer a-token-from-the-state-dir-123"})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/images", headers={"Authorization": "Bearer a-token-from-the-state-dir-123"}
+        )
         with urllib.request.urlopen(request, timeout=30) as response:
             assert json.loads(response.read())["total"] == len(PHOTOS) + 1
     finally:

@@ -65,8 +65,10 @@ def masked_sdpa_problem(
     def random(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
 
-    query, key, value = random(1, heads, rows, head_dim), random(1, heads, kv_length, head_dim), random(
-        1, heads, kv_length, head_dim
+    query, key, value = (
+        random(1, heads, rows, head_dim),
+        random(1, heads, kv_length, head_dim),
+        random(1, heads, kv_length, head_dim),
     )
     mask = torch.zeros(1, 1, rows, kv_length)
     mask[..., kv_length // 2 :] = float("-inf")  # each row sees the shared prefix and a few of its own

@@ -340,8 +340,17 @@ class LocalEngine:
         """What runs a bucket's decode step: the step itself, compiled (inductor, whole graph, fixed shapes:
         any later recompile would be a bug), and on a GPU captured as a graph."""
         if self.compile:
-            step = torch.compile(step, fullgraph=True, dynamic=False)
+            step = _Compiled(step, on_refusal=self._compile_refused)
         return _Captured(step, self.device) if self.graphs else step
+
+    def _compile_refused(self, reason: str) -> None:
+        # Some torch/transformers pairs cannot trace the model's forward as one graph (torch 2.6 with
+        # transformers 5.5 stops at the output-capturing decorator): decode uncompiled rather than fail.
+        log.warning(
+            "model.compile: torch %s cannot compile the decode step with transformers %s (%s); decoding "
+            "uncompiled", torch.__version__, compat.VERSION, reason,
+        )  # fmt: skip
+        self.compile = False
 
     def _add_special(self, texts: Sequence[str]) -> bool:
         # Templates that render the BOS themselves must not get a second one from the tokenizer.
@@ -619,6 +628,47 @@ def _batch_plan(config: ModelConfig, model: Any, placement: Placement) -> BatchP
     dtype_bytes = torch.finfo(_DTYPES[placement.dtype]).bits // 8
     kv = memory.kv_bytes_per_token(model.config.get_text_config(), dtype_bytes)
     return memory.plan_batches(int(free), int(total), kv)
+
+
+class _Compiled:
+    """A decode step through inductor: whole graph (fullgraph), fixed shapes, so any later recompile would
+    be a bug. Tracing happens on the first call, before anything of the step runs; should it be refused,
+    the step runs as it is from then on and `on_refusal` hears why (once)."""
+
+    def __init__(self, step: Callable[[], None], on_refusal: Callable[[str], None]) -> None:
+        self.plain = step
+        self.compiled: Callable[[], None] | None = torch.compile(step, fullgraph=True, dynamic=False)
+        self.on_refusal = on_refusal
+        self.proven = False
+
+    def __call__(self) -> None:
+        if self.compiled is None:
+            self.plain()
+        elif self.proven:
+            self.compiled()
+        else:
+            try:
+                self.compiled()
+            except Exception as exc:
+                if not _refused_compile(exc):  # a real error of the step itself (out of memory): the caller's
+                    raise
+                self.compiled = None
+                self.on_refusal(_first_line(exc))
+                self.plain()
+                return
+            self.proven = True
+
+
+def _refused_compile(exc: Exception) -> bool:
+    # Tracing (Unsupported), the backend (BackendCompilerFailed) and fake-tensor runs all derive from this.
+    from torch._dynamo.exc import TorchDynamoException
+
+    return isinstance(exc, TorchDynamoException)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
 class _Captured:

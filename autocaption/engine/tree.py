@@ -278,9 +278,7 @@ class TreeDecoder:
         allowed = state.visible
         if state.window is not None:
             allowed = allowed & (state.positions[:, :, None] - state.slot_positions[:, None, :] < state.window)
-        state.mask.copy_(
-            torch.where(allowed, 0.0, torch.finfo(state.dtype).min).to(state.dtype)[:, None]
-        )
+        state.mask.copy_(torch.where(allowed, 0.0, torch.finfo(state.dtype).min).to(state.dtype)[:, None])
         logits = forward(state.tokens, state.positions, state.mask, state.cache)
         state.tokens.copy_(logits.argmax(-1))
         state.positions.add_(1)
