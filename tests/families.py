@@ -124,7 +124,8 @@ def _qwen(directory: Path, seed: int, model_type: str) -> Path:
     )
     text = dict(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                eos_token_id=vocab["<|im_end|>"], pad_token_id=vocab["<|endoftext|>"])  # fmt: skip
+                bos_token_id=vocab["<|endoftext|>"], eos_token_id=vocab["<|im_end|>"],
+                pad_token_id=vocab["<|endoftext|>"])  # fmt: skip
     ids = dict(image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
                vision_start_token_id=vocab["<|vision_start|>"],
                vision_end_token_id=vocab["<|vision_end|>"])  # fmt: skip
