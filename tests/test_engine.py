@@ -360,7 +360,7 @@ def test_a_refused_compile_decodes_uncompiled_and_says_so_once(
     with caplog.at_level(logging.WARNING):
         answers = answers_of(engine, pictures[:2], [prompts, prompts]) + answers_of(engine, pictures[2:], [prompts])
     assert answers == [[reference_generate(tiny_model, p.image, prompt) for prompt in prompts] for p in pictures]
-    assert tries == [1] and not engine.compile
+    assert tries == [1] and not engine.compile and not engine.tree.bucketed  # the CPU pads no more
     refusals = [r.getMessage() for r in caplog.records if "decoding uncompiled" in r.getMessage()]
     assert len(refusals) == 1 and "co_varnames" in refusals[0] and torch.__version__ in refusals[0]
 

@@ -351,6 +351,7 @@ class LocalEngine:
             "uncompiled", torch.__version__, compat.VERSION, reason,
         )  # fmt: skip
         self.compile = False
+        self.tree.bucketed = self.graphs  # padding to buckets only pays where a step is compiled or captured
 
     def _add_special(self, texts: Sequence[str]) -> bool:
         # Templates that render the BOS themselves must not get a second one from the tokenizer.
