@@ -100,6 +100,8 @@ def test_out_of_memory_splits_the_batch_and_loses_nothing(
     with caplog.at_level("WARNING"):
         assert [[a.text for a in r] for r in engine.describe(jobs)] == expected
     assert refused == [8, 4, 2, 2, 4, 2, 2]  # 8 units -> 4 + 4 -> 2 + 2 -> 1 + 1 (depth first)
+    # Each refusal dropped the decode states kept for bigger batches: only the one-image state is left.
+    assert {rows for rows, _ in engine.tree.states} == {1}
     warnings = [r.getMessage() for r in caplog.records if "out of memory" in r.getMessage()]
     assert len(warnings) == 1 and "batch of 12 prompts" in warnings[0]
     assert engine.rows_limit == 1

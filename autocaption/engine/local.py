@@ -307,6 +307,7 @@ class LocalEngine:
             if depth == 0:  # a whole batch went through without being split
                 self._grow_back()
             return answers
+        self.tree.release()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         rows = _rows(batch)

@@ -188,6 +188,11 @@ class TreeDecoder:
         self.states[(rows, width)] = state
         return state
 
+    def release(self) -> None:
+        """Drop every kept state (static caches, and the graphs recorded on them): after an out-of-memory
+        error the smaller batches of the retry need that memory more than a bucket nothing may use again."""
+        self.states.clear()
+
     def _make_room(self, wanted: int) -> None:
         """Drop the states kept for other buckets when keeping them too would pass the memory budget."""
         if self.budget_bytes is None:
