@@ -367,6 +367,42 @@ def test_a_refused_compile_decodes_uncompiled_and_says_so_once(
     assert len(refusals) == 1 and "co_varnames" in refusals[0] and torch.__version__ in refusals[0]
 
 
+def test_a_refused_graph_capture_decodes_step_by_step_and_says_so_once(
+    tiny_model: Path, corpus: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build that refuses CUDA/HIP graph capture decodes as it is: one warning, the same answers, no second
+    try for the next bucket. The CUDA calls are stand-ins (no GPU here), the capture refuses on entry, as a
+    capture that fails records nothing and runs nothing."""
+    import contextlib
+
+    captures: list[int] = []
+
+    class Stream:
+        def wait_stream(self, other: object) -> None:
+            pass
+
+    def refusing(graph: object) -> Any:
+        captures.append(1)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    for name, stand_in in {
+        "Stream": lambda device: Stream(), "current_stream": lambda device: Stream(),
+        "stream": lambda stream: contextlib.nullcontext(), "CUDAGraph": object, "graph": refusing,
+        "synchronize": lambda device: None,
+    }.items():  # fmt: skip
+        monkeypatch.setattr(torch.cuda, name, stand_in)
+    engine: Any = load_engine(ModelConfig(id=str(tiny_model), batch_size=6))
+    engine.graphs = engine.tree.bucketed = True  # what a GPU switches on
+    pictures = [open_picture(corpus / name, max_pixels=10**9, draft_side=64) for name in IMAGES[:3]]
+    prompts = (PROMPTS[0], EXTRA[0])
+    with caplog.at_level(logging.WARNING):
+        answers = answers_of(engine, pictures[:2], [prompts, prompts]) + answers_of(engine, pictures[2:], [prompts])
+    assert answers == [[reference_generate(tiny_model, p.image, prompt) for prompt in prompts] for p in pictures]
+    assert captures == [1] and not engine.graphs and not engine.tree.bucketed
+    refusals = [r.getMessage() for r in caplog.records if "without CUDA/HIP graphs" in r.getMessage()]
+    assert len(refusals) == 1 and "stream is capturing" in refusals[0]
+
+
 def test_cancel_stops_a_batch_within_16_steps(tmp_path: Path, corpus: Path) -> None:
     import json
     import threading

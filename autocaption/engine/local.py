@@ -342,7 +342,10 @@ class LocalEngine:
         any later recompile would be a bug), and on a GPU captured as a graph."""
         if self.compile:
             step = _Compiled(step, on_refusal=self._compile_refused)
-        return _Captured(step, self.device) if self.graphs else step
+        return _Captured(step, self.device, on_refusal=self._capture_refused) if self.graphs else step
+
+    # A refusal is said once and holds for every later bucket; the bucket that met it runs its step as it is.
+    # Padding batches up to buckets only pays where a step is compiled or captured.
 
     def _compile_refused(self, reason: str) -> None:
         # Some torch/transformers pairs cannot trace the model's forward as one graph (torch 2.6 with
@@ -352,7 +355,12 @@ class LocalEngine:
             "uncompiled", torch.__version__, compat.VERSION, reason,
         )  # fmt: skip
         self.compile = False
-        self.tree.bucketed = self.graphs  # padding to buckets only pays where a step is compiled or captured
+        self.tree.bucketed = self.graphs
+
+    def _capture_refused(self, reason: str) -> None:
+        log.warning("decode steps run without CUDA/HIP graphs: the capture failed (%s)", reason)
+        self.graphs = False
+        self.tree.bucketed = self.compile
 
     def _add_special(self, texts: Sequence[str]) -> bool:
         # Templates that render the BOS themselves must not get a second one from the tokenizer.
@@ -634,38 +642,31 @@ def _batch_plan(config: ModelConfig, model: Any, placement: Placement) -> BatchP
 
 class _Compiled:
     """A decode step through inductor: whole graph (fullgraph), fixed shapes, so any later recompile would
-    be a bug. Tracing happens on the first call, before anything of the step runs; should it be refused,
-    the step runs as it is from then on and `on_refusal` hears why (once)."""
+    be a bug. Tracing happens on the first call, before anything of the step runs; should torch refuse it,
+    the step runs as it is from then on and `on_refusal` hears why."""
 
     def __init__(self, step: Callable[[], None], on_refusal: Callable[[str], None]) -> None:
         self.plain = step
-        self.compiled: Callable[[], None] | None = torch.compile(step, fullgraph=True, dynamic=False)
+        self.compiled = torch.compile(step, fullgraph=True, dynamic=False)
         self.on_refusal = on_refusal
-        self.proven = False
+        self.run: Callable[[], None] = self._first
 
     def __call__(self) -> None:
-        if self.compiled is None:
-            self.plain()
-        elif self.proven:
+        self.run()
+
+    def _first(self) -> None:
+        # Tracing (Unsupported), the backend (BackendCompilerFailed) and fake-tensor runs all raise this;
+        # any other error is one of the step itself (out of memory) and goes to the caller.
+        from torch._dynamo.exc import TorchDynamoException
+
+        try:
             self.compiled()
-        else:
-            try:
-                self.compiled()
-            except Exception as exc:
-                if not _refused_compile(exc):  # a real error of the step itself (out of memory): the caller's
-                    raise
-                self.compiled = None
-                self.on_refusal(_first_line(exc))
-                self.plain()
-                return
-            self.proven = True
-
-
-def _refused_compile(exc: Exception) -> bool:
-    # Tracing (Unsupported), the backend (BackendCompilerFailed) and fake-tensor runs all derive from this.
-    from torch._dynamo.exc import TorchDynamoException
-
-    return isinstance(exc, TorchDynamoException)
+        except TorchDynamoException as exc:
+            self.run = self.plain
+            self.on_refusal(_first_line(exc))
+            self.plain()
+            return
+        self.run = self.compiled
 
 
 def _first_line(exc: Exception) -> str:
@@ -677,21 +678,18 @@ class _Captured:
     """A decode step as a CUDA/HIP graph: on its first call it runs once for real (on a side stream: the
     warm-up the capture needs) and is recorded; every later call replays the recording, one launch instead
     of ~2,000. Its buffers are the bucket's persistent state, so the recording stays valid. Should a build
-    refuse the capture, the step runs as it is, said once."""
+    refuse the capture, the step runs as it is from then on and `on_refusal` hears why."""
 
-    def __init__(self, step: Callable[[], None], device: torch.device) -> None:
+    def __init__(self, step: Callable[[], None], device: torch.device, on_refusal: Callable[[str], None]) -> None:
         self.step = step
         self.device = device
-        self.graph: Any = None
-        self.plain = False
+        self.on_refusal = on_refusal
+        self.run: Callable[[], None] = self._first
 
     def __call__(self) -> None:
-        if self.graph is not None:
-            self.graph.replay()
-            return
-        if self.plain:
-            self.step()
-            return
+        self.run()
+
+    def _first(self) -> None:
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -702,8 +700,8 @@ class _Captured:
             with torch.cuda.graph(graph):
                 self.step()  # recorded, not run
         except RuntimeError as exc:
-            log.warning("decode steps run without CUDA/HIP graphs: the capture failed (%s)", exc)
             torch.cuda.synchronize(self.device)
-            self.plain = True
+            self.run = self.step
+            self.on_refusal(_first_line(exc))
             return
-        self.graph = graph
+        self.run = graph.replay
