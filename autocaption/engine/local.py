@@ -194,7 +194,7 @@ class LocalEngine:
             )  # fmt: skip
             _check_packages(family)
             text_config = _text_config(folder)
-            _check_memory(config, folder, text_config, placement)
+            _check_memory(config, folder, settings, text_config, placement)
             processor = AutoProcessor.from_pretrained(source, revision=revision, local_files_only=offline)
             model = AutoModelForImageTextToText.from_pretrained(
                 source, revision=revision, local_files_only=offline, dtype=_DTYPES[placement.dtype],
@@ -584,11 +584,13 @@ def _text_config(folder: Path) -> Any:
         return None
 
 
-def _check_memory(config: ModelConfig, folder: Path, text_config: Any, placement: Placement) -> None:
+def _check_memory(
+    config: ModelConfig, folder: Path, settings: dict[str, Any], text_config: Any, placement: Placement
+) -> None:
     """Refuse, before loading anything, a model that cannot fit (weights and one photo's KV cache)."""
     if text_config is None:
         return
-    needed = memory.need(folder, text_config, placement.dtype, TYPICAL_IMAGE_TOKENS)
+    needed = memory.need(folder, settings, text_config, placement.dtype, TYPICAL_IMAGE_TOKENS)
     free = memory_free(placement.device)
     if needed is None or free is None:
         return

@@ -33,16 +33,15 @@ class Need:
         return self.weights + self.kv_per_image + WORKING
 
 
-def weight_bytes(folder: Path) -> tuple[int, int]:
-    """(bytes on disk, bytes per stored parameter) of the weights in a checkpoint folder; (0, 2) if unknown."""
+def weight_bytes(folder: Path, settings: dict[str, Any]) -> tuple[int, int]:
+    """(bytes on disk, bytes per stored parameter) of the weights in a checkpoint folder whose config.json
+    says `settings`; (0, 2) if unknown."""
     index = folder / "model.safetensors.index.json"
-    stored = 2
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        dtype = config.get("dtype") or config.get("torch_dtype") or (config.get("text_config") or {}).get("dtype")
-        stored = _BYTES.get(str(dtype), 2)
-    except (OSError, ValueError):
-        pass
+    text = settings.get("text_config")
+    dtype = (
+        settings.get("dtype") or settings.get("torch_dtype") or (text.get("dtype") if isinstance(text, dict) else None)
+    )
+    stored = _BYTES.get(str(dtype), 2)
     try:
         total = int(json.loads(index.read_text(encoding="utf-8"))["metadata"]["total_size"])
         return total, stored
@@ -60,9 +59,10 @@ def kv_bytes_per_token(text_config: Any, dtype_bytes: int) -> int:
     return int(2 * layers * kv_heads * head_dim * dtype_bytes)
 
 
-def need(folder: Path, text_config: Any, dtype: str, image_tokens: int) -> Need | None:
-    """What loading the checkpoint in `folder` as `dtype` needs, or None when its size cannot be told."""
-    on_disk, stored = weight_bytes(folder)
+def need(folder: Path, settings: dict[str, Any], text_config: Any, dtype: str, image_tokens: int) -> Need | None:
+    """What loading the checkpoint in `folder` (config.json: `settings`) as `dtype` needs, or None when its
+    size cannot be told."""
+    on_disk, stored = weight_bytes(folder, settings)
     if not on_disk:
         return None
     loaded = _BYTES.get(dtype, 2)
