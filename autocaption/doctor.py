@@ -19,7 +19,7 @@ from pathlib import Path
 
 from autocaption.config import Config, defaults
 from autocaption.dependencies import findings
-from autocaption.engine.devices import Accelerator
+from autocaption.engine.devices import Accelerator, ram_available
 from autocaption.locks import DaemonLock
 from autocaption.paths import display
 from autocaption.unit import SYSTEM_UNIT_DIR, UNIT_NAME
@@ -281,7 +281,7 @@ def gather(config: Config) -> Facts:
         sdpa_device=sdpa_device,
         sdpa_problem=sdpa_problem,
         model=_model_facts(config.model.id, config.model.revision or "main"),
-        memory_available=_memory_available(),
+        memory_available=ram_available(),
         state_dir=state,
         state_problem=_writable(state),
         daemon_pid=DaemonLock(state).holder(),
@@ -342,16 +342,6 @@ def _model_facts(model_id: str, revision: str) -> ModelFacts:
         for pattern in ("*.safetensors", "*.bin"):
             size += sum(path.stat().st_size for path in folder.glob(pattern))  # stat follows the cache's links
     return ModelFacts(model_id, folder, size)
-
-
-def _memory_available() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text(encoding="ascii").splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        return None
-    return None
 
 
 def _writable(folder: Path) -> str | None:

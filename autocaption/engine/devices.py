@@ -7,6 +7,7 @@ on both vendors; `torch.version.hip` tells which runtime it is.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from autocaption.errors import ModelUnavailable
 
@@ -74,3 +75,14 @@ def place(requested_device: str, requested_dtype: str, acc: Accelerator) -> Plac
     else:
         dtype = "bfloat16" if acc.bf16_supported else "float16"
     return Placement(device=device, dtype=dtype, description=description, warning=warning)
+
+
+def ram_available() -> int | None:
+    """Bytes of RAM available to a new process (the kernel's MemAvailable); None when it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text(encoding="ascii").splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from autocaption.engine.devices import Accelerator, Gpu
+from autocaption.engine.devices import Accelerator, Gpu, ram_available
 
 
 def accelerator() -> Accelerator:
@@ -43,13 +43,7 @@ def memory_free(device: str) -> int | None:
         except RuntimeError:
             return None
         return int(free)
-    try:
-        for line in open("/proc/meminfo", encoding="ascii"):  # noqa: SIM115 - read to the line needed
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        return None
-    return None
+    return ram_available()
 
 
 def masked_sdpa_problem(
