@@ -432,3 +432,26 @@ def test_empty_answers_are_named_as_such(corpus: Path, tmp_path: Path) -> None:
     assert write(path, tmp_path, Caption(None, (), asked=True)).reason == "the answers were empty: nothing to write"
     assert write(path, tmp_path, Caption(None)).reason == "no rule writes into the photo"
     assert path.read_bytes() == before
+
+
+def test_a_persons_correction_survives_twenty_model_writes_byte_for_byte(corpus: Path, tmp_path: Path) -> None:
+    """Issue 17.1: the IFD0 rewrite cut the old tail while the person's ImageDescription/XPComment, kept under
+    `existing: keep`, still pointed into it (EXIF became "k", then "points outside the EXIF block")."""
+    photos = tmp_path / "photos"
+    path = writable_copy(corpus / "jpg/gps/DSCN0010.jpg", photos / "DSCN0010.jpg")
+    warnings = exiftool.warnings(path)
+    for round_ in range(20):
+        long_text = round_ % 2 == 1
+        person = ("A much longer correction by a person, " * 6 + f"round {round_}") if long_text else f"short {round_}"
+        record = write(path, photos, Caption(person, (f"kw{round_}",), asked=True, person=True))
+        assert record.file == "embedded", record
+        model = "m" if long_text else "A long model answer about the picture, " * 5
+        for _ in range(2):  # describe again, then `process --force`
+            record = write(path, photos, Caption(model, ("model", f"word{round_}"), asked=True))
+            assert record.file == "embedded" and record.description.startswith("kept"), record
+        tags = exiftool.tags(path)[path]
+        assert tags["IFD0:ImageDescription"] == person == tags["XMP-dc:Description"], round_
+        assert xp_text(tags["IFD0:XPComment"]) == person, round_
+        keywords = xp_text(tags["IFD0:XPKeywords"]).split(";")
+        assert keywords[0] == f"kw{round_}" and f"word{round_}" in keywords, round_  # the person's first, ours added
+        assert exiftool.warnings(path) <= warnings, (round_, exiftool.warnings(path) - warnings)

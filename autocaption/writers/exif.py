@@ -120,6 +120,13 @@ class Tiff:
             if update is not None:
                 new_values[tag] = update
         base = self._base()
+        # A value that stays (a person's ImageDescription under `existing: keep`) may live in the tail just cut
+        # off with our previous IFD0: it is carried into the new block, or its entry would point past the end.
+        for tag, entry in entries.items():
+            if tag not in new_values and entry.size() > 4 and self._offset(entry) + entry.size() > len(base):
+                value = self.value(tag)
+                assert value is not None
+                new_values[tag] = (entry.type, value)
         if len(base) & 1:
             base += b"\x00"
         tags = sorted(set(entries) | set(new_values))
