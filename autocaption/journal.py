@@ -24,7 +24,7 @@ from typing import Any
 from autocaption.config import Config
 from autocaption.discover import Candidate
 from autocaption.errors import ConfigError
-from autocaption.paths import display
+from autocaption.paths import db_key, display, from_db
 from autocaption.pipeline import Described, Outcome, Skipped
 
 QUEUED, RETRY, DONE, FAILED = "queued", "retry", "done", "failed"
@@ -48,7 +48,7 @@ def _answers_from_sidecars(db: sqlite3.Connection) -> None:
 
     rows = db.execute("SELECT rowid, path FROM images WHERE status = ?", (DONE,)).fetchall()
     for image_id, path in rows:
-        document = sidecar.read(Path(path))
+        document = sidecar.read(Path(from_db(path)))
         for rule, entry in (document or {}).get("rules", {}).items():
             if isinstance(entry, dict) and isinstance(entry.get("answer"), str):
                 db.execute("INSERT OR REPLACE INTO answers VALUES (?, ?, ?)", (image_id, rule, entry["answer"]))
@@ -209,7 +209,7 @@ class Journal:
             row = self._db.execute(
                 "SELECT path, size, mtime_ns, sha256, fingerprint, status, attempts, last_error"
                 " FROM images WHERE path = ?",
-                (str(path),),
+                (db_key(path),),
             ).fetchone()
         return _record(row) if row else None
 
@@ -217,7 +217,7 @@ class Journal:
         """path -> (size, mtime_ns, status, fingerprint) for every row: one query for a whole reconcile."""
         with self._lock:
             rows = self._db.execute("SELECT path, size, mtime_ns, status, fingerprint FROM images").fetchall()
-        return {row[0]: (row[1], row[2], row[3], row[4]) for row in rows}
+        return {from_db(row[0]): (row[1], row[2], row[3], row[4]) for row in rows}
 
     def moved_from(self, sha256: str, new_path: Path) -> Record | None:
         """A finished image with this content whose file is gone: `new_path` is where it moved to."""
@@ -225,9 +225,9 @@ class Journal:
             rows = self._db.execute(
                 "SELECT path, size, mtime_ns, sha256, fingerprint, status, attempts, last_error"
                 " FROM images WHERE sha256 = ? AND status = ? AND path != ?",
-                (sha256, DONE, str(new_path)),
+                (sha256, DONE, db_key(new_path)),
             ).fetchall()
-        return next((_record(row) for row in rows if not os.path.lexists(row[0])), None)
+        return next((_record(row) for row in rows if not os.path.lexists(from_db(row[0]))), None)
 
     def stats(self, now: float | None = None) -> Stats:
         now = time.time() if now is None else now
@@ -250,17 +250,29 @@ class Journal:
 
     # --- the queue -------------------------------------------------------------------------------
 
-    def enqueue(self, paths: Iterable[Path]) -> int:
-        """Queue paths (new rows, or rows not already queued). Returns how many were newly queued."""
+    def enqueue(self, paths: Iterable[Path], *, unchanged_too: bool = True) -> int:
+        """Queue paths (new rows, or rows not already queued). Returns how many were newly queued.
+
+        `unchanged_too=False` (what the watcher sends): a row that is done or failed for the very size and
+        modification time the file has now is left as it is. Our own write into a photo fires the watcher
+        too, and a photo that failed for good stays failed until `autocaption retry`."""
         now = time.time()
         count = 0
         with self._tx() as db:
             for path in paths:
+                size = mtime_ns = None
+                if not unchanged_too:
+                    try:
+                        st = os.stat(path)
+                    except OSError:
+                        continue  # gone again: nothing to describe
+                    size, mtime_ns = st.st_size, st.st_mtime_ns
                 cursor = db.execute(
                     "INSERT INTO images (path, status, queued_at, updated_at) VALUES (?, ?, ?, ?)"
                     " ON CONFLICT (path) DO UPDATE SET status = excluded.status, queued_at = excluded.queued_at,"
-                    " next_attempt = 0, updated_at = excluded.updated_at WHERE images.status != ?",
-                    (str(path), QUEUED, now, now, QUEUED),
+                    " next_attempt = 0, updated_at = excluded.updated_at WHERE images.status != ?"
+                    " AND NOT (images.status IN (?, ?) AND images.size IS ? AND images.mtime_ns IS ?)",
+                    (db_key(path), QUEUED, now, now, QUEUED, DONE, FAILED, size, mtime_ns),
                 )
                 count += cursor.rowcount
         return count
@@ -274,7 +286,7 @@ class Journal:
                 " ORDER BY status = ?, queued_at LIMIT ?",
                 (QUEUED, RETRY, now, RETRY, limit),
             ).fetchall()
-        return [Path(row[0]) for row in rows]
+        return [Path(from_db(row[0])) for row in rows]
 
     def pending(self) -> int:
         with self._lock:
@@ -298,12 +310,12 @@ class Journal:
                 " sha256 = COALESCE(excluded.sha256, images.sha256), fingerprint = excluded.fingerprint,"
                 " status = excluded.status, attempts = 0, last_error = NULL, updated_at = excluded.updated_at,"
                 " force = 0",
-                (str(path), st.st_size, st.st_mtime_ns, sha256, fingerprint, DONE, now),
+                (db_key(path), st.st_size, st.st_mtime_ns, sha256, fingerprint, DONE, now),
             )
             if answers:
                 db.execute("INSERT INTO done_log VALUES (?, ?)", (now, answers))
             if texts:
-                (image_id,) = db.execute("SELECT rowid FROM images WHERE path = ?", (str(path),)).fetchone()
+                (image_id,) = db.execute("SELECT rowid FROM images WHERE path = ?", (db_key(path),)).fetchone()
                 db.executemany(
                     "INSERT OR REPLACE INTO answers VALUES (?, ?, ?)", [(image_id, r, t) for r, t in texts.items()]
                 )
@@ -315,7 +327,7 @@ class Journal:
             db.execute(
                 "UPDATE images SET status = ?, force = 1, attempts = 0, next_attempt = 0, queued_at = ?,"
                 " updated_at = ? WHERE path = ?",
-                (QUEUED, now, now, str(path)),
+                (QUEUED, now, now, db_key(path)),
             )
 
     def forced(self, paths: Iterable[Path]) -> set[Path]:
@@ -323,14 +335,19 @@ class Journal:
         with self._lock:
             return {
                 path for path in paths
-                if self._db.execute("SELECT force FROM images WHERE path = ?", (str(path),)).fetchone() == (1,)
+                if self._db.execute("SELECT force FROM images WHERE path = ?", (db_key(path),)).fetchone() == (1,)
             }  # fmt: skip
 
-    def failed(self, path: Path, error: str, *, transient: bool, max_attempts: int, backoff: float) -> str:
-        """Record a failure; transient ones are retried with exponential backoff until `max_attempts`."""
+    def failed(
+        self, path: Path, error: str, *, transient: bool, max_attempts: int, backoff: float,
+        st: os.stat_result | None = None,
+    ) -> str:  # fmt: skip
+        """Record a failure; transient ones are retried with exponential backoff until `max_attempts`. `st`: the
+        file as it is after the attempt (our write may have changed it), so the watcher's event for that very
+        file does not queue it again; its bytes were not described, so it has no fingerprint."""
         now = time.time()
         with self._tx() as db:
-            row = db.execute("SELECT attempts FROM images WHERE path = ?", (str(path),)).fetchone()
+            row = db.execute("SELECT attempts FROM images WHERE path = ?", (db_key(path),)).fetchone()
             attempts = (row[0] if row else 0) + 1
             status = RETRY if transient and attempts < max_attempts else FAILED
             delay = min(backoff * 2 ** (attempts - 1), 3600.0)
@@ -339,20 +356,25 @@ class Journal:
                 " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (path) DO UPDATE SET status = excluded.status,"
                 " attempts = excluded.attempts, last_error = excluded.last_error,"
                 " next_attempt = excluded.next_attempt, updated_at = excluded.updated_at",
-                (str(path), status, attempts, error, now + delay, now),
+                (db_key(path), status, attempts, error, now + delay, now),
             )
+            if st is not None:
+                db.execute(
+                    "UPDATE images SET size = ?, mtime_ns = ?, fingerprint = NULL WHERE path = ?",
+                    (st.st_size, st.st_mtime_ns, db_key(path)),
+                )
         return status
 
     def forget(self, path: Path) -> None:
         with self._tx() as db:
-            db.execute("DELETE FROM images WHERE path = ?", (str(path),))
+            db.execute("DELETE FROM images WHERE path = ?", (db_key(path),))
 
     def moved(self, old: Path, new: Path, st: os.stat_result) -> None:
         with self._tx() as db:
-            db.execute("DELETE FROM images WHERE path = ?", (str(new),))
+            db.execute("DELETE FROM images WHERE path = ?", (db_key(new),))
             db.execute(
                 "UPDATE images SET path = ?, size = ?, mtime_ns = ?, updated_at = ? WHERE path = ?",
-                (str(new), st.st_size, st.st_mtime_ns, time.time(), str(old)),
+                (db_key(new), st.st_size, st.st_mtime_ns, time.time(), db_key(old)),
             )
 
     def retry(self, paths: Iterable[Path] | None = None) -> int:
@@ -371,7 +393,7 @@ class Journal:
                 cursor = db.execute(
                     "UPDATE images SET status = ?, attempts = 0, next_attempt = 0, queued_at = ?, updated_at = ?"
                     " WHERE path = ? AND status IN (?, ?)",
-                    (QUEUED, now, now, str(path), FAILED, RETRY),
+                    (QUEUED, now, now, db_key(path), FAILED, RETRY),
                 )
                 count += cursor.rowcount
             return count
@@ -388,11 +410,13 @@ class Journal:
                     return self.retry([row.path]), None
             for spelling in spellings:
                 prefix = spelling.rstrip("/") + "/"
+                raw = os.fsencode(prefix)  # rows of names that are not UTF-8 are bytes (`db_key`)
                 rows = self._db.execute(
-                    "SELECT path, status FROM images WHERE substr(path, 1, ?) = ?", (len(prefix), prefix)
+                    "SELECT path, status FROM images WHERE substr(path, 1, ?) = ? OR substr(path, 1, ?) = ?",
+                    (len(prefix), db_key(prefix), len(raw), raw),
                 ).fetchall()
                 if rows:
-                    failed = [Path(path) for path, status in rows if status in (FAILED, RETRY)]
+                    failed = [Path(from_db(path)) for path, status in rows if status in (FAILED, RETRY)]
                     if not failed:
                         return 0, f"{display(given)}: no failed images under it ({len(rows)} known)"
                     return self.retry(failed), None
@@ -418,8 +442,15 @@ def record_outcome(journal: Journal, config: Config, candidate: Candidate, outco
     daemon = config.daemon
     return journal.failed(
         path, outcome.message, transient=outcome.transient, max_attempts=daemon.max_attempts,
-        backoff=daemon.retry_seconds,
+        backoff=daemon.retry_seconds, st=_stat_or_none(path),
     )  # fmt: skip
+
+
+def _stat_or_none(path: Path) -> os.stat_result | None:
+    try:
+        return path.stat()
+    except OSError:
+        return None
 
 
 def _open_read_only(path: Path) -> sqlite3.Connection:
@@ -443,7 +474,7 @@ def _open_read_only(path: Path) -> sqlite3.Connection:
 def _record(row: tuple[object, ...]) -> Record:
     path, size, mtime_ns, sha256, fingerprint, status, attempts, last_error = row
     return Record(
-        Path(str(path)),
+        Path(from_db(path)),
         size if isinstance(size, int) else None,
         mtime_ns if isinstance(mtime_ns, int) else None,
         sha256 if isinstance(sha256, str) else None,

@@ -22,7 +22,7 @@ from autocaption.engine.base import Answer, Engine, EngineInfo, Job, Prompt
 from autocaption.errors import ConfigError, EngineError, ImageError, ServerUnreachable, WriteError
 from autocaption.images import Picture, open_picture
 from autocaption.locks import PhotoLocks
-from autocaption.paths import display
+from autocaption.paths import display, text
 from autocaption.textclean import clean_answer
 from autocaption.writers.metadata import Caption, MetadataWriter, WriteRecord
 from autocaption.writers.policy import split_keywords
@@ -127,7 +127,8 @@ def triage(
 
 
 def render_values(path: Path, picture: Picture) -> dict[str, str | None]:
-    return {"file": path.name, "folder": path.parent.name, **picture.facts}
+    # Prompts are UTF-8 text: a name that is not UTF-8 is given with its bytes written \\xff.
+    return {"file": text(path.name), "folder": text(path.parent.name), **picture.facts}
 
 
 class Pipeline:

@@ -207,7 +207,7 @@ class Service:
         return next((w for w in self.config.watch if w.path == path or w.path in path.parents), None)
 
     def _settled(self, candidates: list[Candidate]) -> None:
-        if self.journal.enqueue(c.path for c in candidates):
+        if self.journal.enqueue((c.path for c in candidates), unchanged_too=False):
             self.worker.wake.set()
 
     def follow_move(self, path: Path, st: os.stat_result) -> None:
@@ -232,9 +232,9 @@ class Service:
 
     def _carry(self, old: Path, new: Path, source: sidecar.Sidecar, target: sidecar.Sidecar) -> None:
         moves = [(source.path, target.path)]
-        xmp = ((source.document or {}).get("written") or {}).get("xmp_sidecar")
-        if xmp:
-            moves.append((old.with_name(xmp), MetadataWriter(self.config.output).sidecar_path(new)))
+        xmp = sidecar.xmp_sidecar_of(source.document or {}, old)
+        if xmp is not None:
+            moves.append((xmp, MetadataWriter(self.config.output).sidecar_path(new)))
         for before, after in moves:
             if before.exists() and not after.exists():
                 try:

@@ -27,7 +27,7 @@ from autocaption.config import Rule
 from autocaption.engine.base import Answer, EngineInfo
 from autocaption.errors import WriteError
 from autocaption.images import Picture
-from autocaption.paths import display
+from autocaption.paths import display, text
 from autocaption.writers.metadata import WriteRecord
 
 SCHEMA = "autocaption/1"
@@ -164,7 +164,7 @@ def build(
     document: dict[str, Any] = {
         "schema": SCHEMA,
         "image": {
-            "file": image.name,
+            "file": text(image.name),  # JSON is UTF-8: a name that is not UTF-8 shows its bytes as \\xff
             "sha256": picture.sha256,
             "width": picture.width,
             "height": picture.height,
@@ -198,10 +198,21 @@ def unwritten(existing: Mapping[str, Any], image: Path) -> str | None:
     written = existing.get("written") or {}
     if written.get("file") == "failed":
         return "the earlier write into the photo failed"
-    xmp = written.get("xmp_sidecar")
-    if isinstance(xmp, str) and xmp and not image.with_name(xmp).exists():
-        return f"its XMP sidecar {xmp} is missing"
+    xmp = xmp_sidecar_of(existing, image)
+    if xmp is not None and not xmp.exists():
+        return f"its XMP sidecar {display(xmp.name)} is missing"
     return None
+
+
+def xmp_sidecar_of(existing: Mapping[str, Any], image: Path) -> Path | None:
+    """The XMP sidecar the recorded answers went to, if any. The record holds its name as text (`text`): for
+    a photo whose name is not UTF-8 the real name is the one of the photo's two sidecar spellings that reads
+    as the record."""
+    recorded = (existing.get("written") or {}).get("xmp_sidecar")
+    if not isinstance(recorded, str) or not recorded:
+        return None
+    spellings = (image.name + ".xmp", image.stem + ".xmp")
+    return image.with_name(next((name for name in spellings if text(name) == recorded), recorded))
 
 
 def results_of(existing: Mapping[str, Any], rules: Iterable[Rule]) -> tuple[RuleResult, ...]:
@@ -249,9 +260,9 @@ def hash_file(path: Path) -> str:
 def rename_image(image: Path) -> None:
     """After a move, the JSON sidecar that came along names the new file."""
     found = locate(image)
-    if found.document is None or found.document["image"].get("file") == image.name:
+    if found.document is None or found.document["image"].get("file") == text(image.name):
         return
-    found.document["image"]["file"] = image.name
+    found.document["image"]["file"] = text(image.name)
     try:
         write(found, found.document)
     except WriteError as exc:

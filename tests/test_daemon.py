@@ -155,15 +155,48 @@ def test_file_in_a_new_sub_subfolder(daemon, inbox: Path) -> None:  # type: igno
     assert engine.images == 2
 
 
-def test_burst_of_500_files_each_described_exactly_once(daemon, inbox: Path) -> None:  # type: ignore[no-untyped-def]
+ODD_NAMES = [
+    os.fsdecode(b"bad\xffname.jpg"),  # not UTF-8: it once killed the settler thread
+    "x" * 247 + ".jpg",  # 251 bytes: its JSON sidecar's name is too long for the filesystem
+    "two\nlines.jpg",
+    "100% done.jpg",
+]
+
+
+def test_burst_of_500_files_with_odd_names_each_described_exactly_once(daemon, inbox: Path) -> None:  # type: ignore[no-untyped-def]
+    """Issue 17.4, 7, 11: names that are not UTF-8, too long for a sidecar, with a newline or a `%`, in a drop
+    of 500; our own writes into the photos never queue them again (done only grows), and the photo whose
+    sidecar cannot be written is captioned, failed once, and never described again."""
     service, engine = daemon()
-    paths = [inbox / f"burst_{i:03d}.jpg" for i in range(500)]
+    paths = [inbox / f"burst_{i:03d}.jpg" for i in range(500 - len(ODD_NAMES))]
+    paths += [inbox / name for name in ODD_NAMES]
+    too_long = inbox / ODD_NAMES[1]
+    done_seen: list[int] = []
     for i, path in enumerate(paths):
         path.write_bytes(photo(i, (40, 30)))
-    wait_for(lambda: all(sidecar(p).exists() for p in paths), timeout=240, what="500 sidecars")
-    time.sleep(1.5)
-    assert engine.images == 500
-    assert service.journal.stats().done == 500
+        if i % 50 == 0:
+            done_seen.append(service.journal.stats().done)
+
+    def finished() -> bool:
+        stats = service.journal.stats()
+        done_seen.append(stats.done)
+        return stats.done == len(paths) - 1 and stats.failed == 1
+
+    wait_for(finished, timeout=240, what="499 described, 1 failed")
+    time.sleep(3)  # long enough for the watcher to have seen every write of ours
+    stats = service.journal.stats()
+    assert (stats.queued, stats.retrying, stats.done, stats.failed) == (0, 0, len(paths) - 1, 1)
+    assert done_seen == sorted(done_seen), "described photos went back to the queue"
+    assert engine.images == len(paths)  # once each, the one whose sidecar failed included
+    assert all(sidecar(p).exists() for p in paths if p != too_long)
+    assert "File name too long" in stats.recent_errors[0][1]
+    from autocaption.writers.metadata import _facts_of
+
+    assert _facts_of(too_long.read_bytes()).descriptions[0]  # its caption went into the photo all the same
+    record = service.journal.get(inbox / ODD_NAMES[0])
+    assert record is not None and record.status == DONE
+    document = json.loads(sidecar(inbox / ODD_NAMES[0]).read_text(encoding="utf-8"))
+    assert document["image"]["file"] == "bad\\xffname.jpg"
 
 
 def test_own_writes_cause_no_work_and_moves_are_not_redescribed(daemon, inbox: Path, corpus: Path) -> None:  # type: ignore[no-untyped-def]

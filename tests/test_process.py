@@ -222,3 +222,28 @@ def test_stale_redescribes_only_images_whose_rules_changed(
     make_config(rules=rules.replace("Which decade?", "Which decade, roughly?"), extra=watch)
     result = run_cli("process", "--stale", "--config", config)
     assert result.returncode == 0 and result.stdout.startswith("1 images described, 2 answers"), result.stdout
+
+
+def test_odd_file_names_are_described_beside_good_ones(
+    run_cli: RunCli, make_config: Callable[..., Path], corpus: Path, tmp_path: Path
+) -> None:
+    """Issue 17.4 and 7: a name that is not UTF-8 stopped `process` with a TypeError and the good photos beside
+    it were not described; a name too long for its sidecar is captioned and named in one failure line."""
+    import os
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    names = [os.fsdecode(b"bad\xffname.jpg"), "x" * 247 + ".jpg", "two\nlines.jpg", "100% done.jpg", "good.jpg"]
+    for name in names:
+        (folder / name).write_bytes((corpus / "jpg/gps/DSCN0010.jpg").read_bytes())
+    config = make_config(rules='- {name: caption, prompt: "Describe {file}.", max_new_tokens: 8, write: [description]}')
+    result = run_cli("process", "--config", config, folder)
+    assert "Traceback" not in result.stderr
+    assert result.returncode == 1 and result.stdout.startswith("4 images described, 4 answers, 0 skipped, 1 failed")
+    failures = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(failures) == 1 and "xxxx.jpg.json: cannot write sidecar: File name too long" in failures[0]
+    document = json.loads((folder / (names[0] + ".json")).read_text(encoding="utf-8"))
+    assert document["image"]["file"] == "bad\\xffname.jpg"
+    assert document["rules"]["caption"]["prompt"] == "Describe bad\\xffname.jpg."
+    again = run_cli("process", "--config", config, folder)
+    assert again.stdout.startswith("0 images described") and "bad\\xffname.jpg" not in again.stderr

@@ -25,7 +25,7 @@ from autocaption.atomic import RefusedError, replace_faithfully, write_atomic
 from autocaption.config import OutputConfig
 from autocaption.errors import WriteError
 from autocaption.images import sniff
-from autocaption.paths import display
+from autocaption.paths import display, text
 from autocaption.writers import containers, exif, iptc, policy, xmp
 from autocaption.writers.containers import Blocks, ContainerError
 from autocaption.writers.exif import ExifError, Tiff
@@ -134,7 +134,8 @@ class MetadataWriter:
             log.info("%s: photo left unchanged: %s; %s", display(path), reason, where)
         file_state = "dry-run" if dry_run else "unchanged" if reason else "embedded"
         digest = hashlib.sha256(new_data).hexdigest() if new_stat is not None else None
-        return WriteRecord(file_state, notes[0], notes[1], sidecar.name if sidecar else None, reason, new_stat, digest)
+        name = text(sidecar.name) if sidecar else None  # kept in the JSON sidecar, which is UTF-8
+        return WriteRecord(file_state, notes[0], notes[1], name, reason, new_stat, digest)
 
     def _why_not_embedded(self, path: Path, target: Path, root: Path, data: bytes) -> str | None:
         kind = sniff(data[:16]) or "unknown format"
