@@ -83,8 +83,25 @@ def run(config_path: Path) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object, for monitoring.")
 def status(config_path: Path, as_json: bool) -> None:
     """Queue depth, rate and recent errors, from the journal (the daemon need not be running)."""
-    report = status_report(load(config_path))
-    click.echo(json.dumps(report, ensure_ascii=False) if as_json else format_status(report))
+    config = load(config_path)
+    if not as_json:
+        click.echo(format_status(status_report(config)))
+        return
+    try:
+        report = status_report(config)
+    except AutocaptionError as exc:  # a monitor reads JSON: the reason, and still exit 2
+        click.echo(json.dumps({"error": str(exc)}, ensure_ascii=False))
+        raise SystemExit(exc.exit_code) from None
+    click.echo(json.dumps(report, ensure_ascii=False))
+
+
+@cli.command()
+@config_option
+def rebuild(config_path: Path) -> None:
+    """A new journal from the photos' sidecars (a lost or damaged one is set aside, never deleted)."""
+    from autocaption.rebuild import rebuild as refill
+
+    click.echo(refill(load(config_path)).line())
 
 
 @cli.command()
@@ -181,6 +198,7 @@ def status_report(config: Config) -> dict[str, Any]:
     return {
         "journal": str(journal.path),
         "daemon": {"running": pid is not None, "pid": pid or None},
+        "waiting": _waiting(config),
         "queued": stats.queued,
         "retrying": stats.retrying,
         "done": stats.done,
@@ -188,6 +206,19 @@ def status_report(config: Config) -> dict[str, Any]:
         "per_hour": stats.per_hour,
         "recent_errors": [{"path": path, "error": error} for path, error in stats.recent_errors],
     }
+
+
+def _waiting(config: Config) -> str | None:
+    """Why a daemon cannot go on, seen from outside: a state.dir without space for the journal's writes."""
+    import shutil
+
+    try:
+        free = shutil.disk_usage(config.state.dir).free
+    except OSError:
+        return None
+    if free >= 1 << 20:
+        return None
+    return f"state.dir {config.state.dir} is full ({free} bytes free): the daemon waits for space"
 
 
 def format_status(report: dict[str, Any]) -> str:
@@ -199,6 +230,8 @@ def format_status(report: dict[str, Any]) -> str:
         f"failed: {report['failed']}",
         f"rate: {report['per_hour']} images in the last hour",
     ]
+    if report.get("waiting"):
+        lines.append(f"waiting: {report['waiting']}")
     if report["recent_errors"]:
         lines.append("recent errors:")
         lines.extend(f"  {entry['error']}" for entry in report["recent_errors"])

@@ -20,6 +20,7 @@ from pathlib import Path
 from autocaption.config import Config, defaults
 from autocaption.dependencies import findings
 from autocaption.engine.devices import Accelerator, ram_available
+from autocaption.errors import AutocaptionError
 from autocaption.locks import DaemonLock
 from autocaption.paths import display
 from autocaption.unit import SYSTEM_UNIT_DIR, UNIT_NAME
@@ -89,6 +90,7 @@ class Facts:
     inotify_limit: int | None
     unit: UnitFacts
     dependencies: tuple[str, ...] = ()  # one line per dependency outside its tested range (dependencies.py)
+    journal_problem: str | None = None  # what SQLite's integrity check says of the journal; None: sound or none yet
     newer_only: bool = True  # every one of them is newer than tested (a warning), none older or missing
 
 
@@ -107,6 +109,9 @@ def checks(facts: Facts) -> list[Check]:
     found.append(_attention(facts))
     found.extend(_model(facts, facts.accelerator))
     found.append(_state(facts))
+    if facts.journal_problem:
+        found.append(Check(False, facts.journal_problem, "autocaption rebuild --config <rules file> (the daemon "
+                           "also rebuilds it by itself when it starts; the damaged file is kept)"))  # fmt: skip
     if facts.watched_folders:
         found.append(_inotify(facts))
     found.append(_unit(facts))
@@ -290,7 +295,27 @@ def gather(config: Config) -> Facts:
         unit=_unit_facts(),
         dependencies=tuple(finding.line() for finding in outside),
         newer_only=all(finding.newer for finding in outside),
+        journal_problem=_journal_problem(state),
     )
+
+
+def _journal_problem(state: Path) -> str | None:
+    """SQLite's own integrity check of the journal, read-only (a daemon may be writing it)."""
+    from autocaption.journal import Journal
+
+    if not Journal.exists(state):
+        return None
+    try:
+        journal = Journal(state, read_only=True)
+    except AutocaptionError as exc:
+        return str(exc)
+    try:
+        verdict = journal.integrity()
+    except AutocaptionError as exc:
+        return str(exc)
+    finally:
+        journal.close()
+    return None if verdict == "ok" else f"state.dir: the journal fails SQLite's integrity check: {verdict}"
 
 
 def _torch_facts() -> tuple[Accelerator | None, str | None, str, str | None]:

@@ -18,6 +18,7 @@ class ExitCode(IntEnum):
     OK = 0
     FAILURES = 1  # the run finished but some files could not be described or written
     SETUP = 2  # configuration or model problem: nothing was processed
+    CRASHED = 3  # a thread of the daemon died: it stops, so that the service manager restarts it
     INTERRUPTED = 130
 
 

@@ -11,7 +11,9 @@ by a new one.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -23,12 +25,42 @@ from typing import Any
 
 from autocaption.config import Config
 from autocaption.discover import Candidate
-from autocaption.errors import ConfigError
+from autocaption.errors import AutocaptionError, ConfigError
 from autocaption.paths import db_key, display, from_db
 from autocaption.pipeline import Described, Outcome, Skipped
 
 QUEUED, RETRY, DONE, FAILED = "queued", "retry", "done", "failed"
+# The answers row of a person's correction (the review page): rule names cannot hold "~", so it never meets one.
+EDITED = "~edited"
 JOURNAL_NAME = "journal.sqlite3"
+DAMAGED_SUFFIX = ".damaged-"  # journal.sqlite3.damaged-20261202-101500: what a rebuild set aside
+_SQLITE_FULL, _SQLITE_CORRUPT, _SQLITE_NOTADB = 13, 11, 26
+
+
+class JournalFull(AutocaptionError):
+    """state.dir has no room for the journal's next write: transient, the daemon waits for space."""
+
+
+class JournalDamaged(AutocaptionError):
+    """The journal file is damaged (truncated, overwritten, not a database): rebuilt from the sidecars."""
+
+
+def _translated(path: Path, exc: sqlite3.Error) -> AutocaptionError | None:
+    """A full disk or a damaged file as one line that says what to do; None for anything else."""
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    text = str(exc)
+    if code == _SQLITE_FULL or "database or disk is full" in text:
+        return JournalFull(f"state.dir: {display(path.parent)}: no space left for the journal ({text})")
+    damaged = code in (_SQLITE_CORRUPT, _SQLITE_NOTADB) or any(
+        sign in text for sign in ("malformed", "not a database", "no such table", "no such column")
+    )
+    if damaged or type(exc) is sqlite3.DatabaseError:
+        return JournalDamaged(
+            f"state.dir: {display(path)}: the journal is damaged ({text}); rebuild it from the photos' sidecars "
+            "with `autocaption rebuild --config <rules file>` (the damaged file is kept beside it; a daemon "
+            "rebuilds it by itself when it starts)"
+        )
+    return None
 
 
 def _statements(*statements: str) -> Callable[[sqlite3.Connection], None]:
@@ -126,6 +158,42 @@ class Record:
 
 
 @dataclass(frozen=True)
+class Restored:
+    """A photo whose JSON sidecar holds current results, for a rebuilt journal."""
+
+    path: Path
+    stat: os.stat_result
+    sha256: str | None
+    fingerprint: str
+    texts: Mapping[str, str | None]
+
+
+def _record_done(
+    db: sqlite3.Connection, key: str | bytes, st: os.stat_result, sha256: str | None, fingerprint: str,
+    texts: Mapping[str, str | None] | None, now: float,
+) -> None:  # fmt: skip
+    db.execute(
+        "INSERT INTO images (path, size, mtime_ns, sha256, fingerprint, status, attempts, last_error,"
+        " updated_at) VALUES (?, ?, ?, ?, ?, ?, 0, NULL, ?) ON CONFLICT (path) DO UPDATE SET"
+        " size = excluded.size, mtime_ns = excluded.mtime_ns,"
+        " sha256 = COALESCE(excluded.sha256, images.sha256), fingerprint = excluded.fingerprint,"
+        " status = excluded.status, attempts = 0, last_error = NULL, updated_at = excluded.updated_at,"
+        " force = 0",
+        (key, st.st_size, st.st_mtime_ns, sha256, fingerprint, DONE, now),
+    )
+    if texts:
+        (image_id,) = db.execute("SELECT rowid FROM images WHERE path = ?", (key,)).fetchone()
+        db.executemany(
+            "INSERT OR REPLACE INTO answers VALUES (?, ?, ?)",
+            [(image_id, rule, text) for rule, text in texts.items() if text is not None],
+        )
+        db.executemany(
+            "DELETE FROM answers WHERE image_id = ? AND rule = ?",
+            [(image_id, rule) for rule, text in texts.items() if text is None],
+        )
+
+
+@dataclass(frozen=True)
 class Stats:
     queued: int
     retrying: int
@@ -151,11 +219,14 @@ class Journal:
             state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"state.dir: {display(state_dir)}: cannot create: {exc.strerror or exc}") from None
+        if self.path.is_file() and self.path.stat().st_size == 0:  # SQLite would take it for a new journal
+            raise JournalDamaged(str(_translated(self.path, sqlite3.DatabaseError("the file is empty"))))
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            # WAL + NORMAL: a power loss can drop the last commits (that work is redone), never corrupt.
-            self._db.execute("PRAGMA synchronous=NORMAL")
+            with self._reading():
+                self._db.execute("PRAGMA journal_mode=WAL")
+                # WAL + NORMAL: a power loss can drop the last commits (that work is redone), never corrupt.
+                self._db.execute("PRAGMA synchronous=NORMAL")
             self._migrate()
         except sqlite3.Error as exc:
             raise ConfigError(f"state.dir: {display(self.path)}: cannot open the journal: {exc}") from None
@@ -169,15 +240,42 @@ class Journal:
             self._db.close()
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """The connection, under the lock; a full disk or a damaged file comes out as one clear error."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+            except sqlite3.Error as exc:
+                problem = _translated(self.path, exc)
+                if problem is None:
+                    raise
+                if isinstance(problem, JournalDamaged) and not self.read_only:
+                    self._keep_damaged_copy()
+                raise problem from None
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._reading() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
             except BaseException:
-                self._db.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):  # a failed COMMIT may have ended it already
+                    db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
+            db.execute("COMMIT")
+
+    def _keep_damaged_copy(self) -> None:
+        """Copy the damaged file (and its WAL) aside as found, once: closing this connection may checkpoint
+        into it, and whoever looks into what happened should see it as it was."""
+        if getattr(self, "_copied", False):
+            return
+        self._copied = True
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for suffix in ("", "-wal"):
+            source = self.path.with_name(self.path.name + suffix)
+            with contextlib.suppress(OSError):
+                shutil.copy2(source, self.path.with_name(f"{self.path.name}{DAMAGED_SUFFIX}{stamp}{suffix}"))
 
     def _migrate(self) -> None:
         with self._tx() as db:
@@ -193,19 +291,25 @@ class Journal:
                     migration(db)
                 db.execute("INSERT INTO migrations VALUES (?, ?)", (name, time.time()))
 
+    def integrity(self) -> str:
+        """SQLite's quick_check: "ok", or its first complaints (for `doctor`)."""
+        with self._reading() as db:
+            rows = db.execute("PRAGMA quick_check(5)").fetchall()
+        return "; ".join(str(row[0]) for row in rows)
+
     def applied_migrations(self) -> list[str]:
-        with self._lock:
-            return [row[0] for row in self._db.execute("SELECT name FROM migrations ORDER BY name")]
+        with self._reading() as db:
+            return [row[0] for row in db.execute("SELECT name FROM migrations ORDER BY name")]
 
     # --- reading ---------------------------------------------------------------------------------
 
     def rows(self, sql: str, parameters: Iterable[object] = ()) -> list[tuple[Any, ...]]:
         """A read query (catalog.py asks the review page's questions through it)."""
-        with self._lock:
+        with self._reading():
             return self._db.execute(sql, tuple(parameters)).fetchall()
 
     def get(self, path: Path) -> Record | None:
-        with self._lock:
+        with self._reading():
             row = self._db.execute(
                 "SELECT path, size, mtime_ns, sha256, fingerprint, status, attempts, last_error"
                 " FROM images WHERE path = ?",
@@ -215,13 +319,13 @@ class Journal:
 
     def snapshot(self) -> dict[str, tuple[int | None, int | None, str, str | None]]:
         """path -> (size, mtime_ns, status, fingerprint) for every row: one query for a whole reconcile."""
-        with self._lock:
+        with self._reading():
             rows = self._db.execute("SELECT path, size, mtime_ns, status, fingerprint FROM images").fetchall()
         return {from_db(row[0]): (row[1], row[2], row[3], row[4]) for row in rows}
 
     def moved_from(self, sha256: str, new_path: Path) -> Record | None:
         """A finished image with this content whose file is gone: `new_path` is where it moved to."""
-        with self._lock:
+        with self._reading():
             rows = self._db.execute(
                 "SELECT path, size, mtime_ns, sha256, fingerprint, status, attempts, last_error"
                 " FROM images WHERE sha256 = ? AND status = ? AND path != ?",
@@ -231,7 +335,7 @@ class Journal:
 
     def stats(self, now: float | None = None) -> Stats:
         now = time.time() if now is None else now
-        with self._lock:
+        with self._reading():
             counts = dict(self._db.execute("SELECT status, COUNT(*) FROM images GROUP BY status").fetchall())
             per_hour = self._db.execute("SELECT COUNT(*) FROM done_log WHERE at > ?", (now - 3600,)).fetchone()[0]
             errors = self._db.execute(
@@ -280,7 +384,7 @@ class Journal:
     def due(self, limit: int, now: float | None = None) -> list[Path]:
         """The next paths to work on: queued ones first in arrival order, then retries whose time came."""
         now = time.time() if now is None else now
-        with self._lock:
+        with self._reading():
             rows = self._db.execute(
                 "SELECT path FROM images WHERE status = ? OR (status = ? AND next_attempt <= ?)"
                 " ORDER BY status = ?, queued_at LIMIT ?",
@@ -289,7 +393,7 @@ class Journal:
         return [Path(from_db(row[0])) for row in rows]
 
     def pending(self) -> int:
-        with self._lock:
+        with self._reading():
             return int(
                 self._db.execute("SELECT COUNT(*) FROM images WHERE status IN (?, ?)", (QUEUED, RETRY)).fetchone()[0]
             )
@@ -298,27 +402,30 @@ class Journal:
 
     def done(
         self, path: Path, st: os.stat_result, sha256: str | None, fingerprint: str, answers: int = 0,
-        texts: Mapping[str, str] | None = None,
+        texts: Mapping[str, str | None] | None = None,
     ) -> None:  # fmt: skip
-        """The image is described (or needs nothing): `texts` are its rules' answers, for search."""
-        now = time.time()
+        """The image is described (or needs nothing): `texts` are its rules' answers, for search (and under
+        EDITED a person's correction; None there removes one that no longer applies)."""
         with self._tx() as db:
-            db.execute(
-                "INSERT INTO images (path, size, mtime_ns, sha256, fingerprint, status, attempts, last_error,"
-                " updated_at) VALUES (?, ?, ?, ?, ?, ?, 0, NULL, ?) ON CONFLICT (path) DO UPDATE SET"
-                " size = excluded.size, mtime_ns = excluded.mtime_ns,"
-                " sha256 = COALESCE(excluded.sha256, images.sha256), fingerprint = excluded.fingerprint,"
-                " status = excluded.status, attempts = 0, last_error = NULL, updated_at = excluded.updated_at,"
-                " force = 0",
-                (db_key(path), st.st_size, st.st_mtime_ns, sha256, fingerprint, DONE, now),
-            )
+            _record_done(db, db_key(path), st, sha256, fingerprint, texts, time.time())
             if answers:
-                db.execute("INSERT INTO done_log VALUES (?, ?)", (now, answers))
-            if texts:
-                (image_id,) = db.execute("SELECT rowid FROM images WHERE path = ?", (db_key(path),)).fetchone()
-                db.executemany(
-                    "INSERT OR REPLACE INTO answers VALUES (?, ?, ?)", [(image_id, r, t) for r, t in texts.items()]
-                )
+                db.execute("INSERT INTO done_log VALUES (?, ?)", (time.time(), answers))
+
+    def restore(self, entries: Iterable[Restored]) -> int:
+        """Rows for photos whose sidecars hold current results (a rebuild): a transaction per thousand."""
+        count = 0
+        batch: list[Restored] = []
+        for entry in [*entries, None]:
+            if entry is not None:
+                batch.append(entry)
+            if batch and (entry is None or len(batch) == 1000):
+                with self._tx() as db:
+                    now = time.time()
+                    for item in batch:
+                        _record_done(db, db_key(item.path), item.stat, item.sha256, item.fingerprint, item.texts, now)
+                count += len(batch)
+                batch = []
+        return count
 
     def describe_again(self, path: Path) -> None:
         """Queue an image to be described even though its results are current (the review page's button)."""
@@ -332,7 +439,7 @@ class Journal:
 
     def forced(self, paths: Iterable[Path]) -> set[Path]:
         """Which of these were queued to be described again regardless of their results."""
-        with self._lock:
+        with self._reading():
             return {
                 path for path in paths
                 if self._db.execute("SELECT force FROM images WHERE path = ?", (db_key(path),)).fetchone() == (1,)
@@ -401,7 +508,7 @@ class Journal:
     def retry_at(self, given: Path) -> tuple[int, str | None]:
         """Re-queue the failed images at `given` (a photo) or under it (a folder): (how many, why none)."""
         spellings = dict.fromkeys([str(given.absolute()), str(given.resolve())])
-        with self._lock:
+        with self._reading():
             for spelling in spellings:
                 row = self.get(Path(spelling))
                 if row is not None:
@@ -428,7 +535,8 @@ def record_outcome(journal: Journal, config: Config, candidate: Candidate, outco
     path = candidate.path
     if isinstance(outcome, Described):
         assert outcome.stat is not None and outcome.fingerprint is not None
-        texts = {result.rule.name: result.answer for result in outcome.results}
+        texts: dict[str, str | None] = {result.rule.name: result.answer for result in outcome.results}
+        texts[EDITED] = outcome.edited  # None: a correction of the photo that was here before no longer applies
         journal.done(path, outcome.stat, outcome.sha256, outcome.fingerprint, outcome.answers, texts)
         return None
     if isinstance(outcome, Skipped):
@@ -459,6 +567,8 @@ def _open_read_only(path: Path) -> sqlite3.Connection:
     (nobody can be writing it then)."""
     if not path.is_file():
         raise ConfigError(f"state.dir: {display(path)}: no journal yet (neither the daemon nor process has run)")
+    if path.stat().st_size == 0:
+        raise JournalDamaged(str(_translated(path, sqlite3.DatabaseError("the file is empty"))))
     problem: sqlite3.Error | None = None
     for mode in ("mode=ro", "immutable=1"):
         db = sqlite3.connect(f"{path.as_uri()}?{mode}", uri=True, check_same_thread=False, timeout=30)
@@ -468,6 +578,10 @@ def _open_read_only(path: Path) -> sqlite3.Connection:
         except sqlite3.Error as exc:
             db.close()
             problem = exc
+    assert problem is not None
+    damaged = _translated(path, problem)
+    if isinstance(damaged, JournalDamaged):
+        raise damaged
     raise ConfigError(f"state.dir: {display(path)}: cannot read the journal: {problem}")
 
 

@@ -5,6 +5,7 @@ so one bad photo never stops the rest. `process` (one-shot) and the daemon both 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -42,6 +43,7 @@ class Described:
     fingerprint: str | None = None  # of the rules and model that produced the result
     json_sidecar: Path | None = None  # where the results are (or, in a dry run, would be)
     earlier: bool = False  # answers recorded by an earlier run, written again (no model involved)
+    edited: str | None = None  # a person's correction the photo carries (its sidecar's "edited"), for search
 
 
 @dataclass(frozen=True)
@@ -326,8 +328,10 @@ class ResultWriter:
             log.warning("%s", found.notice())
         if self.dry_run:
             return described
+        document = todo.document(found, record)
+        described = dataclasses.replace(described, edited=sidecar.edited_text(document))
         try:
-            sidecar.write(found, todo.document(found, record))
+            sidecar.write(found, document)
         except WriteError as exc:
             failure = WriteError(f"{failure}; {exc}", transient=failure.transient) if failure else exc
         if failure:

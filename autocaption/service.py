@@ -27,11 +27,12 @@ from autocaption.config import Config, ModelConfig, WatchConfig, load
 from autocaption.discover import Candidate, relative_path, walk_names
 from autocaption.engine import Cancelled, Engine, load_engine
 from autocaption.errors import AutocaptionError, ExitCode, ServerUnreachable
-from autocaption.journal import FAILED, QUEUED, RETRY, Journal, record_outcome
-from autocaption.locks import AlreadyRunning, DaemonLock, PhotoLocks
+from autocaption.journal import FAILED, QUEUED, RETRY, Journal, JournalDamaged, JournalFull, record_outcome
+from autocaption.locks import DaemonLock, PhotoLocks
 from autocaption.notify import Notifier
 from autocaption.paths import display
 from autocaption.pipeline import Described, Failed, Outcome, Pipeline
+from autocaption.rebuild import refill, set_aside
 from autocaption.watch import Settler, Watchers
 from autocaption.writers.metadata import MetadataWriter
 
@@ -41,13 +42,6 @@ EngineFactory = Callable[[ModelConfig], Engine]
 # How often the watched folders themselves are looked at: one that appeared (a NAS mounted late) or was
 # deleted and created again is (re)armed within this time.
 FOLDER_CHECK_SECONDS = 2.0
-
-
-def _describes(document: dict[str, Any] | None, digest: str) -> bool:
-    """The sidecar document holds results for exactly these bytes (as described, or as written)."""
-    if document is None:
-        return False
-    return digest in (document["image"].get("sha256"), (document.get("written") or {}).get("sha256"))
 
 
 def reconcile(config: Config, journal: Journal) -> int:
@@ -103,6 +97,7 @@ class Worker:
         self.service = service
         self.heartbeat = time.monotonic()
         self.wake = threading.Event()
+        self.full = 0.0  # seconds to wait before trying a full state.dir again
 
     def run(self) -> None:
         service = self.service
@@ -119,6 +114,13 @@ class Worker:
             except Cancelled:
                 log.info("stopping: the batch in flight was abandoned; it stays queued")
                 return
+            except JournalFull as exc:
+                # Nothing is lost: what was written is found current next time; the rest stays queued.
+                self.full = min(max(self.full * 2, 5.0), 60.0)
+                service.waiting = f"waiting for space: {exc}"
+                log.warning("%s; waiting for space, trying again in %.0f s", exc, self.full)
+                self._pause(self.full)
+                continue
             except ServerUnreachable as exc:
                 # The images stay queued (no attempt is counted): the server, not the photo, is at fault.
                 outage = min(max(outage * 2, 5.0), 60.0)
@@ -128,6 +130,9 @@ class Worker:
             if outage:
                 log.info("the server answers again; resuming")
                 outage = 0.0
+            if self.full:
+                log.info("state.dir has space again; resuming")
+                self.full, service.waiting = 0.0, ""
 
     def _pause(self, seconds: float) -> None:
         """Wait without looking stuck: the heartbeat keeps the systemd watchdog fed."""
@@ -188,13 +193,15 @@ class Service:
         self.stop = threading.Event()
         self.reload_requested = threading.Event()
         self.reconcile_requested = threading.Event()
-        self.journal = Journal(config.state.dir)
+        self.journal: Journal  # opened in `run`, once this process holds the state dir
         self.daemon_lock = DaemonLock(config.state.dir)
         self.photo_locks = PhotoLocks(config.state.dir)
         self.settler = Settler(self._settled)
         self.worker = Worker(self)
         self.pipeline: Pipeline
         self.watchers: Watchers | None = None
+        self.waiting = ""  # why work waits (a full state.dir), for the status line
+        self.crashed: str | None = None  # the thread that died, which ends the daemon
 
     # --- helpers used by the worker ---------------------------------------------------------------
 
@@ -207,7 +214,15 @@ class Service:
         return next((w for w in self.config.watch if w.path == path or w.path in path.parents), None)
 
     def _settled(self, candidates: list[Candidate]) -> None:
-        if self.journal.enqueue((c.path for c in candidates), unchanged_too=False):
+        try:
+            queued = self.journal.enqueue((c.path for c in candidates), unchanged_too=False)
+        except JournalFull as exc:
+            # The next reconcile finds them (new or changed files), once there is space again.
+            log.warning("%s; %d new photo(s) are queued once there is space", exc, len(candidates))
+            self.waiting = f"waiting for space: {exc}"
+            self.reconcile_requested.set()
+            return
+        if queued:
             self.worker.wake.set()
 
     def follow_move(self, path: Path, st: os.stat_result) -> None:
@@ -223,10 +238,10 @@ class Service:
         if old is None:
             return
         source, target = sidecar.locate(old.path), sidecar.locate(path)
-        if not (_describes(target.document, digest) or _describes(source.document, digest)):
+        if not (sidecar.describes(target.document, digest) or sidecar.describes(source.document, digest)):
             self.journal.forget(old.path)  # its file and its results are gone: describe it as new
             return
-        if not _describes(target.document, digest):  # else they were moved together with the photo
+        if not sidecar.describes(target.document, digest):  # else they were moved together with the photo
             self._carry(old.path, path, source, target)
         self.journal.moved(old.path, path, st)  # keeps the content hash: the next move is recognised too
 
@@ -259,13 +274,13 @@ class Service:
     # --- lifecycle --------------------------------------------------------------------------------
 
     def run(self) -> int:
+        self.daemon_lock.acquire()  # before the model is loaded: a second daemon stops at once
         try:
-            self.daemon_lock.acquire()  # before the model is loaded: a second daemon stops at once
-        except AlreadyRunning:
-            self.journal.close()
-            raise
-        try:
-            return self._run()
+            self.journal = open_journal(self.config)
+            try:
+                return self._run()
+            finally:
+                self.journal.close()
         finally:
             self.daemon_lock.release()
 
@@ -278,8 +293,8 @@ class Service:
             self.watchers = Watchers(self.config.watch, self.settler, self.reconcile_requested.set)
             self.watchers.start()
             threads = [
-                threading.Thread(target=self.settler.run, args=(self.stop,), name="settler", daemon=True),
-                threading.Thread(target=self.worker.run, name="worker", daemon=True),
+                threading.Thread(target=self._guarded(self.settler.run, self.stop), name="settler", daemon=True),
+                threading.Thread(target=self._guarded(self.worker.run), name="worker", daemon=True),
             ]
             for thread in threads:
                 thread.start()
@@ -295,11 +310,28 @@ class Service:
             for thread in threads:
                 thread.join(timeout=60)
             engine.close()
-            self.journal.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+        if self.crashed:
+            log.critical("stopped: the %s thread died; exiting so that the service manager restarts autocaption",
+                         self.crashed)  # fmt: skip
+            return ExitCode.CRASHED
         log.info("stopped")
         return ExitCode.OK
+
+    def _guarded(self, target: Callable[..., None], *args: object) -> Callable[[], None]:
+        """A thread's work; if it dies, the whole daemon stops (and the watchdog pings with it) rather than
+        say "running" while nothing is described any more."""
+
+        def run() -> None:
+            try:
+                target(*args)
+            except BaseException as exc:
+                log.exception("the %s thread died: %s", threading.current_thread().name, exc)
+                self.crashed = threading.current_thread().name
+                self.stop.set()
+
+        return run
 
     def _install_signals(self) -> dict[signal.Signals, Any]:
         def stop(signum: int, frame: FrameType | None) -> None:
@@ -331,7 +363,15 @@ class Service:
             if self.reconcile_requested.is_set() or time.monotonic() >= next_reconcile:
                 self.reconcile_requested.clear()
                 next_reconcile = time.monotonic() + interval if interval else float("inf")
-                queued = reconcile(self.config, self.journal)
+                try:
+                    queued = reconcile(self.config, self.journal)
+                except JournalFull as exc:
+                    self.waiting = f"waiting for space: {exc}"
+                    next_reconcile = time.monotonic() + 10  # and again, until there is space
+                    queued = 0
+                else:
+                    if self.waiting and not self.worker.full:
+                        self.waiting = ""
                 if queued:
                     log.info("reconcile: %d image(s) queued", queued)
                     self.worker.wake.set()
@@ -351,7 +391,7 @@ class Service:
         stats = self.journal.stats()
         return (
             f"{stats.queued + stats.retrying} queued, {stats.per_hour} images/hour, "
-            f"{stats.done} done, {stats.failed} failed"
+            f"{stats.done} done, {stats.failed} failed{f'; {self.waiting}' if self.waiting else ''}"
         )
 
     def _reload(self) -> None:
@@ -379,6 +419,19 @@ class Service:
             self.reconcile_requested.set()
         log.info("configuration reloaded: %d rule(s)", len(new.rules))
         self.notifier.ready(self._status())
+
+
+def open_journal(config: Config) -> Journal:
+    """The daemon's journal. A damaged one is set aside and rebuilt from the sidecars (no model involved), so an
+    unattended service comes back by itself; the old file is kept."""
+    try:
+        return Journal(config.state.dir)
+    except JournalDamaged as exc:
+        log.error("%s", exc)
+    aside = set_aside(config.state.dir)
+    journal = Journal(config.state.dir)
+    log.warning("%s", refill(config, journal, aside).line())
+    return journal
 
 
 def run(config_path: Path, *, engine_factory: EngineFactory | None = None) -> int:

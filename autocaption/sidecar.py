@@ -177,9 +177,31 @@ def build(
     }
     if written is not None:
         document["written"] = {**written.as_json(), "sha256": written.sha256}
-    if existing and existing.get("edited"):  # a person's correction outlives new answers (existing: keep)
-        document["edited"] = existing["edited"]
+    if existing and existing.get("edited") and picture.sha256 in _described(existing):
+        document["edited"] = existing["edited"]  # a person's correction of this photo outlives new answers
     return document
+
+
+def _described(document: Mapping[str, Any]) -> set[str]:
+    """The contents a document's results are for: the bytes described, and the bytes after our write."""
+    return {str(digest) for digest in (document["image"].get("sha256"), (document.get("written") or {}).get("sha256"))
+            if digest}  # fmt: skip
+
+
+def describes(document: Mapping[str, Any] | None, digest: str) -> bool:
+    """The document holds results for exactly these bytes (as described, or as written)."""
+    return document is not None and digest in _described(document)
+
+
+def edited_text(document: Mapping[str, Any] | None) -> str | None:
+    """A person's correction as one searchable text (description, then keywords), or None."""
+    edited = (document or {}).get("edited")
+    if not isinstance(edited, dict):
+        return None
+    keywords = edited.get("keywords")
+    keywords = keywords if isinstance(keywords, list) else []
+    parts = [str(edited.get("description") or ""), ", ".join(str(word) for word in keywords)]
+    return "\n".join(part for part in parts if part) or None
 
 
 def write(target: Sidecar, document: Mapping[str, Any]) -> Path:

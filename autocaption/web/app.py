@@ -19,7 +19,8 @@ from werkzeug.exceptions import HTTPException
 
 from autocaption.catalog import STATUSES, Catalog, Image
 from autocaption.config import Config
-from autocaption.errors import WriteError
+from autocaption.errors import AutocaptionError, WriteError
+from autocaption.journal import JournalDamaged, JournalFull
 from autocaption.review import PREVIEW, THUMBNAIL, Conflict, Detail, NotFound, Review, keywords_from
 
 COOKIE = "autocaption_token"
@@ -69,6 +70,11 @@ def create_app(config: Config, review: Review, token: str, *, read_only: bool = 
     @app.errorhandler(Conflict)
     def conflict(exc: Conflict) -> Response:
         return _error(409, str(exc))
+
+    @app.errorhandler(JournalDamaged)
+    @app.errorhandler(JournalFull)
+    def journal_trouble(exc: AutocaptionError) -> Response:
+        return _error(503, str(exc))
 
     @app.errorhandler(WriteError)
     def cannot_write(exc: WriteError) -> Response:
