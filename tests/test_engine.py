@@ -227,6 +227,31 @@ def test_a_model_not_cached_with_downloads_off_is_one_line_and_exit_2(
     assert "local model folder in model.id" in errors[0]
 
 
+def test_a_checkpoint_with_missing_weights_is_refused_before_any_photo(
+    run_cli: RunCli, make_config: Callable[..., Path], tiny_model: Path, corpus: Path, tmp_path: Path
+) -> None:
+    """Issue 17.3: transformers initialised the missing tensors at random and the model wrote nonsense into the
+    photos with exit 0."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = shutil.copytree(tiny_model, tmp_path / "broken-model")
+    weights = load_file(broken / "model.safetensors")
+    dropped = sorted(name for name in weights if "layers.0.mlp" in name)
+    save_file({name: t for name, t in weights.items() if name not in dropped}, broken / "model.safetensors",
+              metadata={"format": "pt"})  # fmt: skip
+    photo = tmp_path / "a.jpg"
+    photo.write_bytes((corpus / "jpg/gps/DSCN0010.jpg").read_bytes())
+    before = photo.read_bytes()
+    result = run_cli("process", "--config", make_config(model=str(broken)), photo)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "Traceback" not in result.stderr
+    assert f"the checkpoint in {broken} lacks" in errors[0] and f"({len(dropped)} tensor(s))" in errors[0]
+    assert photo.read_bytes() == before and not (tmp_path / "a.jpg.json").exists()
+
+
 def closed_port() -> int:
     with socket.socket() as sock:  # bound, never listening: connections are refused at once
         sock.bind(("127.0.0.1", 0))

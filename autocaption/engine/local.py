@@ -51,6 +51,7 @@ from autocaption.engine.hardware import accelerator, masked_sdpa_problem, memory
 from autocaption.engine.memory import TYPICAL_IMAGE_TOKENS, BatchPlan
 from autocaption.engine.tree import TREE_ATTENTION, Prefilled, TreeDecoder, register_attention
 from autocaption.errors import EngineError, ModelUnavailable
+from autocaption.paths import display
 
 log = logging.getLogger(__name__)
 
@@ -196,10 +197,12 @@ class LocalEngine:
             text_config = _text_config(folder)
             _check_memory(config, folder, settings, text_config, placement)
             processor = AutoProcessor.from_pretrained(source, revision=revision, local_files_only=offline)
-            model = AutoModelForImageTextToText.from_pretrained(
+            loaded: Any = AutoModelForImageTextToText.from_pretrained(
                 source, revision=revision, local_files_only=offline, dtype=_DTYPES[placement.dtype],
-                attn_implementation=_attention(config, placement, text_config),
+                attn_implementation=_attention(config, placement, text_config), output_loading_info=True,
             )  # fmt: skip
+            model, report = loaded  # output_loading_info: the model and what its load found
+            _check_weights(config.id, folder, report)
             return family, processor, model
 
         try:
@@ -565,6 +568,20 @@ def _config_json(source: str, revision: str, offline: bool) -> tuple[dict[str, A
     if path is None:
         raise OSError(f"{source}: no config.json")
     return json.loads(Path(path).read_text(encoding="utf-8")), Path(path).parent
+
+
+def _check_weights(model_id: str, folder: Path, report: dict[str, Any]) -> None:
+    """transformers fills weights missing from a checkpoint with random values (and drops unexpected ones),
+    with a warning: such a model writes confident nonsense into people's photos. Refused before any photo."""
+    for kind, what in (("missing_keys", "lacks"), ("unexpected_keys", "has weights the model does not know:"),
+                       ("mismatched_keys", "has weights of the wrong shape:")):  # fmt: skip
+        keys = sorted(str(key if isinstance(key, str) else key[0]) for key in report.get(kind) or ())
+        if keys:
+            first = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            raise ModelUnavailable(
+                f"model.id: {model_id}: the checkpoint in {display(folder)} {what} {first} ({len(keys)} tensor(s)); "
+                "it is incomplete or not made for this architecture: download it again or choose another"
+            )
 
 
 def _check_packages(family: Family) -> None:
