@@ -13,10 +13,12 @@ import re
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from autocaption.config import Config
 from autocaption.errors import ConfigError
-from autocaption.journal import DONE, FAILED, QUEUED, RETRY, Journal
+from autocaption.journal import DONE, EDITED, FAILED, QUEUED, RETRY, Journal
+from autocaption.paths import display, from_db
 
 # What the page calls a status, and the journal's statuses behind it.
 STATUSES = {"described": (DONE,), "failed": (FAILED,), "queued": (QUEUED, RETRY)}
@@ -30,7 +32,14 @@ class Image:
     status: str  # described, failed, queued
     error: str | None
     updated: float  # when the journal last changed it (seconds since the epoch)
-    answers: dict[str, str]
+    answers: dict[str, str]  # rule name -> the model's answer
+    edited: str | None = None  # a person's correction (description, then keywords, a line each)
+
+    @property
+    def caption(self) -> str:
+        """What the photo says now: the person's description first, else the first answer (rules by name)."""
+        person = (self.edited or "").split("\n", 1)[0]
+        return person or next(iter(self.answers.values()), "")
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,12 @@ def _display_status(status: str) -> str:
     return next((name for name, kinds in STATUSES.items() if status in kinds), status)
 
 
+def _image(row: tuple[Any, ...], answers: dict[str, str]) -> Image:
+    """An image from (rowid, path, status, last_error, updated_at) and its answers (a correction among them)."""
+    edited = answers.pop(EDITED, None)
+    return Image(row[0], Path(from_db(row[1])), _display_status(row[2]), row[3], row[4], answers, edited)
+
+
 class Catalog:
     def __init__(self, journal: Journal) -> None:
         self.journal = journal
@@ -81,10 +96,7 @@ class Catalog:
             [*parameters, per_page, (max(page, 1) - 1) * per_page],
         )
         answers = self._answers([row[0] for row in rows])
-        images = [
-            Image(row[0], Path(row[1]), _display_status(row[2]), row[3], row[4], answers.get(row[0], {}))
-            for row in rows
-        ]
+        images = [_image(row, answers.get(row[0], {})) for row in rows]
         return Page(int(total), images)
 
     def get(self, image_id: int) -> Image | None:
@@ -92,9 +104,7 @@ class Catalog:
                                  [image_id])  # fmt: skip
         if not rows:
             return None
-        image_id, path, status, error, updated = rows[0]
-        answers = self._answers([image_id]).get(image_id, {})
-        return Image(image_id, Path(path), _display_status(status), error, updated, answers)
+        return _image(rows[0], self._answers([rows[0][0]]).get(rows[0][0], {}))
 
     def search(self, query: str, *, rule: str = "", limit: int = 50) -> list[Hit]:
         """Answers matching every word, best first (FTS5's bm25)."""
@@ -155,6 +165,9 @@ class Catalog:
 
 def search(config: Config, query: str, *, rule: str = "", limit: int = 50) -> list[Hit]:
     """`autocaption search`: the journal opened read-only (the daemon may be writing it)."""
+    names = [r.name for r in config.rules]
+    if rule and rule not in names:
+        raise ConfigError(f"--rule {rule}: no rule of that name in {display(config.source)} ({', '.join(names)})")
     journal = Journal(config.state.dir, read_only=True)
     try:
         return Catalog(journal).search(query, rule=rule, limit=limit)
@@ -170,13 +183,19 @@ def render_hits(hits: list[Hit], *, as_json: bool, bold: bool) -> str:
     """One block per hit (path, then rule and answer with the match marked), or JSON for scripts."""
     if as_json:
         return json.dumps(
-            [{"id": hit.image.id, "path": str(hit.image.path), "rule": hit.rule,
-              "answer": hit.image.answers.get(hit.rule), "rank": hit.rank, "status": hit.image.status,
+            [{"id": hit.image.id, "path": display(hit.image.path), "rule": _label(hit.rule),
+              "answer": hit.image.edited if hit.rule == EDITED else hit.image.answers.get(hit.rule),
+              "rank": hit.rank, "status": hit.image.status,
               "snippet": hit.snippet.replace(MARK[0], "[").replace(MARK[1], "]")} for hit in hits],
             ensure_ascii=False, indent=2,
         )  # fmt: skip
     opening, closing = ("\x1b[1m", "\x1b[0m") if bold else ("[", "]")
     return "\n".join(
-        f"{hit.image.path}\n  {hit.rule}: {hit.snippet.replace(MARK[0], opening).replace(MARK[1], closing)}"
+        f"{display(hit.image.path)}\n  {_label(hit.rule)}: "
+        f"{hit.snippet.replace(MARK[0], opening).replace(MARK[1], closing).replace(chr(10), ' · ')}"
         for hit in hits
     )
+
+
+def _label(rule: str) -> str:
+    return "correction" if rule == EDITED else rule

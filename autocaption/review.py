@@ -21,7 +21,7 @@ from autocaption.catalog import Catalog, Image
 from autocaption.config import Config
 from autocaption.errors import AutocaptionError, ImageError, WriteError
 from autocaption.images import open_picture
-from autocaption.journal import Journal
+from autocaption.journal import EDITED, Journal
 from autocaption.locks import DaemonLock, PhotoLocks
 from autocaption.paths import display
 from autocaption.writers.metadata import Caption, MetadataWriter
@@ -44,6 +44,15 @@ class Detail:
     image: Image
     document: dict[str, Any] | None  # its JSON sidecar
     sidecar: Path
+    description: str | None = None  # what the photo carries now (a person's, the model's or another tool's)
+    keywords: tuple[str, ...] = ()
+
+    @property
+    def sha256(self) -> str | None:
+        """The content the results are for (after our last write): a correction must be of this photo."""
+        document = self.document or {}
+        digest = (document.get("written") or {}).get("sha256") or document.get("image", {}).get("sha256")
+        return str(digest) if digest else None
 
 
 class Review:
@@ -63,7 +72,8 @@ class Review:
     def detail(self, image_id: int) -> Detail:
         image = self.image(image_id)
         found = sidecar.locate(image.path)
-        return Detail(image, found.document, found.path)
+        description, keywords = MetadataWriter(self.config.output).carried(image.path)
+        return Detail(image, found.document, found.path, description, keywords)
 
     def preview(self, image_id: int, side: int) -> bytes:
         """An upright JPEG of the photo, `side` pixels at most, cached under state.dir/previews (made with
@@ -93,29 +103,54 @@ class Review:
         write_atomic(cached, data)
         return data
 
-    def correct(self, image_id: int, description: str, keywords: list[str]) -> Detail:
-        """Write a person's description and keywords into the photo (or its XMP sidecar) and the sidecar."""
-        image = self.image(image_id)
-        path = image.path
+    def correct(
+        self, image_id: int, description: str | None, keywords: list[str] | None, seen: str
+    ) -> Detail:  # fmt: skip
+        """Write a person's description and/or keywords (None: left as the photo has them) into the photo (or its
+        XMP sidecar) and the sidecar. `seen`: the sha256 the person's page showed, so a photo replaced since
+        (another file under the same name) is never marked done with the old photo's answers."""
+        path = self._present(image_id)
+        writer = MetadataWriter(self.config.output)
         with self.locks.hold(path):
             found = sidecar.locate(path)
             if found.document is None:
                 raise Conflict(f"{display(path)}: not described yet; correct it once it has a caption")
-            caption = Caption(description, tuple(keywords), asked=True, person=True)
-            record = MetadataWriter(self.config.output).write(path, self._root(path), caption)
+            try:
+                digest = sidecar.hash_file(path)
+            except OSError as exc:
+                raise NotFound(f"{display(path)}: {exc.strerror or exc}") from None
+            if digest != seen or not sidecar.describes(found.document, digest):
+                raise Conflict(f"{display(path)}: the photo changed since it was described; reload the page")
+            caption = Caption(description, None if keywords is None else tuple(keywords), asked=True, person=True)
+            record = writer.write(path, self._root(path), caption)
             if record.file == "failed":
                 raise WriteError(record.reason or f"{display(path)}: cannot write")
             stat = record.stat or path.stat()
-            sidecar.write(found, sidecar.with_edit(found.document, description, keywords, record, stat))
+            previous = found.document.get("edited") or {}
+            document = sidecar.with_edit(
+                found.document,
+                description if description is not None else previous.get("description"),
+                keywords if keywords is not None else list(writer.carried(path)[1]),
+                record,
+                stat,
+            )
+            sidecar.write(found, document)
             rows = self.journal.rows("SELECT fingerprint FROM images WHERE rowid = ?", [image_id])
-            self.journal.done(path, stat, record.sha256, rows[0][0] if rows and rows[0][0] else "")
+            fingerprint = rows[0][0] if rows and rows[0][0] else ""
+            self.journal.done(path, stat, record.sha256, fingerprint, texts={EDITED: sidecar.edited_text(document)})
         log.info("%s: caption corrected on the review page", display(path))
         return self.detail(image_id)
 
+    def _present(self, image_id: int) -> Path:
+        """The photo's path, when its file is still there."""
+        path = self.image(image_id).path
+        if not path.is_file():
+            raise NotFound(f"{display(path)}: the photo is no longer there (deleted or moved)")
+        return path
+
     def describe_again(self, image_id: int) -> bool:
         """Queue the photo to be described again; True when a daemon is running to do it."""
-        image = self.image(image_id)
-        self.journal.describe_again(image.path)
+        self.journal.describe_again(self._present(image_id))
         return DaemonLock(self.config.state.dir).holder() is not None
 
     def _root(self, path: Path) -> Path:

@@ -194,14 +194,14 @@ def describes(document: Mapping[str, Any] | None, digest: str) -> bool:
 
 
 def edited_text(document: Mapping[str, Any] | None) -> str | None:
-    """A person's correction as one searchable text (description, then keywords), or None."""
+    """A person's correction as one searchable text: its description on the first line (empty when they only
+    changed keywords), its keywords on the second; None without one."""
     edited = (document or {}).get("edited")
     if not isinstance(edited, dict):
         return None
     keywords = edited.get("keywords")
     keywords = keywords if isinstance(keywords, list) else []
-    parts = [str(edited.get("description") or ""), ", ".join(str(word) for word in keywords)]
-    return "\n".join(part for part in parts if part) or None
+    return f"{edited.get('description') or ''}\n{', '.join(str(word) for word in keywords)}"
 
 
 def write(target: Sidecar, document: Mapping[str, Any]) -> Path:
@@ -250,10 +250,11 @@ def results_of(existing: Mapping[str, Any], rules: Iterable[Rule]) -> tuple[Rule
 
 
 def with_edit(
-    existing: Mapping[str, Any], description: str, keywords: Iterable[str], written: WriteRecord, stat: os.stat_result
-) -> dict[str, Any]:
-    """The sidecar after a person corrected the caption (the review page): their text under "edited", the
-    model's answers kept as they were under "rules"."""
+    existing: Mapping[str, Any], description: str | None, keywords: Iterable[str], written: WriteRecord,
+    stat: os.stat_result,
+) -> dict[str, Any]:  # fmt: skip
+    """The sidecar after a person corrected the caption (the review page): their text under "edited" (None: they
+    kept the description the photo had), the model's answers kept as they were under "rules"."""
     document = with_written(existing, written, stat)
     document["edited"] = {
         "description": description,

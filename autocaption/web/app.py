@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hmac
 import math
+import re
 from datetime import datetime, timezone
 from typing import Any
 
@@ -21,6 +22,7 @@ from autocaption.catalog import STATUSES, Catalog, Image
 from autocaption.config import Config
 from autocaption.errors import AutocaptionError, WriteError
 from autocaption.journal import JournalDamaged, JournalFull
+from autocaption.paths import display
 from autocaption.review import PREVIEW, THUMBNAIL, Conflict, Detail, NotFound, Review, keywords_from
 
 COOKIE = "autocaption_token"
@@ -127,16 +129,22 @@ def create_app(config: Config, review: Review, token: str, *, read_only: bool = 
     @app.post("/api/images/<int:image_id>/caption")
     def api_caption(image_id: int) -> Response:
         body = request.get_json(silent=True)
-        if not isinstance(body, dict) or not isinstance(body.get("description"), str):
-            return _error(400, 'send JSON: {"description": "...", "keywords": ["...", ...]}')
-        description = body["description"].strip()
-        if not description:
+        shape = 'send JSON: {"sha256": "<the photo\'s, as shown>", "description": "...", "keywords": ["...", ...]}'
+        if not isinstance(body, dict) or not isinstance(body.get("sha256"), str):
+            return _error(400, shape)
+        description = body.get("description")
+        if description is not None and not isinstance(description, str):
+            return _error(400, shape)
+        if description is not None and not description.strip():
             return _error(400, "description must not be empty")
+        if description is None and "keywords" not in body:
+            return _error(400, "nothing to change: send a description, keywords or both")
         try:
-            keywords = keywords_from(body.get("keywords", []))
+            keywords = keywords_from(body["keywords"]) if "keywords" in body else None
         except ValueError as exc:
             return _error(400, str(exc))
-        return jsonify(_full(review.correct(image_id, description, keywords)))
+        text = description.strip() if description is not None else None
+        return jsonify(_full(review.correct(image_id, text, keywords, body["sha256"])))
 
     @app.post("/api/images/<int:image_id>/describe")
     def api_describe(image_id: int) -> Response:
@@ -170,9 +178,10 @@ def _error(status: int, message: str) -> Response:
 
 
 def _integer(name: str, default: int) -> int:
+    """A whole number of at most nine digits (ASCII only: "²" is a digit to Python, not to SQLite)."""
     value = request.args.get(name, str(default))
-    if not value.lstrip("-").isdigit():
-        abort(400, f"{name} must be a whole number")
+    if not re.fullmatch(r"-?[0-9]{1,9}", value):
+        abort(400, f"{name} must be a whole number below 1000000000")
     return int(value)
 
 
@@ -189,8 +198,8 @@ def _filters() -> dict[str, str]:
 
 
 def _summary(image: Image) -> dict[str, Any]:
-    return {"id": image.id, "path": str(image.path), "status": image.status, "error": image.error,
-            "updated": _iso(image.updated), "answers": image.answers,
+    return {"id": image.id, "path": display(image.path), "status": image.status, "error": image.error,
+            "updated": _iso(image.updated), "answers": image.answers, "caption": image.caption,
             "thumbnail": f"/thumbnails/{image.id}.jpg"}  # fmt: skip
 
 
@@ -209,18 +218,20 @@ def _full(detail: Detail) -> dict[str, Any]:
 
 
 def _current(detail: Detail) -> dict[str, Any]:
-    """The caption the photo carries now, as far as the sidecar knows: a person's correction, else the
-    answers written into it."""
-    document = detail.document or {}
-    edited = document.get("edited")
-    if isinstance(edited, dict):
-        return {"description": edited.get("description", ""), "keywords": edited.get("keywords", []), "by": "person"}
-    return {"description": _caption(detail.image), "keywords": [], "by": "model"}
+    """The caption the photo carries now, read from it (a person's correction, the model's or another tool's
+    text) — what the form shows and a save starts from, so that saving changes only what the person changed."""
+    edited = (detail.document or {}).get("edited")
+    return {
+        "description": detail.description or detail.image.caption,
+        "keywords": list(detail.keywords),
+        "by": "person" if isinstance(edited, dict) else "model",
+        "sha256": detail.sha256,
+    }
 
 
 def _caption(image: Image) -> str:
-    """What a card shows: the first answer (rules in name order)."""
-    return next(iter(image.answers.values()), "")
+    """What a card shows: what the photo says now (a person's correction first, else the first answer)."""
+    return image.caption
 
 
 def _iso(seconds: float) -> str:

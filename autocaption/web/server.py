@@ -52,7 +52,11 @@ def serve(config: Config, *, host: str, port: int, read_only: bool) -> int:
     journal = Journal(config.state.dir, read_only=read_only)  # WAL: the daemon keeps writing meanwhile
     try:
         app = create_app(config, Review(config, journal), token, read_only=read_only)
-        server = create_server(app, host=host, port=port, threads=8, ident="autocaption")
+        try:
+            server = create_server(app, host=host, port=port, threads=8, ident="autocaption")
+        except (OSError, ValueError) as exc:  # a name that does not resolve (ValueError), a port in use...
+            reason = getattr(exc, "strerror", None) or exc
+            raise ConfigError(f"web: cannot listen on {host}:{port}: {reason}") from None
         shown = f"[{host}]" if ":" in host else host
         print(f"http://{shown}:{server.effective_port}/?token={token}", flush=True)  # the URL to open
         if host not in LOOPBACK:

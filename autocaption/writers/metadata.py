@@ -45,7 +45,7 @@ EDITABLE: dict[str, tuple[_Reader, _Writer]] = {
 @dataclass(frozen=True)
 class Caption:
     description: str | None  # the answer of the rule that writes `description`
-    keywords: tuple[str, ...] = ()
+    keywords: tuple[str, ...] | None = ()  # None: leave the photo's keywords as they are (a person's edit)
     asked: bool = False  # some rule writes into the photo (so an empty caption means empty answers)
     # A person's correction (the review page): written as given — description and the whole keyword list —
     # and not marked as autocaption's, so later runs keep it under `existing: keep`.
@@ -97,6 +97,22 @@ class _Found:
 class MetadataWriter:
     def __init__(self, output: OutputConfig) -> None:
         self.output = output
+
+    def carried(self, path: Path) -> tuple[str | None, tuple[str, ...]]:
+        """The description and keywords the photo carries now, as a photo library reads them: from its XMP
+        sidecar where it has one, else from the file itself (nothing, when neither can be read)."""
+        try:
+            root = xmp.parse(self.sidecar_path(path).read_bytes())
+        except (OSError, XmpError):
+            pass
+        else:
+            facts = xmp.facts(root)
+            return facts.description, facts.keywords
+        try:
+            found = _facts_of(path.read_bytes())
+        except OSError:
+            return None, ()
+        return next((text for text in found.descriptions if text), None), found.keywords
 
     def sidecar_path(self, image: Path) -> Path:
         name = image.stem + ".xmp" if self.output.sidecar_name == "stem" else image.name + ".xmp"
@@ -176,12 +192,13 @@ class MetadataWriter:
         """Set description and keywords in an XMP tree as the `existing` policy allows (a person's caption
         is kept, our earlier text and keywords replaced); the EXIF tags then mirror what was set."""
         applied = _Applied()
-        if caption.person:
+        if caption.person:  # only what the person changed: None leaves that field as the photo has it
             if caption.description is not None:
                 xmp.set_description(root, caption.description, None)
                 applied.description = caption.description
-            xmp.set_keywords(root, caption.keywords, ())
-            applied.keywords = caption.keywords
+            if caption.keywords is not None:
+                xmp.set_keywords(root, caption.keywords, ())
+                applied.keywords = caption.keywords
             applied.notes = ("written: a person's correction", "written: a person's correction")
             return applied
         if caption.description is not None:

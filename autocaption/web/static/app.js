@@ -28,14 +28,26 @@ document.addEventListener("DOMContentLoaded", () => {
   const form = document.getElementById("edit");
   if (!article || !form) return;
   const id = article.dataset.image;
+  const words = (text) => text.split(/[,;\n]/).map((word) => word.trim()).filter(Boolean);
+  // What the photo carries as the page shows it: a save sends only the fields the person changed, so the
+  // keywords of a photo whose description alone was corrected are left as they are.
+  let shown = {description: form.description.value, keywords: words(form.keywords.value).join("\n")};
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
-    const keywords = form.keywords.value.split(/[,;\n]/).map((word) => word.trim()).filter(Boolean);
+    const body = {sha256: form.dataset.sha256};
+    if (form.description.value !== shown.description) body.description = form.description.value;
+    if (words(form.keywords.value).join("\n") !== shown.keywords) body.keywords = words(form.keywords.value);
+    if (!("description" in body) && !("keywords" in body)) {
+      say(form, "Nothing changed.");
+      return;
+    }
     say(form, "Saving…");
     try {
-      const saved = await post(`/api/images/${id}/caption`, {description: form.description.value, keywords});
+      const saved = await post(`/api/images/${id}/caption`, body);
       form.description.value = saved.caption.description;
       form.keywords.value = saved.caption.keywords.join(", ");
+      form.dataset.sha256 = saved.caption.sha256;
+      shown = {description: form.description.value, keywords: words(form.keywords.value).join("\n")};
       say(form, "Saved into the photo as your caption; later runs keep it.");
     } catch (error) {
       say(form, `Not saved: ${error.message}`, true);
