@@ -9,6 +9,8 @@ ProcSubset=pid (torch reads /proc/cpuinfo and /proc/meminfo).
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -90,9 +92,22 @@ WantedBy={wanted_by}
 """
 
 
-def _quote(path: Path) -> str:
+USER_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,30}\$?")  # what useradd and systemd's strict check both take
+
+
+def _quote(path: Path, *, command: bool = False) -> str:
+    """A path as a unit file reads it: `%` is a specifier (doubled to stay itself), and so is `$` in a command
+    line (ExecStart=), where it names a variable;
+    quotes and backslashes escaped, quoted when it holds a space. A newline cannot be written in a unit."""
     text = str(path)
-    return f'"{text}"' if any(ch in text for ch in ' "\\') else text
+    if "\n" in text or "\r" in text:
+        raise ConfigError(f"{display(path)}: a path with a line break cannot be written into a systemd unit")
+    text = text.replace("%", "%%")
+    if command:
+        text = text.replace("$", "$$")
+    if any(ch in text for ch in " \"\\'"):
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return text
 
 
 def render(config: Config, *, user: bool, run_as: str, command: str) -> str:
@@ -104,7 +119,7 @@ def render(config: Config, *, user: bool, run_as: str, command: str) -> str:
     return TEMPLATE.format(
         identity=identity,
         exe=command,
-        config=_quote(config.source),
+        config=_quote(config.source, command=True),
         hf_home="%S/autocaption/huggingface",
         read_write=" ".join(_quote(p) for p in folders) or "%S/autocaption",
         wanted_by="default.target" if user else "multi-user.target",
@@ -116,9 +131,11 @@ def _command() -> str:
     bin/autocaption), else `python -m autocaption` with this interpreter."""
     sibling = Path(sys.executable).parent / "autocaption"
     if sibling.is_file() and os.access(sibling, os.X_OK):
-        return _quote(sibling)
+        return _quote(sibling, command=True)
     found = shutil.which("autocaption")
-    return _quote(Path(found)) if found else f"{_quote(Path(sys.executable))} -m autocaption"
+    if found:
+        return _quote(Path(found), command=True)
+    return f"{_quote(Path(sys.executable), command=True)} -m autocaption"
 
 
 def check_paths_for(config: Config, run_as: str) -> None:
@@ -139,12 +156,15 @@ def check_paths_for(config: Config, run_as: str) -> None:
 def install(config: Config, *, user: bool, unit_dir: Path | None, run_as: str) -> str:
     """Write the unit and return what to run next."""
     if not user:
+        if not USER_NAME.fullmatch(run_as):
+            raise ConfigError(f"--run-as {run_as!r}: not a user name (lower-case letters, digits, '-' and '_')")
         check_paths_for(config, run_as)
     directory = unit_dir or (Path.home() / ".config/systemd/user" if user else SYSTEM_UNIT_DIR)
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / UNIT_NAME
     target.write_text(render(config, user=user, run_as=run_as, command=_command()), encoding="utf-8")
-    folders = " ".join(_quote(w.path) for w in config.watch)
+    folders = " ".join(shlex.quote(str(w.path)) for w in config.watch)
+    who = shlex.quote(run_as)
     if user:
         steps = [
             "systemctl --user daemon-reload",
@@ -154,9 +174,9 @@ def install(config: Config, *, user: bool, unit_dir: Path | None, run_as: str) -
         ]
     else:
         steps = [
-            f"sudo useradd --system --home-dir /var/lib/autocaption --shell /usr/sbin/nologin {run_as}",
-            f"sudo usermod -aG render,video {run_as}   # GPU access (ROCm needs render)",
-            f"sudo setfacl -R -m u:{run_as}:rwX -m d:u:{run_as}:rwX {folders}   # or group permissions",
+            f"sudo useradd --system --home-dir /var/lib/autocaption --shell /usr/sbin/nologin {who}",
+            f"sudo usermod -aG render,video {who}   # GPU access (ROCm needs render)",
+            f"sudo setfacl -R -m u:{who}:rwX -m d:u:{who}:rwX {folders}   # or group permissions",
             "sudo systemctl daemon-reload",
             "sudo systemctl enable --now autocaption",
             "journalctl -u autocaption -f",

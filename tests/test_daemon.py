@@ -726,3 +726,27 @@ def test_a_correction_racing_the_daemon_loses_nothing(daemon, inbox: Path, corpu
     assert document["written"]["sha256"] == hashlib.sha256(target.read_bytes()).hexdigest()
     assert document["image"]["size"] == target.stat().st_size
     assert segment_counts(target) == (1, 1)
+
+
+def test_service_install_writes_odd_paths_as_systemd_reads_them_and_checks_the_user(
+    run_cli: RunCli, make_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Issue 17.15: `%` is a specifier in a unit (`%%` stays itself); a newline cannot be written; --run-as is a
+    user name and is quoted in the commands printed."""
+    odd = tmp_path / "100% Ann's photos"
+    odd.mkdir()
+    config = make_config(extra=f"watch: [{{path: {str(odd)!r}}}]")
+    result = run_cli("service", "install", "--config", config, "--unit-dir", tmp_path / "units")
+    assert result.returncode == 0, result.stderr
+    unit = tmp_path / "units" / "autocaption.service"
+    text = unit.read_text(encoding="utf-8")
+    assert "100%% Ann's photos" in text and "ReadWritePaths=" in text, text
+    check_unit(unit)  # systemd-analyze verify: the unit is valid as written (a lone % there is an error)
+    broken = tmp_path / "two\nlines"
+    broken.mkdir()
+    refused = run_cli("service", "install", "--config", make_config(extra=f"watch: [{{path: {json.dumps(str(broken))}}}]"),
+                      "--unit-dir", tmp_path / "units2")  # fmt: skip
+    assert refused.returncode == 2 and "line break cannot be written into a systemd unit" in refused.stderr
+    for bad in ("root; rm -rf /", "Bad User", "-x"):
+        named = run_cli("service", "install", "--config", config, "--unit-dir", tmp_path / "units", "--run-as", bad)
+        assert named.returncode == 2 and "not a user name" in named.stderr, (bad, named.stderr)
