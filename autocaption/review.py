@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,9 @@ from autocaption.writers.metadata import Caption, MetadataWriter
 log = logging.getLogger(__name__)
 
 THUMBNAIL, PREVIEW = 320, 1600  # longest side, pixels
+# Decoding a 196 MP PNG takes ~0.8 GB; eight at once took the page to 9 GB. Two at a time, and each preview
+# is made once: a request for one being made waits for it and reads the cache.
+DECODES_AT_ONCE = 2
 
 
 class NotFound(AutocaptionError):
@@ -62,6 +66,9 @@ class Review:
         self.catalog = Catalog(journal)
         self.locks = PhotoLocks(config.state.dir)
         self.previews = config.state.dir / "previews"
+        self._decodes = threading.BoundedSemaphore(DECODES_AT_ONCE)
+        self._making: dict[Path, threading.Lock] = {}
+        self._making_lock = threading.Lock()
 
     def image(self, image_id: int) -> Image:
         image = self.catalog.get(image_id)
@@ -84,10 +91,25 @@ class Review:
         except OSError as exc:
             raise NotFound(f"{display(path)}: {exc.strerror or exc}") from None
         cached = self.previews / f"{image_id}-{side}-{st.st_size}-{st.st_mtime_ns}.jpg"
-        try:
-            return cached.read_bytes()
-        except FileNotFoundError:
-            pass
+        with self._making_lock:
+            making = self._making.setdefault(cached, threading.Lock())
+        with making:
+            try:
+                return cached.read_bytes()
+            except FileNotFoundError:
+                pass
+            with self._decodes:
+                data = self._make_preview(path, side)
+            if not self.journal.read_only:  # --read-only writes nothing, previews included
+                self.previews.mkdir(parents=True, exist_ok=True)
+                for stale in self.previews.glob(f"{image_id}-{side}-*.jpg"):  # an older version of the photo
+                    stale.unlink(missing_ok=True)
+                write_atomic(cached, data)
+        with self._making_lock:
+            self._making.pop(cached, None)
+        return data
+
+    def _make_preview(self, path: Path, side: int) -> bytes:
         try:
             picture = open_picture(path, max_pixels=self.config.images.max_pixels, draft_side=side)
         except ImageError as exc:
@@ -96,12 +118,7 @@ class Review:
         image.thumbnail((side, side))
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=85)
-        data = buffer.getvalue()
-        self.previews.mkdir(parents=True, exist_ok=True)
-        for stale in self.previews.glob(f"{image_id}-{side}-*.jpg"):  # an older version of the photo
-            stale.unlink(missing_ok=True)
-        write_atomic(cached, data)
-        return data
+        return buffer.getvalue()
 
     def correct(
         self, image_id: int, description: str | None, keywords: list[str] | None, seen: str

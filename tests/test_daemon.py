@@ -744,8 +744,8 @@ def test_service_install_writes_odd_paths_as_systemd_reads_them_and_checks_the_u
     check_unit(unit)  # systemd-analyze verify: the unit is valid as written (a lone % there is an error)
     broken = tmp_path / "two\nlines"
     broken.mkdir()
-    refused = run_cli("service", "install", "--config", make_config(extra=f"watch: [{{path: {json.dumps(str(broken))}}}]"),
-                      "--unit-dir", tmp_path / "units2")  # fmt: skip
+    broken_config = make_config(extra=f"watch: [{{path: {json.dumps(str(broken))}}}]")
+    refused = run_cli("service", "install", "--config", broken_config, "--unit-dir", tmp_path / "units2")
     assert refused.returncode == 2 and "line break cannot be written into a systemd unit" in refused.stderr
     for bad in ("root; rm -rf /", "Bad User", "-x"):
         named = run_cli("service", "install", "--config", config, "--unit-dir", tmp_path / "units", "--run-as", bad)

@@ -376,3 +376,41 @@ def test_web_names_a_bad_host_or_a_busy_port_in_one_line(described: Config, run_
         taken = run_cli("web", "--config", described.source, "--port", str(port), timeout=60)
     assert taken.returncode == 2 and "Traceback" not in taken.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in taken.stderr, taken.stderr
+
+
+def test_concurrent_thumbnails_decode_each_photo_once_and_two_at_a_time(described: Config) -> None:
+    """Issue 17.14: eight requests for the thumbnail of a 196 MP PNG decoded it eight times at once (9.2 GB)."""
+    import threading
+    import time
+
+    journal = Journal(described.state.dir)
+    review = Review(described, journal)
+    made, running, most = [], [0], [0]
+    lock = threading.Lock()
+    real = review._make_preview
+
+    def counted(path: Path, side: int) -> bytes:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            made.append(path)
+        time.sleep(0.2)  # a big decode
+        try:
+            return real(path, side)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    review._make_preview = counted  # type: ignore[method-assign]
+    ids_ = [row[0] for row in journal.rows("SELECT rowid FROM images ORDER BY rowid")]
+    requests = [ids_[0]] * 8 + ids_[1:5]
+    results: list[bytes] = []
+    threads = [threading.Thread(target=lambda i=i: results.append(review.preview(i, 320))) for i in requests]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    journal.close()
+    assert len(results) == len(requests) and all(data.startswith(b"\xff\xd8") for data in results)
+    assert made.count(made[0]) == 1 and len(made) == 5  # the same photo once, each other photo once
+    assert most[0] <= 2
