@@ -14,7 +14,7 @@ import click
 
 from autocaption import __version__, log
 from autocaption.config import Config, load
-from autocaption.errors import AutocaptionError, ExitCode
+from autocaption.errors import AutocaptionError, ConfigError, ExitCode
 
 logger = logging.getLogger("autocaption")
 
@@ -243,6 +243,8 @@ def retry_failed(config: Config, paths: Sequence[Path]) -> tuple[int, list[str]]
     matched none)."""
     from autocaption.journal import Journal
 
+    if not Journal.exists(config.state.dir):  # nothing has failed yet: and no journal is made to say so
+        raise ConfigError(f"state.dir: {config.state.dir}: no journal yet (neither the daemon nor process has run)")
     journal = Journal(config.state.dir)
     try:
         if not paths:

@@ -291,10 +291,22 @@ def _is_cuda_index(value: str) -> bool:
 
 
 def _optional(keys: dict[str, _Node], name: str, read: Callable[[_Node], T], default: T) -> T:
+    """A key's value, or its default when it is left out. An empty value (`compile:` or `null`) stands for
+    "none" only where none is what the default means; elsewhere it is a mistake, not the default."""
     node = keys.get(name)
-    if node is None or node.node.tag == "tag:yaml.org,2002:null":
+    if node is None:
         return default
+    if node.node.tag == "tag:yaml.org,2002:null":
+        if default is None:
+            return default
+        raise node.fail(f"has no value; leave the key out for the default ({_default_text(default)})")
     return read(node)
+
+
+def _default_text(default: object) -> str:
+    if isinstance(default, bool):
+        return str(default).lower()
+    return str(getattr(default, "patterns", default))
 
 
 def _model(node: _Node, base: Path, user_paths: list[UserPath]) -> ModelConfig:
@@ -306,11 +318,13 @@ def _model(node: _Node, base: Path, user_paths: list[UserPath]) -> ModelConfig:
         raise _Node(node.node, node._child_path("base_url"), node.source).fail("required with engine: openai")
     if "api_key" in k:
         raise k["api_key"].fail("never put a key in this file; use api_key_env or api_key_file")
+    if "batch_size" in k and k["batch_size"].node.tag == "tag:yaml.org,2002:null":  # its None is `auto`, said so
+        raise k["batch_size"].fail("has no value; write a whole number or auto (or leave the key out: auto)")
     return ModelConfig(
         engine=engine,
         base_url=_optional(k, "base_url", _url, None),
         api_key_env=_optional(k, "api_key_env", lambda n: n.text(), None),
-        api_key_file=_optional(k, "api_key_file", lambda n: _path(n, base, user_paths), None),
+        api_key_file=_optional(k, "api_key_file", lambda n: _key_file(n, base, user_paths), None),
         timeout_seconds=_optional(k, "timeout_seconds", lambda n: n.number(minimum=1.0), d.timeout_seconds),
         max_in_flight=_optional(k, "max_in_flight", lambda n: n.integer(minimum=1, maximum=256), d.max_in_flight),
         retries=_optional(k, "retries", lambda n: n.integer(minimum=0, maximum=20), d.retries),
@@ -330,8 +344,18 @@ def _model(node: _Node, base: Path, user_paths: list[UserPath]) -> ModelConfig:
     )
 
 
+def _key_file(node: _Node, base: Path, user_paths: list[UserPath]) -> Path:
+    path = _path(node, base, user_paths)
+    if not path.is_file():
+        raise node.fail(f"no such file: {display(path)}")
+    return path
+
+
 def _model_id(node: _Node, user_paths: list[UserPath]) -> str:
     """A hub id, or a local folder (`~/models/llava`: remembered as depending on the user)."""
+    if isinstance(node.node, yaml.ScalarNode) and node.node.tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float"):
+        raise node.fail(f"expected a hub id or a model folder, got the number {node.node.value}; "
+                        "quote it for a folder of that name")  # fmt: skip
     text = node.text()
     if text.startswith("~"):
         user_paths.append(UserPath(node.where, text, Path(os.path.expanduser(text))))

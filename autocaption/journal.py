@@ -212,8 +212,9 @@ class Journal:
         self.path = state_dir / JOURNAL_NAME
         self.read_only = read_only
         self._lock = threading.RLock()
+        self._immutable = False  # read as a file nobody writes: no -wal or -shm of ours is left behind
         if read_only:
-            self._db = _open_read_only(self.path)
+            self._db, self._immutable = _open_read_only(self.path)
             return
         try:
             state_dir.mkdir(parents=True, exist_ok=True)
@@ -243,6 +244,9 @@ class Journal:
     def _reading(self) -> Iterator[sqlite3.Connection]:
         """The connection, under the lock; a full disk or a damaged file comes out as one clear error."""
         with self._lock:
+            if self._immutable and _wal_of(self.path).exists():  # a writer started: see its commits from now on
+                self._db.close()
+                self._db, self._immutable = _open_read_only(self.path)
             try:
                 yield self._db
             except sqlite3.Error as exc:
@@ -561,20 +565,26 @@ def _stat_or_none(path: Path) -> os.stat_result | None:
         return None
 
 
-def _open_read_only(path: Path) -> sqlite3.Connection:
-    """A connection that never writes. `mode=ro` sees a running daemon's latest commits but needs the WAL's
-    shared-memory file; where there is none and the folder is read-only, `immutable=1` reads the file as is
-    (nobody can be writing it then)."""
+def _wal_of(path: Path) -> Path:
+    return path.with_name(path.name + "-wal")
+
+
+def _open_read_only(path: Path) -> tuple[sqlite3.Connection, bool]:
+    """A connection that never writes, and whether it reads the file as immutable. A writer (the daemon) keeps a
+    -wal file while it has the journal open: then `mode=ro` sees its latest commits. Without one nobody is
+    writing, and `immutable=1` reads the file as it is — `mode=ro` would leave a -wal and a -shm file behind
+    (and cannot open at all in a folder this user cannot write)."""
     if not path.is_file():
         raise ConfigError(f"state.dir: {display(path)}: no journal yet (neither the daemon nor process has run)")
     if path.stat().st_size == 0:
         raise JournalDamaged(str(_translated(path, sqlite3.DatabaseError("the file is empty"))))
     problem: sqlite3.Error | None = None
-    for mode in ("mode=ro", "immutable=1"):
+    modes = ("mode=ro", "immutable=1") if _wal_of(path).exists() else ("immutable=1",)
+    for mode in modes:
         db = sqlite3.connect(f"{path.as_uri()}?{mode}", uri=True, check_same_thread=False, timeout=30)
         try:
             db.execute("SELECT COUNT(*) FROM images").fetchone()
-            return db
+            return db, mode == "immutable=1"
         except sqlite3.Error as exc:
             db.close()
             problem = exc

@@ -61,6 +61,14 @@ def test_unknown_key_is_an_error_with_its_path_and_the_known_keys() -> None:
         ("rules: [{name: a, prompt: b, max_new_tokens: true}]", "expected a whole number"),
         ("", "the file is empty"),
         ("rules: [", "not valid YAML"),
+        # issue 17.16: a number is not a model, and an empty value is not the default
+        ("model: {id: 5}\nrules: [{name: a, prompt: b}]", "model.id: expected a hub id or a model folder, got the"),
+        ("model: {compile: null}\nrules: [{name: a, prompt: b}]", "model.compile: has no value; leave the key out"),
+        ("model: {batch_size: null}\nrules: [{name: a, prompt: b}]", "model.batch_size: has no value"),
+        (
+            "model: {engine: openai, base_url: 'http://h/v1', api_key_file: /no/such/key}\nrules: [{name: a, prompt: b}]",
+            "model.api_key_file: no such file: /no/such/key",
+        ),
     ],
 )
 def test_invalid_configs_are_rejected_clearly(text: str, expected: str) -> None:

@@ -203,3 +203,33 @@ def test_a_large_model_on_the_cpu_says_how_slow_its_first_batch_was(
         engine.describe([Job(picture.image, (Prompt("Describe.", 4),))])
     said = [r.getMessage() for r in caplog.records if "s per answer in its first batch" in r.getMessage()]
     assert len(said) == 1 and "(7.6 B parameters)" in said[0]
+
+
+@pytest.mark.parametrize("layers", ["mixed", "all sliding"])
+def test_gemma3_prompts_longer_than_its_window_equal_plain_generate(layers: str, tmp_path: Path, corpus: Path) -> None:
+    """Issue 17.12: a tiny Gemma 3 with a 32-token window and prompts that cross it, one prompt per batch and
+    four: the tree path (every layer windowed: the tree mask applies the window) and the batched path (mixed
+    layers past the window) both answer what a plain `generate` answers."""
+    from transformers import AutoProcessor
+
+    from autocaption.config import ModelConfig
+    from autocaption.engine import Job, Prompt, load_engine
+
+    folder = build("gemma3", tmp_path / "gemma3")
+    settings = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    settings["text_config"]["sliding_window"] = 32
+    if layers == "all sliding":
+        settings["text_config"]["layer_types"] = ["sliding_attention", "sliding_attention"]
+    (folder / "config.json").write_text(json.dumps(settings), encoding="utf-8")
+    rules = [{"name": "long", "prompt": "Describe this photo in great detail, every part of it, please.",
+              "max_new_tokens": 20}, {"name": "short", "prompt": "Which decade?", "max_new_tokens": 12}]  # fmt: skip
+    side = known.max_image_side(AutoProcessor.from_pretrained(folder))
+    pictures = [open_picture(corpus / source, max_pixels=10**9, draft_side=side) for source in PHOTOS]
+    prompts = tuple(Prompt(rule["prompt"], rule["max_new_tokens"]) for rule in rules)
+    expected = [[reference(folder, "gemma3", p.image, rule) for rule in rules] for p in pictures]
+    for batch_size in (1, 4):
+        engine = load_engine(ModelConfig(id=str(folder), batch_size=batch_size))
+        answers = engine.describe([Job(p.image, prompts) for p in pictures])
+        assert [[a.text for a in per_image] for per_image in answers] == expected, (layers, batch_size)
+        path = "decode" if layers == "all sliding" else "prefill+decode"  # tree, or batched past the window
+        assert path in engine.timings, engine.timings

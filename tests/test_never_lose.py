@@ -139,6 +139,11 @@ def test_dry_run_creates_no_state(
 def test_retry_names_paths_it_cannot_queue(run_cli: RunCli, make_config: Callable[..., Path], tmp_path: Path) -> None:
     config = make_config()
     assert run_cli("status", "--config", config).returncode == 2  # no journal yet: one line, exit 2
+    as_json = run_cli("status", "--json", "--config", config)  # issue 17.16: a monitor still reads JSON
+    assert as_json.returncode == 2 and "no journal yet" in json.loads(as_json.stdout)["error"]
+    nothing = run_cli("retry", "--config", config)  # ...and retry does not make a journal to say so
+    assert nothing.returncode == 2 and "no journal yet" in nothing.stderr
+    assert not (tmp_path / "state" / "journal.sqlite3").exists()
     from autocaption.config import load
     from autocaption.journal import Journal
 

@@ -115,9 +115,13 @@ def test_a_script_in_an_answer_or_a_file_name_shows_as_text(client: Any, describ
 
 
 def test_read_only_refuses_every_change(described: Config) -> None:
+    before = sorted(p.name for p in described.state.dir.iterdir())
     journal = Journal(described.state.dir, read_only=True)
     client = create_app(described, Review(described, journal), TOKEN, read_only=True).test_client()
     assert client.get("/api/images", headers=auth()).status_code == 200
+    assert client.get("/thumbnails/1.jpg", headers=auth()).status_code == 200
+    # issue 17.16: --read-only writes nothing — no previews, no -wal or -shm left beside the journal
+    assert sorted(p.name for p in described.state.dir.iterdir()) == before, before
     for url, body in (("/api/images/1/caption", {"description": "x", "keywords": []}), ("/api/images/1/describe", {})):
         response = client.post(url, json=body, headers=auth())
         assert response.status_code == 403 and "read-only" in response.json["error"]
