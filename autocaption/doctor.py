@@ -91,6 +91,7 @@ class Facts:
     unit: UnitFacts
     dependencies: tuple[str, ...] = ()  # one line per dependency outside its tested range (dependencies.py)
     journal_problem: str | None = None  # what SQLite's integrity check says of the journal; None: sound or none yet
+    device: str = "auto"  # model.device: `cpu` asks for no GPU
     newer_only: bool = True  # every one of them is newer than tested (a warning), none older or missing
 
 
@@ -150,6 +151,9 @@ def _torch_build(facts: Facts, acc: Accelerator) -> Check:
 def _gpus(facts: Facts, acc: Accelerator) -> list[Check]:
     if not (acc.hip_version or acc.cuda_version):
         return []
+    if not acc.gpus and facts.device == "cpu":
+        return [Check(True, f"torch ({acc.runtime}) sees no GPU; model.device is cpu, so captions run on the CPU "
+                            "(slowly: a 7B model takes minutes per photo)")]  # fmt: skip
     if not acc.gpus:
         fix = (
             "add yourself to the render and video groups (sudo usermod -aG render,video "
@@ -296,6 +300,7 @@ def gather(config: Config) -> Facts:
         dependencies=tuple(finding.line() for finding in outside),
         newer_only=all(finding.newer for finding in outside),
         journal_problem=_journal_problem(state),
+        device=config.model.device,
     )
 
 

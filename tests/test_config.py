@@ -66,7 +66,8 @@ def test_unknown_key_is_an_error_with_its_path_and_the_known_keys() -> None:
         ("model: {compile: null}\nrules: [{name: a, prompt: b}]", "model.compile: has no value; leave the key out"),
         ("model: {batch_size: null}\nrules: [{name: a, prompt: b}]", "model.batch_size: has no value"),
         (
-            "model: {engine: openai, base_url: 'http://h/v1', api_key_file: /no/such/key}\nrules: [{name: a, prompt: b}]",
+            "model: {engine: openai, base_url: 'http://h/v1', api_key_file: /no/such/key}\n"
+            "rules: [{name: a, prompt: b}]",
             "model.api_key_file: no such file: /no/such/key",
         ),
     ],

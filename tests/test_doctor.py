@@ -87,6 +87,15 @@ def test_each_problem_is_one_failing_line_with_its_fix(changes: dict[str, object
     assert bad[0].line().startswith("✗ ") and (fix is None or " — fix: " in bad[0].line())
 
 
+def test_a_gpu_build_without_a_gpu_passes_when_the_config_asks_for_the_cpu() -> None:
+    """Issue 17.16: doctor failed on a host without a GPU although the config said `device: cpu`."""
+    no_gpu = dataclasses.replace(ROCM_TORCH, gpus=())
+    assert failing(checks(healthy(accelerator=no_gpu, amd_gfx=(), devices={})))[0].what.endswith("sees no GPU")
+    found = checks(healthy(accelerator=no_gpu, amd_gfx=(), devices={}, device="cpu", memory_available=64 * GiB))
+    said = next(check for check in found if "sees no GPU" in check.what)
+    assert said.ok and "model.device is cpu" in said.what and "slowly" in said.what
+
+
 def test_override_set_and_cpu_only_hosts() -> None:
     assert failing(checks(healthy(amd_gfx=("gfx1031",), hsa_override="10.3.0"))) == []
     found = checks(healthy(accelerator=CPU_TORCH, amd_gfx=(), devices={}, sdpa_device="cpu", memory_available=8 * GiB))

@@ -252,6 +252,18 @@ def test_a_checkpoint_with_missing_weights_is_refused_before_any_photo(
     assert photo.read_bytes() == before and not (tmp_path / "a.jpg.json").exists()
 
 
+def test_a_model_folder_without_tokenizer_files_says_so(tiny_model: Path, tmp_path: Path) -> None:
+    """Issue 17.16: it said "install sentencepiece"."""
+    import shutil
+
+    folder = shutil.copytree(tiny_model, tmp_path / "no-tokenizer")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink(missing_ok=True)
+    with pytest.raises(ModelUnavailable, match="has no tokenizer files") as raised:
+        load_engine(ModelConfig(id=str(folder)))
+    assert "sentencepiece" not in str(raised.value)
+
+
 def closed_port() -> int:
     with socket.socket() as sock:  # bound, never listening: connections are refused at once
         sock.bind(("127.0.0.1", 0))
@@ -470,7 +482,8 @@ def test_batch_size_auto_from_stated_free_memory(tiny_model: Path, caplog: pytes
     with caplog.at_level("INFO"):
         engine: Any = load_engine(ModelConfig(id=str(tiny_model)))  # batch_size: auto (the default) on the CPU
     assert engine.batch_size == CPU_PROMPTS and engine.info.batch_images == CPU_PROMPTS
-    assert f"batches of up to 32 images / {CPU_PROMPTS} prompts" in caplog.text
+    # issue 17.16: it promised "32 images / 12 prompts": a batch of 12 prompts holds 12 images at most
+    assert f"batches of up to {CPU_PROMPTS} images / {CPU_PROMPTS} prompts" in caplog.text
 
 
 def test_the_attention_self_check_falls_back_to_the_math_kernel(

@@ -196,6 +196,7 @@ class LocalEngine:
             _check_packages(family)
             text_config = _text_config(folder)
             _check_memory(config, folder, settings, text_config, placement)
+            _check_tokenizer(config.id, folder)
             processor = AutoProcessor.from_pretrained(source, revision=revision, local_files_only=offline)
             loaded: Any = AutoModelForImageTextToText.from_pretrained(
                 source, revision=revision, local_files_only=offline, dtype=_DTYPES[placement.dtype],
@@ -568,6 +569,19 @@ def _config_json(source: str, revision: str, offline: bool) -> tuple[dict[str, A
     if path is None:
         raise OSError(f"{source}: no config.json")
     return json.loads(Path(path).read_text(encoding="utf-8")), Path(path).parent
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def _check_tokenizer(model_id: str, folder: Path) -> None:
+    """Without its tokenizer files transformers falls back to building one and says "install sentencepiece",
+    which sends people after a package they have: name the missing files instead."""
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelUnavailable(
+            f"model.id: {model_id}: {display(folder)} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); "
+            "copy them from the checkpoint, or download it again"
+        )
 
 
 def _check_weights(model_id: str, folder: Path, report: dict[str, Any]) -> None:

@@ -94,7 +94,8 @@ class BatchPlan:
 
     def line(self) -> str:
         budget = f", {self.kv_budget / 1e9:.0f} GB KV budget" if self.kv_budget is not None else ""
-        return f"batches of up to {self.images} images / {self.prompts} prompts{budget}"
+        images = min(self.images, self.prompts)  # every image brings at least one prompt
+        return f"batches of up to {images} image{'s' if images != 1 else ''} / {self.prompts} prompts{budget}"
 
 
 def plan_batches(free: int, total: int, kv_per_token: int) -> BatchPlan:
