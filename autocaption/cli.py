@@ -65,6 +65,9 @@ def process(config_path: Path, force: bool, dry_run: bool, stale: bool, paths: t
     if summary.stages:
         logger.debug("%s", summary.stages_line())
     click.echo(summary.line())
+    if summary.stopped:
+        click.echo(f"autocaption: error: {summary.stopped}", err=True)
+        raise SystemExit(ExitCode.SETUP)
     if summary.failures:
         raise SystemExit(ExitCode.FAILURES)
 

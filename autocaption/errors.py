@@ -74,5 +74,6 @@ class ServerUnreachable(EngineError):
 
     exit_code = ExitCode.SETUP
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, answered: bool = False) -> None:
         super().__init__(message, transient=True)
+        self.answered = answered  # it did answer, badly (5xx, garbage), rather than not at all

@@ -19,7 +19,7 @@ from typing import Any
 from autocaption import sidecar
 from autocaption.config import Config, Rule
 from autocaption.discover import Candidate
-from autocaption.engine.base import Answer, Engine, EngineInfo, Job, Prompt
+from autocaption.engine.base import Answer, Engine, EngineInfo, Job, PartlyAnswered, Prompt
 from autocaption.errors import ConfigError, EngineError, ImageError, ServerUnreachable, WriteError
 from autocaption.images import Picture, open_picture
 from autocaption.locks import PhotoLocks
@@ -224,18 +224,25 @@ class Pipeline:
             answers = self.engine.describe(jobs, cancel)
         except ServerUnreachable:
             raise  # every image would wait for the same server: the caller decides (stop, or wait)
+        except PartlyAnswered as exc:  # the answers received are written; the images that failed fail alone
+            return [self._answered(item, got) if got is not None else self._failed(item, exc.errors[index])
+                    for index, (item, got) in enumerate(zip(work, exc.answers, strict=True))]  # fmt: skip
         except EngineError as exc:
             if len(work) > 1:  # find the one image that breaks the batch; the others still get done
                 return [outcome for item in work for outcome in self._describe([item], cancel)]
-            path = work[0].candidate.path
-            return [Failed(path, f"{display(path)}: {exc}", transient=exc.transient)]
+            return [self._failed(work[0], exc)]
+        return [self._answered(item, item_answers) for item, item_answers in zip(work, answers, strict=True)]
+
+    def _answered(self, item: _Work, answers: Sequence[Answer]) -> Outcome:
         started = time.perf_counter()
-        outcomes = [
-            self.writer.answers(item, self.engine.info, item_answers)
-            for item, item_answers in zip(work, answers, strict=True)
-        ]
+        outcome = self.writer.answers(item, self.engine.info, answers)
         self.timings["write"] += time.perf_counter() - started
-        return outcomes
+        return outcome
+
+    @staticmethod
+    def _failed(item: _Work, error: EngineError) -> Failed:
+        path = item.candidate.path
+        return Failed(path, f"{display(path)}: {error}", transient=error.transient)
 
 
 class ResultWriter:

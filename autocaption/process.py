@@ -11,6 +11,7 @@ from pathlib import Path
 from autocaption.config import Config, ModelConfig
 from autocaption.discover import Candidate, Unreadable, scan
 from autocaption.engine import Engine, load_engine
+from autocaption.errors import ServerUnreachable
 from autocaption.journal import DONE, Journal, record_outcome
 from autocaption.locks import PhotoLocks
 from autocaption.pipeline import Outcome, Pipeline, ResultWriter, Skipped, Unwritten, triage
@@ -67,7 +68,10 @@ def process(
         for item in unwritten:  # answers recorded earlier, not yet in the photo: no model needed
             _book(summary, journal, config, item.candidate, writer.earlier(item))
         if pending:  # a re-run with nothing to do never pays for loading the model
-            _describe(config, pending, force, dry_run, locks, engine_factory, summary, journal)
+            try:
+                _describe(config, pending, force, dry_run, locks, engine_factory, summary, journal)
+            except ServerUnreachable as exc:  # every other photo would wait for the same server
+                summary.stopped = str(exc)
     finally:
         if journal is not None:
             journal.close()

@@ -25,6 +25,7 @@ class Summary:
     seconds: float = 0.0
     planned: list[str] = field(default_factory=list)  # dry run: what would be written
     stages: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    stopped: str | None = None  # why the run stopped before the end (the server is down)
 
     def add(self, outcome: Outcome) -> None:
         if isinstance(outcome, Described):
@@ -53,7 +54,7 @@ class Summary:
         earlier = f"{self.earlier} written again from recorded answers, " if self.earlier else ""
         return (
             f"{self.images} images {verb}, {self.answers} answers, {earlier}{self.skipped} skipped, "
-            f"{len(self.failures)} failed in {self.seconds:.1f} s"
+            f"{len(self.failures)} failed in {self.seconds:.1f} s{'; stopped early' if self.stopped else ''}"
         )
 
 

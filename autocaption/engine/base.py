@@ -13,6 +13,8 @@ from typing import Protocol
 
 from PIL import Image
 
+from autocaption.errors import EngineError
+
 
 @dataclass(frozen=True)
 class Prompt:
@@ -53,6 +55,16 @@ class EngineInfo:
 
 class Cancelled(Exception):
     """`describe` was stopped through its `cancel` event; no answer of the call may be used."""
+
+
+class PartlyAnswered(EngineError):
+    """Some images of a batch were answered and some failed: `answers[i]` is None where jobs[i] failed and
+    `errors[i]` says why. The answers received are kept; only the failed images are tried again."""
+
+    def __init__(self, answers: list[list[Answer] | None], errors: dict[int, EngineError]) -> None:
+        first = next(iter(errors.values()))
+        super().__init__(f"{len(errors)} of {len(answers)} image(s) failed: {first}", transient=first.transient)
+        self.answers, self.errors = answers, errors
 
 
 class Engine(Protocol):

@@ -11,6 +11,7 @@ This module and tree.py, compat.py and hardware.py are the only ones that import
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import inspect
@@ -382,9 +383,10 @@ class LocalEngine:
         read as one prefix ending in the image plus a text of their own (the batched path takes them)."""
         texts = [self.render(prompt) for prompt in prompts]
         add_special = self._add_special(texts)
-        first = self.processor(
-            images=self._images([image]), text=[texts[0]], return_tensors="pt", add_special_tokens=add_special
-        )
+        with _processing([image], self.family.label):
+            first = self.processor(
+                images=self._images([image]), text=[texts[0]], return_tensors="pt", add_special_tokens=add_special
+            )
         ids = first["input_ids"][0].tolist()
         if self.image_id not in ids:
             return None
@@ -476,10 +478,11 @@ class LocalEngine:
     def _batch_inputs(self, items: list[tuple[int, Image.Image, Prompt]]) -> Any:
         """On the worker thread: the processor's inputs for a left-padded batch."""
         texts = [self.render(prompt) for _, _, prompt in items]
-        return self.processor(
-            images=self._images([image for _, image, _ in items]), text=texts, padding=True, return_tensors="pt",
-            add_special_tokens=self._add_special(texts),
-        )  # fmt: skip
+        with _processing([image for _, image, _ in items], self.family.label):
+            return self.processor(
+                images=self._images([image for _, image, _ in items]), text=texts, padding=True,
+                return_tensors="pt", add_special_tokens=self._add_special(texts),
+            )  # fmt: skip
 
     @torch.inference_mode()
     def _generate(
@@ -700,6 +703,18 @@ class _Compiled:
             self.plain()
             return
         self.run = self.compiled
+
+
+@contextlib.contextmanager
+def _processing(images: Sequence[Image.Image], family: str) -> Iterator[None]:
+    """A processor that cannot take an image (Qwen2-VL: "absolute aspect ratio must be smaller than 200" for a
+    10000x20 panorama) is that image's failure, not the engine's: the caller finds the one image in the batch
+    and describes the others."""
+    try:
+        yield
+    except (ValueError, TypeError, IndexError, RuntimeError) as exc:
+        sizes = ", ".join(f"{image.width}x{image.height}" for image in images)
+        raise EngineError(f"the {family} processor cannot take this image ({sizes}): {_first_line(exc)}") from None
 
 
 def _first_line(exc: Exception) -> str:

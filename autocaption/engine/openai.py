@@ -11,6 +11,7 @@ The API key comes from an environment variable or a file, and never appears in l
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import logging
@@ -27,10 +28,15 @@ from typing import Any
 from PIL import Image
 
 from autocaption.config import ModelConfig
-from autocaption.engine.base import Answer, Cancelled, EngineInfo, Job, Prompt
+from autocaption.engine.base import Answer, Cancelled, EngineInfo, Job, PartlyAnswered, Prompt
 from autocaption.errors import EngineError, ModelUnavailable, ServerUnreachable
 
 log = logging.getLogger(__name__)
+
+MAX_BODY = 16 * 2**20  # bytes of one answer's JSON: far beyond any caption; more is a server fault
+CHARS_PER_TOKEN = 32  # an answer longer than this many characters per asked token was not made of tokens
+ANSWERING_SECONDS = 600.0  # a server that answered within this time is up: a photo it fails on is the trouble
+MAX_RETRY_AFTER = 120.0  # seconds: a server asking for longer is waited out by the daemon, not by a request
 
 
 def _api_key(config: ModelConfig) -> str | None:
@@ -47,10 +53,39 @@ def _api_key(config: ModelConfig) -> str | None:
     return None
 
 
-class _HttpError(Exception):
-    def __init__(self, status: int, body: str) -> None:
-        super().__init__(status)
-        self.status, self.body = status, body
+class _Retry(Exception):
+    """One attempt failed in a way the next may not: connection, timeout, 5xx, 429, a garbled answer."""
+
+    def __init__(self, problem: str, wait: float | None = None, *, answered: bool = True) -> None:
+        super().__init__(problem)
+        self.wait = wait  # what the server asked for (Retry-After), in seconds
+        self.answered = answered  # it answered (badly), as opposed to not at all
+
+
+def _retry_after(value: str | None) -> float | None:
+    if value and value.strip().isdigit():
+        return min(float(value.strip()), MAX_RETRY_AFTER)
+    return None
+
+
+def _count(value: object) -> int:
+    """A token count from `usage`, which some servers fill with strings or lists: 0 for anything not a count."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _text_of(message: object) -> str | None:
+    """The answer text of a chat message: a string, or the text parts of a list of parts; None when it
+    holds no text (null content, a refusal, something else)."""
+    if not isinstance(message, dict):
+        return None
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = [part.get("text") for part in content if isinstance(part, dict) and part.get("type") == "text"]
+        texts = [part for part in parts if isinstance(part, str)]
+        return "".join(texts) if texts else None
+    return None
 
 
 class OpenAIEngine:
@@ -65,6 +100,7 @@ class OpenAIEngine:
         )  # fmt: skip
         self.timings: dict[str, float] = {"encode": 0.0, "server": 0.0}
         self._pool = ThreadPoolExecutor(max_workers=config.max_in_flight, thread_name_prefix="openai")
+        self._answering = -float("inf")  # when the server last answered a prompt (monotonic seconds)
         self._lock = threading.Lock()
 
     @classmethod
@@ -90,8 +126,12 @@ class OpenAIEngine:
             log.warning("%s; will keep trying", exc)
             return
         except EngineError as exc:
+            if "HTTP 404" in str(exc):  # some servers have no model list; the chat endpoint may still work
+                log.warning("%s: no model list (HTTP 404); going on with model %s", self.base_url, self.config.id)
+                return
             raise ModelUnavailable(str(exc)) from None
-        served = [str(item.get("id")) for item in listing.get("data", []) if isinstance(item, dict)]
+        items = listing.get("data", []) if isinstance(listing, dict) else listing  # some answer a bare list
+        served = [str(item.get("id")) for item in (items if isinstance(items, list) else []) if isinstance(item, dict)]
         if served and self.config.id not in served:
             raise ModelUnavailable(
                 f"model {self.config.id!r} is not served by {self.base_url} (it serves: {', '.join(served)}); "
@@ -100,33 +140,51 @@ class OpenAIEngine:
         log.info("using model %s at %s", self.config.id, self.base_url)
 
     def _request(self, method: str, path: str, body: dict[str, Any] | None, attempts: int | None = None) -> Any:
-        """One HTTP call with retries (exponential backoff and jitter) on connection errors, timeouts and 5xx."""
+        """One HTTP call with retries (exponential backoff and jitter, or what the server asks for with
+        Retry-After) on connection errors, timeouts, 5xx, 429 and garbled answers. `timeout_seconds` bounds
+        each attempt as a whole, not each socket read: a server trickling bytes is cut off in time."""
         attempts = self.config.retries + 1 if attempts is None else attempts
         headers = {"Content-Type": "application/json"}
         if self._key:
             headers["Authorization"] = f"Bearer {self._key}"
         data = json.dumps(body).encode() if body is not None else None
-        problem = ""
+        problem, wait, answered = "", None, False
         for attempt in range(attempts):
             if attempt:
-                time.sleep(min(2 ** (attempt - 1), 30) * (0.5 + random.random()))
+                time.sleep(wait if wait is not None else min(2 ** (attempt - 1), 30) * (0.5 + random.random()))
             request = urllib.request.Request(self.base_url + path, data=data, headers=headers, method=method)
             try:
-                with urllib.request.urlopen(request, timeout=self.config.timeout_seconds) as response:
-                    return json.loads(response.read())
-            except urllib.error.HTTPError as exc:
-                text = exc.read().decode("utf-8", "replace")[:500]
-                if exc.code < 500:
-                    raise self._client_error(exc.code, text) from None
-                problem = f"HTTP {exc.code}"
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
-                reason = getattr(exc, "reason", exc)
-                problem = str(reason) if str(reason) else type(exc).__name__
-            except json.JSONDecodeError:
-                problem = "the answer was not JSON"
-        raise ServerUnreachable(
-            self._redact(f"server {self.base_url} unreachable after {attempts} attempt(s): {problem}")
-        )
+                return self._once(request)
+            except _Retry as exc:
+                problem, wait, answered = str(exc), exc.wait, exc.answered
+        how = "kept failing" if answered else "unreachable"  # a 500 is not a server that is down
+        message = self._redact(f"server {self.base_url} {how} after {attempts} attempt(s): {problem}")
+        raise ServerUnreachable(message, answered=answered)
+
+    def _once(self, request: urllib.request.Request) -> Any:
+        deadline = time.monotonic() + self.config.timeout_seconds
+        try:
+            with urllib.request.urlopen(request, timeout=self.config.timeout_seconds) as response:
+                raw = _read_until(response, deadline)
+        except urllib.error.HTTPError as exc:
+            text = exc.read(64 * 1024).decode("utf-8", "replace")[:500]
+            if exc.code == 429 or exc.code >= 500:
+                raise _Retry(f"HTTP {exc.code}", _retry_after(exc.headers.get("Retry-After"))) from None
+            raise self._client_error(exc.code, text) from None
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
+            # refused, reset, timed out, a cut-short body (IncompleteRead), a garbage status line...
+            reason = getattr(exc, "reason", exc)
+            answered = isinstance(exc, (http.client.HTTPException, ValueError))
+            raise _Retry(str(reason) or type(exc).__name__, answered=answered) from None
+        try:
+            answer = json.loads(raw.decode("utf-8"))
+        except ValueError:  # not UTF-8, or not JSON
+            raise _Retry("the answer was not JSON") from None
+        if isinstance(answer, dict) and "error" in answer and "choices" not in answer:
+            detail = answer["error"]
+            detail = detail.get("message", detail) if isinstance(detail, dict) else detail
+            raise _Retry(f"the server answered with an error: {self._redact(str(detail))[:200]}")
+        return answer
 
     def _client_error(self, status: int, text: str) -> EngineError:
         try:
@@ -158,12 +216,45 @@ class OpenAIEngine:
             for job, url in zip(jobs, urls, strict=True)
             for prompt in job.prompts
         ]
-        flat = [future.result() for future in futures]
+        flat: list[Answer | EngineError] = []
+        for future in futures:
+            try:
+                flat.append(future.result())
+            except EngineError as exc:
+                flat.append(exc)
         if cancel is not None and cancel.is_set():
             raise Cancelled()
         self.timings["server"] += time.perf_counter() - started
-        answers = iter(flat)
-        return [[next(answers) for _ in job.prompts] for job in jobs]
+        return self._sorted(jobs, flat)
+
+    def _sorted(self, jobs: Sequence[Job], flat: list[Answer | EngineError]) -> list[list[Answer]]:
+        """Answers per job. When nothing at all came back the server is down (every image waits for it);
+        when it answered some, the images it failed on fail alone and the answers received are kept."""
+        if any(isinstance(item, Answer) for item in flat):
+            self._answering = time.monotonic()
+        else:
+            unreachable = next((item for item in flat if isinstance(item, ServerUnreachable)), None)
+            # A server that answers others (lately) but fails on these photos has trouble with them, not a
+            # outage: they fail (and are retried, then failed for good) instead of holding the queue forever.
+            lately = time.monotonic() - self._answering < ANSWERING_SECONDS
+            if unreachable is not None and not (unreachable.answered and lately):
+                raise unreachable
+        results = iter(flat)
+        answers: list[list[Answer] | None] = []
+        errors: dict[int, EngineError] = {}
+        for index, job in enumerate(jobs):
+            mine = [next(results) for _ in job.prompts]
+            failure = next((item for item in mine if isinstance(item, EngineError)), None)
+            if failure is None:
+                answers.append([item for item in mine if isinstance(item, Answer)])
+                continue
+            answers.append(None)
+            if isinstance(failure, ServerUnreachable):  # it answered other images: this one is the trouble
+                failure = EngineError(f"the server answered other photos but not this one ({failure})", transient=True)
+            errors[index] = failure
+        if errors:
+            raise PartlyAnswered(answers, errors)
+        return [item for item in answers if item is not None]
 
     def _data_url(self, image: Image.Image) -> str:
         """The upright, RGB image as a lossless PNG: the server sees what the in-process model would.
@@ -191,14 +282,39 @@ class OpenAIEngine:
         body = {"model": self.config.id, "messages": messages, "max_tokens": prompt.max_new_tokens, "temperature": 0}
         started = time.perf_counter()
         reply = self._request("POST", "/chat/completions", body)
-        try:
-            text = reply["choices"][0]["message"]["content"] or ""
-        except (KeyError, IndexError, TypeError):
-            raise EngineError(f"server {self.base_url}: unexpected answer: {str(reply)[:200]}") from None
-        usage = reply.get("usage") or {}
+        choices = reply.get("choices") if isinstance(reply, dict) else None
+        choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+        text = _text_of(choice.get("message"))
+        if text is None or not text.strip():
+            refusal = (choice.get("message") or {}).get("refusal") if isinstance(choice.get("message"), dict) else None
+            why = f"refused: {str(refusal)[:200]}" if refusal else "an empty answer" if text is not None else (
+                f"no answer text in {self._redact(str(reply))[:200]}")  # fmt: skip
+            raise EngineError(f"server {self.base_url}: {why}; not written", transient=True)
+        if len(text) > prompt.max_new_tokens * CHARS_PER_TOKEN:
+            raise EngineError(
+                f"server {self.base_url}: an answer of {len(text)} characters for at most {prompt.max_new_tokens} "
+                "tokens; not written", transient=True,
+            )  # fmt: skip
+        usage = reply.get("usage") if isinstance(reply.get("usage"), dict) else {}
         return Answer(
-            text=str(text),
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            new_tokens=int(usage.get("completion_tokens") or 0),
+            text=text,
+            prompt_tokens=_count(usage.get("prompt_tokens")),
+            new_tokens=_count(usage.get("completion_tokens")),
             seconds=time.perf_counter() - started,
         )
+
+
+def _read_until(response: Any, deadline: float) -> bytes:
+    """The body, read in pieces so that the whole request keeps to its deadline, and at most MAX_BODY bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the answer took longer than timeout_seconds")
+        chunk = response.read1(64 * 1024) if hasattr(response, "read1") else response.read(64 * 1024)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise ValueError(f"the answer is larger than {MAX_BODY // 2**20} MB")
+        chunks.append(chunk)

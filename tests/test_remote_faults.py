@@ -1,0 +1,164 @@
+"""A misbehaving OpenAI-compatible server (tests/stubserver.py, on loopback) never stops, blocks or misleads
+autocaption (issue 25.1–3, 5–8, 17, 21): each bad answer fails the photo it was for with one line, nothing
+the model did not say is written, the answers received are kept, and the daemon goes on."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from autocaption.config import load
+from autocaption.process import process
+from autocaption.service import Service
+from tests.conftest import RunCli
+from tests.stubserver import ANSWER, MODEL, StubServer, stub_server
+from tests.test_daemon import photo, sidecar, wait_for
+
+
+@pytest.fixture
+def stub() -> Iterator[StubServer]:
+    with stub_server() as server:
+        yield server
+
+
+def remote_config(make_config: Callable[..., Path], server: StubServer, extra: str = "", **model: object) -> Path:
+    options = {"retries": 0, "timeout_seconds": 3, **model}
+    line = f"{{engine: openai, base_url: {server.base_url!r}, id: {MODEL}, max_image_side: 64" + "".join(
+        f", {key}: {value}" for key, value in options.items()
+    ) + "}"  # fmt: skip
+    rules = '- {name: caption, prompt: "Describe.", max_new_tokens: 20, write: [description]}'
+    return make_config(rules=rules, extra=extra, model_line=line)
+
+
+def photos(folder: Path, count: int = 3) -> list[Path]:
+    folder.mkdir(exist_ok=True)
+    paths = [folder / f"p{i}.jpg" for i in range(count)]
+    for i, path in enumerate(paths):
+        path.write_bytes(photo(i))
+    return paths
+
+
+BAD = {  # mode -> what the one line says
+    "short-body": "kept failing after 1 attempt(s): the answer was not JSON",
+    "garbage-status": "kept failing after 1 attempt(s)",
+    "not-utf8": "not JSON",
+    "error-200": "the engine is overloaded",
+    "refused": "refused: I cannot help with that",
+    "empty": "an empty answer",
+    "whitespace": "an empty answer",
+    "huge": "an answer of 1000000 characters for at most 20 tokens",
+    "429": "HTTP 429",
+}
+
+
+@pytest.mark.parametrize("mode", list(BAD))
+def test_a_bad_answer_fails_the_photo_and_writes_nothing(
+    mode: str, stub: StubServer, make_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    paths = photos(tmp_path / "photos", 2)
+    before = {path: path.read_bytes() for path in paths}
+    stub.mode = mode
+    config = load(remote_config(make_config, stub))
+    try:
+        summary = process(config, paths)
+    except Exception as exc:  # noqa: BLE001 - the point: nothing may escape
+        pytest.fail(f"{mode}: {type(exc).__name__}: {exc}")
+    said = " | ".join(summary.failures)
+    if mode in ("short-body", "garbage-status", "not-utf8", "error-200", "429"):  # no proper answer at all:
+        assert summary.stopped and BAD[mode] in summary.stopped, (mode, summary)  # the run stops, one line
+    else:
+        assert len(summary.failures) == 2 and BAD[mode] in said, (mode, said)
+    for path in paths:
+        assert path.read_bytes() == before[path] and not sidecar(path).exists(), mode
+
+
+@pytest.mark.parametrize(("mode", "tokens"), [("parts", 5), ("usage-odd", 0), ("usage-list", 0), ("ok", 5)])
+def test_odd_but_usable_answers_are_read_as_the_model_said_them(
+    mode: str, tokens: int, stub: StubServer, make_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    paths = photos(tmp_path / "photos", 1)
+    stub.mode = mode
+    summary = process(load(remote_config(make_config, stub)), paths)
+    assert not summary.failures, summary.failures
+    document = json.loads(sidecar(paths[0]).read_text(encoding="utf-8"))
+    answer = document["rules"]["caption"]["answer"]
+    assert answer == ("A red fox in snow" if mode == "parts" else ANSWER), answer  # never a Python repr
+    assert document["rules"]["caption"]["tokens"]["answer"] == tokens
+
+
+@pytest.mark.parametrize("mode", ["models-list", "models-404"])
+def test_a_model_list_of_another_shape_or_none_does_not_stop_the_run(
+    mode: str, stub: StubServer, make_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    stub.mode = mode
+    config = load(remote_config(make_config, stub))
+    stub.mode = mode
+    summary = process(config, photos(tmp_path / "photos", 1))
+    assert summary.images == 1 and not summary.failures
+
+
+def test_a_trickling_server_is_cut_off_at_timeout_seconds(
+    stub: StubServer, make_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    """timeout_seconds was per socket read: one byte every 0.5 s kept a request open for minutes."""
+    stub.mode = "trickle"
+    config = load(remote_config(make_config, stub, timeout_seconds=2))
+    started = time.monotonic()
+    summary = process(config, photos(tmp_path / "photos", 2))
+    assert time.monotonic() - started < 15
+    assert summary.stopped and "timeout_seconds" in summary.stopped
+
+
+def test_a_photo_the_server_cannot_take_fails_alone_and_the_others_are_written(
+    stub: StubServer, make_config: Callable[..., Path], run_cli: RunCli, tmp_path: Path
+) -> None:
+    """One panorama made the server answer 500: every 5xx was "server unreachable" for the whole batch and the
+    good answers were thrown away each round."""
+    folder = tmp_path / "photos"
+    paths = photos(folder, 3)
+    Image.new("RGB", (2000, 40), (9, 9, 9)).save(folder / "panorama.jpg")
+    stub.mode = "fail-wide"
+    result = run_cli("process", "--config", remote_config(make_config, stub, batch_size=8), folder)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stdout.startswith("3 images described, 3 answers, 0 skipped, 1 failed"), result.stdout
+    failures = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(failures) == 1 and "panorama.jpg" in failures[0] and "answered other photos" in failures[0]
+    assert all(sidecar(path).exists() for path in paths) and not sidecar(folder / "panorama.jpg").exists()
+    assert stub.requests == 4  # the good answers were kept, not asked again
+
+
+def test_the_daemon_keeps_working_through_every_fault_and_ends_a_hopeless_photo_failed(
+    stub: StubServer, make_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    config_path = remote_config(
+        make_config, stub, extra=f"watch: [{{path: {str(inbox)!r}, settle_seconds: 0.3}}]\n"
+        "daemon: {max_attempts: 2, retry_seconds: 1}", batch_size=4,
+    )  # fmt: skip
+    service = Service(config_path, load(config_path))
+    thread = threading.Thread(target=service.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: service.watchers is not None and bool(service.watchers.observers), what="the start")
+        for mode in ("short-body", "garbage-status", "not-utf8", "usage-list", "error-200"):
+            stub.mode = mode
+            (inbox / f"{mode}.jpg").write_bytes(photo(len(mode)))
+            time.sleep(1.5)
+            assert thread.is_alive() and service.crashed is None, mode
+        stub.mode = "fail-wide"
+        Image.new("RGB", (2000, 40), (9, 9, 9)).save(inbox / "panorama.jpg")
+        wait_for(lambda: service.journal.stats().done == 5, timeout=90, what="the five photos")
+        wait_for(lambda: service.journal.stats().failed == 1, timeout=60, what="the panorama to fail for good")
+        record = service.journal.get(inbox / "panorama.jpg")
+        assert record is not None and "answered other photos" in (record.last_error or "")
+        assert thread.is_alive() and service.crashed is None
+    finally:
+        service.stop.set()
+        thread.join(timeout=30)
