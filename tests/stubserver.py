@@ -75,6 +75,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.wfile.flush()
                 time.sleep(0.5)
             return
+        if mode == "hang":  # a server that takes the request and never answers (within the test)
+            time.sleep(60)
+            self._json({"choices": [{"message": {"content": ANSWER}}]})
+            return
         if mode == "error-200":
             self._json({"error": {"message": "the engine is overloaded"}})
             return

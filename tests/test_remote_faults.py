@@ -162,3 +162,35 @@ def test_the_daemon_keeps_working_through_every_fault_and_ends_a_hopeless_photo_
     finally:
         service.stop.set()
         thread.join(timeout=30)
+
+
+def test_sigterm_while_the_server_hangs_exits_within_seconds_and_sends_nothing_more(
+    stub: StubServer, make_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Issue 25.4: "stopped" after 60 s, exit after 615 s, requests still sent after the stop."""
+    import signal
+
+    from tests.test_daemon import start_cli
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    config = remote_config(make_config, stub, extra=f"watch: [{{path: {str(inbox)!r}, settle_seconds: 0.3}}]",
+                           timeout_seconds=120, retries=4, max_in_flight=2)  # fmt: skip
+    stub.mode = "hang"
+    log = tmp_path / "daemon.log"
+    daemon = start_cli(config, log)
+    try:
+        wait_for(lambda: "ready:" in log.read_text(encoding="utf-8"), what="ready")
+        photos(inbox, 6)
+        wait_for(lambda: stub.requests >= 2, what="requests in flight")
+        daemon.send_signal(signal.SIGTERM)
+        stopped = time.monotonic()
+        assert daemon.wait(timeout=20) == 0
+        assert time.monotonic() - stopped < 10, "the daemon waited for the hanging server"
+        sent = stub.requests
+        time.sleep(1)
+        assert stub.requests == sent == 2  # nothing sent after the stop (max_in_flight: 2)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+    assert "stopped" in log.read_text(encoding="utf-8")

@@ -21,8 +21,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, wait
 from typing import Any
 
 from PIL import Image
@@ -99,8 +99,9 @@ class OpenAIEngine:
             max_image_side=config.max_image_side, batch_images=config.batch_size or config.max_in_flight,
         )  # fmt: skip
         self.timings: dict[str, float] = {"encode": 0.0, "server": 0.0}
-        self._pool = ThreadPoolExecutor(max_workers=config.max_in_flight, thread_name_prefix="openai")
+        self._slots = threading.BoundedSemaphore(config.max_in_flight)  # requests open at once
         self._answering = -float("inf")  # when the server last answered a prompt (monotonic seconds)
+        self._closed = threading.Event()
         self._lock = threading.Lock()
 
     @classmethod
@@ -110,7 +111,7 @@ class OpenAIEngine:
         return engine
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._closed.set()  # requests still waiting for a slot are not sent; open ones are abandoned
 
     # --- errors never carry the key -------------------------------------------------------------
 
@@ -139,7 +140,10 @@ class OpenAIEngine:
             )
         log.info("using model %s at %s", self.config.id, self.base_url)
 
-    def _request(self, method: str, path: str, body: dict[str, Any] | None, attempts: int | None = None) -> Any:
+    def _request(
+        self, method: str, path: str, body: dict[str, Any] | None, attempts: int | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Any:  # fmt: skip
         """One HTTP call with retries (exponential backoff and jitter, or what the server asks for with
         Retry-After) on connection errors, timeouts, 5xx, 429 and garbled answers. `timeout_seconds` bounds
         each attempt as a whole, not each socket read: a server trickling bytes is cut off in time."""
@@ -151,7 +155,9 @@ class OpenAIEngine:
         problem, wait, answered = "", None, False
         for attempt in range(attempts):
             if attempt:
-                time.sleep(wait if wait is not None else min(2 ** (attempt - 1), 30) * (0.5 + random.random()))
+                delay = wait if wait is not None else min(2 ** (attempt - 1), 30) * (0.5 + random.random())
+                if (cancel or self._closed).wait(delay) or self._closed.is_set():
+                    raise Cancelled()  # stopping: no more requests
             request = urllib.request.Request(self.base_url + path, data=data, headers=headers, method=method)
             try:
                 return self._once(request)
@@ -212,20 +218,45 @@ class OpenAIEngine:
         self.timings["encode"] += time.perf_counter() - started
         # Back to back per image, in order: the server's prefix cache sees an image's prompts together.
         futures = [
-            self._pool.submit(self._complete, url, prompt, cancel)
-            for job, url in zip(jobs, urls, strict=True)
+            self._spawn(self._complete, url, prompt, cancel) for job, url in zip(jobs, urls, strict=True)
             for prompt in job.prompts
-        ]
+        ]  # fmt: skip
+        pending = set(futures)
+        while pending:  # a stop abandons the requests in flight at once (their threads end with the process)
+            if cancel is not None and cancel.is_set():
+                for future in futures:
+                    future.cancel()
+                raise Cancelled()
+            _, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
         flat: list[Answer | EngineError] = []
         for future in futures:
             try:
                 flat.append(future.result())
             except EngineError as exc:
                 flat.append(exc)
+            except Cancelled:
+                raise
         if cancel is not None and cancel.is_set():
             raise Cancelled()
         self.timings["server"] += time.perf_counter() - started
         return self._sorted(jobs, flat)
+
+    def _spawn(self, work: Callable[..., Answer], *args: object) -> Future[Answer]:
+        """`work` on a daemon thread once a slot is free: an abandoned request never holds up the exit (a
+        ThreadPoolExecutor's threads are joined at exit: a hanging server kept a stopped daemon for minutes)."""
+        future: Future[Answer] = Future()
+
+        def run() -> None:
+            with self._slots:
+                if self._closed.is_set() or not future.set_running_or_notify_cancel():
+                    return
+                try:
+                    future.set_result(work(*args))
+                except Exception as exc:  # noqa: BLE001 - handed to the caller through the future
+                    future.set_exception(exc)
+
+        threading.Thread(target=run, name="openai", daemon=True).start()
+        return future
 
     def _sorted(self, jobs: Sequence[Job], flat: list[Answer | EngineError]) -> list[list[Answer]]:
         """Answers per job. When nothing at all came back the server is down (every image waits for it);
@@ -281,7 +312,7 @@ class OpenAIEngine:
         ]})  # fmt: skip
         body = {"model": self.config.id, "messages": messages, "max_tokens": prompt.max_new_tokens, "temperature": 0}
         started = time.perf_counter()
-        reply = self._request("POST", "/chat/completions", body)
+        reply = self._request("POST", "/chat/completions", body, cancel=cancel)
         choices = reply.get("choices") if isinstance(reply, dict) else None
         choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
         text = _text_of(choice.get("message"))
