@@ -11,7 +11,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -297,7 +297,7 @@ def _optional(keys: dict[str, _Node], name: str, read: Callable[[_Node], T], def
     if node is None:
         return default
     if node.node.tag == "tag:yaml.org,2002:null":
-        if default is None:
+        if default is None or is_dataclass(default) or default == ():  # a section or a list left empty
             return default
         raise node.fail(f"has no value; leave the key out for the default ({_default_text(default)})")
     return read(node)

@@ -12,6 +12,7 @@ by a new one.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import sqlite3
@@ -28,10 +29,11 @@ from autocaption.discover import Candidate
 from autocaption.errors import AutocaptionError, ConfigError
 from autocaption.paths import db_key, display, from_db
 from autocaption.pipeline import Described, Outcome, Skipped
+from autocaption.sidecar import EDITED_RULE, recorded
 
 QUEUED, RETRY, DONE, FAILED = "queued", "retry", "done", "failed"
 # The answers row of a person's correction (the review page): rule names cannot hold "~", so it never meets one.
-EDITED = "~edited"
+EDITED = EDITED_RULE
 JOURNAL_NAME = "journal.sqlite3"
 DAMAGED_SUFFIX = ".damaged-"  # journal.sqlite3.damaged-20261202-101500: what a rebuild set aside
 _SQLITE_FULL, _SQLITE_CORRUPT, _SQLITE_NOTADB = 13, 11, 26
@@ -51,10 +53,11 @@ def _translated(path: Path, exc: sqlite3.Error) -> AutocaptionError | None:
     text = str(exc)
     if code == _SQLITE_FULL or "database or disk is full" in text:
         return JournalFull(f"state.dir: {display(path.parent)}: no space left for the journal ({text})")
+    # Only SQLite's own word for damage: "no such table" may be a reader racing the daemon's first start.
     damaged = code in (_SQLITE_CORRUPT, _SQLITE_NOTADB) or any(
-        sign in text for sign in ("malformed", "not a database", "no such table", "no such column")
+        sign in text for sign in ("malformed", "not a database", "the file is empty")
     )
-    if damaged or type(exc) is sqlite3.DatabaseError:
+    if damaged:
         return JournalDamaged(
             f"state.dir: {display(path)}: the journal is damaged ({text}); rebuild it from the photos' sidecars "
             "with `autocaption rebuild --config <rules file>` (the damaged file is kept beside it; a daemon "
@@ -139,6 +142,9 @@ MIGRATIONS: tuple[tuple[str, Migration], ...] = (
     ("0004_answers_from_sidecars", _answers_from_sidecars),
     # "Describe again" from the review page: the daemon describes such a row even if its sidecar is current.
     ("0005_force", "ALTER TABLE images ADD COLUMN force INTEGER NOT NULL DEFAULT 0"),
+    # Answers replaced with INSERT OR REPLACE (up to 0005) left their old words in the index (a REPLACE's
+    # delete fires no trigger): search found photos by words they no longer had. Rebuilt once from the table.
+    ("0006_answers_fts_rebuild", "INSERT INTO answers_fts (answers_fts) VALUES ('rebuild')"),
 )
 
 
@@ -183,8 +189,8 @@ def _record_done(
     )
     if texts:
         (image_id,) = db.execute("SELECT rowid FROM images WHERE path = ?", (key,)).fetchone()
-        db.executemany(
-            "INSERT OR REPLACE INTO answers VALUES (?, ?, ?)",
+        db.executemany(  # an upsert: REPLACE would delete without firing the trigger that keeps the index right
+            "INSERT INTO answers VALUES (?, ?, ?) ON CONFLICT (image_id, rule) DO UPDATE SET answer = excluded.answer",
             [(image_id, rule, text) for rule, text in texts.items() if text is not None],
         )
         db.executemany(
@@ -275,6 +281,14 @@ class Journal:
         if getattr(self, "_copied", False):
             return
         self._copied = True
+        try:
+            st = self.path.stat()
+        except OSError:
+            return
+        for earlier in self.path.parent.glob(self.path.name + DAMAGED_SUFFIX + "*"):  # this damage, kept already
+            with contextlib.suppress(OSError):
+                if (earlier.stat().st_size, earlier.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns):
+                    return
         stamp = time.strftime("%Y%m%d-%H%M%S")
         for suffix in ("", "-wal"):
             source = self.path.with_name(self.path.name + suffix)
@@ -353,7 +367,7 @@ class Journal:
             done=counts.get(DONE, 0),
             failed=counts.get(FAILED, 0),
             per_hour=per_hour,
-            recent_errors=tuple((row[0], row[1]) for row in errors),
+            recent_errors=tuple((display(from_db(row[0])), row[1]) for row in errors),
         )
 
     # --- the queue -------------------------------------------------------------------------------
@@ -379,8 +393,8 @@ class Journal:
                     "INSERT INTO images (path, status, queued_at, updated_at) VALUES (?, ?, ?, ?)"
                     " ON CONFLICT (path) DO UPDATE SET status = excluded.status, queued_at = excluded.queued_at,"
                     " next_attempt = 0, updated_at = excluded.updated_at WHERE images.status != ?"
-                    " AND NOT (images.status IN (?, ?) AND images.size IS ? AND images.mtime_ns IS ?)",
-                    (db_key(path), QUEUED, now, now, QUEUED, DONE, FAILED, size, mtime_ns),
+                    " AND NOT (? AND images.status IN (?, ?) AND images.size = ? AND images.mtime_ns = ?)",
+                    (db_key(path), QUEUED, now, now, QUEUED, not unchanged_too, DONE, FAILED, size, mtime_ns),
                 )
                 count += cursor.rowcount
         return count
@@ -419,7 +433,7 @@ class Journal:
         """Rows for photos whose sidecars hold current results (a rebuild): a transaction per thousand."""
         count = 0
         batch: list[Restored] = []
-        for entry in [*entries, None]:
+        for entry in itertools.chain(entries, [None]):  # a library's worth is never held in memory
             if entry is not None:
                 batch.append(entry)
             if batch and (entry is None or len(batch) == 1000):
@@ -549,20 +563,16 @@ def record_outcome(journal: Journal, config: Config, candidate: Candidate, outco
         except OSError:
             journal.forget(path)
             return None
-        journal.done(path, st, None, config.fingerprint(config.rules_for(candidate.relative)))
+        rules = config.rules_for(candidate.relative)
+        # Results found current (written before a full journal or a rebuild): their answers are searchable too.
+        texts, digest = recorded(outcome.document, rules) if outcome.document else ({}, None)
+        journal.done(path, st, digest, config.fingerprint(rules), texts=texts)
         return None
     daemon = config.daemon
     return journal.failed(
         path, outcome.message, transient=outcome.transient, max_attempts=daemon.max_attempts,
-        backoff=daemon.retry_seconds, st=_stat_or_none(path),
+        backoff=daemon.retry_seconds, st=outcome.stat,
     )  # fmt: skip
-
-
-def _stat_or_none(path: Path) -> os.stat_result | None:
-    try:
-        return path.stat()
-    except OSError:
-        return None
 
 
 def _wal_of(path: Path) -> Path:

@@ -50,6 +50,7 @@ class Described:
 class Skipped:
     path: Path
     reason: str
+    document: dict[str, Any] | None = None  # the current sidecar, when it is why nothing was needed
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class Failed:
     path: Path
     message: str  # one line, "path: reason"
     transient: bool = False  # worth retrying later (file still being written, GPU out of memory)
+    stat: os.stat_result | None = None  # the photo after our write into it, when only a later step failed
 
 
 Outcome = Described | Skipped | Failed
@@ -124,7 +126,7 @@ def triage(
         return None
     reason = sidecar.unwritten(found.document, candidate.path)
     if reason is None:
-        return Skipped(candidate.path, "already described")
+        return Skipped(candidate.path, "already described", found.document)
     return Unwritten(candidate, rules, stat, found, reason)
 
 
@@ -341,8 +343,8 @@ class ResultWriter:
             sidecar.write(found, document)
         except WriteError as exc:
             failure = WriteError(f"{failure}; {exc}", transient=failure.transient) if failure else exc
-        if failure:
-            return Failed(path, str(failure), transient=failure.transient)
+        if failure:  # our write into the photo (if it happened) must not look like a new photo to the watcher
+            return Failed(path, str(failure), transient=failure.transient, stat=record.stat)
         return described
 
 

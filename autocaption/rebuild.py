@@ -19,7 +19,7 @@ from pathlib import Path
 from autocaption import sidecar
 from autocaption.config import Config
 from autocaption.discover import walk_names
-from autocaption.journal import DAMAGED_SUFFIX, EDITED, JOURNAL_NAME, Journal, Restored
+from autocaption.journal import DAMAGED_SUFFIX, JOURNAL_NAME, Journal, Restored
 from autocaption.locks import AlreadyRunning, DaemonLock
 from autocaption.paths import display
 
@@ -86,13 +86,10 @@ def _current(config: Config, queued: list[Path]) -> Iterator[Restored]:
             except OSError:
                 continue
             document = sidecar.locate(path).document
-            if not rules or document is None or not sidecar.is_current(document, st, rules):
-                queued.append(path)  # the daemon decides: nothing to do, or describe it
+            current = bool(rules) and document is not None and sidecar.is_current(document, st, rules)
+            if not current or sidecar.unwritten(document or {}, path) is not None:
+                queued.append(path)  # the daemon decides: nothing to do, describe it, or write it again
                 continue
-            written = document.get("written") or {}
-            digest = written.get("sha256") or document["image"].get("sha256")
-            texts: dict[str, str | None] = {
-                rule.name: str(document["rules"][rule.name].get("answer") or "") for rule in rules
-            }
-            texts[EDITED] = sidecar.edited_text(document)
-            yield Restored(path, st, digest if isinstance(digest, str) else None, config.fingerprint(rules), texts)
+            assert document is not None
+            texts, digest = sidecar.recorded(document, rules)
+            yield Restored(path, st, digest, config.fingerprint(rules), texts)

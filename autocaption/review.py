@@ -93,21 +93,23 @@ class Review:
         cached = self.previews / f"{image_id}-{side}-{st.st_size}-{st.st_mtime_ns}.jpg"
         with self._making_lock:
             making = self._making.setdefault(cached, threading.Lock())
-        with making:
-            try:
-                return cached.read_bytes()
-            except FileNotFoundError:
-                pass
-            with self._decodes:
-                data = self._make_preview(path, side)
-            if not self.journal.read_only:  # --read-only writes nothing, previews included
-                self.previews.mkdir(parents=True, exist_ok=True)
-                for stale in self.previews.glob(f"{image_id}-{side}-*.jpg"):  # an older version of the photo
-                    stale.unlink(missing_ok=True)
-                write_atomic(cached, data)
-        with self._making_lock:
-            self._making.pop(cached, None)
-        return data
+        try:
+            with making:
+                try:
+                    return cached.read_bytes()
+                except FileNotFoundError:
+                    pass
+                with self._decodes:
+                    data = self._make_preview(path, side)
+                if not self.journal.read_only:  # --read-only writes nothing, previews included
+                    self.previews.mkdir(parents=True, exist_ok=True)
+                    for stale in self.previews.glob(f"{image_id}-{side}-*.jpg"):  # an older version of the photo
+                        stale.unlink(missing_ok=True)
+                    write_atomic(cached, data)
+                return data
+        finally:
+            with self._making_lock:
+                self._making.pop(cached, None)
 
     def _make_preview(self, path: Path, side: int) -> bytes:
         try:

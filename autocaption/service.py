@@ -425,7 +425,12 @@ def open_journal(config: Config) -> Journal:
     """The daemon's journal. A damaged one is set aside and rebuilt from the sidecars (no model involved), so an
     unattended service comes back by itself; the old file is kept."""
     try:
-        return Journal(config.state.dir)
+        journal = Journal(config.state.dir)
+        verdict = journal.integrity()  # damage past the first pages opens fine and fails later, in a loop
+        if verdict == "ok":
+            return journal
+        journal.close()
+        log.error("state.dir: the journal fails SQLite's integrity check: %s", verdict)
     except JournalDamaged as exc:
         log.error("%s", exc)
     aside = set_aside(config.state.dir)

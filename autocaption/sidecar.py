@@ -31,6 +31,7 @@ from autocaption.paths import display, text
 from autocaption.writers.metadata import WriteRecord
 
 SCHEMA = "autocaption/1"
+EDITED_RULE = "~edited"  # the journal's answers row of a person's correction (journal.EDITED)
 ALTERNATE_SUFFIX = ".autocaption.json"
 log = logging.getLogger(__name__)
 
@@ -268,8 +269,21 @@ def with_written(existing: Mapping[str, Any], written: WriteRecord, stat: os.sta
     """The sidecar after its recorded answers were written again: the same answers, the new record."""
     document = dict(existing)
     document["image"] = {**existing["image"], "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    document["written"] = {**written.as_json(), "sha256": written.sha256}
+    # Not rewritten this time (its XMP sidecar took it): the photo's bytes are what they were.
+    before = (existing.get("written") or {}).get("sha256") or existing["image"].get("sha256")
+    document["written"] = {**written.as_json(), "sha256": written.sha256 or before}
     return document
+
+
+def recorded(document: Mapping[str, Any], rules: Iterable[Rule]) -> tuple[dict[str, str | None], str | None]:
+    """What the journal keeps of a current sidecar: the rules' answers and a person's correction (for search),
+    and the content hash of the photo as it is now (for moves)."""
+    texts: dict[str, str | None] = {
+        rule.name: str(document["rules"].get(rule.name, {}).get("answer") or "") for rule in rules
+    }
+    texts[EDITED_RULE] = edited_text(document)
+    digest = (document.get("written") or {}).get("sha256") or document["image"].get("sha256")
+    return texts, digest if isinstance(digest, str) else None
 
 
 def hash_file(path: Path) -> str:

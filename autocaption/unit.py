@@ -95,19 +95,28 @@ WantedBy={wanted_by}
 USER_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,30}\$?")  # what useradd and systemd's strict check both take
 
 
-def _quote(path: Path, *, command: bool = False) -> str:
-    """A path as a unit file reads it: `%` is a specifier (doubled to stay itself), and so is `$` in a command
-    line (ExecStart=), where it names a variable;
-    quotes and backslashes escaped, quoted when it holds a space. A newline cannot be written in a unit."""
+def _quote(path: Path, *, argument: bool = False) -> str:
+    """A path as a unit file reads it: `%` is a specifier (doubled to stay itself), and in a command line's
+    arguments `$` names a variable (doubled too); quoted, with quotes and backslashes escaped, when it holds
+    white space or either. A line break cannot be written in a unit at all."""
     text = str(path)
     if "\n" in text or "\r" in text:
         raise ConfigError(f"{display(path)}: a path with a line break cannot be written into a systemd unit")
     text = text.replace("%", "%%")
-    if command:
+    if argument:
         text = text.replace("$", "$$")
-    if any(ch in text for ch in " \"\\'"):
+    if any(ch.isspace() or ch in "\"\\'" for ch in text):
         return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return text
+
+
+def _executable(path: Path) -> str:
+    """The program of ExecStart=: systemd substitutes nothing in it but specifiers, and refuses quotes and
+    backslashes in its name whatever the quoting."""
+    if any(ch in str(path) for ch in "\"'\\"):
+        raise ConfigError(f"{display(path)}: systemd cannot start a program whose path holds quotes or "
+                          "backslashes; install autocaption in a folder without them")  # fmt: skip
+    return _quote(path)
 
 
 def render(config: Config, *, user: bool, run_as: str, command: str) -> str:
@@ -119,7 +128,7 @@ def render(config: Config, *, user: bool, run_as: str, command: str) -> str:
     return TEMPLATE.format(
         identity=identity,
         exe=command,
-        config=_quote(config.source, command=True),
+        config=_quote(config.source, argument=True),
         hf_home="%S/autocaption/huggingface",
         read_write=" ".join(_quote(p) for p in folders) or "%S/autocaption",
         wanted_by="default.target" if user else "multi-user.target",
@@ -131,11 +140,11 @@ def _command() -> str:
     bin/autocaption), else `python -m autocaption` with this interpreter."""
     sibling = Path(sys.executable).parent / "autocaption"
     if sibling.is_file() and os.access(sibling, os.X_OK):
-        return _quote(sibling, command=True)
+        return _executable(sibling)
     found = shutil.which("autocaption")
     if found:
-        return _quote(Path(found), command=True)
-    return f"{_quote(Path(sys.executable), command=True)} -m autocaption"
+        return _executable(Path(found))
+    return f"{_executable(Path(sys.executable))} -m autocaption"
 
 
 def check_paths_for(config: Config, run_as: str) -> None:

@@ -418,3 +418,44 @@ def test_concurrent_thumbnails_decode_each_photo_once_and_two_at_a_time(describe
     assert len(results) == len(requests) and all(data.startswith(b"\xff\xd8") for data in results)
     assert made.count(made[0]) == 1 and len(made) == 5  # the same photo once, each other photo once
     assert most[0] <= 2
+
+
+def test_a_name_that_is_not_utf8_is_shown_on_the_page_and_in_status(
+    described: Config, corpus: Path, run_cli: RunCli
+) -> None:
+    """One such photo made every grid page it appeared on answer 500, and `status --json` a traceback."""
+    folder = described.watch[0].path
+    bad = folder / os.fsdecode(b"bad\xffname.jpg")
+    broken = folder / os.fsdecode(b"broken\xfe.jpg")
+    shutil.copyfile(corpus / "jpg/gps/DSCN0025.jpg", bad)
+    broken.write_bytes(b"not a photo")
+    journal = Journal(described.state.dir)
+    journal.done(bad, bad.stat(), None, "fp", texts={"caption": "A heron"})
+    journal.failed(broken, "broken\\xfe.jpg: not an image", transient=False, max_attempts=5, backoff=1)
+    (image_id,) = journal.rows("SELECT rowid FROM images WHERE path = ?", [os.fsencode(bad)])[0]
+    journal.close()
+    client = create_app(described, Review(described, Journal(described.state.dir)), TOKEN).test_client()
+    grid = client.get("/", headers=auth())
+    assert grid.status_code == 200 and "bad\\xffname.jpg" in grid.get_data(as_text=True)
+    assert client.get(f"/images/{image_id}", headers=auth()).status_code == 200
+    assert client.get(f"/thumbnails/{image_id}.jpg", headers=auth()).status_code == 200
+    report = run_cli("status", "--json", "--config", described.source)
+    assert report.returncode == 0, report.stderr
+    assert json.loads(report.stdout)["recent_errors"][0]["path"].endswith("broken\\xfe.jpg")
+
+
+def test_a_replaced_answer_leaves_no_old_words_in_the_index(described: Config) -> None:
+    """INSERT OR REPLACE deleted the old answer without its trigger: its words stayed in the index, and a
+    photo added later under the reused row was found by them."""
+    from autocaption.catalog import Catalog
+
+    journal = Journal(described.state.dir)
+    path = Path(journal.rows("SELECT path FROM images ORDER BY rowid LIMIT 1")[0][0])
+    journal.done(path, path.stat(), None, "fp", texts={"caption": "a tractor in a field"})
+    journal.done(path, path.stat(), None, "fp", texts={"caption": "a bicycle by a wall"})
+    catalog = Catalog(journal)
+    assert [hit.image.path for hit in catalog.search("bicycle")] == [path]
+    assert catalog.search("tractor") == []
+    assert journal.integrity() == "ok"
+    assert journal.rows("INSERT INTO answers_fts (answers_fts, rank) VALUES ('integrity-check', 1)") == []
+    journal.close()

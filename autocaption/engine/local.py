@@ -197,7 +197,8 @@ class LocalEngine:
             _check_packages(family)
             text_config = _text_config(folder)
             _check_memory(config, folder, settings, text_config, placement)
-            _check_tokenizer(config.id, folder)
+            if Path(source).is_dir():  # a hub download brings its tokenizer files with the processor
+                _check_tokenizer(config.id, folder)
             processor = AutoProcessor.from_pretrained(source, revision=revision, local_files_only=offline)
             loaded: Any = AutoModelForImageTextToText.from_pretrained(
                 source, revision=revision, local_files_only=offline, dtype=_DTYPES[placement.dtype],

@@ -37,6 +37,7 @@ POLICY = (
 def create_app(config: Config, review: Review, token: str, *, read_only: bool = False) -> Flask:
     app = Flask(__name__)
     app.config.update(TOKEN=token, READ_ONLY=read_only, MAX_CONTENT_LENGTH=64 * 1024)
+    app.jinja_env.filters["shown"] = display  # names that are not UTF-8, or hold a newline, as printable text
     catalog = Catalog(review.journal)
 
     @app.before_request
