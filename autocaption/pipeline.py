@@ -115,6 +115,10 @@ def triage(
     rules = config.rules_for(candidate.relative)
     if not rules:
         return Skipped(candidate.path, "no rule matches")
+    outside = _outside(candidate)
+    if outside:
+        log.warning("%s", outside)
+        return Skipped(candidate.path, outside)
     if force:
         return None
     try:
@@ -128,6 +132,20 @@ def triage(
     if reason is None:
         return Skipped(candidate.path, "already described", found.document)
     return Unwritten(candidate, rules, stat, found, reason)
+
+
+def _outside(candidate: Candidate) -> str | None:
+    """Why nothing may be written for this photo: reached through a symlinked folder, its folder really is
+    outside the one it was found in, and its sidecars would land there (a symlinked file is different: its
+    sidecars go beside the link, and the writer never rewrites a photo outside the folder)."""
+    try:
+        real, root = candidate.path.parent.resolve(), candidate.root.resolve()
+    except OSError:
+        return None  # the read reports it
+    if real == root or root in real.parents:
+        return None
+    return (f"{display(candidate.path)}: its folder is {display(real)}, outside {display(candidate.root)} "
+            "(through a symlink); left alone, nothing is written there")  # fmt: skip
 
 
 def render_values(path: Path, picture: Picture) -> dict[str, str | None]:

@@ -9,11 +9,16 @@ from collections.abc import Sequence
 # XML 1.0 forbids C0 controls other than tab/newline/CR, lone surrogates and U+FFFE/U+FFFF;
 # EXIF strings end at NUL. DEL and C1 controls are legal XML but invisible junk in a caption.
 _UNCARRIABLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff]")
+# Invisible characters that change how text around them reads or sorts: bidi overrides and isolates (a
+# U+202E makes "gpj.exe" look like "exe.jpg"), zero-width spaces and joiners outside emoji, the BOM.
+_INVISIBLE = re.compile("[\u200b\u200e\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]")
+_LINE_SEPARATORS = re.compile("[\u2028\u2029\r]\n?")
 
 
 def clean_answer(raw: str, *, strip_prefixes: Sequence[str] = ()) -> str:
     """Strip whitespace and characters metadata cannot carry; drop opt-in boilerplate prefixes."""
-    text = _UNCARRIABLE.sub("", unicodedata.normalize("NFC", raw)).strip()
+    text = _INVISIBLE.sub("", _UNCARRIABLE.sub("", unicodedata.normalize("NFC", raw)))
+    text = _LINE_SEPARATORS.sub("\n", text).strip()
     for prefix in strip_prefixes:
         if text.lower().startswith(prefix.lower()):
             rest = text[len(prefix) :].lstrip(" :,-–—\t\n")

@@ -247,3 +247,26 @@ def test_odd_file_names_are_described_beside_good_ones(
     assert document["rules"]["caption"]["prompt"] == "Describe bad\\xffname.jpg."
     again = run_cli("process", "--config", config, folder)
     assert again.stdout.startswith("0 images described") and "bad\\xffname.jpg" not in again.stderr
+
+
+def test_a_symlinked_folder_leading_outside_the_tree_is_never_written(
+    run_cli: RunCli, make_config: Callable[..., Path], corpus: Path, tmp_path: Path
+) -> None:
+    """Issue 25.9: a photo reached through a symlinked folder pointing outside the watched tree was rewritten
+    in place and got a sidecar there."""
+    watched, elsewhere = tmp_path / "watched", tmp_path / "elsewhere"
+    watched.mkdir()
+    elsewhere.mkdir()
+    outside = elsewhere / "theirs.jpg"
+    outside.write_bytes((corpus / "jpg/gps/DSCN0010.jpg").read_bytes())
+    (watched / "mine.jpg").write_bytes((corpus / "jpg/gps/DSCN0012.jpg").read_bytes())
+    (watched / "link").symlink_to(elsewhere, target_is_directory=True)
+    before = outside.read_bytes()
+    config = make_config(rules='- {name: caption, prompt: "Describe.", max_new_tokens: 6, write: [description]}',
+                         extra=f"watch: [{{path: {str(watched)!r}}}]")  # fmt: skip
+    result = run_cli("process", "--config", config, watched)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("1 images described, 1 answers, 1 skipped"), result.stdout
+    assert "outside" in result.stderr and "left alone" in result.stderr
+    assert outside.read_bytes() == before and sorted(p.name for p in elsewhere.iterdir()) == ["theirs.jpg"]
+    assert (watched / "mine.jpg.json").exists()

@@ -59,3 +59,14 @@ def test_prefix_clean_up_is_opt_in() -> None:
 def test_display_escapes_control_characters() -> None:
     assert display("/p/a\nb.jpg") == "/p/a\\nb.jpg"
     assert display("/p/café.jpg") == "/p/café.jpg"
+
+
+def test_invisible_and_bidi_characters_never_reach_the_metadata() -> None:
+    """Issue 25.10: U+202E, U+200B, U+2028 and CR/tab inside keywords reached EXIF and XMP."""
+    from autocaption.writers.policy import split_keywords
+
+    answer = clean_answer("\u202eA fox\u200b in\u2028the snow\ufeff\r\nby a tree")
+    assert answer == "A fox in\nthe snow\nby a tree"
+    assert clean_answer("family 👨\u200d👩\u200d👧") == "family 👨\u200d👩\u200d👧"  # joiners inside emoji stay
+    words = split_keywords(clean_answer("fox\u202e, snow\u200b,\tred\ttree\rleaf, \u2066x\u2069"))
+    assert words == ("fox", "snow", "red tree", "leaf", "x")

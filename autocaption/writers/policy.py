@@ -61,7 +61,8 @@ def _human(existing: Sequence[str | None], own_previous: str | None, make: str |
 def split_keywords(answer: str) -> tuple[str, ...]:
     """Comma/newline/semicolon separated, trimmed (list bullets and quotes too), de-duplicated."""
     seen: dict[str, str] = {}
-    for part in re.split(r"[,;\n]", answer):
+    for part in re.split(r"[,;\n\r\u2028\u2029]", answer):
+        part = " ".join(part.split())  # a tab or any run of white space inside a keyword is one space
         word = part.strip().lstrip("-*•0123456789. ").strip(" \"'.").strip()
         if word and word.casefold() not in seen:
             seen[word.casefold()] = word
