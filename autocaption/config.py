@@ -150,8 +150,18 @@ class Config:
     user_paths: tuple[UserPath, ...] = ()
 
     def fingerprint(self, rules: tuple[Rule, ...]) -> str:
-        """What produced an image's result: its rules and the model. Stored in the journal."""
-        shape = [self.model.id, self.model.revision, sorted(rule.name + ":" + rule.fingerprint for rule in rules)]
+        """What produced an image's result and how it was written: its rules, the model and the output
+        settings. Stored in the journal (`process --stale`, `daemon.redo_stale`)."""
+        shape = [self.model.id, self.model.revision, sorted(rule.name + ":" + rule.fingerprint for rule in rules),
+                 self.writing(rules)]  # fmt: skip
+        return hashlib.sha256(json.dumps(shape).encode()).hexdigest()[:16]
+
+    def writing(self, rules: tuple[Rule, ...]) -> str:
+        """How answers go into a photo: the output settings and what each rule writes. A change is done by
+        writing the recorded answers again, without the model."""
+        output = self.output
+        shape = [output.embed, output.xmp_sidecar, output.sidecar_name, output.existing,
+                 sorted((rule.name, sorted(rule.write)) for rule in rules)]  # fmt: skip
         return hashlib.sha256(json.dumps(shape).encode()).hexdigest()[:16]
 
     def rules_for(self, relative: str) -> tuple[Rule, ...]:
@@ -374,6 +384,8 @@ def _url(node: _Node) -> str:
     url = node.text().rstrip("/")
     if not url.startswith(("http://", "https://")):
         raise node.fail(f"must be an http:// or https:// URL, e.g. http://gpu-box:8000/v1; got {url!r}")
+    if "@" in url.split("//", 1)[1].split("/", 1)[0]:  # never echoed: it holds a secret
+        raise node.fail("never put a user or password in the URL; use api_key_env or api_key_file")
     return url
 
 

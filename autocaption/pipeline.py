@@ -126,9 +126,9 @@ def triage(
     except OSError:
         return None  # let the read report it properly
     found = found or sidecar.locate(candidate.path)
-    if found.document is None or not sidecar.is_current(found.document, stat, rules):
+    if found.document is None or not sidecar.is_current(found.document, stat, rules, config.model.id):
         return None
-    reason = sidecar.unwritten(found.document, candidate.path)
+    reason = sidecar.unwritten(found.document, candidate.path, config.writing(rules))
     if reason is None:
         return Skipped(candidate.path, "already described", found.document)
     return Unwritten(candidate, rules, stat, found, reason)
@@ -328,8 +328,10 @@ class ResultWriter:
             return Failed(path, f"{display(path)}: file disappeared while being described")
         except OSError as exc:
             return Failed(path, f"{display(path)}: cannot read: {exc.strerror or exc}")
-        current = found.document is not None and sidecar.is_current(found.document, now, todo.rules)
-        if current and not (self.force or todo.force) and sidecar.unwritten(found.document or {}, path) is None:
+        current = sidecar.is_current(found.document, now, todo.rules, self.config.model.id)
+        settings = self.config.writing(todo.rules)
+        in_place = current and sidecar.unwritten(found.document or {}, path, settings) is None
+        if in_place and not (self.force or todo.force):
             return Skipped(path, "described meanwhile by another autocaption process")
         if not _same_file(now, todo.stat) or (todo.earlier and not current):
             return Failed(path, f"{display(path)}: changed while being described; will retry", transient=True)
@@ -356,6 +358,7 @@ class ResultWriter:
         if self.dry_run:
             return described
         document = todo.document(found, record)
+        document["written"] = {**document.get("written", {}), "settings": self.config.writing(todo.rules)}
         described = dataclasses.replace(described, edited=sidecar.edited_text(document))
         try:
             sidecar.write(found, document)

@@ -51,9 +51,8 @@ def process(
         journal = Journal(config.state.dir, read_only=True) if Journal.exists(config.state.dir) else None
     locks = None if dry_run else PhotoLocks(config.state.dir)
     try:
-        if stale:
+        if stale:  # the sidecars then say what is needed: the model, or only writing the answers again
             candidates = _stale(config, journal, candidates, summary)
-            force = True
         pending: list[Candidate] = []
         unwritten: list[Unwritten] = []
         for candidate in candidates:

@@ -86,8 +86,8 @@ def _current(config: Config, queued: list[Path]) -> Iterator[Restored]:
             except OSError:
                 continue
             document = sidecar.locate(path).document
-            current = bool(rules) and document is not None and sidecar.is_current(document, st, rules)
-            if not current or sidecar.unwritten(document or {}, path) is not None:
+            current = bool(rules) and sidecar.is_current(document, st, rules, config.model.id)
+            if not current or sidecar.unwritten(document or {}, path, config.writing(rules)) is not None:
                 queued.append(path)  # the daemon decides: nothing to do, describe it, or write it again
                 continue
             assert document is not None

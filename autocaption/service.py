@@ -23,7 +23,7 @@ from types import FrameType
 from typing import Any
 
 from autocaption import sidecar
-from autocaption.config import Config, ModelConfig, WatchConfig, load
+from autocaption.config import Config, ModelConfig, Rule, WatchConfig, load
 from autocaption.discover import Candidate, relative_path, walk_names
 from autocaption.engine import Cancelled, Engine, load_engine
 from autocaption.errors import AutocaptionError, ExitCode, ServerUnreachable
@@ -45,9 +45,12 @@ FOLDER_CHECK_SECONDS = 2.0
 
 
 def reconcile(config: Config, journal: Journal) -> int:
-    """Queue every image under the watched folders without an up-to-date result. Returns how many."""
+    """Queue every image under the watched folders without an up-to-date result; forget the rows of photos
+    that are gone from them (deleted while nobody watched), so `done` counts photos that exist. Returns how
+    many were queued."""
     known = journal.snapshot()
     missing: list[Path] = []
+    seen: set[str] = set()
     for watch in config.watch:
         if not watch.path.is_dir():
             log.debug("watch: %s: folder does not exist; nothing to reconcile", display(watch.path))
@@ -56,9 +59,26 @@ def reconcile(config: Config, journal: Journal) -> int:
         for found in walk_names(
             root, root, watch.include, watch.exclude, recursive=watch.recursive, on_temp=remove_stale_temp
         ):
-            if isinstance(found, tuple) and not _settled(config, found, known.get(found[0])):
-                missing.append(Path(found[0]))
+            if isinstance(found, tuple):
+                seen.add(found[0])
+                if not _settled(config, found, known.get(found[0])):
+                    missing.append(Path(found[0]))
+        prefix = str(root).rstrip("/") + "/"
+        gone = [path for path in known if path.startswith(prefix) and path not in seen and _gone(path)]
+        for path in gone:
+            journal.forget(Path(path))
     return journal.enqueue(missing)
+
+
+def _gone(path: str) -> bool:
+    """No file by that name (an unreadable folder is not a deleted photo)."""
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def remove_stale_temp(path: str, *, older_than: float = 3600.0) -> None:
@@ -152,6 +172,9 @@ class Worker:
                 st = path.stat()
             except OSError:
                 journal.forget(path)  # deleted (or renamed) before we got to it
+                continue
+            if service._watch_of(path) is None and path not in forced:
+                journal.forget(path)  # its folder is no longer watched (a reload): not ours to describe now
                 continue
             rules = config.rules_for(candidate.relative)
             fingerprint = config.fingerprint(rules)
@@ -411,14 +434,23 @@ class Service:
             self.notifier.ready(self._status())
             return
         watches_changed = new.watch != self.config.watch
+        before = [self.config.fingerprint(rules) for rules in _rule_sets(self.config)]
+        answers_changed = [new.fingerprint(rules) for rules in _rule_sets(new)] != before
         self.config = new
         self.pipeline = pipeline
         if watches_changed and self.watchers is not None:
             # Folders that do not exist yet are waited for, never fatal: the daemon keeps every watch it can.
             self.watchers.update(new.watch)
             self.reconcile_requested.set()
+        if answers_changed and new.daemon.redo_stale:  # photos described under the old rules are stale now
+            self.reconcile_requested.set()
         log.info("configuration reloaded: %d rule(s)", len(new.rules))
         self.notifier.ready(self._status())
+
+
+def _rule_sets(config: Config) -> list[tuple[Rule, ...]]:
+    """Each rule alone: enough to tell whether any rule, the model or the output changed on a reload."""
+    return [(rule,) for rule in config.rules]
 
 
 def open_journal(config: Config) -> Journal:

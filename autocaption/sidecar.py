@@ -127,15 +127,22 @@ def _shape_problem(data: object) -> str | None:
     return None
 
 
-def is_current(existing: Mapping[str, Any] | None, stat: os.stat_result, rules: Iterable[Rule]) -> bool:
-    """True when the sidecar already answers every rule, as configured now, for this very file."""
+def is_current(
+    existing: Mapping[str, Any] | None, stat: os.stat_result, rules: Iterable[Rule], model_id: str | None = None
+) -> bool:  # fmt: skip
+    """True when the sidecar already answers every rule, as configured now (and by `model_id`, when given: a
+    new model's answers are not the old one's), for this very file."""
     if existing is None:
         return False
     image = existing["image"]
     if image.get("size") != stat.st_size or image.get("mtime_ns") != stat.st_mtime_ns:
         return False
     done = existing["rules"]
-    return all(done.get(rule.name, {}).get("fingerprint") == rule.fingerprint for rule in rules)
+    return all(
+        done.get(rule.name, {}).get("fingerprint") == rule.fingerprint
+        and (model_id is None or done[rule.name].get("model") == model_id)
+        for rule in rules
+    )
 
 
 def build(
@@ -214,13 +221,15 @@ def write(target: Sidecar, document: Mapping[str, Any]) -> Path:
     return target.path
 
 
-def unwritten(existing: Mapping[str, Any], image: Path) -> str | None:
+def unwritten(existing: Mapping[str, Any], image: Path, settings: str | None = None) -> str | None:
     """Why the answers recorded in a current sidecar are not (all) in the photo or its XMP sidecar, or None:
     the write into the photo failed (disk full...), or the XMP sidecar it went to is gone. Such a photo
     needs its answers written again, not the model run again."""
     written = existing.get("written") or {}
     if written.get("file") == "failed":
         return "the earlier write into the photo failed"
+    if settings is not None and written.get("settings") not in (None, settings):
+        return "the output settings changed since (output:, a rule's write:)"
     xmp = xmp_sidecar_of(existing, image)
     if xmp is not None and not xmp.exists():
         return f"its XMP sidecar {display(xmp.name)} is missing"

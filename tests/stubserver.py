@@ -18,6 +18,7 @@ from typing import Any
 from PIL import Image
 
 MODEL = "stub-model"
+OTHER_MODEL = "stub-model-2"  # served too: a model change
 ANSWER = "A red fox in the snow"
 
 
@@ -46,7 +47,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         elif mode == "models-404":
             self._json({"error": "not found"}, status=404)
         else:
-            self._json({"object": "list", "data": [{"id": MODEL}]})
+            self._json({"object": "list", "data": [{"id": MODEL}, {"id": OTHER_MODEL}]})
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))))

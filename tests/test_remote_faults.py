@@ -194,3 +194,97 @@ def test_sigterm_while_the_server_hangs_exits_within_seconds_and_sends_nothing_m
         if daemon.poll() is None:
             daemon.kill()
     assert "stopped" in log.read_text(encoding="utf-8")
+
+
+# --- wrong results after a change (issue 25.11–13, 15, 20, 21) -----------------------------------------------
+
+
+def test_a_model_change_with_redo_stale_describes_again_and_an_output_change_only_writes_again(
+    stub: StubServer, make_config: Callable[..., Path], run_cli: RunCli, tmp_path: Path
+) -> None:
+    from autocaption.writers.metadata import _facts_of
+    from tests.stubserver import OTHER_MODEL
+
+    folder = tmp_path / "photos"
+    paths = photos(folder, 3)
+    watch = f"watch: [{{path: {str(folder)!r}, settle_seconds: 0.3}}]\n"
+    first = remote_config(make_config, stub, extra=watch)
+    assert not process(load(first), [folder]).failures
+    asked = stub.requests
+    # 13: a rule now also writes keywords: `process --stale` writes the recorded answers again, no request
+    text = first.read_text(encoding="utf-8").replace("write: [description]", "write: [description, keywords]")
+    first.write_text(text, encoding="utf-8")
+    stale = run_cli("process", "--stale", "--config", first)
+    assert stale.returncode == 0, stale.stderr
+    assert "3 written again from recorded answers" in stale.stdout and stub.requests == asked, stale.stdout
+    assert all(_facts_of(path.read_bytes()).keywords for path in paths)  # the keywords are in the photos now
+    # 11: another model, redo_stale, a restart: every photo is described again by it (it was "queued", 0 sent)
+    second = first.read_text(encoding="utf-8").replace(f"id: {MODEL}", f"id: {OTHER_MODEL}")
+    first.write_text(second + "daemon: {redo_stale: true}\n", encoding="utf-8")
+    service = Service(first, load(first))
+    thread = threading.Thread(target=service.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: stub.requests == asked + 3, timeout=60, what="three requests to the new model")
+        wait_for(lambda: service.journal.stats().queued == 0, what="the queue to drain")
+        for path in paths:
+            document = json.loads(sidecar(path).read_text(encoding="utf-8"))
+            assert document["rules"]["caption"]["model"] == OTHER_MODEL
+    finally:
+        service.stop.set()
+        thread.join(timeout=30)
+    again = run_cli("process", "--stale", "--config", first)
+    assert again.stdout.startswith("0 images described"), again.stdout  # nothing stale any more
+
+
+def test_a_reload_that_drops_a_folder_or_changes_rules_acts_at_once(
+    stub: StubServer, make_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    """25.12: redo_stale did nothing on a reload that made photos stale; 25.15: the queued photos of a folder
+    removed by a reload were still described; 25.21: `done` kept counting deleted photos."""
+    kept, dropped = tmp_path / "kept", tmp_path / "dropped"
+    photos(kept, 2)
+    config_path = remote_config(
+        make_config, stub, extra=f"watch: [{{path: {str(kept)!r}, settle_seconds: 0.3}}]\n"
+        "daemon: {redo_stale: true}",
+    )  # fmt: skip
+    service = Service(config_path, load(config_path))
+    thread = threading.Thread(target=service.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: service.watchers is not None and bool(service.watchers.observers), what="the start")
+        wait_for(lambda: service.journal.stats().done == 2, what="two photos")
+        asked = stub.requests
+        text = config_path.read_text(encoding="utf-8").replace('prompt: "Describe."', 'prompt: "Describe it."')
+        config_path.write_text(text, encoding="utf-8")
+        service.reload_requested.set()
+        wait_for(lambda: stub.requests == asked + 2, timeout=30, what="the stale photos described again")
+        (kept / "p0.jpg").unlink()
+        (kept / "p0.jpg.json").unlink()
+        service.reconcile_requested.set()
+        wait_for(lambda: service.journal.stats().done == 1, what="the deleted photo no longer counted")
+        # a folder added, its photos queued while the server is away, then the folder dropped by a reload
+        paths = photos(dropped, 3)
+        service.journal.enqueue(paths)
+        stub.mode = "hang"
+        text = config_path.read_text(encoding="utf-8")
+        config_path.write_text(text.replace("watch: [", f"watch: [{{path: {str(dropped)!r}}}, "), encoding="utf-8")
+        service.reload_requested.set()
+        time.sleep(1)
+        config_path.write_text(text, encoding="utf-8")
+        asked = stub.requests
+        stub.mode = "ok"
+        service.reload_requested.set()
+        wait_for(lambda: service.journal.pending() == 0, timeout=60, what="the queue to empty")
+        assert not any(sidecar(path).exists() for path in paths)
+        assert all(service.journal.get(path) is None for path in paths)
+    finally:
+        service.stop.set()
+        thread.join(timeout=30)
+
+
+def test_a_url_with_a_password_is_refused(make_config: Callable[..., Path], run_cli: RunCli) -> None:
+    line = "{engine: openai, base_url: 'http://me:s3cret@gpu-box:8000/v1', id: m}"
+    result = run_cli("check", "--config", make_config(model_line=line))
+    assert result.returncode == 2 and "never put a user or password in the URL" in result.stderr
+    assert "s3cret" not in result.stderr
