@@ -59,6 +59,7 @@ class Failed:
     message: str  # one line, "path: reason"
     transient: bool = False  # worth retrying later (file still being written, GPU out of memory)
     stat: os.stat_result | None = None  # the photo after our write into it, when only a later step failed
+    changed: bool = False  # the file changed under us (another program, or another autocaption, wrote it)
 
 
 Outcome = Described | Skipped | Failed
@@ -224,7 +225,7 @@ class Pipeline:
         except ImageError as exc:
             return Failed(path, str(exc))
         if not _same_file(after, stat):
-            return Failed(path, f"{display(path)}: changed while being read; will retry", transient=True)
+            return Failed(path, f"{display(path)}: changed while being read; will retry", transient=True, changed=True)
         values = render_values(path, picture)
         prompts = tuple(rule.prompt.render(values) for rule in rules)
         return _Work(candidate, rules, stat, found, picture, prompts, force)
@@ -334,7 +335,8 @@ class ResultWriter:
         if in_place and not (self.force or todo.force):
             return Skipped(path, "described meanwhile by another autocaption process")
         if not _same_file(now, todo.stat) or (todo.earlier and not current):
-            return Failed(path, f"{display(path)}: changed while being described; will retry", transient=True)
+            return Failed(path, f"{display(path)}: changed while being described; will retry", transient=True,
+                          changed=True)  # fmt: skip
         return None
 
     def _write(self, todo: _ToWrite, found: sidecar.Sidecar) -> Outcome:

@@ -14,7 +14,7 @@ from autocaption.engine import Engine, load_engine
 from autocaption.errors import ServerUnreachable
 from autocaption.journal import DONE, Journal, record_outcome
 from autocaption.locks import PhotoLocks
-from autocaption.pipeline import Outcome, Pipeline, ResultWriter, Skipped, Unwritten, triage
+from autocaption.pipeline import Failed, Outcome, Pipeline, ResultWriter, Skipped, Unwritten, triage
 from autocaption.report import Progress, Summary, report_unreadable
 
 EngineFactory = Callable[[ModelConfig], Engine]
@@ -96,6 +96,10 @@ def _stale(config: Config, journal: Journal | None, candidates: list[Candidate],
     return stale
 
 
+def _changed_meanwhile(outcome: Outcome) -> bool:
+    return isinstance(outcome, Failed) and outcome.changed
+
+
 def _describe(
     config: Config,
     pending: list[Candidate],
@@ -113,6 +117,7 @@ def _describe(
         progress.draw()
         step = engine.info.batch_images
         chunks = [pending[start : start + step] for start in range(0, len(pending), step)]
+        again: list[Candidate] = []
         # The next chunk is read and decoded on a prefetch thread while the model works on this one.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as prefetch:
             upcoming = prefetch.submit(pipeline.prepare, chunks[0])
@@ -121,9 +126,19 @@ def _describe(
                 if index + 1 < len(chunks):
                     upcoming = prefetch.submit(pipeline.prepare, chunks[index + 1])
                 outcomes = pipeline.finish(prepared)
+                again.extend(c for c, o in zip(chunk, outcomes, strict=True) if _changed_meanwhile(o))
                 for candidate, outcome in zip(chunk, outcomes, strict=True):
-                    _book(summary, journal, config, candidate, outcome)
-                progress.advance(outcomes)
+                    if not _changed_meanwhile(outcome):
+                        _book(summary, journal, config, candidate, outcome)
+                progress.advance([o for o in outcomes if not _changed_meanwhile(o)])
+        # Photos another process (a running daemon) wrote while they were described here: a one-shot run has
+        # nobody to "retry later", so they are read and described once more now.
+        for start in range(0, len(again), step):
+            chunk = again[start : start + step]
+            outcomes = pipeline.run(chunk)
+            for candidate, outcome in zip(chunk, outcomes, strict=True):
+                _book(summary, journal, config, candidate, outcome)
+            progress.advance(outcomes)
         progress.clear()
         summary.stages = {**pipeline.timings, **engine.timings}
     finally:

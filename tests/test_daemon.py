@@ -561,6 +561,11 @@ def test_process_and_the_daemon_on_the_same_photos_leave_each_complete(
         assert result.returncode == 0, result.stderr
         wait_for(lambda: all(sidecar(inbox / n).exists() for n in names), what="every sidecar")
         time.sleep(2)
+        # issue 25.18: with --force, photos the daemon wrote meanwhile were "changed while being described; will
+        # retry", and nothing retried them: a one-shot run describes them once more itself
+        forced = run_cli("process", "--force", "--config", config, inbox)
+        assert forced.returncode == 0 and "will retry" not in forced.stderr, forced.stderr
+        assert forced.stdout.startswith(f"{len(names)} images described"), forced.stdout
     for name in names:
         photo = inbox / name
         document = json.loads(sidecar(photo).read_text(encoding="utf-8"))

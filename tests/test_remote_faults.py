@@ -288,3 +288,34 @@ def test_a_url_with_a_password_is_refused(make_config: Callable[..., Path], run_
     result = run_cli("check", "--config", make_config(model_line=line))
     assert result.returncode == 2 and "never put a user or password in the URL" in result.stderr
     assert "s3cret" not in result.stderr
+
+
+def test_a_narrowed_match_then_stale_keeps_the_photo_writable_and_whole(
+    stub: StubServer, make_config: Callable[..., Path], run_cli: RunCli, corpus: Path, tmp_path: Path
+) -> None:
+    """25.14: "IFD0 tag 0x9c9c points outside the EXIF block" and a competing .xmp after a rule's match was
+    narrowed (the IFD0 rewrite cut the tail that a kept value still pointed into)."""
+    from tests import exiftool
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    path = folder / "DSCN0010.jpg"
+    path.write_bytes((corpus / "jpg/gps/DSCN0010.jpg").read_bytes())
+    warnings = exiftool.warnings(path)
+    line = f"{{engine: openai, base_url: {stub.base_url!r}, id: {MODEL}, max_image_side: 64, retries: 0}}"
+    rules = """
+    - {name: caption, prompt: "Describe.", max_new_tokens: 20, write: [description]}
+    - {name: tags, prompt: "Keywords.", max_new_tokens: 20, write: [keywords]}
+    """
+    config = make_config(rules=rules, model_line=line, extra=f"watch: [{{path: {str(folder)!r}}}]")
+    assert run_cli("process", "--config", config, folder).returncode == 0
+    text = config.read_text(encoding="utf-8")
+    narrowed = text.replace('prompt: "Keywords.",', 'prompt: "Keywords.", match: [x.png],')
+    config.write_text(narrowed.replace('"Describe."', '"Describe it."'), encoding="utf-8")
+    stale = run_cli("process", "--stale", "--config", config)
+    assert stale.returncode == 0 and "outside the EXIF block" not in stale.stderr, stale.stderr
+    assert stale.stdout.startswith("1 images described"), stale.stdout
+    assert not (folder / "DSCN0010.jpg.xmp").exists()
+    tags = exiftool.tags(path)[path]
+    assert tags["IFD0:ImageDescription"] == ANSWER and tags["XMP-dc:Description"] == ANSWER
+    assert exiftool.warnings(path) <= warnings
