@@ -201,7 +201,7 @@ def status_report(config: Config) -> dict[str, Any]:
     return {
         "journal": str(journal.path),
         "daemon": {"running": pid is not None, "pid": pid or None},
-        "waiting": _waiting(config),
+        "waiting": _waiting(config, pid is not None),
         "queued": stats.queued,
         "retrying": stats.retrying,
         "done": stats.done,
@@ -211,17 +211,24 @@ def status_report(config: Config) -> dict[str, Any]:
     }
 
 
-def _waiting(config: Config) -> str | None:
-    """Why a daemon cannot go on, seen from outside: a state.dir without space for the journal's writes."""
+def _waiting(config: Config, running: bool) -> str | None:
+    """Why a running daemon cannot go on: what it said it waits for (the server, space), or a state.dir
+    without space for the journal's writes (where it may not even be able to say so)."""
     import shutil
+
+    from autocaption.locks import WAITING_FILE
 
     try:
         free = shutil.disk_usage(config.state.dir).free
     except OSError:
+        free = 1 << 30
+    if free < 1 << 20:
+        return f"state.dir {config.state.dir} is full ({free} bytes free): the daemon waits for space"
+    try:
+        said = (config.state.dir / WAITING_FILE).read_text(encoding="utf-8").strip()
+    except OSError:
         return None
-    if free >= 1 << 20:
-        return None
-    return f"state.dir {config.state.dir} is full ({free} bytes free): the daemon waits for space"
+    return said if running and said else None
 
 
 def format_status(report: dict[str, Any]) -> str:

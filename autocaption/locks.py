@@ -24,6 +24,7 @@ from autocaption.errors import AutocaptionError, WriteError
 from autocaption.paths import display
 
 DAEMON_LOCK = "daemon.lock"
+WAITING_FILE = "waiting"  # beside it while the daemon waits (for the server, for space): what it waits for
 PHOTO_LOCK_DIR = "locks"
 PHOTO_LOCK_BUCKETS = 256  # photos share lock files by hash: enough to keep unrelated photos from waiting
 

@@ -23,12 +23,13 @@ from types import FrameType
 from typing import Any
 
 from autocaption import sidecar
+from autocaption.atomic import write_atomic
 from autocaption.config import Config, ModelConfig, Rule, WatchConfig, load
 from autocaption.discover import Candidate, relative_path, walk_names
 from autocaption.engine import Cancelled, Engine, load_engine
 from autocaption.errors import AutocaptionError, ExitCode, ServerUnreachable
 from autocaption.journal import FAILED, QUEUED, RETRY, Journal, JournalDamaged, JournalFull, record_outcome
-from autocaption.locks import DaemonLock, PhotoLocks
+from autocaption.locks import WAITING_FILE, DaemonLock, PhotoLocks
 from autocaption.notify import Notifier
 from autocaption.paths import display
 from autocaption.pipeline import Described, Failed, Outcome, Pipeline
@@ -144,12 +145,13 @@ class Worker:
             except ServerUnreachable as exc:
                 # The images stay queued (no attempt is counted): the server, not the photo, is at fault.
                 outage = min(max(outage * 2, 5.0), 60.0)
+                service.waiting = f"waiting for the server: {exc}"
                 log.warning("%s; images stay queued, trying again in %.0f s", exc, outage)
                 self._pause(outage)
                 continue
             if outage:
                 log.info("the server answers again; resuming")
-                outage = 0.0
+                outage, service.waiting = 0.0, ""
             if self.full:
                 log.info("state.dir has space again; resuming")
                 self.full, service.waiting = 0.0, ""
@@ -402,6 +404,7 @@ class Service:
             status = self._status()
             if status != last_status:
                 self.notifier.status(status)
+                self._tell_waiting()
                 last_status = status
 
     def _keepalive(self) -> None:
@@ -409,6 +412,17 @@ class Service:
         interval = self.notifier.watchdog_interval
         if interval is not None and time.monotonic() - self.worker.heartbeat < 2 * interval:
             self.notifier.watchdog()
+
+    def _tell_waiting(self) -> None:
+        """Why the daemon waits, for `autocaption status` in another process (a full disk may refuse it)."""
+        path = self.config.state.dir / WAITING_FILE
+        try:
+            if self.waiting:
+                write_atomic(path, (self.waiting + "\n").encode("utf-8"))
+            else:
+                path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.debug("%s: %s", display(path), exc)
 
     def _status(self) -> str:
         stats = self.journal.stats()

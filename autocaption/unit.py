@@ -45,6 +45,7 @@ KillMode=mixed
 StateDirectory=autocaption
 Environment=HF_HOME={hf_home}
 Environment=PYTHONUNBUFFERED=1
+{environment_file}
 # AMD consumer/APU GPUs may need e.g. HSA_OVERRIDE_GFX_VERSION=11.0.0; pick cards with HIP_VISIBLE_DEVICES.
 #Environment=HSA_OVERRIDE_GFX_VERSION=11.0.0
 #Environment=HIP_VISIBLE_DEVICES=0
@@ -132,7 +133,18 @@ def render(config: Config, *, user: bool, run_as: str, command: str) -> str:
         hf_home="%S/autocaption/huggingface",
         read_write=" ".join(_quote(p) for p in folders) or "%S/autocaption",
         wanted_by="default.target" if user else "multi-user.target",
+        environment_file=(
+            f"# {config.model.api_key_env}=<the API key>, read by systemd (mode 600)\n"
+            f"EnvironmentFile=-{_key_file(user)}"
+        )
+        if config.model.api_key_env
+        else "",
     )
+
+
+def _key_file(user: bool) -> str:
+    """Where the unit reads the remote server's API key from (model.api_key_env): outside the config."""
+    return "%h/.config/autocaption/autocaption.env" if user else "/etc/autocaption/autocaption.env"
 
 
 def _command() -> str:
@@ -189,5 +201,13 @@ def install(config: Config, *, user: bool, unit_dir: Path | None, run_as: str) -
             "sudo systemctl daemon-reload",
             "sudo systemctl enable --now autocaption",
             "journalctl -u autocaption -f",
+        ]
+    variable = config.model.api_key_env
+    if variable:  # the service does not see the installing shell's environment: the key goes into a file
+        where = _key_file(user).replace("%h", "~")
+        sudo = "" if user else "sudo "
+        steps[:0] = [
+            f"{sudo}install -D -m 600 /dev/null {where}   # the unit reads {variable} from it",
+            f"echo '{variable}=<the API key>' | {sudo}tee {where} >/dev/null",
         ]
     return f"wrote {display(target)}\nnext:\n" + "\n".join(f"  {step}" for step in steps)

@@ -755,3 +755,17 @@ def test_service_install_writes_odd_paths_as_systemd_reads_them_and_checks_the_u
     for bad in ("root; rm -rf /", "Bad User", "-x"):
         named = run_cli("service", "install", "--config", config, "--unit-dir", tmp_path / "units", "--run-as", bad)
         assert named.returncode == 2 and "not a user name" in named.stderr, (bad, named.stderr)
+
+
+def test_service_install_carries_the_api_key_variable_into_the_unit(
+    run_cli: RunCli, make_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Issue 25.20: the unit did not see `api_key_env`, so the service exited 2 at once."""
+    line = "{engine: openai, base_url: 'http://gpu-box:8000/v1', id: m, api_key_env: AUTOCAPTION_API_KEY}"
+    config = make_config(model_line=line)
+    result = run_cli("service", "install", "--config", config, "--unit-dir", tmp_path / "units")
+    assert result.returncode == 0, result.stderr
+    unit = tmp_path / "units" / "autocaption.service"
+    assert "EnvironmentFile=-/etc/autocaption/autocaption.env" in unit.read_text(encoding="utf-8")
+    assert "echo 'AUTOCAPTION_API_KEY=<the API key>' | sudo tee /etc/autocaption/autocaption.env" in result.stdout
+    check_unit(unit)

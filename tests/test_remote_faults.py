@@ -319,3 +319,30 @@ def test_a_narrowed_match_then_stale_keeps_the_photo_writable_and_whole(
     tags = exiftool.tags(path)[path]
     assert tags["IFD0:ImageDescription"] == ANSWER and tags["XMP-dc:Description"] == ANSWER
     assert exiftool.warnings(path) <= warnings
+
+
+def test_status_says_the_daemon_waits_for_the_server_during_an_outage(
+    make_config: Callable[..., Path], run_cli: RunCli, tmp_path: Path
+) -> None:
+    """25.21: `status` said nothing while every photo waited for a server that was down."""
+    from tests.test_remote import free_port
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    line = f"{{engine: openai, base_url: 'http://127.0.0.1:{free_port()}/v1', id: m, retries: 0, timeout_seconds: 2}}"
+    config_path = make_config(model_line=line, extra=f"watch: [{{path: {str(inbox)!r}, settle_seconds: 0.3}}]")
+    service = Service(config_path, load(config_path))
+    thread = threading.Thread(target=service.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: service.watchers is not None and bool(service.watchers.observers), what="the start")
+        photos(inbox, 2)
+        wait_for(lambda: "waiting for the server" in service._status(), what="the outage")
+        wait_for(lambda: "waiting for the server" in run_cli("status", "--config", config_path).stdout,
+                 what="status to say so")  # fmt: skip
+        report = json.loads(run_cli("status", "--json", "--config", config_path).stdout)
+        assert "unreachable" in report["waiting"] and report["queued"] == 2
+    finally:
+        service.stop.set()
+        thread.join(timeout=30)
+    assert "waiting" not in run_cli("status", "--config", config_path).stdout  # not once it has stopped
