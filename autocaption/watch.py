@@ -10,6 +10,7 @@ walked, because a file written into a brand-new folder may arrive before its wat
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -209,6 +210,7 @@ class _Armed:
     handle: ObservedWatch
     identity: tuple[int, int]  # (st_dev, st_ino) of the folder: a new folder under the same name differs
     shared: bool  # the one inotify observer (kept running) rather than a polling observer of its own
+    mounts: frozenset[str] = frozenset()  # mount points inside the folder when it was armed
 
 
 class Watchers:
@@ -249,9 +251,20 @@ class Watchers:
         """Arm the folders that appeared, re-arm the replaced ones. True when any was (re)armed: files may
         have arrived in it while nobody watched."""
         armed_any = False
+        points = _mount_points()
         for watch in self.watches:
             identity = _identity(watch.path)
             armed = self._armed.get(watch)
+            mounts = _inside(watch, points)
+            if armed is not None and armed.identity == identity and armed.mounts != mounts:
+                # A disk mounted on (or taken off) a subfolder: inotify watched the folder underneath, not the
+                # disk. The tree is watched again, and reconciled.
+                changed = ", ".join(sorted(display(p) for p in armed.mounts ^ mounts))
+                log.info("watch: %s: a mount changed at %s; watching the tree again", display(watch.path), changed)
+                self._disarm(watch)
+                if self._arm(watch, identity, mounts):
+                    armed_any = True
+                continue
             if armed is not None and armed.identity == identity:
                 continue
             if armed is not None:
@@ -263,7 +276,7 @@ class Watchers:
             if identity is None:
                 self._tell(watch, "folder does not exist (yet); it is watched as soon as it appears", logging.WARNING)
                 continue
-            if self._arm(watch, identity):
+            if self._arm(watch, identity, mounts):
                 armed_any = True
         return armed_any
 
@@ -272,9 +285,9 @@ class Watchers:
             self._told[watch] = message
             log.log(level, "watch: %s: %s", display(watch.path), message)
 
-    def _arm(self, watch: WatchConfig, identity: tuple[int, int]) -> bool:
+    def _arm(self, watch: WatchConfig, identity: tuple[int, int], mounts: frozenset[str] = frozenset()) -> bool:
         try:
-            self._armed[watch] = self._schedule(watch, identity)
+            self._armed[watch] = dataclasses.replace(self._schedule(watch, identity), mounts=mounts)
         except OSError as exc:
             self._tell(watch, f"cannot watch: {exc.strerror or exc}; trying again", logging.ERROR)
             return False
@@ -322,6 +335,23 @@ class Watchers:
             self._inotify = None
         for name in ("watchdog.observers.inotify", "watchdog.observers.inotify_c"):
             logging.getLogger(name).removeHandler(self._overflow)
+
+
+def _mount_points() -> list[str]:
+    """Every mount point of this process's view (/proc/self/mountinfo), or none where it cannot be read."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    return [line.split()[4].replace("\\040", " ") for line in lines if len(line.split()) > 4]
+
+
+def _inside(watch: WatchConfig, points: list[str]) -> frozenset[str]:
+    """The mount points strictly inside a recursively watched folder."""
+    if not watch.recursive:
+        return frozenset()
+    prefix = str(watch.path).rstrip("/") + "/"
+    return frozenset(point for point in points if point.startswith(prefix))
 
 
 def _identity(folder: Path) -> tuple[int, int] | None:

@@ -769,3 +769,24 @@ def test_service_install_carries_the_api_key_variable_into_the_unit(
     assert "EnvironmentFile=-/etc/autocaption/autocaption.env" in unit.read_text(encoding="utf-8")
     assert "echo 'AUTOCAPTION_API_KEY=<the API key>' | sudo tee /etc/autocaption/autocaption.env" in result.stdout
     check_unit(unit)
+
+
+def test_a_disk_mounted_on_a_subfolder_is_watched_at_once(daemon, inbox: Path) -> None:  # type: ignore[no-untyped-def]
+    """Issue 25.16: a USB disk or a NAS share mounted under a watched tree hid its new photos until the next
+    reconcile (an hour by default): inotify kept watching the folder underneath."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    usb = inbox / "usb"
+    usb.mkdir()
+    _, engine = daemon()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(usb)], check=True)
+    try:
+        time.sleep(3)  # the folder check notices the mount (every 2 s) and watches the tree again
+        (usb / "from-the-disk.jpg").write_bytes(photo(7))
+        wait_for(lambda: sidecar(usb / "from-the-disk.jpg").exists(), timeout=30, what="the photo on the disk")
+    finally:
+        subprocess.run(["umount", "-l", str(usb)], check=False)
+    time.sleep(3)  # unmounted: the folder underneath is watched again
+    (usb / "underneath.jpg").write_bytes(photo(8))
+    wait_for(lambda: sidecar(usb / "underneath.jpg").exists(), timeout=30, what="the photo underneath")
+    assert engine.images == 2
