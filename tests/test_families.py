@@ -233,3 +233,26 @@ def test_gemma3_prompts_longer_than_its_window_equal_plain_generate(layers: str,
         assert [[a.text for a in per_image] for per_image in answers] == expected, (layers, batch_size)
         path = "decode" if layers == "all sliding" else "prefill+decode"  # tree, or batched past the window
         assert path in engine.timings, engine.timings
+
+
+def test_a_photo_the_processor_cannot_take_fails_alone(
+    family_model: Callable[[str], Path], make_config: Callable[..., Path], corpus: Path, tmp_path: Path
+) -> None:
+    """Issue 25.2: Qwen2-VL's processor raised "absolute aspect ratio must be smaller than 200" for a 10000x20
+    photo: the worker died (and again at every restart), and the good photos of its batch were not described."""
+    from PIL import Image
+
+    from autocaption.config import load
+    from autocaption.process import process
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for source in PHOTOS[:2]:
+        shutil.copyfile(corpus / source, folder / Path(source).name)
+    Image.new("RGB", (10000, 20), (40, 90, 160)).save(folder / "panorama.png")
+    rules = "\n".join(f"- {json.dumps(rule)}" for rule in RULES[:1])
+    config = make_config(rules=rules, model_line=f"{{id: {str(family_model('qwen2_vl'))!r}, batch_size: 8}}")
+    summary = process(load(config), [folder])
+    assert summary.images == 2, summary
+    assert len(summary.failures) == 1 and "panorama.png" in summary.failures[0]
+    assert "processor cannot take this image (10000x20)" in summary.failures[0], summary.failures
