@@ -318,6 +318,8 @@ def test_a_narrowed_match_then_stale_keeps_the_photo_writable_and_whole(
     assert not (folder / "DSCN0010.jpg.xmp").exists()
     tags = exiftool.tags(path)[path]
     assert tags["IFD0:ImageDescription"] == ANSWER and tags["XMP-dc:Description"] == ANSWER
+    # the rule that no longer applies takes its keywords back (they were autocaption's, nobody else's)
+    assert "XMP-dc:Subject" not in tags and "IFD0:XPKeywords" not in tags, tags
     assert exiftool.warnings(path) <= warnings
 
 

@@ -210,6 +210,12 @@ class MetadataWriter:
             if decision.text is not None:
                 xmp.set_description(root, decision.text, caption.description)
                 applied.description = decision.text
+        if caption.keywords is not None and not caption.keywords and caption.asked and found.own_keywords:
+            # No rule writes keywords for this photo any more (a match narrowed, a `write:` taken out): the
+            # keywords autocaption wrote earlier go; a person's and other tools' stay.
+            applied.keywords = policy.merge_keywords(found.keywords, found.own_keywords, ())
+            xmp.set_keywords(root, applied.keywords, ())
+            applied.notes = (applied.notes[0], "removed: autocaption's earlier keywords (no rule writes keywords)")
         if caption.keywords:
             applied.keywords = policy.merge_keywords(found.keywords, found.own_keywords, caption.keywords)
             xmp.set_keywords(root, applied.keywords, caption.keywords)

@@ -204,7 +204,13 @@ def set_keywords(root: ET.Element, keywords: Sequence[str], own: Sequence[str]) 
         present = {entry.casefold() for entry in kept}
         _replace(root, _LR + "hierarchicalSubject", "Bag",
                  kept + [word for word in own if word.casefold() not in present], lang=False)  # fmt: skip
-    _replace(root, _DC + "subject", "Bag", keywords, lang=False)
+    if keywords:
+        _replace(root, _DC + "subject", "Bag", keywords, lang=False)
+    else:  # none left: no empty Bag (readers show it as an empty keyword)
+        for description in _descriptions(root):
+            for element in description.findall(_DC + "subject"):
+                description.remove(element)
+            description.attrib.pop(_DC + "subject", None)
     if own:
         _replace(root, _OWN + "Keywords", "Bag", own, lang=False)
     else:  # a person's keywords: none of them are autocaption's any more
