@@ -32,6 +32,9 @@ from autocaption.pipeline import Described, Outcome, Skipped
 from autocaption.sidecar import EDITED_RULE, recorded
 
 QUEUED, RETRY, DONE, FAILED = "queued", "retry", "done", "failed"
+# A described photo whose file a reconcile no longer found: not counted as done, still known by its content
+# (a move while the daemon was stopped is recognised), done again when the same file is back (a remount).
+GONE = "gone"
 # The answers row of a person's correction (the review page): rule names cannot hold "~", so it never meets one.
 EDITED = EDITED_RULE
 JOURNAL_NAME = "journal.sqlite3"
@@ -346,8 +349,8 @@ class Journal:
         with self._reading():
             rows = self._db.execute(
                 "SELECT path, size, mtime_ns, sha256, fingerprint, status, attempts, last_error"
-                " FROM images WHERE sha256 = ? AND status = ? AND path != ?",
-                (sha256, DONE, db_key(new_path)),
+                " FROM images WHERE sha256 = ? AND status IN (?, ?) AND path != ?",
+                (sha256, DONE, GONE, db_key(new_path)),
             ).fetchall()
         return next((_record(row) for row in rows if not os.path.lexists(from_db(row[0]))), None)
 
@@ -489,6 +492,12 @@ class Journal:
                     (st.st_size, st.st_mtime_ns, db_key(path)),
                 )
         return status
+
+    def gone(self, paths: Iterable[Path]) -> None:
+        """Described photos whose files are gone from the watched folders (see GONE)."""
+        with self._tx() as db:
+            db.executemany("UPDATE images SET status = ? WHERE path = ? AND status = ?",
+                           [(GONE, db_key(path), DONE) for path in paths])  # fmt: skip
 
     def forget(self, path: Path) -> None:
         with self._tx() as db:

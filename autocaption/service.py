@@ -28,7 +28,7 @@ from autocaption.config import Config, ModelConfig, Rule, WatchConfig, load
 from autocaption.discover import Candidate, relative_path, walk_names
 from autocaption.engine import Cancelled, Engine, load_engine
 from autocaption.errors import AutocaptionError, ExitCode, ServerUnreachable
-from autocaption.journal import FAILED, QUEUED, RETRY, Journal, JournalDamaged, JournalFull, record_outcome
+from autocaption.journal import FAILED, GONE, QUEUED, RETRY, Journal, JournalDamaged, JournalFull, record_outcome
 from autocaption.locks import WAITING_FILE, DaemonLock, PhotoLocks
 from autocaption.notify import Notifier
 from autocaption.paths import display
@@ -46,9 +46,9 @@ FOLDER_CHECK_SECONDS = 2.0
 
 
 def reconcile(config: Config, journal: Journal) -> int:
-    """Queue every image under the watched folders without an up-to-date result; forget the rows of photos
-    that are gone from them (deleted while nobody watched), so `done` counts photos that exist. Returns how
-    many were queued."""
+    """Queue every image under the watched folders without an up-to-date result; mark the described photos
+    that are gone from them (deleted, moved or unmounted while nobody watched) GONE, so `done` counts photos
+    that exist and a move is still recognised. Returns how many were queued."""
     known = journal.snapshot()
     missing: list[Path] = []
     seen: set[str] = set()
@@ -66,8 +66,7 @@ def reconcile(config: Config, journal: Journal) -> int:
                     missing.append(Path(found[0]))
         prefix = str(root).rstrip("/") + "/"
         gone = [path for path in known if path.startswith(prefix) and path not in seen and _gone(path)]
-        for path in gone:
-            journal.forget(Path(path))
+        journal.gone(Path(path) for path in gone)
     return journal.enqueue(missing)
 
 
@@ -100,6 +99,8 @@ def _settled(
     if row is None:
         return False
     size, mtime_ns, status, fingerprint = row
+    if status == GONE:
+        return False  # back (a disk mounted again): the worker finds it unchanged and books it done
     if status in (QUEUED, RETRY, FAILED):
         return True  # already waiting, or failed for good until `autocaption retry`
     try:
@@ -395,7 +396,7 @@ class Service:
                     next_reconcile = time.monotonic() + 10  # and again, until there is space
                     queued = 0
                 else:
-                    if self.waiting and not self.worker.full:
+                    if self.waiting.startswith("waiting for space") and not self.worker.full:
                         self.waiting = ""
                 if queued:
                     log.info("reconcile: %d image(s) queued", queued)

@@ -280,7 +280,8 @@ def with_written(existing: Mapping[str, Any], written: WriteRecord, stat: os.sta
     document["image"] = {**existing["image"], "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     # Not rewritten this time (its XMP sidecar took it): the photo's bytes are what they were.
     before = (existing.get("written") or {}).get("sha256") or existing["image"].get("sha256")
-    document["written"] = {**written.as_json(), "sha256": written.sha256 or before}
+    settings = (existing.get("written") or {}).get("settings")  # how they were written: unchanged by a rewrite
+    document["written"] = {**written.as_json(), "sha256": written.sha256 or before, "settings": settings}
     return document
 
 

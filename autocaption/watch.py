@@ -14,6 +14,7 @@ import dataclasses
 import errno
 import logging
 import os
+import re
 import stat
 import threading
 import time
@@ -338,12 +339,19 @@ class Watchers:
 
 
 def _mount_points() -> list[str]:
-    """Every mount point of this process's view (/proc/self/mountinfo), or none where it cannot be read."""
+    """Every mount point of this process's view (/proc/self/mountinfo), or none where it cannot be read.
+    The kernel writes space, tab, newline and backslash as octal escapes; names are bytes, not UTF-8."""
     try:
-        lines = Path("/proc/self/mountinfo").read_text(encoding="utf-8").splitlines()
+        raw = Path("/proc/self/mountinfo").read_bytes()
     except OSError:
         return []
-    return [line.split()[4].replace("\\040", " ") for line in lines if len(line.split()) > 4]
+    points = []
+    for line in raw.splitlines():
+        fields = line.split()
+        if len(fields) > 4:
+            unescaped = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), fields[4])
+            points.append(os.fsdecode(unescaped))
+    return points
 
 
 def _inside(watch: WatchConfig, points: list[str]) -> frozenset[str]:

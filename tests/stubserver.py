@@ -80,6 +80,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             time.sleep(60)
             self._json({"choices": [{"message": {"content": ANSWER}}]})
             return
+        if mode == "deep-json":
+            self._send(200, b"[" * 200_000)
+            return
+        if mode == "503-odd":  # a Retry-After that is a digit to Python only, and a body that stalls
+            self.send_response(503)
+            self.send_header("Retry-After", "\u00b2".encode().decode("latin-1"))
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b"{")
+            self.wfile.flush()
+            time.sleep(5)
+            return
         if mode == "error-200":
             self._json({"error": {"message": "the engine is overloaded"}})
             return

@@ -790,3 +790,38 @@ def test_a_disk_mounted_on_a_subfolder_is_watched_at_once(daemon, inbox: Path) -
     (usb / "underneath.jpg").write_bytes(photo(8))
     wait_for(lambda: sidecar(usb / "underneath.jpg").exists(), timeout=30, what="the photo underneath")
     assert engine.images == 2
+
+
+def test_a_photo_moved_while_the_daemon_was_stopped_is_recognised_and_a_deleted_one_not_counted(
+    make_config: Callable[..., Path], inbox: Path
+) -> None:
+    """The start-up reconcile marks vanished photos GONE rather than forgetting them: a move made while the daemon
+    was stopped is still recognised by its content (not described again), and `done` counts what exists."""
+    config_path = make_config(rules=FAST_RULES, extra=f"watch: [{{path: {str(inbox)!r}, settle_seconds: 0.3}}]")
+    counters: list[CountingEngine] = []
+
+    def factory(model: ModelConfig) -> Engine:
+        counters.append(CountingEngine(load_engine(model)))
+        return counters[-1]
+
+    def run_until(condition: Callable[[Service], bool]) -> None:
+        service = Service(config_path, load(config_path), engine_factory=factory)
+        thread = threading.Thread(target=service.run, daemon=True)
+        thread.start()
+        try:
+            wait_for(lambda: service.watchers is not None and bool(service.watchers.observers), what="the start")
+            wait_for(lambda: condition(service), what="the daemon's work")
+            time.sleep(1)
+        finally:
+            service.stop.set()
+            thread.join(timeout=30)
+
+    for i in range(3):
+        (inbox / f"p{i}.jpg").write_bytes(photo(i))
+    run_until(lambda s: s.journal.stats().done == 3)
+    (inbox / "sorted").mkdir()
+    (inbox / "p0.jpg").rename(inbox / "sorted" / "p0.jpg")  # the photo alone: its sidecar stays behind
+    (inbox / "p1.jpg").unlink()
+    run_until(lambda s: s.journal.pending() == 0 and s.journal.stats().done == 2)
+    assert counters[1].images == 0  # the moved photo was recognised, nothing described again
+    assert sidecar(inbox / "sorted" / "p0.jpg").exists()

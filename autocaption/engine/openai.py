@@ -56,15 +56,17 @@ def _api_key(config: ModelConfig) -> str | None:
 class _Retry(Exception):
     """One attempt failed in a way the next may not: connection, timeout, 5xx, 429, a garbled answer."""
 
-    def __init__(self, problem: str, wait: float | None = None, *, answered: bool = True) -> None:
+    def __init__(self, problem: str, wait: float | None = None, *, answered: bool = True, busy: bool = False) -> None:
         super().__init__(problem)
         self.wait = wait  # what the server asked for (Retry-After), in seconds
         self.answered = answered  # it answered (badly), as opposed to not at all
+        self.busy = busy  # it said it cannot serve anyone now (429, 502, 503, 504): the server's state, not a photo's
 
 
 def _retry_after(value: str | None) -> float | None:
-    if value and value.strip().isdigit():
-        return min(float(value.strip()), MAX_RETRY_AFTER)
+    text = (value or "").strip()
+    if text.isascii() and text.isdigit():  # "²" is a digit to Python, not a number of seconds
+        return min(max(float(text), 1.0), MAX_RETRY_AFTER)
     return None
 
 
@@ -152,7 +154,7 @@ class OpenAIEngine:
         if self._key:
             headers["Authorization"] = f"Bearer {self._key}"
         data = json.dumps(body).encode() if body is not None else None
-        problem, wait, answered = "", None, False
+        problem, wait, answered, busy = "", None, False, False
         for attempt in range(attempts):
             if attempt:
                 delay = wait if wait is not None else min(2 ** (attempt - 1), 30) * (0.5 + random.random())
@@ -162,10 +164,11 @@ class OpenAIEngine:
             try:
                 return self._once(request)
             except _Retry as exc:
-                problem, wait, answered = str(exc), exc.wait, exc.answered
-        how = "kept failing" if answered else "unreachable"  # a 500 is not a server that is down
+                problem, wait, answered, busy = str(exc), exc.wait, exc.answered, exc.busy
+        # a 500 is not a server that is down, and a 503 is one that is up but cannot serve anyone now
+        how = "is unavailable" if busy else "kept failing" if answered else "unreachable"
         message = self._redact(f"server {self.base_url} {how} after {attempts} attempt(s): {problem}")
-        raise ServerUnreachable(message, answered=answered)
+        raise ServerUnreachable(message, answered=answered and not busy)
 
     def _once(self, request: urllib.request.Request) -> Any:
         deadline = time.monotonic() + self.config.timeout_seconds
@@ -173,9 +176,13 @@ class OpenAIEngine:
             with urllib.request.urlopen(request, timeout=self.config.timeout_seconds) as response:
                 raw = _read_until(response, deadline)
         except urllib.error.HTTPError as exc:
-            text = exc.read(64 * 1024).decode("utf-8", "replace")[:500]
+            try:
+                text = exc.read(64 * 1024).decode("utf-8", "replace")[:500]
+            except (http.client.HTTPException, OSError, ValueError):  # a body that stalls or breaks off
+                text = ""
             if exc.code == 429 or exc.code >= 500:
-                raise _Retry(f"HTTP {exc.code}", _retry_after(exc.headers.get("Retry-After"))) from None
+                raise _Retry(f"HTTP {exc.code}", _retry_after(exc.headers.get("Retry-After")),
+                             busy=exc.code in (429, 502, 503, 504)) from None  # fmt: skip
             raise self._client_error(exc.code, text) from None
         except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
             # refused, reset, timed out, a cut-short body (IncompleteRead), a garbage status line...
@@ -184,7 +191,7 @@ class OpenAIEngine:
             raise _Retry(str(reason) or type(exc).__name__, answered=answered) from None
         try:
             answer = json.loads(raw.decode("utf-8"))
-        except ValueError:  # not UTF-8, or not JSON
+        except (ValueError, RecursionError):  # not UTF-8, not JSON, or nested beyond reason
             raise _Retry("the answer was not JSON") from None
         if isinstance(answer, dict) and "error" in answer and "choices" not in answer:
             detail = answer["error"]
@@ -236,10 +243,21 @@ class OpenAIEngine:
                 flat.append(exc)
             except Cancelled:
                 raise
+            except Exception as exc:  # noqa: BLE001 - a fault of ours or of the server: that photo's, never the worker's
+                flat.append(EngineError(f"server {self.base_url}: {type(exc).__name__}: {exc}", transient=True))
         if cancel is not None and cancel.is_set():
             raise Cancelled()
         self.timings["server"] += time.perf_counter() - started
         return self._sorted(jobs, flat)
+
+    def _answers_at_all(self) -> bool:
+        """A server that failed on every photo of a batch: does it answer anything (its model list)? Then those
+        photos are the trouble (a lone photo it cannot take in an idle library), not an outage."""
+        try:
+            self._request("GET", "/models", None, attempts=1)
+        except (EngineError, Cancelled):
+            return False
+        return True
 
     def _spawn(self, work: Callable[..., Answer], *args: object) -> Future[Answer]:
         """`work` on a daemon thread once a slot is free: an abandoned request never holds up the exit (a
@@ -248,11 +266,14 @@ class OpenAIEngine:
 
         def run() -> None:
             with self._slots:
-                if self._closed.is_set() or not future.set_running_or_notify_cancel():
+                if not future.set_running_or_notify_cancel():
+                    return  # cancelled while it waited for a slot
+                if self._closed.is_set():
+                    future.set_exception(Cancelled())  # closed meanwhile: never sent, never left pending
                     return
                 try:
                     future.set_result(work(*args))
-                except Exception as exc:  # noqa: BLE001 - handed to the caller through the future
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller through the future
                     future.set_exception(exc)
 
         threading.Thread(target=run, name="openai", daemon=True).start()
@@ -268,7 +289,7 @@ class OpenAIEngine:
             # A server that answers others (lately) but fails on these photos has trouble with them, not a
             # outage: they fail (and are retried, then failed for good) instead of holding the queue forever.
             lately = time.monotonic() - self._answering < ANSWERING_SECONDS
-            if unreachable is not None and not (unreachable.answered and lately):
+            if unreachable is not None and not (unreachable.answered and (lately or self._answers_at_all())):
                 raise unreachable
         results = iter(flat)
         answers: list[list[Answer] | None] = []
