@@ -396,7 +396,8 @@ class Journal:
                     "INSERT INTO images (path, status, queued_at, updated_at) VALUES (?, ?, ?, ?)"
                     " ON CONFLICT (path) DO UPDATE SET status = excluded.status, queued_at = excluded.queued_at,"
                     " next_attempt = 0, updated_at = excluded.updated_at WHERE images.status != ?"
-                    " AND NOT (? AND images.status IN (?, ?) AND images.size = ? AND images.mtime_ns = ?)",
+                    # IS, not =: a row without a recorded stat (NULL) must be queued, not skipped as "NULL"
+                    " AND NOT (? AND images.status IN (?, ?) AND images.size IS ? AND images.mtime_ns IS ?)",
                     (db_key(path), QUEUED, now, now, QUEUED, not unchanged_too, DONE, FAILED, size, mtime_ns),
                 )
                 count += cursor.rowcount

@@ -825,3 +825,18 @@ def test_a_photo_moved_while_the_daemon_was_stopped_is_recognised_and_a_deleted_
     run_until(lambda s: s.journal.pending() == 0 and s.journal.stats().done == 2)
     assert counters[1].images == 0  # the moved photo was recognised, nothing described again
     assert sidecar(inbox / "sorted" / "p0.jpg").exists()
+
+
+def test_the_watcher_queues_a_failed_photo_again_when_it_changes(tmp_path: Path) -> None:
+    """A photo taken while still being copied fails (truncated); its next change must queue it again. A NULL
+    comparison in the queue's condition once kept it failed until `retry`."""
+    journal = Journal(tmp_path / "state")
+    path = tmp_path / "slow.jpg"
+    path.write_bytes(b"\xff\xd8 half a photo")
+    assert journal.enqueue([path], unchanged_too=False) == 1
+    journal.failed(path, "slow.jpg: truncated", transient=False, max_attempts=5, backoff=1)  # no stat recorded
+    path.write_bytes(b"\xff\xd8 the whole photo \xff\xd9")
+    assert journal.enqueue([path], unchanged_too=False) == 1 and journal.get(path).status == QUEUED  # type: ignore[union-attr]
+    journal.failed(path, "x", transient=False, max_attempts=5, backoff=1, st=path.stat())  # after our own write
+    assert journal.enqueue([path], unchanged_too=False) == 0  # unchanged since: stays failed
+    journal.close()
