@@ -231,8 +231,9 @@ def test_gemma3_prompts_longer_than_its_window_equal_plain_generate(layers: str,
         engine = load_engine(ModelConfig(id=str(folder), batch_size=batch_size))
         answers = engine.describe([Job(p.image, prompts) for p in pictures])
         assert [[a.text for a in per_image] for per_image in answers] == expected, (layers, batch_size)
-        path = "decode" if layers == "all sliding" else "prefill+decode"  # tree, or batched past the window
-        assert path in engine.timings, engine.timings
+        # the tree path (a step over the shared prefill) or the batched one past the window; which one a release
+        # takes differs (transformers 5.5 takes the batched path for all-sliding layers): the answers may not
+        assert "decode" in engine.timings or "prefill+decode" in engine.timings, engine.timings
 
 
 def test_a_photo_the_processor_cannot_take_fails_alone(
