@@ -8,6 +8,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,20 @@ from tests.test_daemon import photo, sidecar, wait_for
 def stub() -> Iterator[StubServer]:
     with stub_server() as server:
         yield server
+
+
+@contextmanager
+def serving(config_path: Path) -> Iterator[tuple[Service, threading.Thread]]:
+    """The real daemon in a thread, started (its watchers armed), stopped and joined at the end."""
+    service = Service(config_path, load(config_path))
+    thread = threading.Thread(target=service.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: service.watchers is not None and bool(service.watchers.observers), what="the start")
+        yield service, thread
+    finally:
+        service.stop.set()
+        thread.join(timeout=30)
 
 
 def remote_config(make_config: Callable[..., Path], server: StubServer, extra: str = "", **model: object) -> Path:
@@ -144,11 +159,7 @@ def test_the_daemon_keeps_working_through_every_fault_and_ends_a_hopeless_photo_
         make_config, stub, extra=f"watch: [{{path: {str(inbox)!r}, settle_seconds: 0.3}}]\n"
         "daemon: {max_attempts: 5, retry_seconds: 1}", batch_size=4,
     )  # fmt: skip
-    service = Service(config_path, load(config_path))
-    thread = threading.Thread(target=service.run, daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: service.watchers is not None and bool(service.watchers.observers), what="the start")
+    with serving(config_path) as (service, thread):
         for mode in ("short-body", "garbage-status", "not-utf8", "usage-list", "error-200"):
             stub.mode = mode
             (inbox / f"{mode}.jpg").write_bytes(photo(len(mode)))
@@ -161,9 +172,6 @@ def test_the_daemon_keeps_working_through_every_fault_and_ends_a_hopeless_photo_
         record = service.journal.get(inbox / "panorama.jpg")
         assert record is not None and "answered other photos" in (record.last_error or "")
         assert thread.is_alive() and service.crashed is None
-    finally:
-        service.stop.set()
-        thread.join(timeout=30)
 
 
 def test_sigterm_while_the_server_hangs_exits_within_seconds_and_sends_nothing_more(
@@ -250,11 +258,7 @@ def test_a_reload_that_drops_a_folder_or_changes_rules_acts_at_once(
         make_config, stub, extra=f"watch: [{{path: {str(kept)!r}, settle_seconds: 0.3}}]\n"
         "daemon: {redo_stale: true}",
     )  # fmt: skip
-    service = Service(config_path, load(config_path))
-    thread = threading.Thread(target=service.run, daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: service.watchers is not None and bool(service.watchers.observers), what="the start")
+    with serving(config_path) as (service, _):
         wait_for(lambda: service.journal.stats().done == 2, what="two photos")
         asked = stub.requests
         text = config_path.read_text(encoding="utf-8").replace('prompt: "Describe."', 'prompt: "Describe it."')
@@ -280,9 +284,6 @@ def test_a_reload_that_drops_a_folder_or_changes_rules_acts_at_once(
         wait_for(lambda: service.journal.pending() == 0, timeout=60, what="the queue to empty")
         assert not any(sidecar(path).exists() for path in paths)
         assert all(service.journal.get(path) is None for path in paths)
-    finally:
-        service.stop.set()
-        thread.join(timeout=30)
 
 
 def test_a_url_with_a_password_is_refused(make_config: Callable[..., Path], run_cli: RunCli) -> None:
@@ -335,18 +336,11 @@ def test_status_says_the_daemon_waits_for_the_server_during_an_outage(
     inbox.mkdir()
     line = f"{{engine: openai, base_url: 'http://127.0.0.1:{free_port()}/v1', id: m, retries: 0, timeout_seconds: 2}}"
     config_path = make_config(model_line=line, extra=f"watch: [{{path: {str(inbox)!r}, settle_seconds: 0.3}}]")
-    service = Service(config_path, load(config_path))
-    thread = threading.Thread(target=service.run, daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: service.watchers is not None and bool(service.watchers.observers), what="the start")
+    with serving(config_path) as (service, _):
         photos(inbox, 2)
         wait_for(lambda: "waiting for the server" in service._status(), what="the outage")
         wait_for(lambda: "waiting for the server" in run_cli("status", "--config", config_path).stdout,
                  what="status to say so")  # fmt: skip
         report = json.loads(run_cli("status", "--json", "--config", config_path).stdout)
         assert "unreachable" in report["waiting"] and report["queued"] == 2
-    finally:
-        service.stop.set()
-        thread.join(timeout=30)
     assert "waiting" not in run_cli("status", "--config", config_path).stdout  # not once it has stopped
