@@ -34,6 +34,9 @@ class Blocks:
     # counts). They are merged into the first, and the file is written back with one.
     more_xmp: tuple[bytes, ...] = ()
     iptc: bytes | None = None  # JPEG: the IPTC-IIM data in the Photoshop APP13 segment, when there is one
+    # The IPTC digest stored beside it (MD5 of the IIM data when XMP was last synced; None when there is none).
+    # It says which of IPTC and XMP a Metadata Working Group reader believes.
+    iptc_digest: bytes | None = None
 
 
 # --- JPEG -------------------------------------------------------------------------------------------
@@ -66,19 +69,20 @@ def jpeg_blocks(data: bytes) -> Blocks:
     segments, _ = _jpeg_segments(data)
     exif = next((p[6:] for m, p in segments if m == 0xE1 and p.startswith(EXIF_HEADER)), None)
     packets = [p[len(XMP_HEADER) :] for m, p in segments if m == 0xE1 and p.startswith(XMP_HEADER)]
-    return Blocks(exif, packets[0] if packets else None, tuple(packets[1:]), _jpeg_iptc(segments))
+    iim, digest = _jpeg_iptc(segments)
+    return Blocks(exif, packets[0] if packets else None, tuple(packets[1:]), iim, digest)
 
 
-def _jpeg_iptc(segments: list[tuple[int, bytes]]) -> bytes | None:
-    """The IIM data of the one Photoshop APP13 segment. None when there is none, or when it is split over
-    several segments or unparseable: then IPTC is left exactly as it is."""
+def _jpeg_iptc(segments: list[tuple[int, bytes]]) -> tuple[bytes | None, bytes | None]:
+    """The IIM data of the one Photoshop APP13 segment and its digest. None when there is none, or when it is
+    split over several segments or unparseable: then IPTC is left exactly as it is."""
     photoshop = [p for m, p in segments if m == 0xED and p.startswith(iptc.PHOTOSHOP_HEADER)]
     if len(photoshop) != 1:
-        return None
+        return None, None
     try:
-        return iptc.iim_of(photoshop[0])
+        return iptc.iim_of(photoshop[0]), iptc.digest_of(photoshop[0])
     except iptc.IptcError:
-        return None
+        return None, None
 
 
 def jpeg_with(data: bytes, new: Blocks) -> bytes:

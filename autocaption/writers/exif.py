@@ -18,6 +18,7 @@ import piexif
 IMAGE_DESCRIPTION = piexif.ImageIFD.ImageDescription  # 0x010E
 MAKE = piexif.ImageIFD.Make
 MODEL = piexif.ImageIFD.Model
+SOFTWARE = piexif.ImageIFD.Software  # 0x0131: the firmware or program that wrote the file
 XP_COMMENT = piexif.ImageIFD.XPComment  # 0x9C9C, UTF-16LE bytes: Windows "Comments"
 XP_KEYWORDS = piexif.ImageIFD.XPKeywords  # 0x9C9E: Windows "Tags"
 OWNED = frozenset({IMAGE_DESCRIPTION, XP_COMMENT, XP_KEYWORDS})

@@ -2,9 +2,13 @@
 
 The Metadata Working Group asks writers to update IPTC-IIM only when a file already has it, and then to
 keep it in sync with XMP (Apple Photos, Windows and older Lightroom catalogs read IPTC first). Every other
-dataset and every other Photoshop resource (thumbnails, print settings, slices) keeps its bytes; the IPTC
-digest (resource 0x0425, MD5 of the IIM data, which tells Photoshop and Lightroom whether IPTC and XMP
-agree) is updated when it matched before.
+dataset and every other Photoshop resource (thumbnails, print settings, slices) keeps its bytes.
+
+The IPTC digest (resource 0x0425, MD5 of the IIM data when XMP was last synced) tells Photoshop, Lightroom
+and every MWG reader which of the two to believe: a matching or missing digest means XMP, a stale one means
+IPTC was changed by a tool that knows no XMP. As exiftool's MWG writer does, a digest that matched is
+updated and a missing one is added (IPTC and XMP now agree); a stale one stays stale, because the other IPTC
+fields it vouches for (a city, a credit) are still newer than XMP's.
 
 Text is written as UTF-8 and CodedCharacterSet (1:90) says so. A block without 1:90 whose texts are all
 ASCII gains it (the texts read the same); one in a legacy character set with non-ASCII text is left alone
@@ -70,17 +74,29 @@ def iim_of(payload: bytes) -> bytes | None:
     return next((r.data for r in resources(payload) if r.id == IPTC_RESOURCE), None)
 
 
+def digest_of(payload: bytes) -> bytes | None:
+    """The stored IPTC digest of an APP13 payload, or None when it has none."""
+    return next((r.data for r in resources(payload) if r.id == DIGEST_RESOURCE), None)
+
+
+def digest(iim: bytes) -> bytes:
+    return hashlib.md5(iim, usedforsecurity=False).digest()
+
+
 def with_iim(payload: bytes, new: bytes) -> bytes:
-    """The APP13 payload with new IIM data; the digest follows when it described the old data."""
-    out = [PHOTOSHOP_HEADER]
+    """The APP13 payload with new IIM data; the digest follows when it described the old data, and is added
+    when there was none."""
     blocks = resources(payload)
     old = next((r.data for r in blocks if r.id == IPTC_RESOURCE), b"")
+    if not any(r.id == DIGEST_RESOURCE for r in blocks):
+        blocks.append(_Resource(DIGEST_RESOURCE, b"\x00\x00", digest(old)))
+    out = [PHOTOSHOP_HEADER]
     for resource in blocks:
         data = resource.data
         if resource.id == IPTC_RESOURCE:
             data = new
-        elif resource.id == DIGEST_RESOURCE and data == hashlib.md5(old, usedforsecurity=False).digest():
-            data = hashlib.md5(new, usedforsecurity=False).digest()
+        elif resource.id == DIGEST_RESOURCE and data == digest(old):
+            data = digest(new)
         out.append(b"8BIM" + struct.pack(">H", resource.id) + resource.name + struct.pack(">I", len(data)) + data)
         if len(data) & 1:
             out.append(b"\x00")

@@ -13,7 +13,6 @@ import io
 import logging
 import os
 import stat
-import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +91,7 @@ class _Found:
     own_keywords: tuple[str, ...] = ()
     make: str | None = None
     model: str | None = None
+    software: str | None = None
 
 
 class MetadataWriter:
@@ -102,11 +102,11 @@ class MetadataWriter:
         """The description and keywords the photo carries now, as a photo library reads them: from its XMP
         sidecar where it has one, else from the file itself (nothing, when neither can be read)."""
         try:
-            root = xmp.parse(self.sidecar_path(path).read_bytes())
+            packet = xmp.parse(self.sidecar_path(path).read_bytes())
         except (OSError, XmpError):
             pass
         else:
-            facts = xmp.facts(root)
+            facts = xmp.facts(packet)
             return facts.description, facts.keywords
         try:
             found = _facts_of(path.read_bytes())
@@ -174,8 +174,8 @@ class MetadataWriter:
         read_blocks, write_blocks = EDITABLE[kind]
         blocks = read_blocks(data)
         tiff = Tiff(blocks.exif) if blocks.exif is not None else exif.new_block()
-        root = xmp.parse_all(blocks.xmp, blocks.more_xmp)
-        applied = self._apply(root, caption, found)
+        packet = xmp.parse_all(blocks.xmp, blocks.more_xmp)
+        applied = self._apply(packet, caption, found)
         updates: dict[int, tuple[int, bytes] | None] = {}
         if applied.description is not None:
             updates[exif.IMAGE_DESCRIPTION] = exif.ascii_value(applied.description)
@@ -184,41 +184,41 @@ class MetadataWriter:
             updates[exif.XP_KEYWORDS] = exif.xp_value(";".join(applied.keywords)) if applied.keywords else None
         new_exif = tiff.with_tags(updates) if updates else None
         new_iptc = _synced_iptc(blocks.iptc, applied)
-        new_data = write_blocks(data, Blocks(new_exif, xmp.serialize(root), iptc=new_iptc))
+        new_data = write_blocks(data, Blocks(new_exif, xmp.serialize(packet), iptc=new_iptc))
         _verify(new_data, data, kind)
         return new_data, applied.notes
 
-    def _apply(self, root: ET.Element, caption: Caption, found: _Found) -> _Applied:
-        """Set description and keywords in an XMP tree as the `existing` policy allows (a person's caption
+    def _apply(self, packet: xmp.Packet, caption: Caption, found: _Found) -> _Applied:
+        """Set description and keywords in an XMP packet as the `existing` policy allows (a person's caption
         is kept, our earlier text and keywords replaced); the EXIF tags then mirror what was set."""
         applied = _Applied()
         if caption.person:  # only what the person changed: None leaves that field as the photo has it
             if caption.description is not None:
-                xmp.set_description(root, caption.description, None)
+                xmp.set_description(packet, caption.description, None)
                 applied.description = caption.description
             if caption.keywords is not None:
-                xmp.set_keywords(root, caption.keywords, ())
+                xmp.set_keywords(packet, caption.keywords, ())
                 applied.keywords = caption.keywords
             applied.notes = ("written: a person's correction", "written: a person's correction")
             return applied
         if caption.description is not None:
             decision = policy.decide_description(
                 caption.description, found.descriptions, found.own_description, self.output.existing,
-                found.make, found.model,
+                found.make, found.model, found.software,
             )  # fmt: skip
             applied.notes = (decision.note, applied.notes[1])
             if decision.text is not None:
-                xmp.set_description(root, decision.text, caption.description)
+                xmp.set_description(packet, decision.text, caption.description)
                 applied.description = decision.text
         if caption.keywords is not None and not caption.keywords and caption.asked and found.own_keywords:
             # No rule writes keywords for this photo any more (a match narrowed, a `write:` taken out): the
             # keywords autocaption wrote earlier go; a person's and other tools' stay.
             applied.keywords = policy.merge_keywords(found.keywords, found.own_keywords, ())
-            xmp.set_keywords(root, applied.keywords, ())
+            xmp.set_keywords(packet, applied.keywords, ())
             applied.notes = (applied.notes[0], "removed: autocaption's earlier keywords (no rule writes keywords)")
         if caption.keywords:
             applied.keywords = policy.merge_keywords(found.keywords, found.own_keywords, caption.keywords)
-            xmp.set_keywords(root, applied.keywords, caption.keywords)
+            xmp.set_keywords(packet, applied.keywords, caption.keywords)
             applied.notes = (applied.notes[0], "written")
         return applied
 
@@ -240,10 +240,10 @@ class MetadataWriter:
         except OSError as exc:
             raise WriteError.from_os(f"{display(sidecar)}: cannot read", exc) from None
         try:
-            root = xmp.parse(existing)
+            packet = xmp.parse(existing)
         except XmpError as exc:
             raise WriteError(f"{display(sidecar)}: existing sidecar left untouched: {exc}") from None
-        side = xmp.facts(root)
+        side = xmp.facts(packet)
         merged = _Found(
             descriptions=[side.description, *found.descriptions],
             keywords=side.keywords,
@@ -251,34 +251,35 @@ class MetadataWriter:
             own_keywords=side.own_keywords,
             make=found.make,
             model=found.model,
+            software=found.software,
         )
-        notes = self._apply(root, caption, merged).notes
+        notes = self._apply(packet, caption, merged).notes
         if not dry_run:
             try:
-                write_atomic(sidecar, xmp.serialize(root, padding=0))
+                write_atomic(sidecar, xmp.serialize(packet, padding=0))
             except OSError as exc:
                 raise WriteError.from_os(f"{display(sidecar)}: cannot write sidecar", exc) from None
         return sidecar, (f"{notes[0]} (sidecar)" if notes[0] != "none" else "none", notes[1])
 
 
 def _facts_of(data: bytes) -> _Found:
-    """Descriptions, keywords, camera make/model already in the file; nothing on unreadable metadata."""
+    """Descriptions, keywords, camera make/model already in the file, as a Metadata Working Group reader sees
+    them (nothing on unreadable metadata): the EXIF description when it is not blank, then XMP's, or IPTC's
+    where the file's IPTC digest says IPTC is the newer (`_believed`)."""
     kind = sniff(data[:16])
     found = _Found(descriptions=[])
     try:
         blocks = EDITABLE[kind][0](data) if kind in EDITABLE else _pillow_blocks(data)
     except (ContainerError, OSError, ValueError):
         return found
+    facts = None
     if blocks.xmp is not None:
         try:
             facts = xmp.facts(xmp.parse_all(blocks.xmp, blocks.more_xmp))
         except XmpError:
             facts = None
-        if facts:
-            found.descriptions.append(facts.description)
-            found.keywords, found.own_description, found.own_keywords = (
-                facts.keywords, facts.own_description, facts.own_keywords,
-            )  # fmt: skip
+    if facts:
+        found.own_description, found.own_keywords = facts.own_description, facts.own_keywords
     if blocks.exif is not None:
         try:
             tiff = Tiff(blocks.exif)
@@ -287,15 +288,43 @@ def _facts_of(data: bytes) -> _Found:
         if tiff is not None:
             found.descriptions.append(tiff.text(exif.IMAGE_DESCRIPTION))
             found.make, found.model = tiff.text(exif.MAKE), tiff.text(exif.MODEL)
+            found.software = tiff.text(exif.SOFTWARE)
+    legacy = None
     if blocks.iptc is not None:
         try:
             legacy = iptc.facts(blocks.iptc)
         except iptc.IptcError:
-            return found
-        found.descriptions.append(legacy.caption)
-        known = {word.casefold() for word in found.keywords}
-        found.keywords += tuple(word for word in legacy.keywords if word.casefold() not in known)
+            legacy = None
+    xmp_description = facts.description if facts else None
+    xmp_keywords = facts.keywords if facts else ()
+    if legacy is None:
+        found.descriptions.append(xmp_description)
+        found.keywords = xmp_keywords
+        return found
+    in_sync = blocks.iptc_digest is None or blocks.iptc_digest == iptc.digest(blocks.iptc or b"")
+    description = _believed(legacy.caption, xmp_description, in_sync, iptc.CAPTION_LIMIT)
+    found.descriptions.append(description)
+    if xmp_keywords and (in_sync or not legacy.keywords):
+        found.keywords = xmp_keywords
+    else:
+        twins = [xmp_keywords[i] if i < len(xmp_keywords) else None for i in range(len(legacy.keywords))]
+        pairs = zip(legacy.keywords, twins, strict=True)
+        believed = (_believed(word, twin, False, iptc.KEYWORD_LIMIT) for word, twin in pairs)
+        found.keywords = tuple(word for word in believed if word is not None)
     return found
+
+
+def _believed(legacy: str | None, ours: str | None, in_sync: bool, limit: int) -> str | None:
+    """The MWG choice between an IPTC value and its XMP twin (exiftool's MWG module reads the same): XMP, when
+    it has the value and the IPTC digest matches or is missing (IPTC is a stale copy then); else IPTC, with
+    a value that IPTC's length limit cut short taken whole from XMP. One departure, so that nothing is lost:
+    where IPTC lacks the value altogether, XMP's counts (exiftool would read nothing)."""
+    if ours is not None and (in_sync or legacy is None):
+        return ours  # (with no IPTC value at all, XMP's is kept rather than read as deleted)
+    cut_short = legacy is not None and ours is not None and len(legacy.encode("utf-8")) == limit
+    if cut_short and ours is not None and legacy is not None and len(ours.encode("utf-8")) > limit:
+        return ours if ours.startswith(legacy) else legacy
+    return legacy
 
 
 def _synced_iptc(iim: bytes | None, applied: _Applied) -> bytes | None:

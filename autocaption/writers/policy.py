@@ -2,27 +2,97 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-# Text cameras put into ImageDescription by themselves: "OLYMPUS DIGITAL CAMERA", "SONY DSC",
-# "KODAK Digital Still Camera", "Exif_JPEG_PICTURE", "default"...
-_BOILERPLATE = re.compile(
-    r"^\W*(?:[\w.,&-]+\s+){0,3}(?:digital\s+(?:still\s+)?camera|dsc|camera)\W*$"
-    r"|^\W*(?:exif[_ ]jpeg(?:[_ ]picture)?|default|untitled|image|picture|photo)\W*$",
-    re.IGNORECASE,
-)
+
+@dataclass(frozen=True)
+class Boilerplate:
+    """A kind of text that cameras and programs put into a description by themselves. A description that is
+    wholly one of these is nobody's caption: `existing: keep` replaces it."""
+
+    kind: str
+    # A regular expression the whole trimmed text must match, case-insensitively. {make}, {model} and
+    # {software} stand for the photo's own EXIF Make, Model and Software (a branch naming one the photo lacks
+    # matches nothing).
+    pattern: str
+    examples: tuple[str, ...]  # made up (with the same placeholders); the tests hold the table to them
 
 
-def is_boilerplate(text: str | None, make: str | None = None, model: str | None = None) -> bool:
-    """Blank, equal to the camera's Make or Model, or a well-known camera default string."""
-    value = (text or "").strip(" \x00\t\r\n")
+_WORD = r"(?:image|images|picture|pictures|photo|photograph|jpeg|jpg)"
+_VERSION = r"v?\d+(?:[._]\d+)*[a-z]?"
+BOILERPLATE: tuple[Boilerplate, ...] = (
+    Boilerplate("the camera's own name", r"{make}|{model}|{make}\s+{model}|{software}",
+                ("{make}", "{model}", "{make} {model}", "{software}")),
+    Boilerplate(
+        "a camera maker's default",
+        r"(?:[\w.,&-]+\s+){0,3}(?:digital\s+(?:still\s+)?camera|dsc|camera\s+pictures?)(?:\s+" + _WORD + ")?",
+        ("OLYMPUS DIGITAL CAMERA", "SONY DSC", "KODAK Digital Still Camera", "SAMSUNG CAMERA PICTURES"),
+    ),
+    Boilerplate(
+        "the model followed by a word",
+        r"(?:{make}\s+)?{model}\s+(?:" + _WORD + r"|camera|digital\s+camera)",
+        ("{model} Image", "{make} {model} picture", "{model} digital camera"),
+    ),
+    Boilerplate(
+        "a generic placeholder",
+        r"exif[_ ]?jpeg(?:[_ ]?(?:picture|image|422|420))?|default|untitled|no\s+description|description|"
+        r"(?:digital\s+)?" + _WORD + r"|scanned\s+(?:image|document)|<?none>?|n/?a|null",
+        ("Exif_JPEG_PICTURE", "default", "Untitled", "Digital image", "<none>", "Scanned image"),
+    ),
+    Boilerplate(
+        "a path or file name on the memory card",
+        r"(?:[a-z]:)?[\\/]?(?:dcim[\\/]\d{3}[a-z0-9_]{5}[\\/])?[a-z0-9_]{3,5}\d{3,5}(?:\.(?:jpe?g|heic|hif|tiff?|dng|raw))?"
+        r"|dcim[\\/]\d{3}[a-z0-9_]{5}",
+        ("DCIM\\100MSDCF\\DSC01234.JPG", "DCIM/101CANON/IMG_0042.JPG", "P1010001.JPG", "DSC_0042", "DCIM\\100OLYMP"),
+    ),
+    Boilerplate(
+        "a standard's name and version",
+        r"(?:dcf|exif|jfif|dpof|pim|print\s+image\s+matching(?:\s+ii)?|cipa\s+dc-\d+)(?:[\s_-]*(?:ver(?:sion)?\.?\s*)?"
+        + _VERSION + ")?",
+        ("DCF 2.0", "Exif 2.32", "JFIF 1.02", "EXIF 0230", "Print Image Matching II"),
+    ),
+    Boilerplate(
+        "a firmware or program name",
+        r"(?:(?:firmware\s+)?(?:ver(?:sion)?\.?|firmware)\s*" + _VERSION + r"|v\d+(?:[._]\d+)+[a-z]?)"
+        r"(?:\s+(?:build|beta|release|final|rc)?\s*\d*)?"
+        r"|(?:created|edited|processed|made)\s+(?:with|by|in)\s+(?:the\s+)?(?:gimp|photoshop|lightroom|picasa|"
+        r"paint\.net|irfanview|acdsee|snapseed|[\w.+-]+\s+" + _VERSION + r")"
+        r"|(?:adobe\s+)?(?:photoshop|lightroom|gimp|picasa|paint\s*shop\s*pro|acdsee|irfanview|snapseed|darktable|"
+        r"digikam|capture\s+one|hdr\+|lead\s+technologies(?:\s+inc\.?)?)"
+        r"(?:\s+(?:cc|cs\d*|elements|express|classic|pro|x\d*|ultimate|" + _VERSION + r"|\(\w+\)|macintosh|windows))*",
+        ("Ver.1.00", "Firmware Version 1.02", "V1.01 build", "Created with GIMP", "Adobe Photoshop CS6 (Windows)",
+         "HDR+ 1.0.199571065z", "LEAD Technologies Inc. V1.01"),
+    ),
+)  # fmt: skip
+
+
+_PLACEHOLDER = re.compile(r"\{(make|model|software)\}")
+
+
+@functools.lru_cache(maxsize=256)
+def _boilerplate(make: str | None, model: str | None, software: str | None) -> re.Pattern[str]:
+    """One expression of every class, for a photo with this Make, Model and Software."""
+    tags = {"make": make, "model": model, "software": software}
+
+    def tag(match: re.Match[str]) -> str:
+        value = (tags[match[1]] or "").strip()
+        return re.escape(" ".join(value.split())) if value else "(?!)"  # (?!): a tag the photo lacks
+
+    classes = (_PLACEHOLDER.sub(tag, entry.pattern) for entry in BOILERPLATE)
+    return re.compile("|".join(f"(?:{pattern})" for pattern in classes), re.IGNORECASE)
+
+
+def is_boilerplate(
+    text: str | None, make: str | None = None, model: str | None = None, software: str | None = None
+) -> bool:
+    """Blank, or wholly one of the BOILERPLATE classes for a photo with this Make, Model and Software."""
+    value = " ".join((text or "").strip(" \x00\t\r\n").split())
     if not value:
         return True
-    if any(value.casefold() == (known or "").strip().casefold() for known in (make, model) if known):
-        return True
-    return bool(_BOILERPLATE.match(value))
+    return _boilerplate(make, model, software).fullmatch(value) is not None
 
 
 @dataclass(frozen=True)
@@ -33,10 +103,10 @@ class Decision:
 
 def decide_description(
     ours: str, existing: Sequence[str | None], own_previous: str | None, policy: str, make: str | None,
-    model: str | None,
+    model: str | None, software: str | None = None,
 ) -> Decision:  # fmt: skip
     """`existing`: descriptions found in the file/sidecar; `own_previous`: what we wrote last time."""
-    human = _human(existing, own_previous, make, model)
+    human = _human(existing, own_previous, make, model, software)
     if human is None or policy == "overwrite":
         return Decision(ours, "written" if human is None else "written: replaced a person's caption (overwrite)")
     if policy == "append":
@@ -44,10 +114,12 @@ def decide_description(
     return Decision(None, "kept: the file already has a person's caption (output.existing: keep)")
 
 
-def _human(existing: Sequence[str | None], own_previous: str | None, make: str | None, model: str | None) -> str | None:
+def _human(
+    existing: Sequence[str | None], own_previous: str | None, make: str | None, model: str | None, software: str | None
+) -> str | None:
     """The person's part of the existing description, or None when there is none."""
     for text in existing:
-        if text is None or is_boilerplate(text, make, model):
+        if text is None or is_boilerplate(text, make, model, software):
             continue
         value = text.strip()
         if own_previous and value == own_previous.strip():

@@ -1,17 +1,22 @@
 """XMP packets: read the description and keywords, merge ours in without losing anything else.
 
-Foreign XMP (darktable history, Lightroom develop settings, digiKam tags) is parsed with defusedxml
-(no entity expansion, no external entities) and every property we do not own is kept. What
-autocaption wrote is recorded in its own namespace (`autocaption:Description`, `autocaption:Keywords`)
-so a later run can tell its own text from a person's.
+A packet is edited, never rebuilt. It is parsed twice: by defusedxml into a tree (no entity expansion, no
+external entities) that is read and changed, and by expat for where each element lies in the bytes. On
+writing, only the properties that changed (dc:description, dc:subject, lr:hierarchicalSubject, autocaption's
+own) are cut out and written again where they were; every other byte stays as it was: other tools'
+properties, their namespace prefixes and declarations (used or not), comments, white space, the xpacket
+wrapper. A property we add takes the prefix already in scope for its namespace, and a declaration on its
+rdf:Description when there is none. What autocaption wrote is recorded in its own namespace
+(`autocaption:Description`, `autocaption:Keywords`) so a later run can tell its own text from a person's.
 """
 
 from __future__ import annotations
 
 import re
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from xml.parsers import expat
 
 import defusedxml.ElementTree as SafeET
 
@@ -23,13 +28,24 @@ NS = {
     "autocaption": "https://github.com/autocaption/autocaption/ns/1.0/",
     "lr": "http://ns.adobe.com/lightroom/1.0/",
 }
-XML_LANG = "{http://www.w3.org/XML/1998/namespace}lang"
+_PREFERRED = {uri: prefix for prefix, uri in NS.items()}
+XML_NS = "http://www.w3.org/XML/1998/namespace"
+XML_LANG = "{" + XML_NS + "}lang"
 PACKET_ID = "W5M0MpCehiHzreSzNTczkc9d"
 _RDF = "{" + NS["rdf"] + "}"
 _DC = "{" + NS["dc"] + "}"
 _OWN = "{" + NS["autocaption"] + "}"
 _LR = "{" + NS["lr"] + "}"
-_PI = re.compile(rb"<\?xpacket[^>]*\?>")
+_EMPTY = (
+    b'<x:xmpmeta xmlns:x="adobe:ns:meta/">\n <rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">\n'
+    b'  <rdf:Description rdf:about=""/>\n </rdf:RDF>\n</x:xmpmeta>'
+)
+_SPACE = b" \t\r\n"
+_START_TAG = re.compile(rb"""<[^\s/>]+(?:\s+[^\s=/>]+\s*=\s*(?:"[^"]*"|'[^']*'))*\s*/?>""")
+_ATTRIBUTE = re.compile(rb"""\s+([^\s=/>]+)\s*=\s*(?:"[^"]*"|'[^']*')""")
+_ENCODING = re.compile(rb"""\A<\?xml[^>]*?encoding\s*=\s*["']([^"']+)""")
+_TRAILER = re.compile(rb"[ \t\r\n]*<\?xpacket\s+end\b")
+_Edit = tuple[int, int, bytes]  # a splice of the parsed bytes: start, end, what goes there
 
 
 class XmpError(ValueError):
@@ -44,71 +60,163 @@ class XmpFacts:
     own_keywords: tuple[str, ...]
 
 
-def _register(xml: bytes) -> None:
-    """Keep the document's own prefixes when re-serialising (ElementTree would invent ns0, ns1)."""
-    for prefix, uri in re.findall(rb'xmlns:([A-Za-z_][\w.-]*)="([^"]*)"', xml):
-        try:
-            ET.register_namespace(prefix.decode(), uri.decode())
-        except ValueError:
-            continue  # reserved prefixes (xml, ns0...) cannot be registered; ET picks its own
+@dataclass(frozen=True)
+class _Span:
+    """Where an element lies in the packet's bytes, and the names in force inside its start tag."""
+
+    start: int  # its "<"
+    tag_end: int  # just after its start tag
+    end: int  # just after its end tag (tag_end for an empty-element tag)
+    qname: str  # as written: "rdf:Description"
+    names: dict[str, str]  # prefix -> namespace URI ("" for a default namespace)
+    attributes: frozenset[str]  # the start tag's attributes, {uri}local
+
+    @property
+    def empty(self) -> bool:
+        return self.tag_end == self.end
 
 
-for _prefix, _uri in NS.items():
-    ET.register_namespace(_prefix, _uri)
+@dataclass
+class Packet:
+    """An XMP packet: a tree to read and change, and the bytes it came from."""
+
+    raw: bytes
+    root: ET.Element  # x:xmpmeta (made up around a bare rdf:RDF)
+    spans: dict[ET.Element, _Span]  # every element that came from `raw`
+    children: dict[ET.Element, list[ET.Element]]  # the children each rdf:Description had when parsed
+    prefixes: dict[str, str]  # namespace URI -> a prefix the document (or a merged one) gave it
+    fresh: bool = False  # made here: gets the xpacket wrapper on writing
+    changed: set[str] = field(default_factory=set)  # properties (and root attributes) set since parsing
 
 
-def parse(packet: bytes | None) -> ET.Element:
-    """The x:xmpmeta element of a packet (or a new, empty one)."""
-    if not packet or not packet.strip():
-        return _empty()
-    body = _PI.sub(b"", packet).strip().rstrip(b"\x00 \n\r\t")
-    _register(body)
+def parse(packet: bytes | None) -> Packet:
+    """A packet's tree and layout (a new, empty packet for None or blank bytes)."""
+    if not packet or not packet.strip(_SPACE + b"\x00"):
+        return _parse(_EMPTY, fresh=True)
+    return _parse(packet, fresh=False)
+
+
+def _parse(raw: bytes, *, fresh: bool) -> Packet:
+    lead, trail = _body(raw)
+    body = raw[lead:trail]
+    encoding = _ENCODING.match(body)
+    if body.startswith((b"\xff\xfe", b"\xfe\xff")) or (encoding and encoding[1].lower() not in (b"utf-8", b"utf8")):
+        raise XmpError("XMP in an encoding other than UTF-8")
     try:
-        root = SafeET.fromstring(body)
+        tree = SafeET.fromstring(body)
     except (ET.ParseError, ValueError) as exc:  # defusedxml raises ValueError subclasses for attacks
         raise XmpError(f"unreadable XMP ({exc})") from None
+    spans = _layout(body)
+    elements = list(tree.iter())
+    if len(elements) != len(spans):
+        raise XmpError("XMP elements could not be located in the packet")
+    root = tree
     if root.tag == _RDF + "RDF":  # a bare rdf:RDF without the x:xmpmeta wrapper
-        meta = ET.Element("{adobe:ns:meta/}xmpmeta")
-        meta.append(root)
-        root = meta
-    if root.find(_RDF + "RDF") is None:
+        root = ET.Element("{adobe:ns:meta/}xmpmeta")
+        root.append(tree)
+    rdf = root.find(_RDF + "RDF")
+    if rdf is None:
         raise XmpError("XMP without an rdf:RDF element")
-    return root
+    return Packet(
+        raw=raw,
+        root=root,
+        spans=dict(zip(elements, spans, strict=True)),
+        children={description: list(description) for description in rdf.findall(_RDF + "Description")},
+        prefixes={uri: prefix for span in spans for prefix, uri in span.names.items() if prefix},
+        fresh=fresh,
+    )
 
 
-def parse_all(packet: bytes | None, more: Sequence[bytes] = ()) -> ET.Element:
-    """One tree from a file's XMP packets: the first, with the properties only the others have added."""
-    root = parse(packet)
+def _body(raw: bytes) -> tuple[int, int]:
+    """Where the XML of a packet starts and ends (white space and NUL padding outside it are kept as bytes)."""
+    lead = len(raw) - len(raw.lstrip(_SPACE))
+    trail = len(raw.rstrip(_SPACE + b"\x00"))
+    return lead, max(lead, trail)
+
+
+def _layout(body: bytes) -> list[_Span]:
+    """Every element's span, in document order (the order of ElementTree's iter())."""
+    parser = expat.ParserCreate()
+    spans: list[_Span | None] = []
+    open_: list[tuple[int, int, int, str, dict[str, str], frozenset[str]]] = []
+
+    def start(qname: str, attributes: dict[str, str]) -> None:
+        at = parser.CurrentByteIndex
+        names = dict(open_[-1][4]) if open_ else {}
+        for key, value in attributes.items():
+            if key == "xmlns" or key.startswith("xmlns:"):
+                names[key[6:]] = value
+        tag = _START_TAG.match(body, at)
+        if tag is None:
+            raise XmpError(f"XMP start tag at byte {at} could not be located")
+        clark = frozenset(_clark(key, names, attribute=True) for key in attributes if not _is_declaration(key))
+        open_.append((len(spans), at, tag.end(), qname, names, clark))
+        spans.append(None)
+
+    def end(qname: str) -> None:
+        index, at, tag_end, name, names, attributes = open_.pop()
+        here = parser.CurrentByteIndex
+        if here == tag_end and body[tag_end - 2 : tag_end] == b"/>":
+            finish = tag_end  # <x/>: expat reports its end just after the tag
+        else:
+            finish = body.index(b">", here) + 1
+        spans[index] = _Span(at, tag_end, finish, name, names, attributes)
+
+    parser.StartElementHandler = start
+    parser.EndElementHandler = end
+    try:
+        parser.Parse(body, True)
+    except expat.ExpatError as exc:
+        raise XmpError(f"unreadable XMP ({exc})") from None
+    return [span for span in spans if span is not None]
+
+
+def _is_declaration(name: str) -> bool:
+    return name == "xmlns" or name.startswith("xmlns:")
+
+
+def _clark(qname: str, names: dict[str, str], *, attribute: bool = False) -> str:
+    prefix, _, local = qname.rpartition(":")
+    if prefix == "xml":
+        return "{" + XML_NS + "}" + local
+    uri = names.get(prefix) if prefix or not attribute else None
+    return "{" + uri + "}" + local if uri else local
+
+
+def parse_all(packet: bytes | None, more: Sequence[bytes] = ()) -> Packet:
+    """One packet from a file's XMP packets: the first, with the properties only the others have added."""
+    first = parse(packet)
     for other in more:
-        merge(root, parse(other))
-    return root
+        merge(first, parse(other))
+    return first
 
 
-def merge(root: ET.Element, other: ET.Element) -> None:
-    """Add the properties of `other` that `root` does not have (in any form); on a conflict the first wins."""
+def merge(packet: Packet, other: Packet) -> None:
+    """Add the properties of `other` that `packet` does not have (in any form); on a conflict the first wins."""
+    root = packet.root
     about = _RDF + "about"
     present = {
         name for description in _descriptions(root) for name in (*description.attrib, *(c.tag for c in description))
     }
-    for name, value in other.attrib.items():  # x:xmpmeta's own attributes (x:xmptk, the toolkit)
-        root.attrib.setdefault(name, value)
+    for name, value in other.root.attrib.items():  # x:xmpmeta's own attributes (x:xmptk, the toolkit)
+        if name not in root.attrib:
+            root.set(name, value)
+            packet.changed.add(name)
+    for uri, prefix in other.prefixes.items():
+        packet.prefixes.setdefault(uri, prefix)
     target = _descriptions(root)[0]
-    rdf = other.find(_RDF + "RDF")
+    rdf = other.root.find(_RDF + "RDF")
     for description in rdf.findall(_RDF + "Description") if rdf is not None else []:
         for name, value in description.attrib.items():
             if name != about and name not in present:
                 target.set(name, value)
                 present.add(name)
+                packet.changed.add(name)
         for child in list(description):
             if child.tag not in present:
                 target.append(child)
                 present.add(child.tag)
-
-
-def _empty() -> ET.Element:
-    meta = ET.Element("{adobe:ns:meta/}xmpmeta")
-    ET.SubElement(meta, _RDF + "RDF")
-    return meta
+                packet.changed.add(child.tag)
 
 
 def _descriptions(root: ET.Element) -> list[ET.Element]:
@@ -135,31 +243,49 @@ def _items(element: ET.Element | None) -> list[ET.Element]:
     return [] if container is None else container.findall(_RDF + "li")
 
 
-def facts(root: ET.Element) -> XmpFacts:
+def _simple(root: ET.Element, tag: str) -> str | None:
+    """A simple property, written as an element or as an attribute of its rdf:Description."""
+    for description in _descriptions(root):
+        element = description.find(tag)
+        if element is not None:
+            return element.text or ""
+        if tag in description.attrib:
+            return description.attrib[tag]
+    return None
+
+
+def facts(packet: Packet) -> XmpFacts:
+    root = packet.root
     items = _items(_find(root, _DC + "description"))
     default = next((li for li in items if li.get(XML_LANG) == "x-default"), items[0] if items else None)
-    own = _find(root, _OWN + "Description")
     return XmpFacts(
         description=(default.text or "") if default is not None else None,
         keywords=tuple(li.text or "" for li in _items(_find(root, _DC + "subject"))),
-        own_description=own.text if own is not None else None,
+        own_description=_simple(root, _OWN + "Description"),
         own_keywords=tuple(li.text or "" for li in _items(_find(root, _OWN + "Keywords"))),
     )
 
 
+def _remove(packet: Packet, tag: str) -> tuple[ET.Element, int] | None:
+    """Take a property out of every rdf:Description (element and attribute forms); where it first was."""
+    packet.changed.add(tag)
+    where = None
+    for description in _descriptions(packet.root):
+        for existing in description.findall(tag):
+            if where is None:
+                where = (description, list(description).index(existing))
+            description.remove(existing)
+        description.attrib.pop(tag, None)
+    return where
+
+
 def _replace(
-    root: ET.Element, tag: str, container: str, values: Sequence[str], lang: bool, extra: Sequence[ET.Element] = ()
+    packet: Packet, tag: str, container: str, values: Sequence[str], lang: bool, extra: Sequence[ET.Element] = ()
 ) -> None:
     """Set a property to an rdf:Alt/Bag of `values`, in the Description that already holds it."""
-    target = None
-    for description in _descriptions(root):
-        existing = description.find(tag)
-        if existing is not None:
-            if target is None:
-                target = (description, list(description).index(existing))
-            description.remove(existing)
-        description.attrib.pop(tag, None)  # a simple-valued attribute form would now be stale
-    description, index = target if target else (_descriptions(root)[0], len(_descriptions(root)[0]))
+    where = _remove(packet, tag)
+    first = _descriptions(packet.root)[0]
+    description, index = where if where else (first, len(first))
     element = ET.Element(tag)
     box = ET.SubElement(element, _RDF + container)
     for value in values:
@@ -169,61 +295,295 @@ def _replace(
     description.insert(index, element)
 
 
-def _set_text(root: ET.Element, tag: str, value: str | None) -> None:
+def _set_text(packet: Packet, tag: str, value: str | None) -> None:
     """Set a simple property (None removes it)."""
-    for description in _descriptions(root):
-        existing = description.find(tag)
-        if existing is not None:
-            if value is None:
-                description.remove(existing)
-            else:
-                existing.text = value
-            return
-    if value is not None:
-        ET.SubElement(_descriptions(root)[0], tag).text = value
+    where = _remove(packet, tag)
+    if value is None:
+        return
+    first = _descriptions(packet.root)[0]
+    description, index = where if where else (first, len(first))
+    element = ET.Element(tag)
+    element.text = value
+    description.insert(index, element)
 
 
-def set_description(root: ET.Element, text: str, own: str | None) -> None:
+def set_description(packet: Packet, text: str, own: str | None) -> None:
     """dc:description x-default = text (other languages kept); remember `own` as ours (None: the text is a
     person's, and nothing in it is autocaption's any more)."""
     tag = _DC + "description"
-    others = [li for li in _items(_find(root, tag)) if li.get(XML_LANG) not in (None, "x-default")]
-    _replace(root, tag, "Alt", [text], lang=True, extra=others)
-    _set_text(root, _OWN + "Description", own)
+    others = [li for li in _items(_find(packet.root, tag)) if li.get(XML_LANG) not in (None, "x-default")]
+    _replace(packet, tag, "Alt", [text], lang=True, extra=others)
+    _set_text(packet, _OWN + "Description", own)
 
 
-def set_keywords(root: ET.Element, keywords: Sequence[str], own: Sequence[str]) -> None:
+def set_keywords(packet: Packet, keywords: Sequence[str], own: Sequence[str]) -> None:
     """dc:subject = keywords; remember `own` as ours. Where the file has Lightroom's hierarchical keywords,
     ours are added there too as top-level entries (Immich and Lightroom ignore dc:subject when
     lr:hierarchicalSubject is present), replacing the ones we added last time; a person's stay."""
+    root = packet.root
     hierarchical = _find(root, _LR + "hierarchicalSubject")
     if hierarchical is not None:
         previous = {(li.text or "").casefold() for li in _items(_find(root, _OWN + "Keywords"))}
         entries = [li.text or "" for li in _items(hierarchical)]
         kept = [entry for entry in entries if entry.casefold() not in previous]
         present = {entry.casefold() for entry in kept}
-        _replace(root, _LR + "hierarchicalSubject", "Bag",
+        _replace(packet, _LR + "hierarchicalSubject", "Bag",
                  kept + [word for word in own if word.casefold() not in present], lang=False)  # fmt: skip
     if keywords:
-        _replace(root, _DC + "subject", "Bag", keywords, lang=False)
+        _replace(packet, _DC + "subject", "Bag", keywords, lang=False)
     else:  # none left: no empty Bag (readers show it as an empty keyword)
-        for description in _descriptions(root):
-            for element in description.findall(_DC + "subject"):
-                description.remove(element)
-            description.attrib.pop(_DC + "subject", None)
+        _remove(packet, _DC + "subject")
     if own:
-        _replace(root, _OWN + "Keywords", "Bag", own, lang=False)
+        _replace(packet, _OWN + "Keywords", "Bag", own, lang=False)
     else:  # a person's keywords: none of them are autocaption's any more
-        for description in _descriptions(root):
-            for element in description.findall(_OWN + "Keywords"):
-                description.remove(element)
+        _remove(packet, _OWN + "Keywords")
 
 
-def serialize(root: ET.Element, *, padding: int = 2048) -> bytes:
-    """A complete packet with the standard wrapper and padding so other tools can edit in place."""
-    body = ET.tostring(root, encoding="unicode")
-    return (
-        f'<?xpacket begin="\ufeff" id="{PACKET_ID}"?>\n{body}\n'
-        + (" " * 99 + "\n") * (padding // 100)
-        + '<?xpacket end="w"?>'
+# --- writing --------------------------------------------------------------------------------------------------
+
+
+def serialize(packet: Packet, *, padding: int = 2048) -> bytes:
+    """The packet with its changes. A packet that came from a file keeps every other byte; in its xpacket
+    wrapper's padding it keeps its size when the padding allows. A new one gets the standard wrapper with
+    `padding` bytes so other tools can edit it in place."""
+    lead, trail = _body(packet.raw)
+    body = packet.raw[lead:trail]
+    edits = _edits(packet, body)
+    new = _spliced(body, edits)
+    if packet.fresh:
+        return (f'<?xpacket begin="\ufeff" id="{PACKET_ID}"?>\n'.encode() + new + b"\n" + _padding(padding)
+                + b'<?xpacket end="w"?>')  # fmt: skip
+    new = _repadded(new, packet.spans[_document(packet)].end + len(new) - len(body), len(new) - len(body), padding)
+    return packet.raw[:lead] + new + packet.raw[trail:]
+
+
+def _document(packet: Packet) -> ET.Element:
+    """The document element as parsed (x:xmpmeta, or the bare rdf:RDF)."""
+    return packet.root if packet.root in packet.spans else packet.root[0]
+
+
+def _padding(size: int) -> bytes:
+    return (b" " * 99 + b"\n") * (size // 100)
+
+
+def _repadded(body: bytes, document_end: int, grown: int, padding: int) -> bytes:
+    """Take what the packet grew by out of the white space between its XML and `<?xpacket end`, or give back
+    what it shrank by; a packet without such padding is left as it is."""
+    trailer = _TRAILER.match(body, document_end)
+    if trailer is None or grown == 0:
+        return body
+    pad_end = trailer.end() - len(b"<?xpacket end")
+    pad = body[document_end:pad_end]
+    if len(pad) < 2:
+        return body
+    if grown < 0:
+        pad = pad[:1] + b" " * -grown + pad[1:]
+    elif grown <= len(pad) - 2:
+        pad = pad[:1] + pad[1 + grown :]
+    else:
+        pad = b"\n" + _padding(padding)
+    return body[:document_end] + pad + body[pad_end:]
+
+
+def _spliced(body: bytes, edits: Iterable[_Edit]) -> bytes:
+    out, at = [], 0
+    for start, end, text in sorted(edits, key=lambda edit: (edit[0], edit[1])):
+        out += [body[at:start], text]
+        at = max(at, end)
+    out.append(body[at:])
+    return b"".join(out)
+
+
+class _Names:
+    """Prefixes for rendering inside one element: those in scope, and new declarations where none is."""
+
+    def __init__(self, in_scope: dict[str, str], known: dict[str, str]) -> None:
+        self.in_scope = in_scope  # prefix -> URI
+        self.known = known  # URI -> a prefix the document used for it
+        self.declared: dict[str, str] = {}  # URI -> prefix, to be declared on the element
+
+    def prefix(self, uri: str, *, attribute: bool) -> str:
+        if uri == XML_NS:
+            return "xml"
+        scoped = [p for p, u in self.in_scope.items() if u == uri and (p or not attribute)]
+        if scoped:
+            return scoped[-1]
+        if uri not in self.declared:
+            base = self.known.get(uri) or _PREFERRED.get(uri) or "ns"
+            prefix, n = base, 1
+            taken = set(self.in_scope) | set(self.declared.values())
+            while prefix in taken or prefix.lower().startswith("xml"):
+                prefix, n = f"{base}{n}", n + 1
+            self.declared[uri] = prefix
+        return self.declared[uri]
+
+    def qname(self, clark: str, *, attribute: bool = False) -> str:
+        if not clark.startswith("{"):
+            return clark
+        uri, local = clark[1:].split("}", 1)
+        prefix = self.prefix(uri, attribute=attribute)
+        return f"{prefix}:{local}" if prefix else local
+
+    def declarations(self) -> str:
+        return "".join(f' xmlns:{prefix}="{_attribute_text(uri)}"' for uri, prefix in self.declared.items())
+
+
+def _edits(packet: Packet, body: bytes) -> list[_Edit]:
+    """(start, end, replacement) splices that turn the parsed bytes into the changed packet."""
+    edits: list[_Edit] = []
+    root = packet.root
+    if packet.root in packet.spans:
+        edits += _start_tag_edits(packet, body, root, _Names(packet.spans[root].names, packet.prefixes), b"")
+    rdf = root.find(_RDF + "RDF")
+    assert rdf is not None
+    for description in rdf.findall(_RDF + "Description"):
+        span = packet.spans.get(description)
+        if span is None:  # added here (the packet had none): written whole, at the end of rdf:RDF
+            edits += _appended(packet, body, rdf, [description])
+        else:
+            edits += _description_edits(packet, body, description, span)
+    return edits
+
+
+def _description_edits(packet: Packet, body: bytes, description: ET.Element, span: _Span) -> list[_Edit]:
+    names = _Names(span.names, packet.prefixes)
+    indent = _child_indent(body, span, packet, description)
+    old = [child for child in packet.children.get(description, []) if child.tag in packet.changed]
+    new = [child for child in description if child.tag in packet.changed]
+    edits: list[_Edit] = []
+    placed: set[str] = set()
+    for child in old:
+        child_span = packet.spans[child]
+        if child.tag not in placed and any(n.tag == child.tag for n in new):
+            placed.add(child.tag)
+            text = _separated([n for n in new if n.tag == child.tag], names, indent, first=False)
+            edits.append((child_span.start, child_span.end, text))
+        else:
+            edits.append((_line_start(body, child_span.start), child_span.end, b""))
+    rest = [n for n in new if n.tag not in placed]
+    content = _separated(rest, names, indent, first=True) if rest else b""
+    if content and not span.empty:
+        close = body.rindex(b"</", span.start, span.end)
+        edits.append((_content_end(body, span.tag_end, close), _content_end(body, span.tag_end, close), content))
+    edits += _start_tag_edits(packet, body, description, names, content)
+    return edits
+
+
+def _appended(packet: Packet, body: bytes, parent: ET.Element, elements: list[ET.Element]) -> list[_Edit]:
+    """Whole new elements at the end of `parent`'s content."""
+    span = packet.spans[parent]
+    indent = _child_indent(body, span, packet, parent)
+    parts = []
+    for element in elements:
+        names = _Names(span.names, packet.prefixes)
+        parts.append(b"\n" + indent + _render(element, names, indent, declare=True))
+    content = b"".join(parts)
+    if span.empty:
+        tag = body[span.start : span.tag_end]
+        end_tag = b"\n" + _indent_of(body, span.start) + b"</" + span.qname.encode("utf-8") + b">"
+        closed = tag[:-2].rstrip(_SPACE) + b">" + content + end_tag
+        return [(span.start, span.tag_end, closed)]
+    close = body.rindex(b"</", span.start, span.end)
+    at = _content_end(body, span.tag_end, close)
+    return [(at, at, content)]
+
+
+def _start_tag_edits(packet: Packet, body: bytes, element: ET.Element, names: _Names, content: bytes) -> list[_Edit]:
+    """The start tag again when one of its attributes changed, a namespace must be declared on it, or an
+    empty-element tag gets content."""
+    span = packet.spans[element]
+    removed = span.attributes & packet.changed
+    added = [(k, v) for k, v in element.attrib.items() if k in packet.changed]
+    rendered_added = "".join(f' {names.qname(k, attribute=True)}="{_attribute_text(v)}"' for k, v in added)
+    declarations = names.declarations()
+    if not (removed or added or declarations or (content and span.empty)):
+        return []
+    tag = body[span.start : span.tag_end]
+
+    def kept(match: re.Match[bytes]) -> bytes:
+        name = match[1].decode("utf-8")
+        gone = not _is_declaration(name) and _clark(name, span.names, attribute=True) in removed
+        return b"" if gone else match[0]
+
+    empty = tag.endswith(b"/>")
+    inner = tag[: -2 if empty else -1]
+    trailing = inner[len(inner.rstrip(_SPACE)) :]
+    inner = _ATTRIBUTE.sub(kept, inner.rstrip(_SPACE)) + (declarations + rendered_added).encode("utf-8") + trailing
+    if not empty:
+        return [(span.start, span.tag_end, inner + b">")]
+    if not content:
+        return [(span.start, span.tag_end, inner + b"/>")]
+    end_tag = b"\n" + _indent_of(body, span.start) + b"</" + span.qname.encode("utf-8") + b">"
+    return [(span.start, span.tag_end, inner.rstrip(_SPACE) + b">" + content + end_tag)]
+
+
+def _separated(elements: list[ET.Element], names: _Names, indent: bytes, *, first: bool) -> bytes:
+    parts = [_render(element, names, indent) for element in elements]
+    joined = (b"\n" + indent).join(parts)
+    return b"\n" + indent + joined if first else joined
+
+
+def _line_start(body: bytes, at: int) -> int:
+    """`at`, or the start of the white space before it back to (and with) its line break: a removed
+    property takes its indentation with it."""
+    start = at
+    while start > 0 and body[start - 1 : start] in (b" ", b"\t"):
+        start -= 1
+    if start > 0 and body[start - 1 : start] == b"\n":
+        start -= 1
+        if start > 0 and body[start - 1 : start] == b"\r":
+            start -= 1
+        return start
+    return at
+
+
+def _content_end(body: bytes, tag_end: int, close: int) -> int:
+    """Just after the last content before an end tag (the white space that indents the end tag stays after)."""
+    at = close
+    while at > tag_end and body[at - 1 : at] in (b" ", b"\t", b"\n", b"\r"):
+        at -= 1
+    return at
+
+
+def _indent_of(body: bytes, at: int) -> bytes:
+    line = body.rfind(b"\n", 0, at) + 1
+    before = body[line:at]
+    return before if not before.strip(b" \t") else b""
+
+
+def _child_indent(body: bytes, span: _Span, packet: Packet, element: ET.Element) -> bytes:
+    """The indentation of the element's children as written, or its own plus one space."""
+    first = next((packet.spans[c] for c in packet.children.get(element, list(element)) if c in packet.spans), None)
+    if first is not None and first.start > span.tag_end:
+        gap = body[span.tag_end : first.start]
+        if not gap.strip(_SPACE) and b"\n" in gap:
+            return gap.rsplit(b"\n", 1)[1]
+    return _indent_of(body, span.start) + b" "
+
+
+def _render(element: ET.Element, names: _Names, indent: bytes, *, declare: bool = False) -> bytes:
+    """An element we set, with the prefixes in scope (new ones declared on it when `declare`)."""
+    inner = indent + b" "
+    attributes = "".join(
+        f' {names.qname(k, attribute=True)}="{_attribute_text(v)}"' for k, v in element.attrib.items()
     ).encode("utf-8")
+    text = element.text or ""
+    if len(element):
+        children = b"".join(b"\n" + inner + _render(child, names, inner) for child in element)
+        content = (_text(text) if text.strip() else b"") + children + b"\n" + indent
+    else:
+        content = _text(text)
+    qname = names.qname(element.tag).encode("utf-8")
+    declarations = names.declarations().encode("utf-8") if declare else b""
+    if not content:
+        return b"<" + qname + declarations + attributes + b"/>"
+    return b"<" + qname + declarations + attributes + b">" + content + b"</" + qname + b">"
+
+
+def _text(value: str) -> bytes:
+    return value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").encode("utf-8")
+
+
+def _attribute_text(value: str) -> str:
+    value = value.replace("&", "&amp;").replace("<", "&lt;").replace('"', "&quot;")
+    return value.replace("\n", "&#10;").replace("\r", "&#13;").replace("\t", "&#9;")
