@@ -109,8 +109,50 @@ def jpeg_with(data: bytes, new: Blocks) -> bytes:
                 del out[index]
         else:
             out.insert(_insert_at(out, after_exif=header == XMP_HEADER), (0xE1, payload))
-    body = b"".join(b"\xff" + bytes([m]) + struct.pack(">H", len(p) + 2) + p for m, p in out)
-    return b"\xff\xd8" + body + data[scan:]
+    body = b"\xff\xd8" + b"".join(b"\xff" + bytes([m]) + struct.pack(">H", len(p) + 2) + p for m, p in out)
+    return body + _moved_tail(data, scan, len(body) - scan)
+
+
+def _moved_tail(data: bytes, scan: int, shift: int) -> bytes:
+    """The image data and whatever follows it, moved by `shift` bytes. An AFCP trailer (AXS File
+    Concatenation Protocol: IPTC, a thumbnail or text appended after the image) points at its parts with
+    offsets from the start of the file; they are moved with it, as exiftool does."""
+    tail = data[scan:]
+    afcp = _afcp(data) if shift else None
+    if afcp is None:
+        return tail
+    order, start, offsets = afcp
+    if start < scan:
+        raise ContainerError("its AFCP trailer starts before the image data (it cannot be moved safely)")
+    patched = bytearray(tail)
+    for at in offsets:  # positions in `data` of the 4-byte offsets to move
+        (value,) = struct.unpack_from(order + "I", data, at)
+        struct.pack_into(order + "I", patched, at - scan, value + shift)
+    struct.pack_into(order + "I", patched, len(data) - 8 - scan, start + shift)
+    return bytes(patched)
+
+
+def _afcp(data: bytes) -> tuple[str, int, list[int]] | None:
+    """(byte order, start, where its offsets are) of an AFCP trailer at the end of a JPEG, None without one.
+    One whose offsets are already wrong, or point outside it, raises: it cannot be moved safely."""
+    end = data[-12:]
+    if len(data) < 24 or end[:3] != b"AXS" or end[3:4] not in (b"!", b"*"):
+        return None
+    order = ">" if end[3:4] == b"!" else "<"
+    (start,) = struct.unpack(order + "I", end[4:8])
+    if start + 12 > len(data) - 12 or data[start : start + 4] != end[:4]:
+        raise ContainerError("its AFCP trailer's offsets are already wrong (it cannot be moved safely)")
+    (count,) = struct.unpack_from(order + "H", data, start + 6)
+    if start + 12 + 12 * count > len(data) - 12:
+        raise ContainerError("its AFCP trailer's directory runs past the end of the file")
+    offsets = []
+    for index in range(count):
+        entry = start + 12 + 12 * index
+        size, offset = struct.unpack_from(order + "II", data, entry + 4)
+        if not start <= offset <= offset + size <= len(data) - 12:
+            raise ContainerError("its AFCP trailer points outside itself (it cannot be moved safely)")
+        offsets.append(entry + 8)
+    return order, start, offsets
 
 
 def _insert_at(segments: list[tuple[int, bytes]], *, after_exif: bool) -> int:

@@ -284,8 +284,7 @@ def _replace(
 ) -> None:
     """Set a property to an rdf:Alt/Bag of `values`, in the Description that already holds it."""
     where = _remove(packet, tag)
-    first = _descriptions(packet.root)[0]
-    description, index = where if where else (first, len(first))
+    description, index = where if where else _home(packet, tag)
     element = ET.Element(tag)
     box = ET.SubElement(element, _RDF + container)
     for value in values:
@@ -295,13 +294,22 @@ def _replace(
     description.insert(index, element)
 
 
+def _home(packet: Packet, tag: str) -> tuple[ET.Element, int]:
+    """Where a new property goes: at the end of the rdf:Description that declares its namespace (beside its
+    kin), else of the first one with properties, else of the first."""
+    uri = tag[1:].partition("}")[0]
+    descriptions = _descriptions(packet.root)
+    declaring = (d for d in descriptions if d in packet.spans and uri in packet.spans[d].names.values())
+    home = next(declaring, None) or next((d for d in descriptions if len(d)), descriptions[0])
+    return home, len(home)
+
+
 def _set_text(packet: Packet, tag: str, value: str | None) -> None:
     """Set a simple property (None removes it)."""
     where = _remove(packet, tag)
     if value is None:
         return
-    first = _descriptions(packet.root)[0]
-    description, index = where if where else (first, len(first))
+    description, index = where if where else _home(packet, tag)
     element = ET.Element(tag)
     element.text = value
     description.insert(index, element)
