@@ -7,6 +7,7 @@ or by hand (an XMP packet with odd prefixes, an AFCP trailer); exiftool's `-use 
 
 from __future__ import annotations
 
+import io
 import re
 import struct
 import subprocess
@@ -14,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from autocaption.config import OutputConfig
-from autocaption.writers.containers import XMP_HEADER, jpeg_blocks
+from autocaption.writers.containers import XMP_HEADER, _jpeg_segments, jpeg_blocks
 from autocaption.writers.metadata import Caption, MetadataWriter
 from autocaption.writers.policy import BOILERPLATE, is_boilerplate
 from tests import exiftool
@@ -305,3 +307,47 @@ def test_a_trailer_that_cannot_be_moved_leaves_the_photo_unchanged(corpus: Path,
     assert path.read_bytes() == data
     sidecar = tmp_path / "broken.jpg.xmp"
     assert exiftool.tags(sidecar)[sidecar]["XMP-dc:Description"] == CAPTION
+
+
+def with_mpf(path: Path, preview: bytes) -> None:
+    """An MPF index (APP2) pointing at a preview JPEG appended after the image, and after the index an XMP
+    packet: as some phones and editors order them, so an XMP that grows moves the preview but not the index."""
+    data = path.read_bytes()
+    segments, scan = _jpeg_segments(data)
+
+    def segment(marker: int, payload: bytes) -> bytes:
+        return b"\xff" + bytes([marker]) + struct.pack(">H", len(payload) + 2) + payload
+
+    head = b"\xff\xd8" + b"".join(segment(m, p) for m, p in segments)
+    packet = segment(0xE1, XMP_HEADER + VENDOR_PACKET)
+
+    def index(primary: int, preview_at: int) -> bytes:
+        entries = struct.pack(">IIIHH", 0x20030000, primary, 0, 0, 0)
+        entries += struct.pack(">IIIHH", 0x00010001, len(preview), preview_at, 0, 0)
+        ifd = struct.pack(">H", 3) + struct.pack(">HHI4s", 0xB000, 7, 4, b"0100")
+        ifd += struct.pack(">HHII", 0xB001, 4, 1, 2) + struct.pack(">HHII", 0xB002, 7, 32, 8 + 2 + 36 + 4)
+        return b"MPF\x00MM\x00\x2a" + struct.pack(">I", 8) + ifd + bytes(4) + entries
+
+    size = len(segment(0xE2, index(0, 0)))
+    primary = len(head) + size + len(packet) + len(data) - scan
+    header_at = len(head) + 4 + 4  # the TIFF header inside APP2, which MPF offsets count from
+    mpf = segment(0xE2, index(primary, primary - header_at))
+    path.write_bytes(head + mpf + packet + data[scan:] + preview)
+
+
+def test_an_mpf_preview_stays_found_when_a_segment_after_its_index_grows(corpus: Path, tmp_path: Path) -> None:
+    path = writable_copy(corpus / "jpg/camera/Canon_40D.jpg", tmp_path / "mpf.jpg")
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(buffer, "JPEG")
+    with_mpf(path, buffer.getvalue())
+    assert preview_of(path) == buffer.getvalue()
+    warnings = exiftool.warnings(path)
+    write(path, Caption("A caption long enough to outgrow the padding. " * 60, OURS))
+    assert exiftool.tags(path)[path]["XMP-dc:Description"].startswith("A caption long enough")
+    assert preview_of(path) == buffer.getvalue()  # the index points at the preview where it now is
+    assert exiftool.warnings(path) == warnings
+
+
+def preview_of(path: Path) -> bytes:
+    return subprocess.run([exiftool.require(), "-b", "-PreviewImage", str(path)], capture_output=True,
+                          check=True).stdout  # fmt: skip

@@ -12,10 +12,13 @@ import zlib
 from dataclasses import dataclass
 
 from autocaption.writers import iptc
+from autocaption.writers.exif import ExifError, Tiff
 
 EXIF_HEADER = b"Exif\x00\x00"
 XMP_HEADER = b"http://ns.adobe.com/xap/1.0/\x00"
 MAX_SEGMENT = 65533  # a JPEG segment's payload, length field excluded
+MPF_HEADER = b"MPF\x00"  # APP2: the Multi-Picture Format index, a TIFF structure
+MP_ENTRY = 0xB002  # its list of images: 16 bytes each, the offset at byte 8
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_XMP_KEYWORD = b"XML:com.adobe.xmp"
 
@@ -109,8 +112,43 @@ def jpeg_with(data: bytes, new: Blocks) -> bytes:
                 del out[index]
         else:
             out.insert(_insert_at(out, after_exif=header == XMP_HEADER), (0xE1, payload))
+    shift = 2 + sum(4 + len(p) for _, p in out) - scan
+    out = _mpf_moved(segments, out, shift)
     body = b"\xff\xd8" + b"".join(b"\xff" + bytes([m]) + struct.pack(">H", len(p) + 2) + p for m, p in out)
-    return body + _moved_tail(data, scan, len(body) - scan)
+    return body + _moved_tail(data, scan, shift)
+
+
+def _mpf_moved(old: list[tuple[int, bytes]], new: list[tuple[int, bytes]], shift: int) -> list[tuple[int, bytes]]:
+    """The segments with the MPF index (APP2; cameras use it to point at a preview appended after the image)
+    corrected. Its offsets count from its own header, so they only change when a segment after that header
+    changed size: then every image it points to is `shift` minus what the header itself moved further away."""
+    at_old = next((i for i, (m, p) in enumerate(old) if m == 0xE2 and p.startswith(MPF_HEADER)), None)
+    if at_old is None:
+        return new
+    at_new = next(i for i, segment in enumerate(new) if segment is old[at_old])
+    moved = sum(4 + len(p) for _, p in new[:at_new]) - sum(4 + len(p) for _, p in old[:at_old])
+    if shift == moved:
+        return new
+    patched = list(new)
+    patched[at_new] = (0xE2, _mpf_with_offsets_moved(old[at_old][1], shift - moved))
+    return patched
+
+
+def _mpf_with_offsets_moved(payload: bytes, delta: int) -> bytes:
+    try:
+        index = Tiff(payload[len(MPF_HEADER) :])
+    except ExifError as exc:
+        raise ContainerError(f"its MPF index cannot be read to move it ({exc})") from None
+    entry = index.entries.get(MP_ENTRY)
+    if entry is None or entry.size() % 16 or entry.size() <= 4:
+        raise ContainerError("its MPF index has no image list to move")
+    start = len(MPF_HEADER) + index.offset_of(entry)
+    out = bytearray(payload)
+    for at in range(start, start + entry.size(), 16):
+        (offset,) = struct.unpack_from(index.order + "I", out, at + 8)
+        if offset:  # 0: the primary image itself, which does not move relative to the file's start
+            struct.pack_into(index.order + "I", out, at + 8, offset + delta)
+    return bytes(out)
 
 
 def _moved_tail(data: bytes, scan: int, shift: int) -> bytes:

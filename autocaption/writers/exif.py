@@ -76,6 +76,10 @@ class Tiff:
     def _offset(self, entry: _Entry) -> int:
         return int(struct.unpack(self.order + "I", entry.field)[0])
 
+    def offset_of(self, entry: _Entry) -> int:
+        """Where an entry's value lies in the block (one of over 4 bytes; smaller ones live in the entry)."""
+        return self._offset(entry)
+
     def value(self, tag: int) -> bytes | None:
         entry = self.entries.get(tag)
         if entry is None:
