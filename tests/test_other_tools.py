@@ -214,6 +214,10 @@ PERSONS_CAPTIONS = (
     "My new camera", "Image of my grandmother", "Camera club outing 2019", "Photo by Jane", "DSC party at the lake",
     "Version 2 of the garden", "GIMP workshop in Leeds", "Untitled (Blue), 1998", "Der Goalie bin ig", "V2 rocket",
     "Oslo 2019", "Room 1234", "2019.07.14", "Zoomer X7 Image of a cat", "DSCN0042 at the beach", "Exif viewer demo",
+    # person-like texts a first version of the table took for camera text (a hostile review found them)
+    "Pim", "Pim 3", "DPOF", "Tokyo2020", "Xmas2019", "Bob2000", "Room101", "20230815", "Made in Italy 2019",
+    "Created by Anna 2021", "Edited by John 2", "Our new digital camera", "Holiday camera pictures", "Dad DSC",
+    "Version 2", "Capture One",
 )  # fmt: skip
 
 

@@ -23,13 +23,16 @@ class Boilerplate:
 
 _WORD = r"(?:image|images|picture|pictures|photo|photograph|jpeg|jpg)"
 _VERSION = r"v?\d+(?:[._]\d+)*[a-z]?"
+_DOTTED = r"v?\d+(?:[._]\d+)+[a-z]?"  # "2" alone is a person's number, "1.02" a version
 BOILERPLATE: tuple[Boilerplate, ...] = (
     Boilerplate("the camera's own name", r"{make}|{model}|{make}\s+{model}|{software}",
                 ("{make}", "{model}", "{make} {model}", "{software}")),
     Boilerplate(
         "a camera maker's default",
-        r"(?:[\w.,&-]+\s+){0,3}(?:digital\s+(?:still\s+)?camera|dsc|camera\s+pictures?)(?:\s+" + _WORD + ")?",
-        ("OLYMPUS DIGITAL CAMERA", "SONY DSC", "KODAK Digital Still Camera", "SAMSUNG CAMERA PICTURES"),
+        r"(?-i:(?:[A-Z][A-Z0-9.,&-]*\s+){0,4})"  # the maker's name in capitals: "OLYMPUS", not "Our new"
+        r"(?:digital\s+(?:still\s+)?camera|dsc|camera\s+pictures?)(?:\s+" + _WORD + ")?",
+        ("OLYMPUS DIGITAL CAMERA", "SONY DSC", "KODAK Digital Still Camera", "SAMSUNG CAMERA PICTURES",
+         "KODAK EASYSHARE C340 ZOOM DIGITAL CAMERA"),
     ),
     Boilerplate(
         "the model followed by a word",
@@ -44,24 +47,25 @@ BOILERPLATE: tuple[Boilerplate, ...] = (
     ),
     Boilerplate(
         "a path or file name on the memory card",
-        r"(?:[a-z]:)?[\\/]?(?:dcim[\\/]\d{3}[a-z0-9_]{5}[\\/])?[a-z0-9_]{3,5}\d{3,5}(?:\.(?:jpe?g|heic|hif|tiff?|dng|raw))?"
+        r"(?:[a-z]:)?[\\/]?(?:dcim[\\/]\d{3}[a-z0-9_]{5}[\\/])?(?-i:[A-Z_][A-Z0-9_]{2,4}\d{3,5})"
+        r"(?:\.(?:jpe?g|heic|hif|tiff?|dng|raw|x3f|arw|nef|cr[23]|orf|rw2))?"
         r"|dcim[\\/]\d{3}[a-z0-9_]{5}",
         ("DCIM\\100MSDCF\\DSC01234.JPG", "DCIM/101CANON/IMG_0042.JPG", "P1010001.JPG", "DSC_0042", "DCIM\\100OLYMP"),
     ),
     Boilerplate(
         "a standard's name and version",
-        r"(?:dcf|exif|jfif|dpof|pim|print\s+image\s+matching(?:\s+ii)?|cipa\s+dc-\d+)(?:[\s_-]*(?:ver(?:sion)?\.?\s*)?"
-        + _VERSION + ")?",
+        r"(?:dcf|exif|jfif|dpof|cipa\s+dc-\d+)[\s_-]*(?:ver(?:sion)?\.?\s*)?" + _VERSION
+        + r"|print\s+image\s+matching(?:\s+ii)?",
         ("DCF 2.0", "Exif 2.32", "JFIF 1.02", "EXIF 0230", "Print Image Matching II"),
     ),
     Boilerplate(
         "a firmware or program name",
-        r"(?:(?:firmware\s+)?(?:ver(?:sion)?\.?|firmware)\s*" + _VERSION + r"|v\d+(?:[._]\d+)+[a-z]?)"
-        r"(?:\s+(?:build|beta|release|final|rc)?\s*\d*)?"
+        r"(?:(?:firmware\s+)?(?:ver(?:sion)?\.?|firmware)\s*" + _DOTTED + r"|v\d+(?:[._]\d+)+[a-z]?)"
+        r"(?:\s+(?:build|beta|release|final|rc)\s*\d*)?"
         r"|(?:created|edited|processed|made)\s+(?:with|by|in)\s+(?:the\s+)?(?:gimp|photoshop|lightroom|picasa|"
-        r"paint\.net|irfanview|acdsee|snapseed|[\w.+-]+\s+" + _VERSION + r")"
+        r"paint\.net|irfanview|acdsee|snapseed|[\w.+-]+\s+" + _DOTTED + r")"
         r"|(?:adobe\s+)?(?:photoshop|lightroom|gimp|picasa|paint\s*shop\s*pro|acdsee|irfanview|snapseed|darktable|"
-        r"digikam|capture\s+one|hdr\+|lead\s+technologies(?:\s+inc\.?)?)"
+        r"digikam|hdr\+|lead\s+technologies(?:\s+inc\.?)?)"
         r"(?:\s+(?:cc|cs\d*|elements|express|classic|pro|x\d*|ultimate|" + _VERSION + r"|\(\w+\)|macintosh|windows))*",
         ("Ver.1.00", "Firmware Version 1.02", "V1.01 build", "Created with GIMP", "Adobe Photoshop CS6 (Windows)",
          "HDR+ 1.0.199571065z", "LEAD Technologies Inc. V1.01"),
