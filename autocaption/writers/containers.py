@@ -83,9 +83,10 @@ def _jpeg_iptc(segments: list[tuple[int, bytes]]) -> tuple[bytes | None, bytes |
     if len(photoshop) != 1:
         return None, None
     try:
-        return iptc.iim_of(photoshop[0]), iptc.digest_of(photoshop[0])
+        found = {r.id: r.data for r in reversed(iptc.resources(photoshop[0]))}  # the first of each id
     except iptc.IptcError:
         return None, None
+    return found.get(iptc.IPTC_RESOURCE), found.get(iptc.DIGEST_RESOURCE)
 
 
 def jpeg_with(data: bytes, new: Blocks) -> bytes:

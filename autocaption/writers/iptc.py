@@ -74,11 +74,6 @@ def iim_of(payload: bytes) -> bytes | None:
     return next((r.data for r in resources(payload) if r.id == IPTC_RESOURCE), None)
 
 
-def digest_of(payload: bytes) -> bytes | None:
-    """The stored IPTC digest of an APP13 payload, or None when it has none."""
-    return next((r.data for r in resources(payload) if r.id == DIGEST_RESOURCE), None)
-
-
 def digest(iim: bytes) -> bytes:
     return hashlib.md5(iim, usedforsecurity=False).digest()
 

@@ -321,10 +321,10 @@ def _believed(legacy: str | None, ours: str | None, in_sync: bool, limit: int) -
     where IPTC lacks the value altogether, XMP's counts (exiftool would read nothing)."""
     if ours is not None and (in_sync or legacy is None):
         return ours  # (with no IPTC value at all, XMP's is kept rather than read as deleted)
-    cut_short = legacy is not None and ours is not None and len(legacy.encode("utf-8")) == limit
-    if cut_short and ours is not None and legacy is not None and len(ours.encode("utf-8")) > limit:
-        return ours if ours.startswith(legacy) else legacy
-    return legacy
+    if legacy is None or ours is None:
+        return legacy
+    cut_short = len(legacy.encode("utf-8")) == limit < len(ours.encode("utf-8")) and ours.startswith(legacy)
+    return ours if cut_short else legacy
 
 
 def _synced_iptc(iim: bytes | None, applied: _Applied) -> bytes | None:
