@@ -50,7 +50,7 @@ from autocaption.engine.devices import Placement, place
 from autocaption.engine.families import Family
 from autocaption.engine.hardware import accelerator, masked_sdpa_problem, memory_free
 from autocaption.engine.memory import TYPICAL_IMAGE_TOKENS, BatchPlan
-from autocaption.engine.tree import TREE_ATTENTION, Prefilled, TreeDecoder, register_attention
+from autocaption.engine.tree import TREE_ATTENTION, TREE_ATTENTION_MATH, Prefilled, TreeDecoder, register_attention
 from autocaption.errors import EngineError, ModelUnavailable
 from autocaption.paths import display
 
@@ -137,7 +137,9 @@ class LocalEngine:
         # Branches of a token tree need a 4D attention mask, which sdpa and eager take; flash_attention_2
         # only knows padding, so with it every prompt is prefilled on its own (the batched path).
         attention = model.config._attn_implementation
-        self.share_prefix = config.share_prefix and family.tree and attention in (TREE_ATTENTION, "eager")
+        self.share_prefix = (
+            config.share_prefix and family.tree and attention in (TREE_ATTENTION, TREE_ATTENTION_MATH, "eager")
+        )
         self.image_id = _image_token_id(model.config)
         self.cache_argument = compat.cache_argument(model)
         takes = inspect.signature(model.forward).parameters
@@ -156,10 +158,15 @@ class LocalEngine:
         tokenizer = processor.tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids))
         self._preprocessor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="preprocess")
-        window, self.window_limit = _windows(model.config.get_text_config())
+        text_config = model.config.get_text_config()
+        window, self.window_limit = _windows(text_config)
+        # On a GPU the host reads whether a batch's answers all ended two steps behind the device, so it never
+        # waits for it; on the CPU every op waits anyway, and a wasted step costs most there.
+        lag = 2 if self.device.type == "cuda" else 0
         self.tree = TreeDecoder(
             pad_id=self.pad_id, eos_ids=self.eos_ids, dtype=self.dtype, device=self.device, sliding_window=window,
             make_runner=self._runner, bucketed=self.compile or self.graphs, budget_bytes=plan.kv_budget,
+            groups=_query_groups(text_config) if attention in (TREE_ATTENTION, TREE_ATTENTION_MATH) else 1, lag=lag,
         )  # fmt: skip
         parameters = sum(parameter.numel() for parameter in model.parameters())
         self._report_cpu_speed = self.device.type == "cpu" and parameters >= SLOW_ON_CPU
@@ -288,13 +295,20 @@ class LocalEngine:
         return units
 
     def _pack(self, units: list[_Unit]) -> list[list[_Unit]]:
-        """Batches of at most `batch_size` prompts and `max_batch_tokens` image+prompt tokens; an image with
-        more prompts than `batch_size` is a batch of its own."""
+        """Batches of at most `batch_size` prompts; an image with more prompts than `batch_size` is a batch
+        of its own. On the batched path also at most `max_batch_tokens` image+prompt tokens, which are
+        prefilled in one forward; the tree path prefills one image at a time, so there its batches are
+        bounded by the images the KV budget holds (`batch_size: auto`), not by that."""
+        return self._packed(units, tokens_limit=None if self.share_prefix else self.max_batch_tokens)
+
+    def _packed(self, units: list[_Unit], tokens_limit: int | None) -> list[list[_Unit]]:
         batches: list[list[_Unit]] = []
         rows = tokens = 0
         for unit in units:
             cost = compat.image_tokens(self.processor, unit.image.height, unit.image.width) or TYPICAL_IMAGE_TOKENS
-            fits = rows + len(unit.prompts) <= self.rows_limit and tokens + cost <= self.max_batch_tokens
+            fits = rows + len(unit.prompts) <= self.rows_limit and (
+                tokens_limit is None or tokens + cost <= tokens_limit
+            )
             if batches and fits and len(batches[-1]) < self.max_images:
                 batches[-1].append(unit)
                 rows, tokens = rows + len(unit.prompts), tokens + cost
@@ -333,8 +347,18 @@ class LocalEngine:
             shared = self._generate_shared(batch, cancel)
             if shared is not None:
                 return shared
-        items = [(index, unit.image, prompt) for unit in batch for index, prompt in unit.prompts]
-        return self._generate(items, cancel)
+            # The batched path prefills the whole batch in one forward: packed again within max_batch_tokens.
+            units = [_Unit(unit.image, [item], None) for unit in batch for item in unit.prompts]
+            parts = self._packed(units, self.max_batch_tokens)
+        else:
+            parts = [batch]
+        return [
+            pair
+            for part in parts
+            for pair in self._generate(
+                [(index, unit.image, prompt) for unit in part for index, prompt in unit.prompts], cancel
+            )
+        ]
 
     def _grow_back(self) -> None:
         self._since_out_of_memory += 1
@@ -361,12 +385,12 @@ class LocalEngine:
             "uncompiled", torch.__version__, compat.VERSION, reason,
         )  # fmt: skip
         self.compile = False
-        self.tree.bucketed = self.graphs
+        self.tree.set_bucketed(self.graphs)
 
     def _capture_refused(self, reason: str) -> None:
         log.warning("decode steps run without CUDA/HIP graphs: the capture failed (%s)", reason)
         self.graphs = False
-        self.tree.bucketed = self.compile
+        self.tree.set_bucketed(self.compile)  # the padded states nothing replays any more are freed
 
     def _add_special(self, texts: Sequence[str]) -> bool:
         # Templates that render the BOS themselves must not get a second one from the tokenizer.
@@ -438,13 +462,14 @@ class LocalEngine:
         decode_started = time.perf_counter()
         new_tokens = self.tree.run(prefilled, self._forward, cancel)
         seconds = time.perf_counter() - decode_started
-        steps, cache_bytes, steady = self.tree.last
+        decoded = self.tree.last
         self.timings["decode"] += seconds
-        self.timings["decode steps"] += steps
-        if steady:  # the bench's steady state: a bucket's later batches, no compile or capture in them
+        self.timings["decode steps"] += decoded.steps
+        if decoded.reused:  # the bench's steady state: a bucket's later batches, no compile or capture in them
             self.timings["steady decode"] += seconds
-            self.timings["steady steps"] += steps
-            self.timings["steady KV read GB"] += steps * cache_bytes / 1e9
+            self.timings["steady steps"] += decoded.steps
+            self.timings["steady KV read GB"] += decoded.steps * decoded.padded_bytes / 1e9  # what the step reads
+            self.timings["steady KV held GB"] += decoded.steps * decoded.held_bytes / 1e9  # what it must read
         prompts = [prompt for unit in batch for _, prompt in unit.prompts]
         lengths = [image.length + len(branch) for image in prefilled for branch in image.branches]
         indices = [index for unit in batch for index, _ in unit.prompts]
@@ -553,6 +578,12 @@ def _image_token_id(config: Any) -> int:
         if isinstance(value, int):
             return value
     raise ModelUnavailable(f"model {config.model_type}: its config names no image token")
+
+
+def _query_groups(text_config: Any) -> int:
+    """Query heads per key/value head (grouped-query attention), as the attention layers count them."""
+    heads = getattr(text_config, "num_attention_heads", None) or 1
+    return max(1, heads // (getattr(text_config, "num_key_value_heads", None) or heads))
 
 
 def _windows(text_config: Any) -> tuple[int | None, int | None]:
@@ -744,13 +775,33 @@ class _Captured:
         with torch.cuda.stream(side):
             self.step()  # a real step, and the warm-up of what gets recorded
         torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
-                self.step()  # recorded, not run
+            self.run = _capture(self.step, self.device)
+        except torch.cuda.OutOfMemoryError:
+            # Not a refusal: the engine retries the batch in halves, whose buckets capture again.
+            raise
         except RuntimeError as exc:
             torch.cuda.synchronize(self.device)
             self.run = self.step
             self.on_refusal(_first_line(exc))
-            return
-        self.run = graph.replay
+
+
+def _capture(step: Callable[[], None], device: torch.device) -> Callable[[], None]:
+    """`step` recorded (not run) as a CUDA/HIP graph; what replays it. Whatever the step raises, the capture
+    is ended and the thread's current stream is the one it was: torch.cuda.graph's context manager leaves
+    its capture stream current when the body raised, and with it every later kernel of the process. Errors
+    are those of this thread only (thread_local): the preprocessing thread works on as the step records."""
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        graph.capture_begin(capture_error_mode="thread_local")
+        try:
+            step()  # recorded, not run
+        except BaseException:
+            with contextlib.suppress(RuntimeError):  # the capture was invalidated; end it all the same
+                graph.capture_end()
+            raise
+        graph.capture_end()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    return graph.replay

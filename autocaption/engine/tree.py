@@ -67,13 +67,26 @@ class _Layout:
         return cls(max(i.length for i in images), suffix, max(len(i.branches) for i in images), offsets)
 
 
-IMAGE_BUCKETS = (1, 2, 4, 8, 16, 32)  # images per batch are padded up to one of these
-SLOT_BUCKET = 512  # cache slots are rounded up to a multiple of this
-CHECK_EVERY = 16  # decode steps between looks from the host (all branches ended? asked to stop?)
+# Images per batch are padded up to one of these, and cache slots up to a multiple of SLOT_BUCKET: every
+# step reads the whole padded cache, so neighbouring buckets are at most 1.5x apart (1.25x from 16 up) and
+# a photo's ~2,500 slots are rounded up by at most 10 %, while a GPU still captures a dozen graphs at most
+# per width. bench/padding.py: a step's KV read over what its tokens hold, 20 photos: 1.67x before, 1.04x.
+IMAGE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 20, 24, 28, 32)
+SLOT_BUCKET = 256
 
 
 def image_bucket(images: int) -> int:
     return next((bucket for bucket in IMAGE_BUCKETS if bucket >= images), -(-images // 32) * 32)
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """What the last batch's decode did, for the engine's timings and the bench's floors."""
+
+    steps: int  # decode steps run (after the branches' own prompt tokens)
+    padded_bytes: int  # KV cache a step reads: the bucket's whole state, padding rows and slots included
+    held_bytes: int  # KV cache the batch's tokens fill at its last step: what a step must read at least
+    reused: bool  # a steady-state batch: its bucket's step was compiled or captured before
 
 
 class _State:
@@ -83,8 +96,8 @@ class _State:
     whose addresses stay valid from batch to batch."""
 
     def __init__(self, rows: int, width: int, slots: int, layers: list[tuple[torch.Tensor, torch.Tensor]],
-                 dtype: torch.dtype, device: torch.device) -> None:  # fmt: skip
-        self.rows, self.width, self.slots = rows, width, slots
+                 dtype: torch.dtype, device: torch.device, groups: int) -> None:  # fmt: skip
+        self.rows, self.width, self.slots, self.groups = rows, width, slots, groups
         self.layers = [
             compat.static_layer(keys.new_empty((rows, *keys.shape[1:2], 1, keys.shape[3])),
                                 values.new_empty((rows, *values.shape[1:2], 1, values.shape[3])), slots)
@@ -96,8 +109,13 @@ class _State:
         self.positions = torch.zeros((rows, width), dtype=torch.long, device=device)  # position ids of the next tokens
         self.visible = torch.zeros((rows, width, slots), dtype=torch.bool, device=device)  # what each branch attends to
         self.slot_positions = torch.full((rows, slots), -1, dtype=torch.long, device=device)  # for the sliding window
-        self.mask = torch.zeros((rows, 1, width, slots), dtype=dtype, device=device)  # the additive form sdpa takes
+        # The additive form sdpa takes, once per query head of a key/value head (grouped_sdpa's folded query):
+        # made once per step here, not once per layer.
+        self.mask = torch.zeros((rows, 1, groups * width, slots), dtype=dtype, device=device)
+        self.open = torch.zeros((), dtype=dtype, device=device)  # the mask's two values, on the device: a
+        self.shut = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=device)  # step reads no host data
         self.alive = torch.zeros((rows, width), dtype=torch.bool, device=device)
+        self.any_alive = torch.zeros((), dtype=torch.bool, device=device)  # what the host looks at
         self.limits = torch.zeros((rows, width), dtype=torch.long, device=device)  # each branch's max_new_tokens
         self.step = torch.zeros((), dtype=torch.long, device=device)  # index of the token the next step records
         self.base = torch.zeros((), dtype=torch.long, device=device)  # first slot of the decode steps
@@ -106,10 +124,43 @@ class _State:
         # New tokens, -1 past a branch's end; as long as the most steps the slots allow, so it never moves.
         self.out = torch.full((rows, width, slots // width + 1), -1, dtype=torch.long, device=device)
         self.window: int | None = None  # the sliding window, when this batch's positions reach it
-        self.runner: Callable[[], None] | None = None  # the step, compiled or captured for this state
+        # Nothing here refers to the step's runner (TreeDecoder.runners holds it, and it holds this state):
+        # dropping both frees the cache at once, without waiting for a garbage collection.
 
     def bytes(self) -> int:
         return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in self.layers)
+
+
+class _Lookout:
+    """Whether any branch of the batch is still alive, seen from the host without making it wait for the
+    device: after each step the flag is copied asynchronously into pinned memory and the host reads the
+    copy of `lag` steps before, so the device always has steps queued, and a batch whose answers all
+    ended runs at most `lag` steps too many. With lag 0 (the CPU, where every op is synchronous anyway)
+    the host reads the flag of the step just run."""
+
+    def __init__(self, flag: torch.Tensor, lag: int) -> None:
+        self.flag = flag
+        self.lag = lag
+        self.pushed = 0
+        self.copies = torch.zeros(lag + 1, dtype=torch.bool, pin_memory=lag > 0 and flag.is_cuda)
+        self.events = [torch.cuda.Event() for _ in range(lag + 1)] if lag and flag.is_cuda else []
+
+    def push(self) -> None:
+        """After a step is queued: its flag, on its way to the host."""
+        ring = self.pushed % (self.lag + 1)
+        self.copies[ring].copy_(self.flag, non_blocking=bool(self.events))
+        if self.events:
+            self.events[ring].record()
+        self.pushed += 1
+
+    def ended(self) -> bool:
+        """Every branch had ended `lag` steps ago (False until that many steps ran)."""
+        if self.pushed <= self.lag:
+            return False
+        ring = (self.pushed - 1 - self.lag) % (self.lag + 1)
+        if self.events:
+            self.events[ring].synchronize()  # that step is done; the `lag` after it stay queued
+        return not bool(self.copies[ring])
 
 
 class TreeDecoder:
@@ -123,7 +174,8 @@ class TreeDecoder:
 
     def __init__(self, *, pad_id: int, eos_ids: set[int], dtype: torch.dtype, device: torch.device,
                  sliding_window: int | None, make_runner: Callable[[Callable[[], None]], Callable[[], None]],
-                 bucketed: bool = True, budget_bytes: int | None = None) -> None:  # fmt: skip
+                 bucketed: bool = True, budget_bytes: int | None = None, groups: int = 1, lag: int = 0,
+                 ) -> None:  # fmt: skip
         self.pad_id = pad_id
         self.eos_ids = eos_ids
         self.dtype = dtype
@@ -134,8 +186,13 @@ class TreeDecoder:
         # them, and padding rows and slots would only cost it time.
         self.bucketed = bucketed
         self.budget_bytes = budget_bytes  # how much KV cache the kept states may hold together
+        # Query heads per key/value head the mask is repeated for (grouped_sdpa's folding), 1 where the
+        # model's attention is not grouped_sdpa.
+        self.groups = groups
+        self.lag = lag  # steps the host reads the "any alive" flag behind the device (see _Lookout)
         self.states: dict[tuple[int, int], _State] = {}  # (rows, width) -> its state
-        self.last: tuple[int, int, bool] = (0, 0, False)  # the last batch: decode steps, cache bytes, state reused
+        self.runners: dict[tuple[int, int], Callable[[], None]] = {}  # (rows, width) -> its state's step
+        self.last = Decoded(0, 0, 0, False)
 
     def run(self, images: list[Prefilled], forward: Forward, cancel: threading.Event | None = None
             ) -> list[list[int]]:  # fmt: skip
@@ -144,23 +201,30 @@ class TreeDecoder:
         layout = _Layout.of(images)
         longest = max(limit for image in images for limit in image.limits)
         needed = layout.prefix + layout.suffix + layout.width * max(longest - 1, 0)
-        state = self._state(len(images), layout.width, needed, images[0].layers)
-        reused = state.runner is not None  # a steady-state batch: nothing compiled or captured for it
-        self._load(state, images, layout, longest)
+        key, state = self._state(len(images), layout.width, needed, images[0].layers)
+        if self._load(state, images, layout, longest):
+            self.runners.pop(key, None)  # the step changed (sliding window on or off): made again
+        runner = self.runners.get(key)
+        reused = runner is not None  # a steady-state batch: nothing compiled or captured for it
         ids, positions, mask, lasts = self._branch_queries(state, images, layout)
         logits = forward(ids, positions, mask, state.cache)
+        steps = 0
         with torch.no_grad():
             state.tokens.copy_(logits[lasts[0], lasts[1]].argmax(-1).view(state.rows, state.width))
-            self._record(state)
-            if state.runner is None:
-                state.runner = self.make_runner(lambda: self._step(state, forward))
-            steps = 0
-            for steps in range(1, longest):
-                state.runner()
-                if steps % CHECK_EVERY == 0 and self._over(state, cancel):  # the host looks every 16 steps
-                    break
+            _record(state)
+            if runner is None:
+                # The runner holds the state (a graph replays on its buffers); the state never holds the
+                # runner, so no reference cycle keeps either alive once the decoder drops them.
+                runner = self.runners[key] = self.make_runner(lambda: _step(state, forward))
+            lookout = _Lookout(state.any_alive, self.lag)
+            lookout.push()
+            while steps < longest - 1 and not lookout.ended() and not (cancel is not None and cancel.is_set()):
+                runner()
+                lookout.push()
+                steps += 1
         out = state.out[: len(images), :, :longest].tolist()  # the host's one wait for the device per batch
-        self.last = (steps, state.bytes(), reused)
+        held = sum(image.length + sum(map(len, image.branches)) + len(image.branches) * steps for image in images)
+        self.last = Decoded(steps, state.bytes(), held * state.bytes() // (state.rows * state.slots), reused)
         result = []
         for row, image in enumerate(images):
             for branch in range(len(image.branches)):
@@ -168,41 +232,52 @@ class TreeDecoder:
                 result.append(tokens[: tokens.index(-1)] if -1 in tokens else tokens)
         return result
 
-    @staticmethod
-    def _over(state: _State, cancel: threading.Event | None) -> bool:
-        return not bool(state.alive.any()) or (cancel is not None and cancel.is_set())
-
-    def _state(self, images: int, width: int, needed: int, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> _State:
-        """The bucket's state: reused when it has slots enough, else made again (bigger) once."""
+    def _state(self, images: int, width: int, needed: int, layers: list[tuple[torch.Tensor, torch.Tensor]]
+               ) -> tuple[tuple[int, int], _State]:  # fmt: skip
+        """The bucket's key and state: reused when it has slots enough, else made again (bigger) once."""
         rows = image_bucket(images) if self.bucketed else images
         slots = -(-needed // SLOT_BUCKET) * SLOT_BUCKET if self.bucketed else needed
-        state = self.states.get((rows, width))
+        key = (rows, width)
+        state = self.states.get(key)
         if state is not None and (state.slots == slots or (self.bucketed and state.slots > slots)):
-            return state
+            return key, state
         if state is not None and self.bucketed:
             slots = max(slots, state.slots)  # slots only grow: a bucket is made again at most a few times
-        self.states.pop((rows, width), None)
+        self._drop(key)
+        del state  # the old state's memory is free before the new one is allocated
         self._make_room(rows * slots * _bytes_per_slot(layers))
-        state = _State(rows, width, slots, layers, self.dtype, self.device)
+        state = _State(rows, width, slots, layers, self.dtype, self.device, self.groups)
         state.eos = torch.tensor(sorted(self.eos_ids) or [-2], dtype=torch.long, device=self.device)
-        self.states[(rows, width)] = state
-        return state
+        self.states[key] = state
+        return key, state
 
     def release(self) -> None:
         """Drop every kept state (static caches, and the graphs recorded on them): after an out-of-memory
         error the smaller batches of the retry need that memory more than a bucket nothing may use again."""
         self.states.clear()
+        self.runners.clear()
+
+    def set_bucketed(self, bucketed: bool) -> None:
+        """Pad batches up to buckets or not (from the next batch on); the states of the other way go."""
+        if bucketed != self.bucketed:
+            self.release()
+        self.bucketed = bucketed
+
+    def _drop(self, key: tuple[int, int]) -> None:
+        self.states.pop(key, None)
+        self.runners.pop(key, None)  # its graph and its compiled step go with it
 
     def _make_room(self, wanted: int) -> None:
         """Drop the states kept for other buckets when keeping them too would pass the memory budget."""
         if self.budget_bytes is None:
             return
         while self.states and sum(s.bytes() for s in self.states.values()) + wanted > self.budget_bytes:
-            self.states.pop(next(iter(self.states)))  # the oldest; its graph goes with it
+            self._drop(next(iter(self.states)))  # the oldest
 
-    def _load(self, state: _State, images: list[Prefilled], layout: _Layout, longest: int) -> None:
+    def _load(self, state: _State, images: list[Prefilled], layout: _Layout, longest: int) -> bool:
         """Copy each image's prefix into its row (releasing the prefill's own copy, so memory never holds a
-        batch's prefixes twice) and reset every buffer in place: the step's addresses never change."""
+        batch's prefixes twice) and reset every buffer in place: the step's addresses never change. True
+        when the step itself changes for this batch (its sliding window is switched on or off)."""
         for index, layer in enumerate(state.layers):
             for row, image in enumerate(images):
                 keys, values = image.layers[index]
@@ -235,10 +310,11 @@ class TreeDecoder:
         state.step.zero_()
         state.base.fill_(layout.prefix + layout.suffix)
         state.out.fill_(-1)
-        reaches = self.window is not None and int(positions.max()) + longest > self.window
+        furthest = max(image.length + len(tokens) for image in images for tokens in image.branches)
+        reaches = self.window is not None and furthest + longest > self.window
         window = self.window if reaches else None
-        if window != state.window:
-            state.window, state.runner = window, None
+        changed, state.window = window != state.window, window
+        return changed
 
     def _branch_queries(
         self, state: _State, images: list[Prefilled], layout: _Layout
@@ -272,32 +348,38 @@ class TreeDecoder:
             slot_positions = state.slot_positions.cpu()
             visible &= positions[:, :, None] - slot_positions[:, None, :] < self.window
         mask = torch.zeros(visible.shape, dtype=self.dtype).masked_fill_(~visible, torch.finfo(self.dtype).min)
+        # (one query row per branch token: grouped_sdpa repeats it per query head, once per batch)
         lasts = (torch.tensor(last_rows, device=self.device), torch.tensor(last_columns, device=self.device))
         return ids.to(self.device), positions.to(self.device), mask[:, None].to(self.device), lasts
 
-    def _step(self, state: _State, forward: Forward) -> None:
-        """One decode step, on the device only: what a compiled or captured step runs."""
-        slots = state.base + state.step * state.width + state.branch  # this step's slot of each branch
-        state.visible[:, state.branch, slots] = True
-        state.slot_positions[:, slots] = state.positions
-        allowed = state.visible
-        if state.window is not None:
-            allowed = allowed & (state.positions[:, :, None] - state.slot_positions[:, None, :] < state.window)
-        state.mask.copy_(torch.where(allowed, 0.0, torch.finfo(state.dtype).min).to(state.dtype)[:, None])
-        logits = forward(state.tokens, state.positions, state.mask, state.cache)
-        state.tokens.copy_(logits.argmax(-1))
-        state.positions.add_(1)
-        state.step.add_(1)
-        self._record(state)
 
-    @staticmethod
-    def _record(state: _State) -> None:
-        """Write this step's token of every live branch; a branch ends at EOS or its own limit."""
-        ended = (state.tokens[:, :, None] == state.eos).any(-1)
-        kept = state.alive & ~ended
-        column = torch.where(kept, state.tokens, torch.full_like(state.tokens, -1))
-        state.out.index_copy_(2, state.step.view(1), column[:, :, None])
-        state.alive.copy_(kept & (state.step + 1 < state.limits))
+def _step(state: _State, forward: Forward) -> None:
+    """One decode step, on the device only: what a compiled or captured step runs. Every operand is one of
+    the state's device tensors or a Python number: a tensor made on the host (as `visible[...] = True`
+    makes one: index_put_ then copies it over, with a synchronise) would make a CUDA graph capture fail."""
+    slots = (state.base + state.step * state.width + state.branch).expand(state.rows, state.width)
+    state.visible.scatter_(2, slots[:, :, None], True)  # this step's slot of each branch
+    state.slot_positions.scatter_(1, slots, state.positions)
+    allowed = state.visible
+    if state.window is not None:
+        allowed = allowed & (state.positions[:, :, None] - state.slot_positions[:, None, :] < state.window)
+    folded = state.mask.view(state.rows, state.groups, state.width, state.slots)
+    folded.copy_(torch.where(allowed, state.open, state.shut)[:, None])
+    logits = forward(state.tokens, state.positions, state.mask, state.cache)
+    state.tokens.copy_(logits.argmax(-1))
+    state.positions.add_(1)
+    state.step.add_(1)
+    _record(state)
+
+
+def _record(state: _State) -> None:
+    """Write this step's token of every live branch; a branch ends at EOS or its own limit."""
+    ended = (state.tokens[:, :, None] == state.eos).any(-1)
+    kept = state.alive & ~ended
+    column = torch.where(kept, state.tokens, torch.full_like(state.tokens, -1))
+    state.out.index_copy_(2, state.step.view(1), column[:, :, None])
+    state.alive.copy_(kept & (state.step + 1 < state.limits))
+    state.any_alive.copy_(state.alive.any())
 
 
 def _bytes_per_slot(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
@@ -321,14 +403,20 @@ def grouped_sdpa(
     heads that share a key/value head are folded into the query length instead, so the cache is read as is.
     """
     groups = getattr(module, "num_key_value_groups", 1)
-    if attention_mask is None or groups == 1 or query.shape[2] == 1 or attention_mask.shape[1] != 1:
+    queries = query.shape[2]
+    if attention_mask is None or groups == 1 or attention_mask.shape[1] != 1:
+        if attention_mask is not None:
+            attention_mask = attention_mask[:, :, :queries]  # a mask folded for other heads: its first copy
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    rows, heads, queries, dim = query.shape
+    rows, heads, _, dim = query.shape
     # Query head h uses key/value head h // groups: [rows, kv heads, groups * queries, dim], group-major.
+    # One query (one branch) too: transformers' sdpa would copy the whole cache per query head (repeat_kv).
     folded = query.reshape(rows, heads // groups, groups * queries, dim)
-    mask = attention_mask[:, :, :, : key.shape[2]].repeat(1, 1, groups, 1)
+    mask = attention_mask[:, :, :, : key.shape[2]]
+    if mask.shape[2] != groups * queries:  # the decode step folds its mask once per step (tree._step)
+        mask = mask[:, :, :queries].repeat(1, 1, groups, 1)
     output = torch.nn.functional.scaled_dot_product_attention(
         folded, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling
     )
