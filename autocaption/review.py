@@ -25,6 +25,7 @@ from autocaption.images import open_picture
 from autocaption.journal import EDITED, Journal
 from autocaption.locks import DaemonLock, PhotoLocks
 from autocaption.paths import display
+from autocaption.textclean import carriable
 from autocaption.writers.metadata import Caption, MetadataWriter
 
 log = logging.getLogger(__name__)
@@ -178,12 +179,13 @@ class Review:
 
 
 def keywords_from(value: object) -> list[str]:
-    """The keywords a request sent: a list of strings, each trimmed, empty ones and repeats dropped."""
+    """The keywords a request sent: a list of strings, each trimmed and made carriable (textclean), empty
+    ones and repeats dropped."""
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise ValueError("keywords must be a list of strings")
     seen: dict[str, str] = {}
     for item in value:
-        word = item.strip()
+        word = carriable(item)
         if word and word.casefold() not in seen:
             seen[word.casefold()] = word
     return list(seen.values())

@@ -15,10 +15,18 @@ _INVISIBLE = re.compile("[\u200b\u200e\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2
 _LINE_SEPARATORS = re.compile("[\u2028\u2029\r]\n?")
 
 
+def carriable(raw: str) -> str:
+    """`raw` as XML, EXIF and JSON can all carry it, without surrounding whitespace: NFC, no control
+    characters or lone surrogates (an XMP packet holding one is unreadable, so every later write would
+    refuse it), no invisible direction marks, and every line break a plain LF (XML turns a raw CR into LF
+    when it reads the packet back, and our own caption would then read as a person's)."""
+    text = _INVISIBLE.sub("", _UNCARRIABLE.sub("", unicodedata.normalize("NFC", raw)))
+    return _LINE_SEPARATORS.sub("\n", text).strip()
+
+
 def clean_answer(raw: str, *, strip_prefixes: Sequence[str] = ()) -> str:
     """Strip whitespace and characters metadata cannot carry; drop opt-in boilerplate prefixes."""
-    text = _INVISIBLE.sub("", _UNCARRIABLE.sub("", unicodedata.normalize("NFC", raw)))
-    text = _LINE_SEPARATORS.sub("\n", text).strip()
+    text = carriable(raw)
     for prefix in strip_prefixes:
         if text.lower().startswith(prefix.lower()):
             rest = text[len(prefix) :].lstrip(" :,-–—\t\n")

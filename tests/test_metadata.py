@@ -336,7 +336,7 @@ def test_boilerplate_and_keyword_helpers() -> None:
     assert is_boilerplate("KODAK Digital Still Camera") and is_boilerplate("WWL", make="WWL")
     assert not is_boilerplate("Operation Mountain Viper")
     assert split_keywords("fox, snow\n- Forest; fox ;  'winter'.") == ("fox", "snow", "Forest", "winter")
-    assert merge_keywords(["mine", "old ai"], ["old ai"], ["new ai", "Mine"]) == ("mine", "new ai")
+    assert merge_keywords(["mine", "old ai"], ["old ai"], ["new ai", "Mine"]) == (("mine", "new ai"), ("new ai",))
 
 
 def test_digest_of_whole_file_changes_only_in_metadata(corpus: Path, tmp_path: Path) -> None:

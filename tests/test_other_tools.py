@@ -299,7 +299,7 @@ def test_an_afcp_trailer_moves_with_the_file(corpus: Path, tmp_path: Path, order
     assert write(path, Caption("A longer caption " * 20, OURS)).file == "embedded"
     assert afcp_tags(path) == before
     assert exiftool.warnings(path) == warnings  # no "[minor] Adjusted AFCP offsets"
-    assert exiftool.tags(path)[path]["XMP-dc:Description"] == "A longer caption " * 20
+    assert exiftool.tags(path)[path]["XMP-dc:Description"] == ("A longer caption " * 20).strip()  # (trimmed)
 
 
 def test_a_trailer_that_cannot_be_moved_leaves_the_photo_unchanged(corpus: Path, tmp_path: Path) -> None:
@@ -355,3 +355,71 @@ def test_an_mpf_preview_stays_found_when_a_segment_after_its_index_grows(corpus:
 def preview_of(path: Path) -> bytes:
     return subprocess.run([exiftool.require(), "-b", "-PreviewImage", str(path)], capture_output=True,
                           check=True).stdout  # fmt: skip
+
+
+# --- 6. a person's keyword in another letter case ------------------------------------------------------------
+
+
+def test_a_persons_keyword_that_we_also_propose_in_another_case_survives_the_next_run(
+    corpus: Path, tmp_path: Path
+) -> None:
+    """The photo has "Dog" (a person's, in dc:subject, IPTC and Lightroom's hierarchy). We propose "dog":
+    the word is theirs, so it is not recorded as ours, and a later run that no longer proposes it must not
+    take theirs away (it did: our "dog" was recorded as ours and matched "Dog" case-insensitively)."""
+    path = writable_copy(corpus / "jpg/camera/Canon_40D.jpg", tmp_path / "dog.jpg")
+    run_exiftool(path, "-XMP-dc:Subject=Dog", "-IPTC:Keywords=Dog", "-XMP-lr:HierarchicalSubject=Animals|Dog",
+                 "-XMP-lr:HierarchicalSubject=Dog")  # fmt: skip
+    write(path, Caption(CAPTION, ("dog", "snow")))
+    first = exiftool.tags(path)[path]
+    assert first["XMP-dc:Subject"] == ["Dog", "snow"] and first["IPTC:Keywords"] == ["Dog", "snow"]
+    assert first["XMP-lr:HierarchicalSubject"] == ["Animals|Dog", "Dog", "snow"]
+    write(path, Caption(CAPTION, ("snow", "winter")))  # "dog" is no longer proposed
+    second = exiftool.tags(path)[path]
+    assert second["XMP-dc:Subject"] == ["Dog", "snow", "winter"]
+    assert second["IPTC:Keywords"] == ["Dog", "snow", "winter"]
+    assert second["XMP-lr:HierarchicalSubject"] == ["Animals|Dog", "Dog", "snow", "winter"]
+    write(path, Caption(CAPTION, (), asked=True))  # no rule writes keywords any more: ours go, theirs stay
+    third = exiftool.tags(path)[path]
+    assert third["XMP-dc:Subject"] == "Dog" and third["IPTC:Keywords"] == "Dog"  # (a single value)
+    assert third["XMP-lr:HierarchicalSubject"] == ["Animals|Dog", "Dog"]
+
+
+def test_our_caption_with_a_carriage_return_is_still_ours_on_the_next_run(corpus: Path, tmp_path: Path) -> None:
+    """XML reads a raw CR back as LF while EXIF keeps it: a caption of ours with one read as a person's on the
+    next run, and `keep` kept it for ever. Line breaks are written as LF everywhere."""
+    path = writable_copy(corpus / "jpg/camera/Canon_40D.jpg", tmp_path / "cr.jpg")
+    write(path, Caption("A fox.\rIn the snow.", ()))
+    tags = exiftool.tags(path)[path]
+    assert tags["XMP-dc:Description"] == "A fox.\nIn the snow." == tags["IFD0:ImageDescription"]
+    record = write(path, Caption(CAPTION, ()))  # existing: keep
+    assert not record.description.startswith("kept"), record.description
+    assert exiftool.tags(path)[path]["XMP-dc:Description"] == CAPTION
+
+
+# --- 7. a description or keywords in a form other than the list the standard names -------------------------
+
+RDF_FORMS = {  # dc:description is a Lang Alt and dc:subject a Bag; tools also write these, and exiftool reads them
+    "plain elements": "<dc:description>Grandma in the garden</dc:description><dc:subject>garden</dc:subject>",
+    "attributes": "",  # on the rdf:Description itself, below
+    "rdf:value resources": "<dc:description rdf:parseType='Resource'><rdf:value>Grandma in the garden</rdf:value>"
+    "</dc:description><dc:subject><rdf:Bag><rdf:li rdf:parseType='Resource'><rdf:value>garden</rdf:value>"
+    "</rdf:li></rdf:Bag></dc:subject>",
+}
+
+
+@pytest.mark.parametrize("form", RDF_FORMS)
+def test_a_persons_caption_in_another_rdf_form_is_kept(corpus: Path, tmp_path: Path, form: str) -> None:
+    """Read as absent, the person's caption was overwritten under `existing: keep`, their keyword dropped."""
+    attributes = " dc:description='Grandma in the garden' dc:subject='garden'" if form == "attributes" else ""
+    packet = (
+        "<?xpacket begin='\ufeff' id='W5M0MpCehiHzreSzNTczkc9d'?><x:xmpmeta xmlns:x='adobe:ns:meta/'>"
+        "<rdf:RDF xmlns:rdf='http://www.w3.org/1999/02/22-rdf-syntax-ns#'><rdf:Description rdf:about=''"
+        f" xmlns:dc='http://purl.org/dc/elements/1.1/'{attributes}>{RDF_FORMS[form]}</rdf:Description>"
+        "</rdf:RDF></x:xmpmeta><?xpacket end='w'?>"
+    ).encode()
+    path = writable_copy(corpus / "jpg/camera/Canon_40D.jpg", tmp_path / "form.jpg")  # a photo without XMP
+    with_xmp(path, packet)
+    assert mwg(path) == {"Keywords": ["garden"], "Description": "Grandma in the garden"}
+    record = write(path, Caption(CAPTION, OURS))  # existing: keep
+    assert record.description.startswith("kept")
+    assert mwg(path) == {"Keywords": ["garden", *OURS], "Description": "Grandma in the garden"}

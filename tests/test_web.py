@@ -200,6 +200,29 @@ def test_a_correction_is_written_into_the_photo_and_kept_by_later_runs(
     assert client.post(f"/api/images/{image['id']}/caption", data="x", headers=auth()).status_code == 400
 
 
+def test_a_correction_with_characters_metadata_cannot_carry_is_written_readable(client: Any, described: Config) -> None:
+    """A control character in an XMP packet makes it unreadable (every later write would refuse it), a lone
+    surrogate cannot be encoded at all, a raw CR comes back as LF: the correction is stored without them."""
+    listed = client.get("/api/images", headers=auth()).json["images"]
+    image = next(i for i in listed if i["path"].endswith("DSCN0021.jpg"))
+    path = Path(image["path"])
+    seen = client.get(f"/api/images/{image['id']}", headers=auth()).json["caption"]["sha256"]
+    body = {"description": "Grandma\x01's party\r\nin the \ud800garden\ufffe\x0c", "keywords": ["fa\x0cmily", "\x01"],
+            "sha256": seen}  # fmt: skip
+    saved = client.post(f"/api/images/{image['id']}/caption", json=body, headers=auth())
+    assert saved.status_code == 200, saved.json
+    wanted = "Grandma's party\nin the garden"
+    assert saved.json["caption"]["description"] == wanted and saved.json["caption"]["keywords"] == ["family"]
+    tags = exiftool.tags(path)[path]
+    assert tags["XMP-dc:Description"] == wanted and tags["XMP-dc:Subject"] == "family"
+    again = {"description": "Grandma's party", "sha256": saved.json["caption"]["sha256"]}
+    second = client.post(f"/api/images/{image['id']}/caption", json=again, headers=auth())  # the packet reads
+    assert second.status_code == 200 and exiftool.tags(path)[path]["XMP-dc:Description"] == "Grandma's party"
+    blank = {"description": " \x01\u200b ", "sha256": second.json["caption"]["sha256"]}
+    refused = client.post(f"/api/images/{image['id']}/caption", json=blank, headers=auth())
+    assert refused.status_code == 400 and "must not be empty" in refused.json["error"]
+
+
 def test_web_prints_its_url_first_and_warns_off_loopback(described: Config, tmp_path: Path) -> None:
     import urllib.request
 

@@ -24,6 +24,7 @@ from autocaption.errors import AutocaptionError, WriteError
 from autocaption.journal import JournalDamaged, JournalFull
 from autocaption.paths import display
 from autocaption.review import PREVIEW, THUMBNAIL, Conflict, Detail, NotFound, Review, keywords_from
+from autocaption.textclean import carriable
 
 COOKIE = "autocaption_token"
 HEADER = "X-Autocaption-Token"
@@ -136,7 +137,9 @@ def create_app(config: Config, review: Review, token: str, *, read_only: bool = 
         description = body.get("description")
         if description is not None and not isinstance(description, str):
             return _error(400, shape)
-        if description is not None and not description.strip():
+        if description is not None:
+            description = carriable(description)  # what metadata cannot carry never reaches the writers
+        if description is not None and not description:
             return _error(400, "description must not be empty")
         if description is None and "keywords" not in body:
             return _error(400, "nothing to change: send a description, keywords or both")
@@ -144,8 +147,7 @@ def create_app(config: Config, review: Review, token: str, *, read_only: bool = 
             keywords = keywords_from(body["keywords"]) if "keywords" in body else None
         except ValueError as exc:
             return _error(400, str(exc))
-        text = description.strip() if description is not None else None
-        return jsonify(_full(review.correct(image_id, text, keywords, body["sha256"])))
+        return jsonify(_full(review.correct(image_id, description, keywords, body["sha256"])))
 
     @app.post("/api/images/<int:image_id>/describe")
     def api_describe(image_id: int) -> Response:

@@ -8,6 +8,7 @@ the reason logged once and recorded in the JSON sidecar.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import logging
@@ -25,6 +26,7 @@ from autocaption.config import OutputConfig
 from autocaption.errors import WriteError
 from autocaption.images import sniff
 from autocaption.paths import display, text
+from autocaption.textclean import carriable
 from autocaption.writers import containers, exif, iptc, policy, xmp
 from autocaption.writers.containers import Blocks, ContainerError
 from autocaption.writers.exif import ExifError, Tiff
@@ -53,6 +55,14 @@ class Caption:
     @property
     def empty(self) -> bool:
         return self.description is None and not self.keywords and not self.person
+
+    def carriable(self) -> Caption:
+        """The caption as XMP, EXIF and IPTC can carry it (textclean.carriable): a control character would
+        make the packet unreadable for every later write, a raw CR would come back as LF and our own text
+        would read as a person's. Model answers are clean already; this guards every other way in."""
+        description = (carriable(self.description) or None) if self.description is not None else None
+        keywords = None if self.keywords is None else tuple(word for word in map(carriable, self.keywords) if word)
+        return dataclasses.replace(self, description=description, keywords=keywords)
 
 
 @dataclass(frozen=True)
@@ -119,6 +129,7 @@ class MetadataWriter:
         return image.with_name(name)
 
     def write(self, path: Path, root: Path, caption: Caption, *, dry_run: bool = False) -> WriteRecord:
+        caption = caption.carriable()
         if caption.empty:
             why = "the answers were empty: nothing to write" if caption.asked else "no rule writes into the photo"
             return WriteRecord("dry-run" if dry_run else "unchanged", "none", "none", reason=why)
@@ -213,12 +224,12 @@ class MetadataWriter:
         if caption.keywords is not None and not caption.keywords and caption.asked and found.own_keywords:
             # No rule writes keywords for this photo any more (a match narrowed, a `write:` taken out): the
             # keywords autocaption wrote earlier go; a person's and other tools' stay.
-            applied.keywords = policy.merge_keywords(found.keywords, found.own_keywords, ())
+            applied.keywords, _ = policy.merge_keywords(found.keywords, found.own_keywords, ())
             xmp.set_keywords(packet, applied.keywords, ())
             applied.notes = (applied.notes[0], "removed: autocaption's earlier keywords (no rule writes keywords)")
         if caption.keywords:
-            applied.keywords = policy.merge_keywords(found.keywords, found.own_keywords, caption.keywords)
-            xmp.set_keywords(packet, applied.keywords, caption.keywords)
+            applied.keywords, owned = policy.merge_keywords(found.keywords, found.own_keywords, caption.keywords)
+            xmp.set_keywords(packet, applied.keywords, owned)
             applied.notes = (applied.notes[0], "written")
         return applied
 

@@ -145,10 +145,22 @@ def split_keywords(answer: str) -> tuple[str, ...]:
     return tuple(seen.values())
 
 
-def merge_keywords(existing: Iterable[str], own_previous: Iterable[str], ours: Iterable[str]) -> tuple[str, ...]:
-    """Keep every keyword a person or another tool set, replace the ones we set last time."""
+def merge_keywords(
+    existing: Iterable[str], own_previous: Iterable[str], ours: Iterable[str]
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(the keywords to write, those of them that are ours): every keyword a person or another tool set is
+    kept, the ones we set last time are replaced. A word of ours the photo already has from someone else
+    (in any letter case: "Dog" for our "dog") stays theirs and is not recorded as ours, or the next run, no
+    longer proposing it, would delete their keyword."""
     previous = {k.casefold() for k in own_previous}
     merged: dict[str, str] = {}
-    for word in [*(k for k in existing if k.casefold() not in previous), *ours]:
-        merged.setdefault(word.casefold(), word)
-    return tuple(merged.values())
+    for word in existing:
+        if word.casefold() not in previous:
+            merged.setdefault(word.casefold(), word)
+    theirs = set(merged)
+    owned: dict[str, str] = {}
+    for word in ours:
+        if word.casefold() not in theirs:
+            merged.setdefault(word.casefold(), word)
+            owned.setdefault(word.casefold(), word)
+    return tuple(merged.values()), tuple(owned.values())

@@ -254,15 +254,47 @@ def _simple(root: ET.Element, tag: str) -> str | None:
     return None
 
 
+def _values(root: ET.Element, tag: str) -> list[tuple[str | None, str]] | None:
+    """A property's values with their xml:lang, in whichever RDF form a tool wrote it: an rdf:Alt/Bag/Seq
+    of rdf:li, a plain element, an attribute of its rdf:Description, or a resource holding rdf:value
+    (exiftool reads all of them; a form read as "absent" would be overwritten under `existing: keep`).
+    None when the property is not there."""
+    for description in _descriptions(root):
+        element = description.find(tag)
+        if element is not None:
+            container = next(iter(element), None)
+            if container is None:  # a plain element (a lang-alt written as a simple text)
+                return [(element.get(XML_LANG), element.text or "")]
+            if container.tag in (_RDF + "Alt", _RDF + "Bag", _RDF + "Seq"):
+                return [(li.get(XML_LANG), _value_of(li)) for li in container.findall(_RDF + "li")]
+            return [(element.get(XML_LANG), _value_of(element))]
+        if tag in description.attrib:
+            return [(None, description.attrib[tag])]
+    return None
+
+
+def _value_of(element: ET.Element) -> str:
+    """The text of an rdf:li or property element; of its rdf:value where it is a resource (qualifiers)."""
+    value = element.find(_RDF + "value")
+    if value is None:
+        value = next((d.find(_RDF + "value") for d in element.findall(_RDF + "Description")), None)
+    if value is not None:
+        return value.text or ""
+    attribute = element.get(_RDF + "value")
+    return attribute if attribute is not None else element.text or ""
+
+
 def facts(packet: Packet) -> XmpFacts:
     root = packet.root
-    items = _items(_find(root, _DC + "description"))
-    default = next((li for li in items if li.get(XML_LANG) == "x-default"), items[0] if items else None)
+    descriptions = _values(root, _DC + "description")
+    default = next((text for lang, text in descriptions or () if lang == "x-default"), None)
+    if default is None and descriptions:
+        default = descriptions[0][1]
     return XmpFacts(
-        description=(default.text or "") if default is not None else None,
-        keywords=tuple(li.text or "" for li in _items(_find(root, _DC + "subject"))),
+        description=default,
+        keywords=tuple(text for _, text in _values(root, _DC + "subject") or ()),
         own_description=_simple(root, _OWN + "Description"),
-        own_keywords=tuple(li.text or "" for li in _items(_find(root, _OWN + "Keywords"))),
+        own_keywords=tuple(text for _, text in _values(root, _OWN + "Keywords") or ()),
     )
 
 
