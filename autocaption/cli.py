@@ -190,7 +190,7 @@ def service_install(config_path: Path, user_unit: bool, unit_dir: Path | None, r
 def status_report(config: Config) -> dict[str, Any]:
     """What `status` says, as data: the journal's counts and whether a daemon holds the state dir."""
     from autocaption.journal import Journal
-    from autocaption.locks import DaemonLock
+    from autocaption.locks import POLLED_FILE, DaemonLock
 
     journal = Journal(config.state.dir, read_only=True)  # works on a state dir this user cannot write
     try:
@@ -202,6 +202,7 @@ def status_report(config: Config) -> dict[str, Any]:
         "journal": str(journal.path),
         "daemon": {"running": pid is not None, "pid": pid or None},
         "waiting": _waiting(config, pid is not None),
+        "polled": _said(config, POLLED_FILE, pid is not None),
         "queued": stats.queued,
         "retrying": stats.retrying,
         "done": stats.done,
@@ -224,8 +225,13 @@ def _waiting(config: Config, running: bool) -> str | None:
         free = 1 << 30
     if free < 1 << 20:
         return f"state.dir {config.state.dir} is full ({free} bytes free): the daemon waits for space"
+    return _said(config, WAITING_FILE, running)
+
+
+def _said(config: Config, name: str, running: bool) -> str | None:
+    """What a running daemon left in state.dir/`name` for other processes to show."""
     try:
-        said = (config.state.dir / WAITING_FILE).read_text(encoding="utf-8").strip()
+        said = (config.state.dir / name).read_text(encoding="utf-8").strip()
     except OSError:
         return None
     return said if running and said else None
@@ -242,6 +248,8 @@ def format_status(report: dict[str, Any]) -> str:
     ]
     if report.get("waiting"):
         lines.append(f"waiting: {report['waiting']}")
+    if report.get("polled"):
+        lines.append(f"watch: {report['polled']}")
     if report["recent_errors"]:
         lines.append("recent errors:")
         lines.extend(f"  {entry['error']}" for entry in report["recent_errors"])

@@ -21,7 +21,7 @@ from autocaption.config import Config, defaults
 from autocaption.dependencies import findings
 from autocaption.engine.devices import Accelerator, ram_available
 from autocaption.errors import AutocaptionError
-from autocaption.locks import DaemonLock
+from autocaption.locks import POLLED_FILE, DaemonLock
 from autocaption.paths import display
 from autocaption.unit import SYSTEM_UNIT_DIR, UNIT_NAME
 
@@ -93,6 +93,7 @@ class Facts:
     journal_problem: str | None = None  # what SQLite's integrity check says of the journal; None: sound or none yet
     device: str = "auto"  # model.device: `cpu` asks for no GPU
     newer_only: bool = True  # every one of them is newer than tested (a warning), none older or missing
+    polled: str | None = None  # what a running daemon says of the folders it polls because inotify cannot watch them
 
 
 # --- the checks -------------------------------------------------------------------------------------------
@@ -115,6 +116,8 @@ def checks(facts: Facts) -> list[Check]:
                            "also rebuilds it by itself when it starts; the damaged file is kept)"))  # fmt: skip
     if facts.watched_folders:
         found.append(_inotify(facts))
+    if facts.polled and facts.daemon_pid:
+        found.append(Check(False, f"the running daemon: {facts.polled}"))
     found.append(_unit(facts))
     return found
 
@@ -295,7 +298,8 @@ def gather(config: Config) -> Facts:
         state_problem=_writable(state),
         daemon_pid=DaemonLock(state).holder(),
         watched_folders=_folders_under(config),
-        inotify_limit=_read_int(Path("/proc/sys/fs/inotify/max_user_watches")),
+        inotify_limit=_inotify_limit(),
+        polled=_polled(state),
         unit=_unit_facts(),
         dependencies=tuple(finding.line() for finding in outside),
         newer_only=all(finding.newer for finding in outside),
@@ -396,6 +400,23 @@ def _folders_under(config: Config) -> int:
         if watch.recursive:
             count += sum(len(folders) for _, folders, _ in os.walk(watch.path))
     return count
+
+
+def _inotify_limit() -> int | None:
+    """The watches this user may hold: the system's limit, or the lower one of this user namespace (a
+    container's)."""
+    limits = [
+        _read_int(Path(p)) for p in ("/proc/sys/fs/inotify/max_user_watches", "/proc/sys/user/max_inotify_watches")
+    ]
+    known = [limit for limit in limits if limit is not None]
+    return min(known) if known else None
+
+
+def _polled(state: Path) -> str | None:
+    try:
+        return (state / POLLED_FILE).read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
 
 
 def _read_int(path: Path) -> int | None:

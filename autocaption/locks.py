@@ -25,6 +25,7 @@ from autocaption.paths import display
 
 DAEMON_LOCK = "daemon.lock"
 WAITING_FILE = "waiting"  # beside it while the daemon waits (for the server, for space): what it waits for
+POLLED_FILE = "polled"  # beside it while folders are polled because inotify cannot watch them: how many, and why
 PHOTO_LOCK_DIR = "locks"
 PHOTO_LOCK_BUCKETS = 256  # photos share lock files by hash: enough to keep unrelated photos from waiting
 

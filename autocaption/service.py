@@ -29,12 +29,12 @@ from autocaption.discover import Candidate, relative_path, walk_names
 from autocaption.engine import Cancelled, Engine, load_engine
 from autocaption.errors import AutocaptionError, ExitCode, ServerUnreachable
 from autocaption.journal import FAILED, GONE, QUEUED, RETRY, Journal, JournalDamaged, JournalFull, record_outcome
-from autocaption.locks import WAITING_FILE, DaemonLock, PhotoLocks
+from autocaption.locks import POLLED_FILE, WAITING_FILE, DaemonLock, PhotoLocks
 from autocaption.notify import Notifier
 from autocaption.paths import display
 from autocaption.pipeline import Described, Failed, Outcome, Pipeline
 from autocaption.rebuild import refill, set_aside
-from autocaption.watch import Settler, Watchers
+from autocaption.watch import RAISE_LIMIT, Settler, Watchers
 from autocaption.writers.metadata import MetadataWriter
 
 log = logging.getLogger("autocaption")
@@ -415,21 +415,30 @@ class Service:
             self.notifier.watchdog()
 
     def _tell_waiting(self) -> None:
-        """Why the daemon waits, for `autocaption status` in another process (a full disk may refuse it)."""
-        path = self.config.state.dir / WAITING_FILE
-        try:
-            if self.waiting:
-                write_atomic(path, (self.waiting + "\n").encode("utf-8"))
-            else:
-                path.unlink(missing_ok=True)
-        except OSError as exc:
-            log.debug("%s: %s", display(path), exc)
+        """Why the daemon waits, and which folders it can only poll, for `autocaption status` and `doctor` in
+        another process (a full disk may refuse it)."""
+        for name, said in ((WAITING_FILE, self.waiting), (POLLED_FILE, self._polled())):
+            path = self.config.state.dir / name
+            try:
+                if said:
+                    write_atomic(path, (said + "\n").encode("utf-8"))
+                else:
+                    path.unlink(missing_ok=True)
+            except OSError as exc:
+                log.debug("%s: %s", display(path), exc)
+
+    def _polled(self) -> str:
+        polled = self.watchers.polled_folders if self.watchers is not None else 0
+        if not polled:
+            return ""
+        return f"{polled:,} folder(s) polled, not watched: the inotify watch limit is reached; {RAISE_LIMIT}"
 
     def _status(self) -> str:
         stats = self.journal.stats()
+        notes = "".join(f"; {note}" for note in (self.waiting, self._polled()) if note)
         return (
             f"{stats.queued + stats.retrying} queued, {stats.per_hour} images/hour, "
-            f"{stats.done} done, {stats.failed} failed{f'; {self.waiting}' if self.waiting else ''}"
+            f"{stats.done} done, {stats.failed} failed{notes}"
         )
 
     def _reload(self) -> None:

@@ -48,11 +48,13 @@ EVENTS = [FileCreatedEvent, FileModifiedEvent, FileMovedEvent, FileClosedEvent, 
 NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs", "fuse.sshfs",
                        "fuse.rclone", "fuse.glusterfs", "davfs", "fuse.davfs2"}  # fmt: skip
 EMPTY_FILE_WAIT = 60.0  # seconds an empty file may stay empty before it is reported
-INOTIFY_LIMIT_HELP = (
-    "the inotify watch limit is reached (one watch per folder). Raise it with "
-    "`sudo sysctl fs.inotify.max_user_watches=1048576` and make it permanent in "
-    "/etc/sysctl.d/90-autocaption.conf; until then this folder is polled"
-)
+_SYSCTL = ("`sudo sysctl fs.inotify.max_user_watches=1048576` and make it permanent in "
+           "/etc/sysctl.d/90-autocaption.conf")  # fmt: skip
+RAISE_LIMIT = f"raise it with {_SYSCTL}"
+INOTIFY_LIMIT_HELP = (f"the inotify watch limit is reached (one watch per folder). Raise it with {_SYSCTL}; "
+                      "until then this folder is polled")  # fmt: skip
+# One line per watch of /proc/self/fdinfo/<inotify fd>: the watched inode and its device (kernel encoding).
+_FDINFO = re.compile(r"^inotify wd:\d+ ino:([0-9a-f]+) sdev:([0-9a-f]+)", re.MULTILINE)
 
 
 @dataclass
@@ -155,9 +157,10 @@ class Settler:
 class _Handler(FileSystemEventHandler):
     """Runs on watchdog's dispatcher thread: filter by name and record the path, nothing else."""
 
-    def __init__(self, watch: WatchConfig, settler: Settler) -> None:
+    def __init__(self, watch: WatchConfig, settler: Settler, on_folder: Callable[[Path, WatchConfig], None]) -> None:
         self.watch = watch
         self.settler = settler
+        self.on_folder = on_folder  # a folder created or moved in: is it watched? (Watchers.check looks)
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type not in ("created", "modified", "moved", "closed"):
@@ -167,6 +170,7 @@ class _Handler(FileSystemEventHandler):
         if event.is_directory:
             if event.event_type in ("created", "moved"):
                 self.settler.folder(path, self.watch)
+                self.on_folder(path, self.watch)
             return
         if path.name.startswith(TEMP_PREFIX):
             return
@@ -214,6 +218,118 @@ class _Armed:
     mounts: frozenset[str] = frozenset()  # mount points inside the folder when it was armed
 
 
+def inotify_watched() -> set[tuple[int, int]] | None:
+    """(device, inode) of every folder this process's inotify instances watch, as the kernel holds them
+    (/proc/self/fdinfo), whatever watchdog believes: it skips a subfolder it cannot watch without a word.
+    None where /proc cannot tell."""
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        return None
+    watched: set[tuple[int, int]] = set()
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:inotify":
+                continue
+            info = Path(f"/proc/self/fdinfo/{fd}").read_text(encoding="ascii")
+        except OSError:  # closed meanwhile (our own listdir's fd)
+            continue
+        for inode, device in _FDINFO.findall(info):
+            kernel = int(device, 16)  # major << 20 | minor, where st_dev is the user-space encoding
+            watched.add((os.makedev(kernel >> 20, kernel & 0xFFFFF), int(inode, 16)))
+    return watched
+
+
+def unwatched_folders(top: Path, watched: set[tuple[int, int]]) -> list[Path]:
+    """The topmost folders of the tree at `top` (itself included) that no inotify watch holds; what is
+    under them is polled with them. Symbolic links are not followed (as watchdog does not)."""
+    found: list[Path] = []
+    stack = [str(top)]
+    while stack:
+        folder = stack.pop()
+        try:
+            st = os.stat(folder, follow_symlinks=False)
+        except OSError:  # gone meanwhile
+            continue
+        if (st.st_dev, st.st_ino) not in watched:
+            found.append(Path(folder))
+            continue
+        try:
+            with os.scandir(folder) as entries:
+                stack.extend(entry.path for entry in entries if entry.is_dir(follow_symlinks=False))
+        except OSError:
+            continue
+    return sorted(found)
+
+
+class _SubtreePoller:
+    """Looks every `poll_seconds` at the folders inotify could not watch (the watch limit): what is new or
+    changed there since the last look goes to the settler, as an inotify event would. The first look at a
+    folder hands over everything in it (the journal leaves photos already described alone): a file that
+    arrived before the folder was found unwatched is not missed."""
+
+    def __init__(self, settler: Settler) -> None:
+        self.settler = settler
+        self._folders: dict[WatchConfig, list[Path]] = {}
+        self._seen: dict[Path, tuple[int, int]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def set(self, watch: WatchConfig, folders: list[Path]) -> None:
+        with self._lock:
+            if folders:
+                self._folders[watch] = folders
+            else:
+                self._folders.pop(watch, None)
+        if folders and self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="poll-unwatched", daemon=True)
+            self._thread.start()
+
+    def add(self, watch: WatchConfig, folders: list[Path]) -> None:
+        with self._lock:
+            known = set(self._folders.get(watch, []))
+            merged = self._folders.get(watch, []) + [f for f in folders if f not in known]
+        self.set(watch, merged)
+
+    def count(self) -> int:
+        with self._lock:
+            return sum(len(folders) for folders in self._folders.values())
+
+    def _run(self) -> None:
+        first = True
+        while first or not self._stop.wait(min((w.poll_seconds for w in self._watches()), default=30.0)):
+            first = False
+            for watch in self._watches():
+                with self._lock:
+                    folders = list(self._folders.get(watch, []))
+                for folder in folders:
+                    self._look(folder, watch)
+
+    def _watches(self) -> list[WatchConfig]:
+        with self._lock:
+            return list(self._folders)
+
+    def _look(self, folder: Path, watch: WatchConfig) -> None:
+        try:
+            found = list(walk(folder, watch.path, watch.include, watch.exclude, recursive=watch.recursive))
+        except OSError:  # the folder is gone
+            return
+        for item in found:
+            if isinstance(item, Candidate):
+                key = stat_key(item.path)
+                if key is not None and self._seen.get(item.path) != key:
+                    self._seen[item.path] = key
+                    self.settler.touch(item.path, watch)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        self._stop.clear()
+
+
 class Watchers:
     """One inotify observer for local folders, one polling observer per network or polled folder.
 
@@ -221,6 +337,10 @@ class Watchers:
     folder deleted and created again. `check` (called every few seconds) arms a folder as soon as it
     appears and re-arms one that was replaced (another inode under the same name, a mount on top of it),
     and says so, so the caller can reconcile the folder's contents.
+
+    inotify needs one watch per folder, and watchdog skips the subfolders it cannot watch (the watch limit)
+    without a word: after arming a tree, and for every folder created in it later, the kernel's own list of
+    watches is compared with the folders, and those left out are polled (`_SubtreePoller`), said in one line.
     """
 
     def __init__(self, watches: tuple[WatchConfig, ...], settler: Settler, on_overflow: Callable[[], None]) -> None:
@@ -230,6 +350,14 @@ class Watchers:
         self._told: dict[WatchConfig, str] = {}  # the last thing said about a folder not watched: said once
         self._inotify: BaseObserver | None = None
         self._overflow = _OverflowLog(on_overflow)
+        self._poller = _SubtreePoller(settler)
+        self._created: list[tuple[Path, WatchConfig]] = []  # folders created since the last check
+        self._created_lock = threading.Lock()
+
+    @property
+    def polled_folders(self) -> int:
+        """Folders (with what is under them) polled because inotify could not watch them."""
+        return self._poller.count()
 
     @property
     def observers(self) -> list[BaseObserver]:
@@ -249,8 +377,9 @@ class Watchers:
         self.check()
 
     def check(self) -> bool:
-        """Arm the folders that appeared, re-arm the replaced ones. True when any was (re)armed: files may
-        have arrived in it while nobody watched."""
+        """Arm the folders that appeared, re-arm the replaced ones, poll the new folders inotify could not
+        watch. True when any was (re)armed: files may have arrived in it while nobody watched."""
+        self._cover_created()
         armed_any = False
         points = _mount_points()
         for watch in self.watches:
@@ -296,7 +425,7 @@ class Watchers:
         return True
 
     def _schedule(self, watch: WatchConfig, identity: tuple[int, int]) -> _Armed:
-        handler = _Handler(watch, self.settler)
+        handler = _Handler(watch, self.settler, self._folder_created)
         polled = watch.polling == "yes" or (watch.polling == "auto" and is_network_mount(watch.path))
         if not polled:
             if self._inotify is None:
@@ -306,6 +435,8 @@ class Watchers:
                 handle = self._inotify.schedule(handler, str(watch.path), recursive=watch.recursive,
                                                 event_filter=EVENTS)  # fmt: skip
                 log.info("watching %s (inotify)", display(watch.path))
+                if watch.recursive:
+                    self._cover(watch)
                 return _Armed(self._inotify, handle, identity, shared=True)
             except OSError as exc:
                 if exc.errno not in (errno.ENOSPC, errno.EMFILE):
@@ -317,7 +448,43 @@ class Watchers:
         log.info("watching %s (polling every %.0f s)", display(watch.path), watch.poll_seconds)
         return _Armed(poller, handle, identity, shared=False)
 
+    def _cover(self, watch: WatchConfig) -> None:
+        """Poll the folders of the tree that inotify holds no watch for."""
+        watched = inotify_watched()
+        if watched is None:
+            return
+        left_out = unwatched_folders(watch.path, watched)
+        self._poller.set(watch, left_out)
+        if left_out:
+            log.error("watch: %s: %d folder(s) of the tree cannot be watched: the inotify watch limit is reached "
+                      "(one watch per folder); they are polled every %.0f s until it is raised: %s",
+                      display(watch.path), len(left_out), watch.poll_seconds, RAISE_LIMIT)  # fmt: skip
+
+    def _folder_created(self, path: Path, watch: WatchConfig) -> None:
+        """On watchdog's dispatcher thread: remembered for the next `check`."""
+        with self._created_lock:
+            self._created.append((path, watch))
+
+    def _cover_created(self) -> None:
+        with self._created_lock:
+            created, self._created = self._created, []
+        if not created:
+            return
+        watched = inotify_watched()
+        if watched is None:
+            return
+        for watch in {watch for _, watch in created}:
+            if watch not in self._armed or not self._armed[watch].shared or not watch.recursive:
+                continue  # polled already, or no longer watched
+            left_out = [f for path, w in created if w == watch for f in unwatched_folders(path, watched)]
+            if left_out:
+                self._poller.add(watch, left_out)
+                log.error("watch: %s: %d new folder(s) cannot be watched: the inotify watch limit is reached; "
+                          "they are polled every %.0f s until it is raised: %s", display(watch.path), len(left_out),
+                          watch.poll_seconds, RAISE_LIMIT)  # fmt: skip
+
     def _disarm(self, watch: WatchConfig) -> None:
+        self._poller.set(watch, [])
         armed = self._armed.pop(watch)
         try:
             armed.observer.unschedule(armed.handle)
@@ -330,6 +497,7 @@ class Watchers:
     def stop(self) -> None:
         for watch in list(self._armed):
             self._disarm(watch)
+        self._poller.stop()
         if self._inotify is not None:
             self._inotify.stop()
             self._inotify.join(timeout=10)

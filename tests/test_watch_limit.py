@@ -1,0 +1,78 @@
+"""The daemon near the inotify watch limit (issue 24): the real `autocaption run` in a user namespace of its
+own whose kernel limit (/proc/sys/user/max_inotify_watches) is lowered to fewer watches than the tree has
+folders; watchdog then skips folders without a word. Every photo must still be described: in the folders
+left unwatched at start and in folders created later, with one log line naming how many and how to raise
+the limit, and `status` saying so."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import cli_env
+from tests.test_daemon import FAST_RULES, described_in, photo, wait_for
+
+LIMIT = 12  # watches the daemon may hold: the inbox and 11 of its 30 folders
+
+
+def _namespaces_work() -> str | None:
+    """Why a user namespace with its own inotify limit cannot be made here, or None."""
+    if shutil.which("unshare") is None:
+        return "unshare (util-linux) is not installed"
+    probe = subprocess.run(
+        ["unshare", "-Ur", "sh", "-c", f"echo {LIMIT} > /proc/sys/user/max_inotify_watches"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if probe.returncode != 0:
+        return f"this machine gives no user namespace with its own inotify limit: {probe.stderr.strip()}"
+    return None
+
+
+def test_folders_past_the_watch_limit_are_polled_and_every_photo_is_described(
+    make_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    why = _namespaces_work()
+    if why:
+        pytest.skip(why)
+    inbox = tmp_path / "inbox"
+    folders = [inbox / f"album-{i:02d}" for i in range(30)]
+    for folder in folders:
+        folder.mkdir(parents=True)
+    config = make_config(
+        rules=FAST_RULES, extra=f"watch: [{{path: {str(inbox)!r}, settle_seconds: 0.3, poll_seconds: 1}}]"
+    )
+    log = tmp_path / "daemon.log"
+    command = [sys.executable, "-m", "autocaption", "run", "--config", str(config)]
+    limited = ["unshare", "-Ur", "sh", "-c", f'echo {LIMIT} > /proc/sys/user/max_inotify_watches && exec "$@"', "sh"]
+    proc = subprocess.Popen([*limited, *command], stdout=subprocess.DEVNULL, stderr=log.open("ab"), env=cli_env())
+    try:
+        wait_for(lambda: "ready:" in log.read_text(encoding="utf-8"), what="ready")
+        text = log.read_text(encoding="utf-8")
+        assert "folder(s) of the tree cannot be watched: the inotify watch limit is reached" in text, text
+        assert "sudo sysctl fs.inotify.max_user_watches" in text
+        time.sleep(3)  # the reconcile at start is over: what arrives now only a watch or the poller can see
+        for i, folder in enumerate(folders):  # one photo in every folder, watched or not
+            (folder / f"p{i:02d}.jpg").write_bytes(photo(i))
+        later = [inbox / f"new-{i}" / "deeper" for i in range(3)]  # created now: no watch is left for them
+        for i, folder in enumerate(later):
+            folder.mkdir(parents=True)
+            (folder / f"n{i}.jpg").write_bytes(photo(100 + i))
+        names = {f"p{i:02d}.jpg" for i in range(30)} | {f"n{i}.jpg" for i in range(3)}
+        wait_for(lambda: {Path(p).name for p in described_in(log)} >= names, timeout=120, what="every photo described")
+        assert all(count == 1 for count in described_in(log).values())  # each once
+        text = log.read_text(encoding="utf-8")
+        assert "new folder(s) cannot be watched" in text and "reconcile:" not in text  # no reconcile found them
+        status = subprocess.run([sys.executable, "-m", "autocaption", "status", "--config", str(config)],
+                                capture_output=True, text=True, env=cli_env())  # fmt: skip
+        assert "folder(s) polled, not watched: the inotify watch limit is reached" in status.stdout, status.stdout
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
