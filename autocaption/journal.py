@@ -148,6 +148,26 @@ MIGRATIONS: tuple[tuple[str, Migration], ...] = (
     # Answers replaced with INSERT OR REPLACE (up to 0005) left their old words in the index (a REPLACE's
     # delete fires no trigger): search found photos by words they no longer had. Rebuilt once from the table.
     ("0006_answers_fts_rebuild", "INSERT INTO answers_fts (answers_fts) VALUES ('rebuild')"),
+    # Counts per status kept by triggers: `stats` (the daemon's status line, every 0.5 s) read 4 rows, not a
+    # GROUP BY over every image (20 ms at 100,000 photos, under the lock the worker needs).
+    (
+        "0007_status_counts",
+        _statements(
+            "CREATE TABLE status_counts (status TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID",
+            "INSERT INTO status_counts SELECT status, COUNT(*) FROM images GROUP BY status",
+            "CREATE TRIGGER images_count_insert AFTER INSERT ON images BEGIN"
+            " INSERT INTO status_counts VALUES (new.status, 1) ON CONFLICT (status) DO UPDATE SET n = n + 1; END",
+            "CREATE TRIGGER images_count_delete AFTER DELETE ON images BEGIN"
+            " UPDATE status_counts SET n = n - 1 WHERE status = old.status; END",
+            "CREATE TRIGGER images_count_update AFTER UPDATE OF status ON images"
+            " WHEN old.status IS NOT new.status BEGIN"
+            " UPDATE status_counts SET n = n - 1 WHERE status = old.status;"
+            " INSERT INTO status_counts VALUES (new.status, 1) ON CONFLICT (status) DO UPDATE SET n = n + 1; END",
+        ),
+    ),
+    # The queue's order served by an index: `due` sorted every queued row through a temporary B-tree for each
+    # batch (19.8 ms a call at 100,000 queued; a rebuilt journal queues them all: O(N^2)).
+    ("0008_queue_order", "CREATE INDEX images_queued ON images (status, queued_at)"),
 )
 
 
@@ -357,13 +377,15 @@ class Journal:
     def stats(self, now: float | None = None) -> Stats:
         now = time.time() if now is None else now
         with self._reading():
-            counts = dict(self._db.execute("SELECT status, COUNT(*) FROM images GROUP BY status").fetchall())
+            counts = self._counts()
             per_hour = self._db.execute("SELECT COUNT(*) FROM done_log WHERE at > ?", (now - 3600,)).fetchone()[0]
-            errors = self._db.execute(
-                "SELECT path, last_error FROM images WHERE status IN (?, ?) AND last_error IS NOT NULL"
-                " ORDER BY updated_at DESC LIMIT 10",
-                (FAILED, RETRY),
-            ).fetchall()
+            errors = []
+            if counts.get(FAILED, 0) or counts.get(RETRY, 0):  # the failures, not every row by its update time
+                errors = self._db.execute(
+                    "SELECT path, last_error FROM images INDEXED BY images_queue"
+                    " WHERE status IN (?, ?) AND last_error IS NOT NULL ORDER BY updated_at DESC LIMIT 10",
+                    (FAILED, RETRY),
+                ).fetchall()
         return Stats(
             queued=counts.get(QUEUED, 0),
             retrying=counts.get(RETRY, 0),
@@ -403,22 +425,32 @@ class Journal:
                 count += cursor.rowcount
         return count
 
+    def _counts(self) -> dict[str, int]:
+        """Images per status: kept by triggers (0007); counted where a read-only journal predates them."""
+        try:
+            return dict(self._db.execute("SELECT status, n FROM status_counts").fetchall())
+        except sqlite3.OperationalError:  # no such table: an older journal, opened read-only (`status`)
+            return dict(self._db.execute("SELECT status, COUNT(*) FROM images GROUP BY status").fetchall())
+
     def due(self, limit: int, now: float | None = None) -> list[Path]:
-        """The next paths to work on: queued ones first in arrival order, then retries whose time came."""
+        """The next paths to work on: queued ones first in arrival order, then retries whose time came. Each
+        part is read in index order (images_queued, images_queue), never sorted."""
         now = time.time() if now is None else now
         with self._reading():
             rows = self._db.execute(
-                "SELECT path FROM images WHERE status = ? OR (status = ? AND next_attempt <= ?)"
-                " ORDER BY status = ?, queued_at LIMIT ?",
-                (QUEUED, RETRY, now, RETRY, limit),
+                "SELECT path FROM images WHERE status = ? ORDER BY queued_at LIMIT ?", (QUEUED, limit)
             ).fetchall()
+            if len(rows) < limit:
+                rows += self._db.execute(
+                    "SELECT path FROM images WHERE status = ? AND next_attempt <= ? ORDER BY queued_at LIMIT ?",
+                    (RETRY, now, limit - len(rows)),
+                ).fetchall()
         return [Path(from_db(row[0])) for row in rows]
 
     def pending(self) -> int:
         with self._reading():
-            return int(
-                self._db.execute("SELECT COUNT(*) FROM images WHERE status IN (?, ?)", (QUEUED, RETRY)).fetchone()[0]
-            )
+            counts = self._counts()
+        return counts.get(QUEUED, 0) + counts.get(RETRY, 0)
 
     # --- outcomes --------------------------------------------------------------------------------
 

@@ -78,23 +78,26 @@ def _fake_cuda(engine: Any) -> Iterator[Any]:
         torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
 
 
-def _fake_step_problems(tiny_model: Path, step: Any, *, widths: list[int], window: int | None) -> list[str]:
+def _fake_step_problems(
+    tiny_model: Path, step: Any, *, widths: list[int], window: int | None, dtype: torch.dtype = torch.float32
+) -> list[str]:
     """Build a bucketed decode state on fake CUDA, run the branches' prompt forward and the first record
     as `TreeDecoder.run` does, then watch one `step(state, forward)`."""
     engine: Any = load_engine(ModelConfig(id=str(tiny_model)))
+    engine.model.to(dtype)
     text = engine.model.config.get_text_config()
     heads, kv_heads = text.num_attention_heads, text.num_key_value_heads
     head_dim = text.hidden_size // heads
     with _fake_cuda(engine):
         device = torch.device("cuda")
         decoder = TreeDecoder(
-            pad_id=engine.pad_id, eos_ids=engine.eos_ids, dtype=torch.float32, device=device, sliding_window=window,
+            pad_id=engine.pad_id, eos_ids=engine.eos_ids, dtype=dtype, device=device, sliding_window=window,
             make_runner=lambda run: run, groups=heads // kv_heads, lag=2,
         )  # fmt: skip
 
         def layers(length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
             shape = (1, kv_heads, length, head_dim)
-            return [(torch.randn(shape, device=device), torch.randn(shape, device=device))
+            return [(torch.randn(shape, device=device, dtype=dtype), torch.randn(shape, device=device, dtype=dtype))
                     for _ in range(text.num_hidden_layers)]  # fmt: skip
 
         images = [
@@ -119,16 +122,19 @@ def _fake_step_problems(tiny_model: Path, step: Any, *, widths: list[int], windo
 
 @needs_cuda_build
 @pytest.mark.parametrize(
-    ("widths", "window"),
-    [([2, 1, 3], None), ([1], None), ([2, 2], 48)],
-    ids=["three-images-of-1-to-3-rules", "one-image-one-rule", "sliding-window-reached"],
-)
+    ("widths", "window", "dtype"),
+    [([2, 1, 3], None, torch.float32), ([1], None, torch.float32), ([2, 2], 48, torch.float32),
+     ([2, 1, 3], None, torch.bfloat16)],
+    ids=["three-images-of-1-to-3-rules", "one-image-one-rule", "sliding-window-reached", "bfloat16"],
+)  # fmt: skip
 def test_a_decode_step_on_fake_cuda_passes_no_host_tensor_and_reads_nothing_back(
-    tiny_model: Path, widths: list[int], window: int | None
+    tiny_model: Path, widths: list[int], window: int | None, dtype: torch.dtype
 ) -> None:
     """What makes a CUDA/HIP graph capture fail, found without a GPU: the whole step (mask update, the
-    model's forward through the tree attention, argmax, end checks, the record) on fake CUDA tensors."""
-    assert _fake_step_problems(tiny_model, tree_module._step, widths=widths, window=window) == []
+    model's forward through the tree attention, argmax, end checks, the record) on fake CUDA tensors.
+    What it cannot see: fake CUDA runs sdpa as its math decomposition, so the fused kernels a GPU picks
+    (flash, memory-efficient, cuDNN) are not what is checked here, nor torch.compile's output."""
+    assert _fake_step_problems(tiny_model, tree_module._step, widths=widths, window=window, dtype=dtype) == []
 
 
 @needs_cuda_build
@@ -175,7 +181,7 @@ def _stand_in_cuda(monkeypatch: pytest.MonkeyPatch, capture: Any) -> list[str]:
     }.items():  # fmt: skip
         monkeypatch.setattr(torch.cuda, name, stand_in)
 
-    def capturing(step: Any, device: torch.device) -> Any:
+    def capturing(step: Any, device: torch.device, stream: Any) -> Any:
         calls.append("capture")
         return capture(step, device)
 
@@ -183,13 +189,29 @@ def _stand_in_cuda(monkeypatch: pytest.MonkeyPatch, capture: Any) -> list[str]:
     return calls
 
 
+def _tracked_states(monkeypatch: pytest.MonkeyPatch) -> list[weakref.ref[Any]]:
+    """A weak reference to every decode state made from now on."""
+    made: list[weakref.ref[Any]] = []
+    base = tree_module._State
+
+    class Tracked(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            made.append(weakref.ref(self))
+
+    monkeypatch.setattr(tree_module, "_State", Tracked)
+    return made
+
+
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager-step", "captured-step"])
 def test_released_states_are_freed_without_a_garbage_collection(
     tiny_model: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch, graphs: bool
 ) -> None:
     """With gc off, as between two collections: a state dropped by release() (the out-of-memory retry),
-    by _make_room (the KV budget) or by its bucket growing is gone at once, and its memory with it."""
+    by _make_room (the KV budget), by its bucket growing or by close() is gone at once, and its memory
+    with it."""
     _stand_in_cuda(monkeypatch, lambda step, device: step)
+    made = _tracked_states(monkeypatch)
     engine: Any = load_engine(ModelConfig(id=str(tiny_model), batch_size=6))
     engine.graphs = graphs
     engine.tree.bucketed = True
@@ -210,6 +232,9 @@ def test_released_states_are_freed_without_a_garbage_collection(
         small = weakref.ref(engine.tree.states[(1, 1)])
         answers_of(engine, pictures[:1], [(Prompt("Describe this photo.", 700),)])  # more slots: made again
         assert small() is None and engine.tree.states[(1, 1)].slots > 700
+        assert len(made) == 4 and [ref() is None for ref in made] == [True, True, True, False]
+        engine.close()  # engine -> tree -> runners -> step -> engine._forward: a cycle, broken by close()
+        assert all(ref() is None for ref in made)
 
 
 # --- out of memory while capturing ----------------------------------------------------------------------
@@ -243,6 +268,58 @@ def test_out_of_memory_during_capture_reaches_the_retry_and_graphs_stay_on(
     assert "retrying it in halves" in caplog.text and "without CUDA/HIP graphs" not in caplog.text
 
 
+def test_the_state_of_a_capture_that_ran_out_of_memory_is_freed_without_a_garbage_collection(
+    tiny_model: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The retry's release() + empty_cache() must get that state's memory back then, not at the next gc: the
+    runner that failed its first call holds no reference to itself."""
+
+    def capture(step: Any, device: torch.device) -> Any:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    _stand_in_cuda(monkeypatch, capture)
+    made = _tracked_states(monkeypatch)
+    engine: Any = load_engine(ModelConfig(id=str(tiny_model), batch_size=6))
+    engine.graphs = engine.tree.bucketed = True
+    released: list[bool] = []
+    release = engine.tree.release
+
+    def releasing() -> None:
+        release()
+        released.append(all(ref() is None for ref in made))  # what empty_cache() would find free now
+
+    engine.tree.release = releasing
+    picture = open_picture(corpus / IMAGES[0], max_pixels=10**9, draft_side=64)
+    with _no_gc(), pytest.raises(Exception, match="GPU out of memory on a single image"):
+        answers_of(engine, [picture, picture], [PROMPTS, PROMPTS])  # every capture fails: halves down to one
+    assert made and released and all(released)
+
+
+def test_a_step_past_dynamos_recompile_limit_decodes_uncompiled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every bucket's step is one code object to dynamo; its limit is raised for them, and where it is hit
+    anyway (fullgraph makes that a hard failure, not a TorchDynamoException) the step runs as it is."""
+    import torch._dynamo
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
+    from autocaption.engine import local
+
+    def compile_(step: Any, **options: Any) -> Any:
+        def compiled() -> None:
+            raise FailOnRecompileLimitHit("recompile_limit reached with fullgraph=True")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    ran: list[str] = []
+    refusals: list[str] = []
+    runner = local._Compiled(lambda: ran.append("step"), on_refusal=refusals.append)
+    assert torch._dynamo.config.recompile_limit >= local.COMPILED_SHAPES
+    runner()
+    runner()
+    assert ran == ["step", "step"] and len(refusals) == 1 and "recompile_limit" in refusals[0]
+
+
 def test_a_step_that_fails_while_recording_ends_the_capture(monkeypatch: pytest.MonkeyPatch) -> None:
     """`_capture` itself, with torch.cuda's graph calls standing in: whatever the step raises, capture_end
     runs (the stream is usable again) and the error reaches the caller as it was."""
@@ -251,7 +328,7 @@ def test_a_step_that_fails_while_recording_ends_the_capture(monkeypatch: pytest.
     calls: list[str] = []
 
     class Graph:
-        def capture_begin(self, capture_error_mode: str) -> None:
+        def capture_begin(self, pool: object, capture_error_mode: str) -> None:
             calls.append(f"begin {capture_error_mode}")
 
         def capture_end(self) -> None:
@@ -264,16 +341,18 @@ def test_a_step_that_fails_while_recording_ends_the_capture(monkeypatch: pytest.
         yield
         calls.append("back on the thread's stream")  # torch.cuda.stream's __exit__, reached as the error passes
 
-    for name, stand_in in {"CUDAGraph": Graph, "Stream": lambda device: _Stream(),
-                           "current_stream": lambda device: _Stream(), "stream": stream}.items():  # fmt: skip
+    for name, stand_in in {"CUDAGraph": Graph, "current_stream": lambda device: _Stream(), "stream": stream,
+                           "graph_pool_handle": lambda: (0, 7), "empty_cache": lambda: None}.items():  # fmt: skip
         monkeypatch.setattr(torch.cuda, name, stand_in)
+    monkeypatch.setattr(local, "_abandon_pool", lambda device, pool: calls.append(f"pool {pool} handed back"))
 
     def step() -> None:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
     with pytest.raises(torch.cuda.OutOfMemoryError):
-        local._capture(step, torch.device("cuda"))
-    assert calls == ["on side stream", "begin thread_local", "end"]
+        local._capture(step, torch.device("cuda"), _Stream())
+    # capture_end threw (as it does for an invalidated capture) before it gave the allocator its pool back
+    assert calls == ["on side stream", "begin thread_local", "end", "pool (0, 7) handed back"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the stream after a real failed capture")
@@ -289,7 +368,7 @@ def test_a_refused_capture_leaves_the_default_stream_current() -> None:
         buffer.sum().item()  # a host read: the capture is refused
 
     with pytest.raises(RuntimeError):
-        local._capture(syncing_step, device)
+        local._capture(syncing_step, device, torch.cuda.Stream(device))
     assert torch.cuda.current_stream(device) == before == torch.cuda.default_stream(device)
     buffer.add_(1)  # and the stream works
     torch.cuda.synchronize(device)

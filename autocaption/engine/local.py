@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SLOW_ON_CPU = 5e9  # parameters above which the first CPU batch reports how slow it was
+COMPILED_SHAPES = 256  # decode-step shapes dynamo may compile in one process (buckets x widths x regrowths)
 _PROBE = "autocaption-system-probe"
 
 
@@ -152,6 +153,10 @@ class LocalEngine:
         # under state.dir). Both need fixed shapes: the tree decoder pads batches up to buckets.
         self.compile = config.compile
         self.graphs = config.graphs and self.device.type == "cuda"
+        # One side stream for every warm-up and capture: cuBLAS keeps a workspace per (handle, stream), and one
+        # first made during a capture stays in that graph's private pool for good (inductor's cudagraph trees
+        # note the same).
+        self._capture_stream: Any = None
         self.dtype = _DTYPES[info.dtype]
         eos = model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -247,6 +252,9 @@ class LocalEngine:
 
     def close(self) -> None:
         self._preprocessor.shutdown(cancel_futures=True)
+        # The kept states and their graphs first: their runners hold `_forward`, so engine, tree and runners
+        # are a cycle that only a garbage collection would free (a reload's new engine needs that memory).
+        self.tree.release()
         del self.model
         if self.device.type == "cuda":
             log.debug("peak GPU memory %.1f GiB", torch.cuda.max_memory_allocated(self.device) / 2**30)
@@ -372,7 +380,11 @@ class LocalEngine:
         any later recompile would be a bug), and on a GPU captured as a graph."""
         if self.compile:
             step = _Compiled(step, on_refusal=self._compile_refused)
-        return _Captured(step, self.device, on_refusal=self._capture_refused) if self.graphs else step
+        if not self.graphs:
+            return step
+        if self._capture_stream is None:
+            self._capture_stream = torch.cuda.Stream(self.device)
+        return _Captured(step, self.device, self._capture_stream, on_refusal=self._capture_refused)
 
     # A refusal is said once and holds for every later bucket; the bucket that met it runs its step as it is.
     # Padding batches up to buckets only pays where a step is compiled or captured.
@@ -714,22 +726,30 @@ class _Compiled:
     the step runs as it is from then on and `on_refusal` hears why."""
 
     def __init__(self, step: Callable[[], None], on_refusal: Callable[[str], None]) -> None:
+        import torch._dynamo
+
+        # Every bucket's step is the same code to dynamo: one entry per (rows, width, slots) shape. Its
+        # default of 8 would end in a hard failure (fullgraph) at the 9th bucket of a long-running daemon.
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, COMPILED_SHAPES)
+        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, COMPILED_SHAPES)
         self.plain = step
         self.compiled = torch.compile(step, fullgraph=True, dynamic=False)
         self.on_refusal = on_refusal
-        self.run: Callable[[], None] = self._first
+        self.run: Callable[[], None] | None = None  # (not a bound method of self: no cycle before the first call)
 
     def __call__(self) -> None:
-        self.run()
+        (self.run or self._first)()
 
     def _first(self) -> None:
-        # Tracing (Unsupported), the backend (BackendCompilerFailed) and fake-tensor runs all raise this;
-        # any other error is one of the step itself (out of memory) and goes to the caller.
-        from torch._dynamo.exc import TorchDynamoException
+        # Tracing (Unsupported), the backend (BackendCompilerFailed) and fake-tensor runs all raise this; so
+        # does a step past the recompile limit. Any other error is one of the step itself (out of memory) and
+        # goes to the caller.
+        from torch._dynamo.exc import FailOnRecompileLimitHit, TorchDynamoException
 
         try:
             self.compiled()
-        except TorchDynamoException as exc:
+        except (TorchDynamoException, FailOnRecompileLimitHit) as exc:
             self.run = self.plain
             self.on_refusal(_first_line(exc))
             self.plain()
@@ -760,23 +780,26 @@ class _Captured:
     of ~2,000. Its buffers are the bucket's persistent state, so the recording stays valid. Should a build
     refuse the capture, the step runs as it is from then on and `on_refusal` hears why."""
 
-    def __init__(self, step: Callable[[], None], device: torch.device, on_refusal: Callable[[str], None]) -> None:
+    def __init__(self, step: Callable[[], None], device: torch.device, stream: Any,
+                 on_refusal: Callable[[str], None]) -> None:  # fmt: skip
         self.step = step
         self.device = device
+        self.stream = stream  # the engine's one capture stream
         self.on_refusal = on_refusal
-        self.run: Callable[[], None] = self._first
+        # Not `self._first` (a bound method: runner -> itself, and the step's state, kept until a gc when the
+        # first call never comes or raises out of memory).
+        self.run: Callable[[], None] | None = None
 
     def __call__(self) -> None:
-        self.run()
+        (self.run or self._first)()
 
     def _first(self) -> None:
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            self.step()  # a real step, and the warm-up of what gets recorded
-        torch.cuda.current_stream(self.device).wait_stream(side)
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            self.step()  # a real step, and the warm-up of what gets recorded (on the stream that records it)
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
         try:
-            self.run = _capture(self.step, self.device)
+            self.run = _capture(self.step, self.device, self.stream)
         except torch.cuda.OutOfMemoryError:
             # Not a refusal: the engine retries the batch in halves, whose buckets capture again.
             raise
@@ -786,22 +809,36 @@ class _Captured:
             self.on_refusal(_first_line(exc))
 
 
-def _capture(step: Callable[[], None], device: torch.device) -> Callable[[], None]:
-    """`step` recorded (not run) as a CUDA/HIP graph; what replays it. Whatever the step raises, the capture
-    is ended and the thread's current stream is the one it was: torch.cuda.graph's context manager leaves
-    its capture stream current when the body raised, and with it every later kernel of the process. Errors
-    are those of this thread only (thread_local): the preprocessing thread works on as the step records."""
+def _capture(step: Callable[[], None], device: torch.device, stream: Any) -> Callable[[], None]:
+    """`step` recorded (not run) as a CUDA/HIP graph on `stream`; what replays it. Whatever the step raises,
+    the capture is ended, its memory pool handed back, and the thread's current stream is the one it was:
+    torch.cuda.graph's context manager leaves its capture stream current when the body raised, and with it
+    every later kernel of the process. Errors are those of this thread only (thread_local): the
+    preprocessing thread works on while the step records."""
+    torch.cuda.empty_cache()  # while a capture is under way the allocator cannot give cached blocks back
     graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream(device)
+    pool = torch.cuda.graph_pool_handle()
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
-        graph.capture_begin(capture_error_mode="thread_local")
+        graph.capture_begin(pool=pool, capture_error_mode="thread_local")
         try:
             step()  # recorded, not run
         except BaseException:
-            with contextlib.suppress(RuntimeError):  # the capture was invalidated; end it all the same
+            try:
                 graph.capture_end()
+            except RuntimeError:  # the capture was invalidated: capture_end threw before releasing the pool
+                _abandon_pool(device, pool)
             raise
         graph.capture_end()
     torch.cuda.current_stream(device).wait_stream(stream)
     return graph.replay
+
+
+def _abandon_pool(device: torch.device, pool: Any) -> None:
+    """What a failed capture_end leaves undone (it throws at cudaStreamEndCapture, before ending the pool):
+    without it the caching allocator believes a capture is still under way, and from then on empty_cache()
+    frees nothing and an allocation that fails never retries after freeing the cache."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with contextlib.suppress(AttributeError, RuntimeError):  # private API; a build without it leaks the pool
+        torch._C._cuda_endAllocateToPool(index, pool)
+        torch._C._cuda_releasePool(index, pool)

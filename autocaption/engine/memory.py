@@ -82,7 +82,10 @@ def too_big(model_id: str, needed: Need, free: int, device: str) -> str:
 
 
 CPU_PROMPTS = 12  # prompts per batch on the CPU: what measured best on 2 cores (bench/README.md)
-LARGEST_BATCH = 32  # images: the largest bucket of the tree decoder's persistent states
+# Images per batch of the tree decoder are padded up to one of these (its persistent states, tree.py): a step
+# reads the whole padded cache, so neighbouring buckets are at most 1.5x apart (1.25x from 16 up).
+IMAGE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 20, 24, 28, 32)
+LARGEST_BATCH = IMAGE_BUCKETS[-1]
 SLOTS_PER_IMAGE = TYPICAL_IMAGE_TOKENS + 600  # a photo's image tokens, its prompts and their answers
 
 
@@ -100,8 +103,11 @@ class BatchPlan:
 
 def plan_batches(free: int, total: int, kv_per_token: int) -> BatchPlan:
     """`model.batch_size: auto` on a GPU: as many images per batch as the free memory holds the KV cache of
-    (a reserve kept for activations and the allocator), at most the largest bucket."""
+    (a reserve kept for activations and the allocator), at most the largest bucket. Each image counts twice:
+    its slots in the batch's decode state, and its prefill's own copy, held until the state takes it over
+    (every image of a batch is prefilled first). A bucket's worth, so that no padding row is paid for."""
     reserve = max(int(total * 0.1), 2 * GiB)
     budget = max(free - reserve, 0)
-    images = max(1, min(LARGEST_BATCH, budget // max(kv_per_token * SLOTS_PER_IMAGE, 1)))
+    fits = budget // max(kv_per_token * (SLOTS_PER_IMAGE + TYPICAL_IMAGE_TOKENS), 1)
+    images = max((bucket for bucket in IMAGE_BUCKETS if bucket <= fits), default=1)
     return BatchPlan(images=images, prompts=images * 8, kv_budget=budget)

@@ -23,6 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from autocaption.engine import compat
 from autocaption.engine.compat import Cache, sdpa_attention_forward
+from autocaption.engine.memory import IMAGE_BUCKETS
 
 # The attention implementation tree decoding runs on: sdpa, with grouped-query heads folded (below).
 TREE_ATTENTION = "autocaption_sdpa"
@@ -67,11 +68,9 @@ class _Layout:
         return cls(max(i.length for i in images), suffix, max(len(i.branches) for i in images), offsets)
 
 
-# Images per batch are padded up to one of these, and cache slots up to a multiple of SLOT_BUCKET: every
-# step reads the whole padded cache, so neighbouring buckets are at most 1.5x apart (1.25x from 16 up) and
-# a photo's ~2,500 slots are rounded up by at most 10 %, while a GPU still captures a dozen graphs at most
-# per width. bench/padding.py: a step's KV read over what its tokens hold, 20 photos: 1.67x before, 1.04x.
-IMAGE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 20, 24, 28, 32)
+# Cache slots are rounded up to a multiple of SLOT_BUCKET, images per batch up to memory.IMAGE_BUCKETS: a
+# photo's ~2,500 slots are rounded up by at most 10 %, while a GPU still captures a dozen graphs at most per
+# width. bench/padding.py: a step's KV read over what its tokens hold, 20 photos: 1.67x before, 1.04x.
 SLOT_BUCKET = 256
 
 
@@ -144,13 +143,16 @@ class _Lookout:
         self.pushed = 0
         self.copies = torch.zeros(lag + 1, dtype=torch.bool, pin_memory=lag > 0 and flag.is_cuda)
         self.events = [torch.cuda.Event() for _ in range(lag + 1)] if lag and flag.is_cuda else []
+        # The copy runs on the flag's device's stream; an event recorded without a stream would go on the
+        # current device's (cuda:0 with model.device: cuda:1) and be waited for in vain.
+        self.stream = torch.cuda.current_stream(flag.device) if self.events else None
 
     def push(self) -> None:
         """After a step is queued: its flag, on its way to the host."""
         ring = self.pushed % (self.lag + 1)
         self.copies[ring].copy_(self.flag, non_blocking=bool(self.events))
         if self.events:
-            self.events[ring].record()
+            self.events[ring].record(self.stream)
         self.pushed += 1
 
     def ended(self) -> bool:

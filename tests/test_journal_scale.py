@@ -1,0 +1,93 @@
+"""The journal at archive scale (issue 24), at small N: what keeps the daemon's status line, the queue and the
+failures list from reading every row. The bench (bench/scale.py) shows the growth; these show the means."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+from autocaption.journal import DONE, FAILED, GONE, MIGRATIONS, QUEUED, RETRY, Journal
+
+
+def counted(journal: Journal) -> dict[str, int]:
+    """The counts as a GROUP BY over every row gives them: what the kept counts must equal."""
+    rows = journal.rows("SELECT status, COUNT(*) FROM images GROUP BY status")
+    return dict(rows)
+
+
+def kept(journal: Journal) -> dict[str, int]:
+    return {status: n for status, n in journal.rows("SELECT status, n FROM status_counts") if n}
+
+
+def test_counts_kept_by_triggers_equal_a_full_count_through_every_kind_of_change(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "state")
+    paths = [tmp_path / f"p{i:02d}.jpg" for i in range(20)]
+    for path in paths:
+        path.write_bytes(b"x" * 10)
+    assert journal.enqueue(paths) == 20 and kept(journal) == counted(journal) == {QUEUED: 20}
+    for path in paths[:8]:
+        journal.done(path, path.stat(), "sha", "fp", answers=1)
+    journal.failed(paths[8], "busy", transient=True, max_attempts=3, backoff=60)
+    journal.failed(paths[9], "not an image", transient=False, max_attempts=3, backoff=60)
+    journal.gone(paths[:2])
+    journal.forget(paths[2])
+    journal.moved(paths[3], tmp_path / "moved.jpg", paths[3].stat())
+    journal.describe_again(paths[4])
+    journal.enqueue(paths[5:7])  # done rows queued again
+    journal.retry()
+    journal.done(paths[10], paths[10].stat(), None, "fp")  # queued -> done twice (an upsert)
+    journal.done(paths[10], paths[10].stat(), None, "fp")
+    assert kept(journal) == counted(journal)
+    assert set(counted(journal)) <= {QUEUED, DONE, FAILED, RETRY, GONE}
+    stats = journal.stats()
+    assert (stats.queued, stats.retrying, stats.done, stats.failed) == tuple(
+        counted(journal).get(status, 0) for status in (QUEUED, RETRY, DONE, FAILED)
+    )
+    assert journal.pending() == stats.queued + stats.retrying
+
+
+def test_a_journal_made_before_the_kept_counts_gets_them_from_its_rows(tmp_path: Path) -> None:
+    """Migration 0007 on a journal of 0001..0006 with rows in it: the counts start right, and stay right."""
+    state = tmp_path / "state"
+    state.mkdir()
+    db = sqlite3.connect(state / "journal.sqlite3", isolation_level=None)
+    db.execute("CREATE TABLE migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
+    for name, migration in MIGRATIONS[:6]:
+        if callable(migration):
+            migration(db)
+        else:
+            for statement in filter(str.strip, migration.split(";")):
+                db.execute(statement)
+        db.execute("INSERT INTO migrations VALUES (?, ?)", (name, time.time()))
+    for i in range(5):
+        db.execute("INSERT INTO images (path, status, updated_at) VALUES (?, ?, 0)", (f"/p{i}", DONE if i else FAILED))
+    db.close()
+    journal = Journal(state)
+    assert journal.applied_migrations() == [name for name, _ in MIGRATIONS]
+    assert kept(journal) == counted(journal) == {DONE: 4, FAILED: 1}
+    assert journal.stats().failed == 1
+
+
+def test_the_queue_and_the_failures_are_read_in_index_order_never_sorted(tmp_path: Path) -> None:
+    """`due` sorted every queued row through a temporary B-tree for each batch (O(N^2) over a rebuilt
+    journal's queue); the status line's failures list scanned every row by update time."""
+    journal = Journal(tmp_path / "state")
+    paths = [tmp_path / f"q{i:03d}.jpg" for i in range(30)]
+    journal.enqueue(paths)
+    journal.failed(paths[0], "busy", transient=True, max_attempts=3, backoff=0)
+    assert journal.due(5) == paths[1:6]  # queued first, in arrival order
+    assert journal.due(40, now=time.time() + 1)[-1] == paths[0]  # then the retries whose time came
+    plans = [
+        journal.rows(f"EXPLAIN QUERY PLAN {sql}", parameters)
+        for sql, parameters in (
+            ("SELECT path FROM images WHERE status = ? ORDER BY queued_at LIMIT ?", (QUEUED, 5)),
+            ("SELECT path FROM images WHERE status = ? AND next_attempt <= ? ORDER BY queued_at LIMIT ?",
+             (RETRY, 0, 5)),
+            ("SELECT path, last_error FROM images INDEXED BY images_queue WHERE status IN (?, ?)"
+             " AND last_error IS NOT NULL ORDER BY updated_at DESC LIMIT 10", (FAILED, RETRY)),
+        )
+    ]  # fmt: skip
+    queued_plan = " ".join(str(row[-1]) for row in plans[0])
+    assert "images_queued" in queued_plan and "TEMP B-TREE" not in queued_plan
+    assert all("SCAN images" not in " ".join(str(row[-1]) for row in plan) for plan in plans)
