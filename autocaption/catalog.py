@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,10 +43,20 @@ class Image:
         return person or next(iter(self.answers.values()), "")
 
 
+COUNT_CAP = 10_000  # matches counted exactly up to this many; past it a page says "10,000+"
+RANKED = 10_000  # a search ranks at most this many matches, the newest (see Catalog.search)
+
+
 @dataclass(frozen=True)
 class Page:
-    total: int
+    total: int  # matching images, at most COUNT_CAP (see `capped`)
     images: list[Image]
+    capped: bool = False  # more than COUNT_CAP match: counting them all would read every match per page
+    next: str | None = None  # where the next page starts (`after`), when there is one
+
+    @property
+    def total_text(self) -> str:
+        return f"{self.total:,}+" if self.capped else f"{self.total:,}"
 
 
 @dataclass(frozen=True)
@@ -85,19 +96,30 @@ class Catalog:
         self.journal = journal
 
     def page(
-        self, *, query: str = "", status: str = "", rule: str = "", folder: str = "", page: int = 1, per_page: int = 60
-    ) -> Page:
-        """One page of images, newest first, with the filters the page offers."""
+        self, *, query: str = "", status: str = "", rule: str = "", folder: str = "", page: int = 1, per_page: int = 60,
+        after: str = "",
+    ) -> Page:  # fmt: skip
+        """One page of images, newest first, with the filters the page offers. `after` (a page's `next`)
+        starts where that page ended, read from the index however deep (OFFSET reads and drops every row
+        before the page); else `page` counts pages from the first. The count stops at COUNT_CAP."""
         where, parameters = self._filters(query, status, rule, folder)
-        total = self.journal.rows(f"SELECT COUNT(*) FROM images WHERE {where}", parameters)[0][0]
+        counted = self.journal.rows(f"SELECT COUNT(*) FROM (SELECT 1 FROM images WHERE {where} LIMIT ?)",
+                                    [*parameters, COUNT_CAP + 1])[0][0]  # fmt: skip
+        cursor = _cursor(after)
+        if cursor is not None:
+            where += " AND (updated_at, rowid) < (?, ?)"
+            parameters = [*parameters, *cursor]
+        offset = 0 if cursor is not None else (max(page, 1) - 1) * per_page
         rows = self.journal.rows(
             f"SELECT rowid, path, status, last_error, updated_at FROM images WHERE {where}"
             " ORDER BY updated_at DESC, rowid DESC LIMIT ? OFFSET ?",
-            [*parameters, per_page, (max(page, 1) - 1) * per_page],
+            [*parameters, per_page + 1, offset],
         )
+        more, rows = len(rows) > per_page, rows[:per_page]
         answers = self._answers([row[0] for row in rows])
         images = [_image(row, answers.get(row[0], {})) for row in rows]
-        return Page(int(total), images)
+        following = f"{rows[-1][4]!r}:{rows[-1][0]}" if more and rows else None
+        return Page(min(int(counted), COUNT_CAP), images, capped=counted > COUNT_CAP, next=following)
 
     def get(self, image_id: int) -> Image | None:
         rows = self.journal.rows("SELECT rowid, path, status, last_error, updated_at FROM images WHERE rowid = ?",
@@ -107,23 +129,46 @@ class Catalog:
         return _image(rows[0], self._answers([rows[0][0]]).get(rows[0][0], {}))
 
     def search(self, query: str, *, rule: str = "", limit: int = 50) -> list[Hit]:
-        """Answers matching every word, best first (FTS5's bm25)."""
+        """Answers matching every word, best first (FTS5's bm25). bm25 reads every match's entry, so a word in
+        more than RANKED answers is ranked among its RANKED newest matches (found in rowid order, which FTS5
+        stops early); the snippets are marked here, for the hits only (FTS5's highlight() would read every
+        match again)."""
         expression = match_expression(query)
         if expression is None:
             return []
-        rule_filter, parameters = ("AND answers.rule = ?", [rule]) if rule else ("", [])
+        newest = self.journal.rows(
+            "SELECT min(rowid), count(*) FROM (SELECT rowid FROM answers_fts WHERE answers_fts MATCH ?"
+            " ORDER BY rowid DESC LIMIT ?)", [expression, RANKED],
+        )  # fmt: skip
+        floor = newest[0][0] if newest and newest[0][1] >= RANKED else None
+        clauses, parameters = ["answers_fts MATCH ?"], [expression]
+        if floor is not None:
+            clauses.append("answers_fts.rowid >= ?")
+            parameters.append(floor)
+        if rule:
+            clauses.append("answers.rule = ?")
+            parameters.append(rule)
         rows = self.journal.rows(
-            "SELECT answers.image_id, answers.rule, highlight(answers_fts, 0, ?, ?), bm25(answers_fts)"
+            "SELECT answers.image_id, answers.rule, answers.answer, bm25(answers_fts)"
             " FROM answers_fts JOIN answers ON answers.rowid = answers_fts.rowid"
-            f" WHERE answers_fts MATCH ? {rule_filter} ORDER BY bm25(answers_fts) LIMIT ?",
-            [*MARK, expression, *parameters, limit],
+            f" WHERE {' AND '.join(clauses)} ORDER BY bm25(answers_fts) LIMIT ?",
+            [*parameters, limit],
         )
-        hits = []
-        for image_id, rule_name, snippet, rank in rows:
-            image = self.get(image_id)
-            if image is not None:
-                hits.append(Hit(image, rule_name, snippet, float(rank)))
-        return hits
+        images = self._images([row[0] for row in rows])
+        words = _query_words(query)
+        return [Hit(images[image_id], rule_name, _marked(answer, words), float(rank))
+                for image_id, rule_name, answer, rank in rows if image_id in images]  # fmt: skip
+
+    def _images(self, ids: list[int]) -> dict[int, Image]:
+        """The images of these ids, in two queries whatever their number."""
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(set(ids)))
+        rows = self.journal.rows(
+            f"SELECT rowid, path, status, last_error, updated_at FROM images WHERE rowid IN ({marks})", list(set(ids))
+        )
+        answers = self._answers([row[0] for row in rows])
+        return {row[0]: _image(row, answers.get(row[0], {})) for row in rows}
 
     def _answers(self, ids: list[int]) -> dict[int, dict[str, str]]:
         if not ids:
@@ -161,6 +206,31 @@ class Catalog:
             )
             parameters.append(expression)
         return " AND ".join(clauses), parameters
+
+
+def _folded(word: str) -> str:
+    """A word as FTS5's default tokenizer (unicode61) compares it: case-folded, without diacritics."""
+    return "".join(c for c in unicodedata.normalize("NFKD", word.casefold()) if not unicodedata.combining(c))
+
+
+def _query_words(query: str) -> list[str]:
+    return [_folded(token) for token in re.findall(r"\w+", query)]
+
+
+def _marked(answer: str, words: list[str]) -> str:
+    """The answer with every word that a query word begins marked, as highlight() marks FTS5's matches."""
+    return re.sub(r"\w+", lambda m: f"{MARK[0]}{m[0]}{MARK[1]}" if any(_folded(m[0]).startswith(w) for w in words)
+                  else m[0], answer)  # fmt: skip
+
+
+def _cursor(after: str) -> tuple[float, int] | None:
+    """A page's `next` ("<updated_at>:<rowid>") as a position in the index; None when there is none (or it
+    is not one of ours: a request's text is never trusted to be)."""
+    updated, _, rowid = after.partition(":")
+    try:
+        return float(updated), int(rowid)
+    except ValueError:
+        return None
 
 
 def search(config: Config, query: str, *, rule: str = "", limit: int = 50) -> list[Hit]:

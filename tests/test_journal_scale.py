@@ -7,6 +7,8 @@ import sqlite3
 import time
 from pathlib import Path
 
+import pytest
+
 from autocaption.journal import DONE, FAILED, GONE, MIGRATIONS, QUEUED, RETRY, Journal
 
 
@@ -91,3 +93,79 @@ def test_the_queue_and_the_failures_are_read_in_index_order_never_sorted(tmp_pat
     queued_plan = " ".join(str(row[-1]) for row in plans[0])
     assert "images_queued" in queued_plan and "TEMP B-TREE" not in queued_plan
     assert all("SCAN images" not in " ".join(str(row[-1]) for row in plan) for plan in plans)
+
+
+def described_journal(tmp_path: Path, count: int) -> Journal:
+    """`count` described photos whose answers share words ("fox" in every third, "snow" in all)."""
+    from autocaption.journal import Restored
+
+    probe = tmp_path / "probe.jpg"
+    probe.write_bytes(b"x")
+    journal = Journal(tmp_path / "state")
+    answers = ("a fox in the snow", "snow on a roof", "snow, snow and more snow")
+    journal.restore(
+        Restored(tmp_path / f"p{i:04d}.jpg", probe.stat(), f"{i:064x}", "fp", {"caption": answers[i % 3]})
+        for i in range(count)
+    )
+    return journal
+
+
+def test_pages_read_from_the_index_however_deep_and_counts_stop_at_the_cap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from autocaption import catalog
+    from autocaption.catalog import Catalog
+
+    monkeypatch.setattr(catalog, "COUNT_CAP", 100)
+    journal = described_journal(tmp_path, 250)
+    pages, after = [], ""
+    while True:  # every photo once, newest first, by `next` alone
+        page = Catalog(journal).page(per_page=40, after=after)
+        pages.append(page)
+        if page.next is None:
+            break
+        after = page.next
+    seen = [image.id for page in pages for image in page.images]
+    by_offset = [image.id for n in range(1, 8) for image in Catalog(journal).page(per_page=40, page=n).images]
+    assert seen == by_offset and len(seen) == len(set(seen)) == 250
+    assert pages[0].total == 100 and pages[0].capped and pages[0].total_text == "100+"
+    fox = Catalog(journal).page(query="fox", per_page=40)
+    assert (fox.total, fox.capped) == (84, False)  # every third of 250
+    plan = " ".join(str(row[-1]) for row in journal.rows(
+        "EXPLAIN QUERY PLAN SELECT rowid FROM images WHERE 1 AND (updated_at, rowid) < (?, ?)"
+        " ORDER BY updated_at DESC, rowid DESC LIMIT 41", (1e12, 10**9)))  # fmt: skip
+    assert "images_updated" in plan and "TEMP B-TREE" not in plan
+
+
+def test_search_ranks_every_match_but_reads_and_highlights_only_the_best(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same hits, in the same order, as ranking, joining and highlighting every match did; past RANKED
+    matches, the best of the newest RANKED."""
+    from autocaption import catalog
+    from autocaption.catalog import MARK, Catalog
+
+    journal = described_journal(tmp_path, 300)
+    hits = Catalog(journal).search("snow", limit=7)
+    every = journal.rows(
+        "SELECT answers.image_id, bm25(answers_fts) FROM answers_fts JOIN answers ON answers.rowid = answers_fts.rowid"
+        " WHERE answers_fts MATCH ? ORDER BY bm25(answers_fts), answers_fts.rowid", ['"snow"*'],
+    )  # fmt: skip
+    assert len(every) == 300 and len(hits) == 7
+    assert [hit.rank for hit in hits] == [rank for _, rank in every[:7]]
+    assert all(f"{MARK[0]}snow{MARK[1]}" in hit.snippet and hit.image.answers["caption"] for hit in hits)
+    assert {hit.image.id for hit in Catalog(journal).search("fox", rule="caption", limit=500)} == {
+        image_id for (image_id,) in journal.rows("SELECT image_id FROM answers WHERE answer LIKE '%fox%'")
+    }
+    assert Catalog(journal).search("fox", rule="keywords") == []
+
+    monkeypatch.setattr(catalog, "RANKED", 60)
+    newest = journal.rows(
+        "SELECT answers.image_id, bm25(answers_fts) FROM answers_fts JOIN answers ON answers.rowid = answers_fts.rowid"
+        " WHERE answers_fts MATCH ? AND answers_fts.rowid >= (SELECT min(rowid) FROM (SELECT rowid FROM answers_fts"
+        " WHERE answers_fts MATCH ? ORDER BY rowid DESC LIMIT 60)) ORDER BY bm25(answers_fts)", ['"snow"*', '"snow"*'],
+    )  # fmt: skip
+    bounded = Catalog(journal).search("Snow", limit=7)
+    assert len(newest) == 60 and [hit.rank for hit in bounded] == [rank for _, rank in newest[:7]]
+    assert {hit.image.id for hit in bounded} <= {image_id for image_id, _ in newest}
+    assert all(f"{MARK[0]}snow{MARK[1]}" in hit.snippet for hit in bounded)

@@ -94,7 +94,7 @@ def create_app(config: Config, review: Review, token: str, *, read_only: bool = 
     def grid() -> str:
         filters = _filters()
         page = catalog.page(**filters, page=_page(), per_page=PER_PAGE)
-        pages = max(1, math.ceil(page.total / PER_PAGE))
+        pages = max(1, math.ceil(page.total / PER_PAGE)) + (1 if page.capped else 0)  # "of 167+"
         return render_template(
             "grid.html", page=page, filters=filters, number=_page(), pages=pages, statuses=list(STATUSES),
             rules=[rule.name for rule in config.rules], folders=[str(w.path) for w in config.watch], token=token,
@@ -121,8 +121,10 @@ def create_app(config: Config, review: Review, token: str, *, read_only: bool = 
     @app.get("/api/images")
     def api_images() -> Response:
         per_page = min(max(_integer("per_page", 100), 1), 500)
-        page = catalog.page(**_filters(), page=_page(), per_page=per_page)
-        return jsonify(total=page.total, page=_page(), per_page=per_page, images=[_summary(i) for i in page.images])
+        # `after`: the `next` of the page before, read from the index however deep (no OFFSET)
+        page = catalog.page(**_filters(), page=_page(), per_page=per_page, after=request.args.get("after", ""))
+        return jsonify(total=page.total, total_capped=page.capped, page=_page(), per_page=per_page, next=page.next,
+                       images=[_summary(i) for i in page.images])  # fmt: skip
 
     @app.get("/api/images/<int:image_id>")
     def api_image(image_id: int) -> Response:
