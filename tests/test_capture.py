@@ -310,11 +310,12 @@ def test_a_step_past_dynamos_recompile_limit_decodes_uncompiled(monkeypatch: pyt
         return compiled
 
     monkeypatch.setattr(torch, "compile", compile_)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
     ran: list[str] = []
     refusals: list[str] = []
-    runner = local._Compiled(lambda: ran.append("step"), on_refusal=refusals.append)
-    assert torch._dynamo.config.recompile_limit >= local.COMPILED_SHAPES
+    # (config.patch, not monkeypatch: undoing a monkeypatch on dynamo's config module deletes the setting)
+    with torch._dynamo.config.patch(recompile_limit=8):
+        runner = local._Compiled(lambda: ran.append("step"), on_refusal=refusals.append)
+        assert torch._dynamo.config.recompile_limit >= local.COMPILED_SHAPES
     runner()
     runner()
     assert ran == ["step", "step"] and len(refusals) == 1 and "recompile_limit" in refusals[0]

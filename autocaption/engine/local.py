@@ -731,8 +731,11 @@ class _Compiled:
         # Every bucket's step is the same code to dynamo: one entry per (rows, width, slots) shape. Its
         # default of 8 would end in a hard failure (fullgraph) at the 9th bucket of a long-running daemon.
         config = torch._dynamo.config
-        config.recompile_limit = max(config.recompile_limit, COMPILED_SHAPES)
-        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, COMPILED_SHAPES)
+        for names in (("recompile_limit", "cache_size_limit"),  # (the names before torch 2.7)
+                      ("accumulated_recompile_limit", "accumulated_cache_size_limit")):  # fmt: skip
+            name = next((n for n in names if hasattr(config, n)), None)
+            if name is not None:
+                setattr(config, name, max(getattr(config, name), COMPILED_SHAPES))
         self.plain = step
         self.compiled = torch.compile(step, fullgraph=True, dynamic=False)
         self.on_refusal = on_refusal
@@ -745,11 +748,13 @@ class _Compiled:
         # Tracing (Unsupported), the backend (BackendCompilerFailed) and fake-tensor runs all raise this; so
         # does a step past the recompile limit. Any other error is one of the step itself (out of memory) and
         # goes to the caller.
-        from torch._dynamo.exc import FailOnRecompileLimitHit, TorchDynamoException
+        from torch._dynamo import exc as dynamo
 
+        names = ("TorchDynamoException", "FailOnRecompileLimitHit", "FailOnCacheLimitHit")  # (the last: torch < 2.7)
+        refusals = tuple(getattr(dynamo, name) for name in names if hasattr(dynamo, name))
         try:
             self.compiled()
-        except (TorchDynamoException, FailOnRecompileLimitHit) as exc:
+        except refusals as exc:
             self.run = self.plain
             self.on_refusal(_first_line(exc))
             self.plain()
