@@ -9,6 +9,7 @@ of 100,000 photos answers as fast as one of 100.
 from __future__ import annotations
 
 import json
+import math
 import re
 import sqlite3
 import unicodedata
@@ -136,10 +137,17 @@ class Catalog:
         expression = match_expression(query)
         if expression is None:
             return []
-        newest = self.journal.rows(
-            "SELECT min(rowid), count(*) FROM (SELECT rowid FROM answers_fts WHERE answers_fts MATCH ?"
-            " ORDER BY rowid DESC LIMIT ?)", [expression, RANKED],
-        )  # fmt: skip
+        if rule:  # the newest matches of that rule: a rule of a few folders is not crowded out by the others
+            newest = self.journal.rows(
+                "SELECT min(rowid), count(*) FROM (SELECT answers_fts.rowid FROM answers_fts JOIN answers"
+                " ON answers.rowid = answers_fts.rowid WHERE answers_fts MATCH ? AND answers.rule = ?"
+                " ORDER BY answers_fts.rowid DESC LIMIT ?)", [expression, rule, RANKED],
+            )  # fmt: skip
+        else:
+            newest = self.journal.rows(
+                "SELECT min(rowid), count(*) FROM (SELECT rowid FROM answers_fts WHERE answers_fts MATCH ?"
+                " ORDER BY rowid DESC LIMIT ?)", [expression, RANKED],
+            )  # fmt: skip
         floor = newest[0][0] if newest and newest[0][1] >= RANKED else None
         clauses, parameters = ["answers_fts MATCH ?"], [expression]
         if floor is not None:
@@ -155,8 +163,8 @@ class Catalog:
             [*parameters, limit],
         )
         images = self._images([row[0] for row in rows])
-        words = _query_words(query)
-        return [Hit(images[image_id], rule_name, _marked(answer, words), float(rank))
+        parts = _query_parts(query)
+        return [Hit(images[image_id], rule_name, _marked(answer, parts), float(rank))
                 for image_id, rule_name, answer, rank in rows if image_id in images]  # fmt: skip
 
     def _images(self, ids: list[int]) -> dict[int, Image]:
@@ -213,24 +221,52 @@ def _folded(word: str) -> str:
     return "".join(c for c in unicodedata.normalize("NFKD", word.casefold()) if not unicodedata.combining(c))
 
 
-def _query_words(query: str) -> list[str]:
-    return [_folded(token) for token in re.findall(r"\w+", query)]
+_TOKEN = re.compile(r"[^\W_]+")  # unicode61's tokens: letters and digits (an underscore separates)
 
 
-def _marked(answer: str, words: list[str]) -> str:
-    """The answer with every word that a query word begins marked, as highlight() marks FTS5's matches."""
-    return re.sub(r"\w+", lambda m: f"{MARK[0]}{m[0]}{MARK[1]}" if any(_folded(m[0]).startswith(w) for w in words)
-                  else m[0], answer)  # fmt: skip
+def _query_parts(query: str) -> list[tuple[list[str], bool]]:
+    """The query as match_expression gives it to FTS5: phrases of tokens, each a word's (its last token a
+    prefix) or a quoted phrase's (exact)."""
+    parts = []
+    for phrase, word in re.findall(r'"([^"]*)"|(\S+)', query):
+        tokens = [_folded(token) for token in _TOKEN.findall(phrase or word)]
+        if tokens:
+            parts.append((tokens, not phrase))
+    return parts
+
+
+def _marked(answer: str, parts: list[tuple[list[str], bool]]) -> str:
+    """The answer with each run of tokens that matches a part of the query marked, as highlight() marks
+    FTS5's matches: the tokens in order, exactly, the last one as a prefix where the part is a word."""
+    tokens = list(_TOKEN.finditer(answer))
+    folded = [_folded(m[0]) for m in tokens]
+    marked = [False] * len(tokens)
+    for wanted, prefix in parts:
+        for start in range(len(tokens) - len(wanted) + 1):
+            window = folded[start : start + len(wanted)]
+            if window[:-1] == wanted[:-1] and (
+                window[-1].startswith(wanted[-1]) if prefix else window[-1] == wanted[-1]
+            ):
+                marked[start : start + len(wanted)] = [True] * len(wanted)
+    out, at = [], 0
+    for match, hit in zip(tokens, marked, strict=True):
+        if hit:
+            out.append(f"{answer[at : match.start()]}{MARK[0]}{match[0]}{MARK[1]}")
+            at = match.end()
+    return "".join(out) + answer[at:]
 
 
 def _cursor(after: str) -> tuple[float, int] | None:
     """A page's `next` ("<updated_at>:<rowid>") as a position in the index; None when there is none (or it
     is not one of ours: a request's text is never trusted to be)."""
     updated, _, rowid = after.partition(":")
+    if not re.fullmatch(r"-?[0-9]{1,18}", rowid):  # within SQLite's 64-bit integers
+        return None
     try:
-        return float(updated), int(rowid)
+        moment = float(updated)
     except ValueError:
         return None
+    return (moment, int(rowid)) if math.isfinite(moment) else None
 
 
 def search(config: Config, query: str, *, rule: str = "", limit: int = 50) -> list[Hit]:

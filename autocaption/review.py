@@ -185,7 +185,7 @@ def keywords_from(value: object) -> list[str]:
         raise ValueError("keywords must be a list of strings")
     seen: dict[str, str] = {}
     for item in value:
-        word = carriable(item)
+        word = " ".join(carriable(item).split())  # one line of single spaces
         if word and word.casefold() not in seen:
             seen[word.casefold()] = word
     return list(seen.values())

@@ -244,6 +244,7 @@ def unwatched_folders(top: Path, watched: set[tuple[int, int]]) -> list[Path]:
     """The topmost folders of the tree at `top` (itself included) that no inotify watch holds; what is
     under them is polled with them. Symbolic links are not followed (as watchdog does not)."""
     found: list[Path] = []
+    devices = _mount_devices()
     stack = [str(top)]
     while stack:
         folder = stack.pop()
@@ -251,7 +252,7 @@ def unwatched_folders(top: Path, watched: set[tuple[int, int]]) -> list[Path]:
             st = os.stat(folder, follow_symlinks=False)
         except OSError:  # gone meanwhile
             continue
-        if (st.st_dev, st.st_ino) not in watched:
+        if (kernel_device(os.path.realpath(folder), devices, st.st_dev), st.st_ino) not in watched:
             found.append(Path(folder))
             continue
         try:
@@ -271,46 +272,59 @@ class _SubtreePoller:
     def __init__(self, settler: Settler) -> None:
         self.settler = settler
         self._folders: dict[WatchConfig, list[Path]] = {}
-        self._seen: dict[Path, tuple[int, int]] = {}
+        self._seen: dict[Path, tuple[int, int]] = {}  # what the last round found (no more: files go)
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._wake = threading.Event()  # new folders: look now, at their own watch's interval from then on
         self._thread: threading.Thread | None = None
 
     def set(self, watch: WatchConfig, folders: list[Path]) -> None:
         with self._lock:
             if folders:
-                self._folders[watch] = folders
+                self._folders[watch] = _outermost(folders)
             else:
                 self._folders.pop(watch, None)
+        self._wake.set()
         if folders and self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="poll-unwatched", daemon=True)
+            self._stop = threading.Event()  # (a thread that outlived the last stop() keeps its own, set)
+            self._thread = threading.Thread(target=self._run, args=(self._stop,), name="poll-unwatched", daemon=True)
             self._thread.start()
 
     def add(self, watch: WatchConfig, folders: list[Path]) -> None:
         with self._lock:
-            known = set(self._folders.get(watch, []))
-            merged = self._folders.get(watch, []) + [f for f in folders if f not in known]
+            merged = self._folders.get(watch, []) + folders
         self.set(watch, merged)
 
     def count(self) -> int:
         with self._lock:
             return sum(len(folders) for folders in self._folders.values())
 
-    def _run(self) -> None:
-        first = True
-        while first or not self._stop.wait(min((w.poll_seconds for w in self._watches()), default=30.0)):
-            first = False
-            for watch in self._watches():
-                with self._lock:
-                    folders = list(self._folders.get(watch, []))
-                for folder in folders:
-                    self._look(folder, watch)
+    def _run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            self._wake.clear()
+            try:
+                self._round()
+            except Exception as exc:  # noqa: BLE001 - the poller must outlive one bad look; the reconcile remains
+                log.warning("watch: polling the unwatched folders failed this round: %s", exc)
+            with self._lock:
+                interval = min((w.poll_seconds for w in self._folders), default=30.0)
+            self._wake.wait(interval)
 
-    def _watches(self) -> list[WatchConfig]:
+    def _round(self) -> None:
+        seen: dict[Path, tuple[int, int]] = {}
         with self._lock:
-            return list(self._folders)
+            polled = {watch: list(folders) for watch, folders in self._folders.items()}
+        for watch, folders in polled.items():
+            present = [folder for folder in folders if folder.is_dir()]
+            for folder in present:
+                self._look(folder, watch, seen)
+            if len(present) != len(folders):  # folders gone (renamed: its new name was found as created)
+                with self._lock:
+                    if self._folders.get(watch) == folders:
+                        self._folders[watch] = present
+        self._seen = seen
 
-    def _look(self, folder: Path, watch: WatchConfig) -> None:
+    def _look(self, folder: Path, watch: WatchConfig, seen: dict[Path, tuple[int, int]]) -> None:
         try:
             found = list(walk(folder, watch.path, watch.include, watch.exclude, recursive=watch.recursive))
         except OSError:  # the folder is gone
@@ -318,16 +332,27 @@ class _SubtreePoller:
         for item in found:
             if isinstance(item, Candidate):
                 key = stat_key(item.path)
-                if key is not None and self._seen.get(item.path) != key:
-                    self._seen[item.path] = key
+                if key is None:
+                    continue
+                seen[item.path] = key
+                if self._seen.get(item.path) != key:
                     self.settler.touch(item.path, watch)
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
-        self._stop.clear()
+
+
+def _outermost(folders: list[Path]) -> list[Path]:
+    """The folders without those under another of them (each is polled with its whole subtree)."""
+    kept: list[Path] = []
+    for folder in sorted(set(folders)):
+        if not kept or not folder.is_relative_to(kept[-1]):
+            kept.append(folder)
+    return kept
 
 
 class Watchers:
@@ -506,20 +531,35 @@ class Watchers:
             logging.getLogger(name).removeHandler(self._overflow)
 
 
-def _mount_points() -> list[str]:
-    """Every mount point of this process's view (/proc/self/mountinfo), or none where it cannot be read.
+def _mount_devices() -> list[tuple[str, int]]:
+    """(mount point, its device as the kernel names its inodes: mountinfo's major:minor), longest first.
     The kernel writes space, tab, newline and backslash as octal escapes; names are bytes, not UTF-8."""
     try:
         raw = Path("/proc/self/mountinfo").read_bytes()
     except OSError:
         return []
-    points = []
+    found = []
     for line in raw.splitlines():
         fields = line.split()
-        if len(fields) > 4:
+        if len(fields) > 4 and b":" in fields[2]:
+            major, _, minor = fields[2].partition(b":")
             unescaped = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), fields[4])
-            points.append(os.fsdecode(unescaped))
-    return points
+            found.append((os.fsdecode(unescaped), os.makedev(int(major), int(minor))))
+    return sorted(found, key=lambda entry: len(entry[0]), reverse=True)
+
+
+def kernel_device(path: str, devices: list[tuple[str, int]], st_dev: int) -> int:
+    """The device the kernel's watch list names `path`'s inode by: its mount's superblock. On btrfs stat()
+    gives every subvolume a device of its own, and comparing that would take every folder for unwatched."""
+    for point, device in devices:
+        if path == point or path.startswith(point.rstrip("/") + "/"):
+            return device
+    return st_dev
+
+
+def _mount_points() -> list[str]:
+    """Every mount point of this process's view (/proc/self/mountinfo), or none where it cannot be read."""
+    return [point for point, _ in _mount_devices()]
 
 
 def _inside(watch: WatchConfig, points: list[str]) -> frozenset[str]:

@@ -169,3 +169,35 @@ def test_search_ranks_every_match_but_reads_and_highlights_only_the_best(
     assert len(newest) == 60 and [hit.rank for hit in bounded] == [rank for _, rank in newest[:7]]
     assert {hit.image.id for hit in bounded} <= {image_id for image_id, _ in newest}
     assert all(f"{MARK[0]}snow{MARK[1]}" in hit.snippet for hit in bounded)
+
+
+def test_a_rules_search_ranks_that_rules_newest_matches_and_odd_cursors_are_ignored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from autocaption import catalog
+    from autocaption.catalog import Catalog
+    from autocaption.journal import Restored
+
+    probe = tmp_path / "probe.jpg"
+    probe.write_bytes(b"x")
+    journal = Journal(tmp_path / "state")
+    old = [Restored(tmp_path / f"o{i}.jpg", probe.stat(), None, "fp", {"ocr": "a dog sign"}) for i in range(5)]
+    new = [Restored(tmp_path / f"n{i}.jpg", probe.stat(), None, "fp", {"keywords": "dog, park"}) for i in range(20)]
+    journal.restore([*old, *new])
+    monkeypatch.setattr(catalog, "RANKED", 10)
+    assert len(Catalog(journal).search("dog", rule="ocr")) == 5  # not crowded out by the newer keywords answers
+    for after in ("1:99999999999999999999", "nan:1", "inf:-1", "x:y", "1.5", ""):
+        assert len(Catalog(journal).page(per_page=50, after=after).images) == 25
+
+
+@pytest.mark.parametrize(
+    ("query", "answer", "marked"),
+    [('"red fox"', "A red fox by a redwood; a fox terrier", "A [red] [fox] by a redwood; a fox terrier"),
+     ("don't", "Don't touch the tiny tree", "[Don]'[t] touch the tiny tree"),
+     ("cafe", "Café au lait", "[Café] au lait"),
+     ("red", "redwood red_car", "[redwood] [red]_car")],
+)  # fmt: skip
+def test_snippets_mark_what_fts5_matched(query: str, answer: str, marked: str) -> None:
+    from autocaption.catalog import MARK, _marked, _query_parts
+
+    assert _marked(answer, _query_parts(query)).replace(MARK[0], "[").replace(MARK[1], "]") == marked

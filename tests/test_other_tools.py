@@ -423,3 +423,79 @@ def test_a_persons_caption_in_another_rdf_form_is_kept(corpus: Path, tmp_path: P
     record = write(path, Caption(CAPTION, OURS))  # existing: keep
     assert record.description.startswith("kept")
     assert mwg(path) == {"Keywords": ["garden", *OURS], "Description": "Grandma in the garden"}
+
+
+# --- 8. Lightroom's hierarchy, letter case, other tools' odd text (a second hostile review) ----------------
+
+
+def packet_with(body: str) -> bytes:
+    return (
+        "<?xpacket begin='\ufeff' id='W5M0MpCehiHzreSzNTczkc9d'?><x:xmpmeta xmlns:x='adobe:ns:meta/'>"
+        "<rdf:RDF xmlns:rdf='http://www.w3.org/1999/02/22-rdf-syntax-ns#'><rdf:Description rdf:about=''"
+        " xmlns:dc='http://purl.org/dc/elements/1.1/' xmlns:lr='http://ns.adobe.com/lightroom/1.0/'>"
+        f"{body}</rdf:Description></rdf:RDF></x:xmpmeta><?xpacket end='w'?>"
+    ).encode()
+
+
+def as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+@pytest.mark.parametrize(
+    "hierarchy",
+    ["<lr:hierarchicalSubject>Animals|Dog</lr:hierarchicalSubject>",
+     "<lr:hierarchicalSubject><rdf:Bag><rdf:li rdf:parseType='Resource'><rdf:value>Animals|Dog</rdf:value>"
+     "</rdf:li></rdf:Bag></lr:hierarchicalSubject>"],
+    ids=["plain-element", "rdf-value"],
+)  # fmt: skip
+def test_lightrooms_hierarchy_in_another_rdf_form_keeps_the_persons_entries(
+    corpus: Path, tmp_path: Path, hierarchy: str
+) -> None:
+    path = writable_copy(corpus / "jpg/camera/Canon_40D.jpg", tmp_path / "lr.jpg")
+    with_xmp(path, packet_with(f"<dc:subject><rdf:Bag><rdf:li>Dog</rdf:li></rdf:Bag></dc:subject>{hierarchy}"))
+    write(path, Caption(CAPTION, ("fox", "dog")))
+    assert as_list(exiftool.tags(path)[path]["XMP-lr:HierarchicalSubject"]) == ["Animals|Dog", "fox"]
+
+
+def test_keywords_matched_exactly_a_persons_recapitalised_or_hierarchy_only_word_stays(
+    corpus: Path, tmp_path: Path
+) -> None:
+    path = writable_copy(corpus / "jpg/camera/Canon_40D.jpg", tmp_path / "case.jpg")
+    run_exiftool(path, "-XMP-dc:Subject=snow", "-XMP-lr:HierarchicalSubject=Dog", "-XMP-lr:HierarchicalSubject=snow")
+    write(path, Caption(CAPTION, ("dog", "fox")))  # "dog": theirs in the hierarchy as "Dog"
+    run_exiftool(path, "-XMP-dc:Subject-=fox", "-XMP-dc:Subject+=Fox")  # a person re-capitalises ours
+    write(path, Caption(CAPTION, ("cat",)))
+    tags = exiftool.tags(path)[path]
+    assert "Dog" in as_list(tags["XMP-lr:HierarchicalSubject"])
+    assert "Fox" in as_list(tags["XMP-dc:Subject"]) and "cat" in as_list(tags["XMP-dc:Subject"])
+
+
+def test_a_persons_correction_reaches_lightrooms_hierarchy(corpus: Path, tmp_path: Path) -> None:
+    path = writable_copy(corpus / "jpg/camera/Canon_40D.jpg", tmp_path / "person.jpg")
+    run_exiftool(path, "-XMP-dc:Subject=Dog", "-XMP-lr:HierarchicalSubject=Animals|Dog",
+                 "-XMP-lr:HierarchicalSubject=Dog")  # fmt: skip
+    write(path, Caption(CAPTION, ("fox", "snow")))
+    write(path, Caption(None, ("fox", "snow", "Cat"), asked=True, person=True))  # Dog taken out, Cat added
+    tags = exiftool.tags(path)[path]
+    assert as_list(tags["XMP-dc:Subject"]) == ["fox", "snow", "Cat"]
+    assert as_list(tags["XMP-lr:HierarchicalSubject"]) == ["Animals|Dog", "fox", "snow", "Cat"]
+
+
+def test_an_empty_subject_element_is_no_keyword(corpus: Path, tmp_path: Path) -> None:
+    path = writable_copy(corpus / "jpg/camera/Canon_40D.jpg", tmp_path / "empty.jpg")
+    with_xmp(path, packet_with("<dc:subject>\n   </dc:subject>"))
+    write(path, Caption(CAPTION, OURS))
+    assert mwg(path)["Keywords"] == list(OURS)
+
+
+@pytest.mark.parametrize("existing", ["keep", "append"])
+def test_another_tools_text_with_control_characters_never_makes_our_xmp_unreadable(
+    corpus: Path, tmp_path: Path, existing: str
+) -> None:
+    path = writable_copy(corpus / "jpg/camera/Canon_40D.jpg", tmp_path / "ctl.jpg")
+    run_exiftool(path, "-IPTC:Caption-Abstract=Grandma\x0bin the garden", "-IPTC:Keywords=Fa\x01mily")
+    for _ in range(2):  # and the next write reads what the first wrote
+        record = write(path, Caption(CAPTION, OURS), existing=existing, xmp_sidecar="always")
+        assert record.file == "embedded", record.reason
+    sidecar = path.with_name(path.name + ".xmp")
+    assert "XMP-dc:Subject" in exiftool.tags(sidecar)[sidecar] and "fox" in mwg(path)["Keywords"]

@@ -6,6 +6,7 @@ the limit, and `status` saying so."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -76,3 +77,19 @@ def test_folders_past_the_watch_limit_are_polled_and_every_photo_is_described(
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
+
+
+def test_a_folders_device_is_the_one_the_kernels_watch_list_names() -> None:
+    """On btrfs stat() gives every subvolume a device of its own (0:41) while the kernel's watch list names
+    the superblock's (0:40): compared as stat says, every folder would be taken for unwatched and polled."""
+    from autocaption.watch import _mount_devices, kernel_device
+
+    devices = sorted([("/", os.makedev(8, 1)), ("/srv/photos", os.makedev(0, 40)), ("/srv/photos2", os.makedev(0, 50))],
+                     key=lambda entry: len(entry[0]), reverse=True)  # fmt: skip
+    assert kernel_device("/srv/photos/2024/a", devices, os.makedev(0, 41)) == os.makedev(0, 40)
+    assert kernel_device("/srv/photos", devices, os.makedev(0, 41)) == os.makedev(0, 40)
+    assert kernel_device("/srv/photos2/x", devices, 1) == os.makedev(0, 50)  # not /srv/photos's
+    assert kernel_device("/home/a", devices, 1) == os.makedev(8, 1)
+    assert kernel_device("/x", [], 77) == 77  # no mountinfo: stat's
+    root = os.stat("/").st_dev
+    assert kernel_device("/", _mount_devices(), root) in {root, *(d for p, d in _mount_devices() if p == "/")}

@@ -61,7 +61,9 @@ class Caption:
         make the packet unreadable for every later write, a raw CR would come back as LF and our own text
         would read as a person's. Model answers are clean already; this guards every other way in."""
         description = (carriable(self.description) or None) if self.description is not None else None
-        keywords = None if self.keywords is None else tuple(word for word in map(carriable, self.keywords) if word)
+        # a keyword is one line of single spaces (a tab or a line break inside one is another tool's trouble)
+        words = None if self.keywords is None else (" ".join(carriable(word).split()) for word in self.keywords)
+        keywords = None if words is None else tuple(word for word in words if word)
         return dataclasses.replace(self, description=description, keywords=keywords)
 
 
@@ -208,7 +210,7 @@ class MetadataWriter:
                 xmp.set_description(packet, caption.description, None)
                 applied.description = caption.description
             if caption.keywords is not None:
-                xmp.set_keywords(packet, caption.keywords, ())
+                xmp.set_keywords(packet, caption.keywords, (), person=True)
                 applied.keywords = caption.keywords
             applied.notes = ("written: a person's correction", "written: a person's correction")
             return applied
@@ -267,9 +269,13 @@ class MetadataWriter:
         notes = self._apply(packet, caption, merged).notes
         if not dry_run:
             try:
-                write_atomic(sidecar, xmp.serialize(packet, padding=0))
+                new = xmp.serialize(packet, padding=0)
+                xmp.parse(new)  # a sidecar we could not read back would refuse every later write
+                write_atomic(sidecar, new)
             except OSError as exc:
                 raise WriteError.from_os(f"{display(sidecar)}: cannot write sidecar", exc) from None
+            except XmpError as exc:
+                raise WriteError(f"{display(sidecar)}: not written, it would not read back: {exc}") from None
         return sidecar, (f"{notes[0]} (sidecar)" if notes[0] != "none" else "none", notes[1])
 
 

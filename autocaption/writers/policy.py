@@ -151,11 +151,12 @@ def merge_keywords(
     """(the keywords to write, those of them that are ours): every keyword a person or another tool set is
     kept, the ones we set last time are replaced. A word of ours the photo already has from someone else
     (in any letter case: "Dog" for our "dog") stays theirs and is not recorded as ours, or the next run, no
-    longer proposing it, would delete their keyword."""
-    previous = {k.casefold() for k in own_previous}
+    longer proposing it, would delete their keyword. Ours of last time are matched exactly: one a person
+    re-capitalised ("dog" made "Dog") is theirs now."""
+    previous = set(own_previous)
     merged: dict[str, str] = {}
     for word in existing:
-        if word.casefold() not in previous:
+        if word not in previous:
             merged.setdefault(word.casefold(), word)
     theirs = set(merged)
     owned: dict[str, str] = {}

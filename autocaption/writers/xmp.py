@@ -263,8 +263,9 @@ def _values(root: ET.Element, tag: str) -> list[tuple[str | None, str]] | None:
         element = description.find(tag)
         if element is not None:
             container = next(iter(element), None)
-            if container is None:  # a plain element (a lang-alt written as a simple text)
-                return [(element.get(XML_LANG), element.text or "")]
+            if container is None:  # a plain element (a lang-alt written as a simple text); empty: no value
+                text = element.text or ""
+                return [(element.get(XML_LANG), text)] if text.strip() else []
             if container.tag in (_RDF + "Alt", _RDF + "Bag", _RDF + "Seq"):
                 return [(li.get(XML_LANG), _value_of(li)) for li in container.findall(_RDF + "li")]
             return [(element.get(XML_LANG), _value_of(element))]
@@ -356,19 +357,25 @@ def set_description(packet: Packet, text: str, own: str | None) -> None:
     _set_text(packet, _OWN + "Description", own)
 
 
-def set_keywords(packet: Packet, keywords: Sequence[str], own: Sequence[str]) -> None:
+def set_keywords(packet: Packet, keywords: Sequence[str], own: Sequence[str], *, person: bool = False) -> None:
     """dc:subject = keywords; remember `own` as ours. Where the file has Lightroom's hierarchical keywords,
     ours are added there too as top-level entries (Immich and Lightroom ignore dc:subject when
-    lr:hierarchicalSubject is present), replacing the ones we added last time; a person's stay."""
+    lr:hierarchicalSubject is present), replacing exactly the ones we added last time; a person's stay, in
+    any letter case. `person`: the keywords are a person's whole list (the review page): the hierarchy's
+    top-level entries become that list, its `a|b` paths stay."""
     root = packet.root
-    hierarchical = _find(root, _LR + "hierarchicalSubject")
-    if hierarchical is not None:
-        previous = {(li.text or "").casefold() for li in _items(_find(root, _OWN + "Keywords"))}
-        entries = [li.text or "" for li in _items(hierarchical)]
-        kept = [entry for entry in entries if entry.casefold() not in previous]
+    entries = _values(root, _LR + "hierarchicalSubject")
+    if entries is not None:
+        texts = [text for _, text in entries if text.strip()]
+        if person:
+            kept = [entry for entry in texts if "|" in entry]
+            added: Sequence[str] = keywords
+        else:
+            previous = {text for _, text in _values(root, _OWN + "Keywords") or ()}
+            kept, added = [entry for entry in texts if entry not in previous], own
         present = {entry.casefold() for entry in kept}
         _replace(packet, _LR + "hierarchicalSubject", "Bag",
-                 kept + [word for word in own if word.casefold() not in present], lang=False)  # fmt: skip
+                 kept + [word for word in added if word.casefold() not in present], lang=False)  # fmt: skip
     if keywords:
         _replace(packet, _DC + "subject", "Bag", keywords, lang=False)
     else:  # none left: no empty Bag (readers show it as an empty keyword)
@@ -620,10 +627,17 @@ def _render(element: ET.Element, names: _Names, indent: bytes, *, declare: bool 
     return b"<" + qname + declarations + attributes + b">" + content + b"</" + qname + b">"
 
 
+# What XML 1.0 cannot hold at all: text of another tool's (an IPTC caption with a control character) that we
+# write into a property must not make the packet unreadable for every later write.
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
 def _text(value: str) -> bytes:
+    value = _NOT_XML.sub("", value)
     return value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").encode("utf-8")
 
 
 def _attribute_text(value: str) -> str:
+    value = _NOT_XML.sub("", value)
     value = value.replace("&", "&amp;").replace("<", "&lt;").replace('"', "&quot;")
     return value.replace("\n", "&#10;").replace("\r", "&#13;").replace("\t", "&#9;")
