@@ -71,15 +71,17 @@ class Hit:
 def match_expression(query: str) -> str | None:
     """Words as an FTS5 query: every word must occur (as a prefix, so "beac" finds "beach"); quotes keep a
     phrase. Anything else a user types is taken literally, never as FTS5 syntax."""
+    return " AND ".join('"' + " ".join(tokens) + '"' + ("*" if word else "") for tokens, word in _terms(query)) or None
+
+
+def _terms(query: str) -> list[tuple[list[str], bool]]:
+    """(tokens, whether it is a word rather than a quoted phrase) of every part of a query that has any."""
     parts = []
     for phrase, word in re.findall(r'"([^"]*)"|(\S+)', query):
-        text = phrase or word
-        tokens = re.findall(r"\w+", text)
-        if not tokens:
-            continue
-        quoted = '"' + " ".join(tokens) + '"'
-        parts.append(quoted if phrase else quoted + "*")
-    return " AND ".join(parts) or None
+        tokens = re.findall(r"\w+", phrase or word)
+        if tokens:
+            parts.append((tokens, not phrase))
+    return parts
 
 
 def _display_status(status: str) -> str:
@@ -123,11 +125,7 @@ class Catalog:
         return Page(min(int(counted), COUNT_CAP), images, capped=counted > COUNT_CAP, next=following)
 
     def get(self, image_id: int) -> Image | None:
-        rows = self.journal.rows("SELECT rowid, path, status, last_error, updated_at FROM images WHERE rowid = ?",
-                                 [image_id])  # fmt: skip
-        if not rows:
-            return None
-        return _image(rows[0], self._answers([rows[0][0]]).get(rows[0][0], {}))
+        return self._images([image_id]).get(image_id)
 
     def search(self, query: str, *, rule: str = "", limit: int = 50) -> list[Hit]:
         """Answers matching every word, best first (FTS5's bm25). bm25 reads every match's entry, so a word in
@@ -225,13 +223,13 @@ _TOKEN = re.compile(r"[^\W_]+")  # unicode61's tokens: letters and digits (an un
 
 
 def _query_parts(query: str) -> list[tuple[list[str], bool]]:
-    """The query as match_expression gives it to FTS5: phrases of tokens, each a word's (its last token a
-    prefix) or a quoted phrase's (exact)."""
+    """The query as match_expression gives it to FTS5, tokenised as FTS5 does: phrases of tokens, each a
+    word's (its last token a prefix) or a quoted phrase's (exact)."""
     parts = []
-    for phrase, word in re.findall(r'"([^"]*)"|(\S+)', query):
-        tokens = [_folded(token) for token in _TOKEN.findall(phrase or word)]
+    for terms, word in _terms(query):
+        tokens = [_folded(token) for term in terms for token in _TOKEN.findall(term)]
         if tokens:
-            parts.append((tokens, not phrase))
+            parts.append((tokens, word))
     return parts
 
 

@@ -230,11 +230,9 @@ def _waiting(config: Config, running: bool) -> str | None:
 
 def _said(config: Config, name: str, running: bool) -> str | None:
     """What a running daemon left in state.dir/`name` for other processes to show."""
-    try:
-        said = (config.state.dir / name).read_text(encoding="utf-8").strip()
-    except OSError:
-        return None
-    return said if running and said else None
+    from autocaption.locks import daemon_note
+
+    return daemon_note(config.state.dir, name) if running else None
 
 
 def format_status(report: dict[str, Any]) -> str:

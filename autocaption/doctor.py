@@ -21,7 +21,7 @@ from autocaption.config import Config, defaults
 from autocaption.dependencies import findings
 from autocaption.engine.devices import Accelerator, ram_available
 from autocaption.errors import AutocaptionError
-from autocaption.locks import POLLED_FILE, DaemonLock
+from autocaption.locks import POLLED_FILE, DaemonLock, daemon_note
 from autocaption.paths import display
 from autocaption.unit import SYSTEM_UNIT_DIR, UNIT_NAME
 
@@ -299,7 +299,7 @@ def gather(config: Config) -> Facts:
         daemon_pid=DaemonLock(state).holder(),
         watched_folders=_folders_under(config),
         inotify_limit=_inotify_limit(),
-        polled=_polled(state),
+        polled=daemon_note(state, POLLED_FILE),
         unit=_unit_facts(),
         dependencies=tuple(finding.line() for finding in outside),
         newer_only=all(finding.newer for finding in outside),
@@ -410,13 +410,6 @@ def _inotify_limit() -> int | None:
     ]
     known = [limit for limit in limits if limit is not None]
     return min(known) if known else None
-
-
-def _polled(state: Path) -> str | None:
-    try:
-        return (state / POLLED_FILE).read_text(encoding="utf-8").strip() or None
-    except OSError:
-        return None
 
 
 def _read_int(path: Path) -> int | None:

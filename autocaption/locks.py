@@ -26,6 +26,16 @@ from autocaption.paths import display
 DAEMON_LOCK = "daemon.lock"
 WAITING_FILE = "waiting"  # beside it while the daemon waits (for the server, for space): what it waits for
 POLLED_FILE = "polled"  # beside it while folders are polled because inotify cannot watch them: how many, and why
+
+
+def daemon_note(state_dir: Path, name: str) -> str | None:
+    """What the daemon left in state_dir/`name` (WAITING_FILE, POLLED_FILE) for other processes to show."""
+    try:
+        return (state_dir / name).read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
+
+
 PHOTO_LOCK_DIR = "locks"
 PHOTO_LOCK_BUCKETS = 256  # photos share lock files by hash: enough to keep unrelated photos from waiting
 

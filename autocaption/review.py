@@ -25,7 +25,7 @@ from autocaption.images import open_picture
 from autocaption.journal import EDITED, Journal
 from autocaption.locks import DaemonLock, PhotoLocks
 from autocaption.paths import display
-from autocaption.textclean import carriable
+from autocaption.textclean import carriable_keyword
 from autocaption.writers.metadata import Caption, MetadataWriter
 
 log = logging.getLogger(__name__)
@@ -185,7 +185,7 @@ def keywords_from(value: object) -> list[str]:
         raise ValueError("keywords must be a list of strings")
     seen: dict[str, str] = {}
     for item in value:
-        word = " ".join(carriable(item).split())  # one line of single spaces
+        word = carriable_keyword(item)
         if word and word.casefold() not in seen:
             seen[word.casefold()] = word
     return list(seen.values())

@@ -245,14 +245,16 @@ def unwatched_folders(top: Path, watched: set[tuple[int, int]]) -> list[Path]:
     under them is polled with them. Symbolic links are not followed (as watchdog does not)."""
     found: list[Path] = []
     devices = _mount_devices()
-    stack = [str(top)]
+    # Below `top` nothing is a symlink followed: its real path once, and every folder's is that plus the rest.
+    spelled, real = str(top), os.path.realpath(top)
+    stack = [spelled]
     while stack:
         folder = stack.pop()
         try:
             st = os.stat(folder, follow_symlinks=False)
         except OSError:  # gone meanwhile
             continue
-        if (kernel_device(os.path.realpath(folder), devices, st.st_dev), st.st_ino) not in watched:
+        if (kernel_device(real + folder[len(spelled) :], devices, st.st_dev), st.st_ino) not in watched:
             found.append(Path(folder))
             continue
         try:
@@ -481,9 +483,7 @@ class Watchers:
         left_out = unwatched_folders(watch.path, watched)
         self._poller.set(watch, left_out)
         if left_out:
-            log.error("watch: %s: %d folder(s) of the tree cannot be watched: the inotify watch limit is reached "
-                      "(one watch per folder); they are polled every %.0f s until it is raised: %s",
-                      display(watch.path), len(left_out), watch.poll_seconds, RAISE_LIMIT)  # fmt: skip
+            _tell_polled(watch, f"{len(left_out)} folder(s) of the tree")
 
     def _folder_created(self, path: Path, watch: WatchConfig) -> None:
         """On watchdog's dispatcher thread: remembered for the next `check`."""
@@ -504,9 +504,7 @@ class Watchers:
             left_out = [f for path, w in created if w == watch for f in unwatched_folders(path, watched)]
             if left_out:
                 self._poller.add(watch, left_out)
-                log.error("watch: %s: %d new folder(s) cannot be watched: the inotify watch limit is reached; "
-                          "they are polled every %.0f s until it is raised: %s", display(watch.path), len(left_out),
-                          watch.poll_seconds, RAISE_LIMIT)  # fmt: skip
+                _tell_polled(watch, f"{len(left_out)} new folder(s)")
 
     def _disarm(self, watch: WatchConfig) -> None:
         self._poller.set(watch, [])
@@ -529,6 +527,12 @@ class Watchers:
             self._inotify = None
         for name in ("watchdog.observers.inotify", "watchdog.observers.inotify_c"):
             logging.getLogger(name).removeHandler(self._overflow)
+
+
+def _tell_polled(watch: WatchConfig, which: str) -> None:
+    log.error("watch: %s: %s cannot be watched: the inotify watch limit is reached (one watch per folder); they "
+              "are polled every %.0f s until it is raised: %s", display(watch.path), which, watch.poll_seconds,
+              RAISE_LIMIT)  # fmt: skip
 
 
 def _mount_devices() -> list[tuple[str, int]]:

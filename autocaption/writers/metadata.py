@@ -26,7 +26,7 @@ from autocaption.config import OutputConfig
 from autocaption.errors import WriteError
 from autocaption.images import sniff
 from autocaption.paths import display, text
-from autocaption.textclean import carriable
+from autocaption.textclean import carriable, carriable_keyword
 from autocaption.writers import containers, exif, iptc, policy, xmp
 from autocaption.writers.containers import Blocks, ContainerError
 from autocaption.writers.exif import ExifError, Tiff
@@ -61,8 +61,7 @@ class Caption:
         make the packet unreadable for every later write, a raw CR would come back as LF and our own text
         would read as a person's. Model answers are clean already; this guards every other way in."""
         description = (carriable(self.description) or None) if self.description is not None else None
-        # a keyword is one line of single spaces (a tab or a line break inside one is another tool's trouble)
-        words = None if self.keywords is None else (" ".join(carriable(word).split()) for word in self.keywords)
+        words = None if self.keywords is None else map(carriable_keyword, self.keywords)
         keywords = None if words is None else tuple(word for word in words if word)
         return dataclasses.replace(self, description=description, keywords=keywords)
 

@@ -20,6 +20,8 @@ from xml.parsers import expat
 
 import defusedxml.ElementTree as SafeET
 
+from autocaption.textclean import NOT_XML
+
 NS = {
     "x": "adobe:ns:meta/",
     "rdf": "http://www.w3.org/1999/02/22-rdf-syntax-ns#",
@@ -627,17 +629,16 @@ def _render(element: ET.Element, names: _Names, indent: bytes, *, declare: bool 
     return b"<" + qname + declarations + attributes + b">" + content + b"</" + qname + b">"
 
 
-# What XML 1.0 cannot hold at all: text of another tool's (an IPTC caption with a control character) that we
-# write into a property must not make the packet unreadable for every later write.
-_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+# Text of another tool's that we write into a property (an IPTC caption with a control character) loses what
+# XML cannot hold: it must not make the packet unreadable for every later write.
 
 
 def _text(value: str) -> bytes:
-    value = _NOT_XML.sub("", value)
+    value = NOT_XML.sub("", value)
     return value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").encode("utf-8")
 
 
 def _attribute_text(value: str) -> str:
-    value = _NOT_XML.sub("", value)
+    value = NOT_XML.sub("", value)
     value = value.replace("&", "&amp;").replace("<", "&lt;").replace('"', "&quot;")
     return value.replace("\n", "&#10;").replace("\r", "&#13;").replace("\t", "&#9;")
