@@ -844,6 +844,9 @@ def _abandon_pool(device: torch.device, pool: Any) -> None:
     without it the caching allocator believes a capture is still under way, and from then on empty_cache()
     frees nothing and an allocation that fails never retries after freeing the cache."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    with contextlib.suppress(AttributeError, RuntimeError):  # private API; a build without it leaks the pool
+    try:
         torch._C._cuda_endAllocateToPool(index, pool)
         torch._C._cuda_releasePool(index, pool)
+    except (AttributeError, RuntimeError) as exc:  # private API: a build without it keeps the pool
+        log.warning("%s: the failed capture's memory pool could not be handed back (%s); empty_cache() may "
+                    "free nothing until the process restarts", device, _first_line(exc))  # fmt: skip
