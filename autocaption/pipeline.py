@@ -11,12 +11,12 @@ import os
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence, Set
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from autocaption import sidecar
+from autocaption import atomic, sidecar
 from autocaption.config import Config, Rule
 from autocaption.discover import Candidate
 from autocaption.engine.base import Answer, Engine, EngineInfo, Job, PartlyAnswered, Prompt
@@ -194,18 +194,23 @@ class Pipeline:
     def finish(
         self, prepared: list[_Work | Unwritten | Outcome], cancel: threading.Event | None = None
     ) -> list[Outcome]:
-        """Ask the engine about the prepared pictures and write the results; one outcome each, in order."""
+        """Ask the engine about the prepared pictures and write the results; one outcome each, in order.
+
+        The batch's folders are fsynced once each, when its last write is done and before this returns, so an
+        outcome the caller records is durable.
+        """
         work = [item for item in prepared if isinstance(item, _Work)]
-        described = iter(self._describe(work, cancel) if work else [])
         outcomes: list[Outcome] = []
-        for item in prepared:
-            if isinstance(item, _Work):
-                outcomes.append(next(described))
-            elif isinstance(item, Unwritten):
-                outcomes.append(self.writer.earlier(item))
-            else:
-                outcomes.append(item)
-        return outcomes
+        with atomic.batched_folder_syncs() as syncs:
+            described = iter(self._describe(work, cancel) if work else [])
+            for item in prepared:
+                if isinstance(item, _Work):
+                    outcomes.append(next(described))
+                elif isinstance(item, Unwritten):
+                    outcomes.append(self.writer.earlier(item))
+                else:
+                    outcomes.append(item)
+        return [_unsynced(outcome, syncs.failed) for outcome in outcomes] if syncs.failed else outcomes
 
     def _prepare(self, candidate: Candidate, force: bool) -> _Work | Unwritten | Outcome:
         path = candidate.path
@@ -383,6 +388,18 @@ class _ToWrite:
     sha256: str  # of the bytes that were described
     earlier: bool = False  # the answers come from an earlier run's sidecar
     force: bool = False  # written even if another process finished the photo meanwhile
+
+
+def _unsynced(outcome: Outcome, failed: Mapping[Path, str]) -> Outcome:
+    """A described photo whose folder could not be fsynced is not durably written: retried, not recorded."""
+    if not isinstance(outcome, Described):
+        return outcome
+    folders = [outcome.path.parent] + ([outcome.json_sidecar.parent] if outcome.json_sidecar else [])
+    reason = next((failed[folder] for folder in folders if folder in failed), None)
+    if reason is None:
+        return outcome
+    message = f"{display(outcome.path)}: written, but its folder could not be synced to disk ({reason}); will retry"
+    return Failed(outcome.path, message, transient=True, stat=outcome.stat)
 
 
 def _same_file(now: os.stat_result, before: os.stat_result) -> bool:
