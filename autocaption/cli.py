@@ -15,6 +15,7 @@ import click
 from autocaption import __version__, log
 from autocaption.config import Config, load
 from autocaption.errors import AutocaptionError, ConfigError, ExitCode
+from autocaption.plural import counted
 
 logger = logging.getLogger("autocaption")
 
@@ -115,7 +116,7 @@ def retry(config_path: Path, paths: tuple[Path, ...]) -> None:
     count, problems = retry_failed(load(config_path), paths)
     for problem in problems:
         click.echo(f"autocaption: error: {problem}", err=True)
-    click.echo(f"{count} image(s) queued again")
+    click.echo(f"{counted(count, 'image')} queued again")
     if problems:
         raise SystemExit(ExitCode.FAILURES)
 

@@ -78,6 +78,30 @@ def sniff(head: bytes) -> str | None:
     return None
 
 
+def not_an_image(path: Path) -> str | None:
+    """Why this file is no image we can read, told from its header alone (no pixel decoded), or None. A
+    one-shot run refuses a text file this way before it loads the model; damage past the header, and a file
+    that cannot be read at all, are left for `open_image` to name."""
+    where = display(path)
+    kind = None
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(16)
+            if not head:
+                return f"{where}: empty file (0 bytes)"
+            kind = sniff(head)
+            if kind == "HEIF":
+                return None if _HEIF else (f"{where}: HEIC/HEIF image: install pillow-heif "
+                                           "(pip install 'autocaption[heic]') to read it")  # fmt: skip
+            handle.seek(0)
+            with Image.open(handle, formats=FORMATS):
+                return None
+    except UnidentifiedImageError:
+        return f"{where}: not an image (content is {kind or 'not a known image format'})"
+    except (OSError, SyntaxError, ValueError, EOFError):
+        return None
+
+
 def _facts(image: Image.Image, where: str) -> dict[str, str | None]:
     """Capture date and camera for prompt placeholders; damaged EXIF just gives no facts."""
     try:

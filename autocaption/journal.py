@@ -40,6 +40,7 @@ EDITED = EDITED_RULE
 JOURNAL_NAME = "journal.sqlite3"
 DAMAGED_SUFFIX = ".damaged-"  # journal.sqlite3.damaged-20261202-101500: what a rebuild set aside
 _SQLITE_FULL, _SQLITE_CORRUPT, _SQLITE_NOTADB = 13, 11, 26
+RESTORE_BATCH = 1000  # a rebuild's rows per transaction: what an interruption can cost it
 
 
 class JournalFull(AutocaptionError):
@@ -168,6 +169,9 @@ MIGRATIONS: tuple[tuple[str, Migration], ...] = (
     # The queue's order served by an index: `due` sorted every queued row through a temporary B-tree for each
     # batch (19.8 ms a call at 100,000 queued; a rebuilt journal queues them all: O(N^2)).
     ("0008_queue_order", "CREATE INDEX images_queued ON images (status, queued_at)"),
+    # A rebuild in progress (one row while it runs): an interrupted one is resumed, not started over, and the
+    # daemon never takes a half-filled journal for a whole one.
+    ("0009_rebuilding", "CREATE TABLE rebuilding (set_aside TEXT, started_at REAL NOT NULL)"),
 )
 
 
@@ -465,21 +469,49 @@ class Journal:
             if answers:
                 db.execute("INSERT INTO done_log VALUES (?, ?)", (time.time(), answers))
 
-    def restore(self, entries: Iterable[Restored]) -> int:
-        """Rows for photos whose sidecars hold current results (a rebuild): a transaction per thousand."""
-        count = 0
-        batch: list[Restored] = []
-        for entry in itertools.chain(entries, [None]):  # a library's worth is never held in memory
-            if entry is not None:
-                batch.append(entry)
-            if batch and (entry is None or len(batch) == 1000):
-                with self._tx() as db:
-                    now = time.time()
-                    for item in batch:
+    def restore(self, entries: Iterable[Restored | Path]) -> tuple[int, int]:
+        """A rebuild's rows: a Restored photo is done (its sidecar holds current results), a bare path is
+        queued. A transaction per thousand, so an interrupted rebuild keeps what it committed (see
+        `rebuild_started`). Returns (done, queued)."""
+        done = queued = 0
+        for batch in _batches(entries, RESTORE_BATCH):
+            with self._tx() as db:
+                now = time.time()
+                for item in batch:
+                    if isinstance(item, Restored):
                         _record_done(db, db_key(item.path), item.stat, item.sha256, item.fingerprint, item.texts, now)
-                count += len(batch)
-                batch = []
-        return count
+                        done += 1
+                    else:
+                        queued += db.execute(
+                            "INSERT INTO images (path, status, queued_at, updated_at) VALUES (?, ?, ?, ?)"
+                            " ON CONFLICT (path) DO NOTHING",
+                            (db_key(item), QUEUED, now, now),
+                        ).rowcount
+        return done, queued
+
+    def knows(self, path: Path) -> bool:
+        with self._reading():
+            return self._db.execute("SELECT 1 FROM images WHERE path = ?", (db_key(path),)).fetchone() is not None
+
+    # --- a rebuild's progress ---------------------------------------------------------------------
+
+    def rebuild_started(self, set_aside: Path | None) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM rebuilding")
+            db.execute("INSERT INTO rebuilding VALUES (?, ?)", (str(set_aside) if set_aside else None, time.time()))
+
+    def rebuild_unfinished(self) -> tuple[bool, Path | None]:
+        """Whether a rebuild of this journal was interrupted, and where it set the old journal aside."""
+        with self._reading():
+            try:
+                row = self._db.execute("SELECT set_aside FROM rebuilding").fetchone()
+            except sqlite3.OperationalError:  # an older journal opened read-only: no rebuild since 0009
+                return False, None
+        return (True, Path(row[0]) if row[0] else None) if row else (False, None)
+
+    def rebuild_finished(self) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM rebuilding")
 
     def describe_again(self, path: Path) -> None:
         """Queue an image to be described even though its results are current (the review page's button)."""
@@ -615,6 +647,13 @@ def record_outcome(journal: Journal, config: Config, candidate: Candidate, outco
         path, outcome.message, transient=outcome.transient, max_attempts=daemon.max_attempts,
         backoff=daemon.retry_seconds, st=outcome.stat,
     )  # fmt: skip
+
+
+def _batches(items: Iterable[Restored | Path], size: int) -> Iterator[tuple[Restored | Path, ...]]:
+    """itertools.batched (Python 3.12): a library's worth is never held in memory."""
+    iterator = iter(items)
+    while batch := tuple(itertools.islice(iterator, size)):
+        yield batch
 
 
 def _wal_of(path: Path) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -12,12 +13,14 @@ from autocaption.config import Config, ModelConfig
 from autocaption.discover import Candidate, Unreadable, scan
 from autocaption.engine import Engine, load_engine
 from autocaption.errors import ServerUnreachable
+from autocaption.images import not_an_image
 from autocaption.journal import DONE, Journal, record_outcome
 from autocaption.locks import PhotoLocks
 from autocaption.pipeline import Failed, Outcome, Pipeline, ResultWriter, Skipped, Unwritten, triage
 from autocaption.report import Progress, Summary, report_unreadable
 
 EngineFactory = Callable[[ModelConfig], Engine]
+log = logging.getLogger(__name__)
 
 
 def process(
@@ -57,7 +60,11 @@ def process(
         unwritten: list[Unwritten] = []
         for candidate in candidates:
             triaged = triage(config, candidate, force=force)
-            if triaged is None:
+            refused = not_an_image(candidate.path) if triaged is None else None
+            if refused is not None:  # told now, from its header: not after the model has loaded
+                log.error("%s", refused)
+                _book(summary, journal, config, candidate, Failed(candidate.path, refused))
+            elif triaged is None:
                 pending.append(candidate)
             elif isinstance(triaged, Unwritten):
                 unwritten.append(triaged)

@@ -4,11 +4,13 @@ One walk of the watched folders, no model: a photo whose sidecar holds current a
 done again, with its answers (search), a person's correction and its content hash (moves are recognised)
 taken from the sidecar — the photo is not hashed again; every other photo is queued for the daemon. The old
 file is set aside (`journal.sqlite3.damaged-<time>`), never deleted. The daemon does the same by itself
-when it starts on a damaged journal.
+when it starts on a damaged journal. Rows are committed a thousand at a time under a mark in the new journal:
+an interrupted rebuild (Ctrl-C, a crash, a power cut) goes on where it stopped, by the command or the daemon.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -19,7 +21,7 @@ from pathlib import Path
 from autocaption import sidecar
 from autocaption.config import Config
 from autocaption.discover import walk_names
-from autocaption.journal import DAMAGED_SUFFIX, JOURNAL_NAME, Journal, Restored
+from autocaption.journal import DAMAGED_SUFFIX, JOURNAL_NAME, Journal, JournalDamaged, Restored
 from autocaption.locks import AlreadyRunning, DaemonLock
 from autocaption.paths import display
 
@@ -31,24 +33,48 @@ class Rebuilt:
     done: int
     queued: int
     set_aside: Path | None  # where the old journal went
+    resumed: int = 0  # photos an interrupted rebuild had already entered (not read again)
 
     def line(self) -> str:
         kept = f"; the old journal is kept as {display(self.set_aside)}" if self.set_aside else ""
-        return f"journal rebuilt from the sidecars: {self.done} described, {self.queued} queued{kept}"
+        went_on = f" (went on from an interrupted rebuild: {self.resumed} already in)" if self.resumed else ""
+        return f"journal rebuilt from the sidecars: {self.done} described, {self.queued} queued{went_on}{kept}"
 
 
 def rebuild(config: Config) -> Rebuilt:
-    """`autocaption rebuild`: refused while a daemon holds the state dir (it would keep writing the old file)."""
-    pid = DaemonLock(config.state.dir).holder()
-    if pid is not None:
-        raise AlreadyRunning(f"state.dir: {display(config.state.dir)}: a daemon (pid {pid}) uses this journal; "
-                             "stop it first (it rebuilds a damaged journal by itself when it starts)")  # fmt: skip
-    aside = set_aside(config.state.dir)
-    journal = Journal(config.state.dir)
+    """`autocaption rebuild`: takes the daemon's lock for its duration (a daemon would keep writing the old
+    file, or start on a half-filled new one). An interrupted rebuild is resumed where it stopped."""
+    lock = DaemonLock(config.state.dir)
     try:
-        return refill(config, journal, aside)
+        lock.acquire()
+    except AlreadyRunning as exc:
+        raise AlreadyRunning(f"{exc} (it rebuilds a damaged journal by itself when it starts)") from None
+    try:
+        journal = unfinished(config.state.dir)
+        if journal is None:
+            aside = set_aside(config.state.dir)
+            journal = Journal(config.state.dir)
+            journal.rebuild_started(aside)
+        try:
+            return refill(config, journal)
+        finally:
+            journal.close()
     finally:
-        journal.close()
+        lock.release()
+
+
+def unfinished(state_dir: Path) -> Journal | None:
+    """The journal of a rebuild that was interrupted (to go on with), or None."""
+    if not Journal.exists(state_dir):
+        return None
+    try:
+        journal = Journal(state_dir)
+    except JournalDamaged:
+        return None  # set aside like any damaged journal, and rebuilt from the start
+    if journal.rebuild_unfinished()[0]:
+        return journal
+    journal.close()
+    return None
 
 
 def set_aside(state_dir: Path) -> Path | None:
@@ -58,6 +84,10 @@ def set_aside(state_dir: Path) -> Path | None:
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S")
     target = path.with_name(f"{JOURNAL_NAME}{DAMAGED_SUFFIX}{stamp}")
+    for n in itertools.count(2):  # two in one second: the second must not replace the first
+        if not target.exists():
+            break
+        target = path.with_name(f"{JOURNAL_NAME}{DAMAGED_SUFFIX}{stamp}-{n}")
     for suffix in ("", "-wal", "-shm"):
         source = path.with_name(JOURNAL_NAME + suffix)
         if source.exists():
@@ -65,31 +95,54 @@ def set_aside(state_dir: Path) -> Path | None:
     return target
 
 
-def refill(config: Config, journal: Journal, aside: Path | None) -> Rebuilt:
-    queued: list[Path] = []
-    done = journal.restore(_current(config, queued))
-    return Rebuilt(done, journal.enqueue(queued), aside)
+def refill(config: Config, journal: Journal) -> Rebuilt:
+    """Enter every photo of the watched folders into a journal marked by `rebuild_started`: those with
+    current sidecars as done, the others queued. Photos it already holds (entered before an interruption)
+    are passed over without reading their sidecars; the mark is taken off at the end."""
+    photos = _Photos(config, journal)
+    done, queued = journal.restore(photos)
+    aside = journal.rebuild_unfinished()[1]
+    journal.rebuild_finished()
+    return Rebuilt(done, queued, aside, photos.resumed)
 
 
-def _current(config: Config, queued: list[Path]) -> Iterator[Restored]:
-    """Photos whose sidecars are current, as journal rows; the others are added to `queued`."""
-    for watch in config.watch:
-        if not watch.path.is_dir():
-            continue
-        for found in walk_names(watch.path, watch.path, watch.include, watch.exclude, recursive=watch.recursive):
-            if not isinstance(found, tuple):
+@dataclass
+class _Photos:
+    """Every photo of the watched folders the journal does not hold yet: a journal row for those whose
+    sidecars are current, the bare path for the others (queued: the daemon decides what they need)."""
+
+    config: Config
+    journal: Journal
+    resumed: int = 0  # photos passed over: the journal held them already
+
+    def __iter__(self) -> Iterator[Restored | Path]:
+        config = self.config
+        for watch in config.watch:
+            if not watch.path.is_dir():
                 continue
-            path, relative = Path(found[0]), found[1]
-            rules = config.rules_for(relative)
-            try:
-                st = path.stat()
-            except OSError:
-                continue
-            document = sidecar.locate(path).document
-            current = bool(rules) and sidecar.is_current(document, st, rules, config.model.id)
-            if not current or sidecar.unwritten(document or {}, path, config.writing(rules)) is not None:
-                queued.append(path)  # the daemon decides: nothing to do, describe it, or write it again
-                continue
-            assert document is not None
-            texts, digest = sidecar.recorded(document, rules)
-            yield Restored(path, st, digest, config.fingerprint(rules), texts)
+            for found in walk_names(watch.path, watch.path, watch.include, watch.exclude, recursive=watch.recursive):
+                if not isinstance(found, tuple):
+                    continue
+                path, relative = Path(found[0]), found[1]
+                if self.journal.knows(path):
+                    self.resumed += 1
+                    continue
+                entry = _entry(config, path, relative)
+                if entry is not None:
+                    yield entry
+
+
+def _entry(config: Config, path: Path, relative: str) -> Restored | Path | None:
+    """The photo's journal row from its sidecar, its path when it is to be queued, None when it is gone."""
+    rules = config.rules_for(relative)
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    document = sidecar.locate(path).document
+    current = bool(rules) and sidecar.is_current(document, st, rules, config.model.id)
+    if not current or sidecar.unwritten(document or {}, path, config.writing(rules)) is not None:
+        return path  # the daemon decides: nothing to do, describe it, or write it again
+    assert document is not None
+    texts, digest = sidecar.recorded(document, rules)
+    return Restored(path, st, digest, config.fingerprint(rules), texts)

@@ -11,6 +11,7 @@ from typing import TextIO
 
 from autocaption.paths import display
 from autocaption.pipeline import Described, Failed, Outcome, Skipped
+from autocaption.plural import counted
 
 log = logging.getLogger("autocaption")
 
@@ -51,9 +52,10 @@ class Summary:
 
     def line(self) -> str:
         verb = "would be described" if self.planned else "described"
-        earlier = f"{self.earlier} written again from recorded answers, " if self.earlier else ""
+        earlier = f"{self.earlier:,} written again from recorded answers, " if self.earlier else ""
         return (
-            f"{self.images} images {verb}, {self.answers} answers, {earlier}{self.skipped} skipped, "
+            f"{counted(self.images, 'image')} {verb}, {counted(self.answers, 'answer')}, {earlier}"
+            f"{self.skipped} skipped, "
             f"{len(self.failures)} failed in {self.seconds:.1f} s{'; stopped early' if self.stopped else ''}"
         )
 

@@ -33,6 +33,7 @@ from autocaption.locks import POLLED_FILE, WAITING_FILE, DaemonLock, PhotoLocks
 from autocaption.notify import Notifier
 from autocaption.paths import display
 from autocaption.pipeline import Described, Failed, Outcome, Pipeline
+from autocaption.plural import counted
 from autocaption.rebuild import refill, set_aside
 from autocaption.watch import RAISE_LIMIT, Settler, Watchers
 from autocaption.writers.metadata import MetadataWriter
@@ -244,7 +245,7 @@ class Service:
             queued = self.journal.enqueue((c.path for c in candidates), unchanged_too=False)
         except JournalFull as exc:
             # The next reconcile finds them (new or changed files), once there is space again.
-            log.warning("%s; %d new photo(s) are queued once there is space", exc, len(candidates))
+            log.warning("%s; %s queued once there is space", exc, counted(len(candidates), "new photo"))
             self.waiting = f"waiting for space: {exc}"
             self.reconcile_requested.set()
             return
@@ -326,7 +327,8 @@ class Service:
                 thread.start()
             self.reconcile_requested.set()  # at start: whatever arrived while we were not running
             self.notifier.ready(self._status())
-            log.info("ready: %d folder(s) watched, %d rule(s)", len(self.config.watch), len(self.config.rules))
+            folders, rules = counted(len(self.config.watch), "folder"), counted(len(self.config.rules), "rule")
+            log.info("ready: %s watched, %s", folders, rules)
             self._main_loop()
         finally:
             self.stop.set()
@@ -399,7 +401,7 @@ class Service:
                     if self.waiting.startswith("waiting for space") and not self.worker.full:
                         self.waiting = ""
                 if queued:
-                    log.info("reconcile: %d image(s) queued", queued)
+                    log.info("reconcile: %s queued", counted(queued, "image"))
                     self.worker.wake.set()
             self._keepalive()
             status = self._status()
@@ -431,7 +433,7 @@ class Service:
         polled = self.watchers.polled_folders if self.watchers is not None else 0
         if not polled:
             return ""
-        return f"{polled:,} folder(s) polled, not watched: the inotify watch limit is reached; {RAISE_LIMIT}"
+        return f"{counted(polled, 'folder')} polled, not watched: the inotify watch limit is reached; {RAISE_LIMIT}"
 
     def _status(self) -> str:
         stats = self.journal.stats()
@@ -468,7 +470,7 @@ class Service:
             self.reconcile_requested.set()
         if answers_changed and new.daemon.redo_stale:  # photos described under the old rules are stale now
             self.reconcile_requested.set()
-        log.info("configuration reloaded: %d rule(s)", len(new.rules))
+        log.info("configuration reloaded: %s", counted(len(new.rules), "rule"))
         self.notifier.ready(self._status())
 
 
@@ -484,6 +486,9 @@ def open_journal(config: Config) -> Journal:
         journal = Journal(config.state.dir)
         verdict = journal.integrity()  # damage past the first pages opens fine and fails later, in a loop
         if verdict == "ok":
+            if journal.rebuild_unfinished()[0]:  # `rebuild` (or this daemon) was interrupted: go on with it
+                log.warning("state.dir: a rebuild of the journal was interrupted; going on with it")
+                log.warning("%s", refill(config, journal).line())
             return journal
         journal.close()
         log.error("state.dir: the journal fails SQLite's integrity check: %s", verdict)
@@ -491,7 +496,8 @@ def open_journal(config: Config) -> Journal:
         log.error("%s", exc)
     aside = set_aside(config.state.dir)
     journal = Journal(config.state.dir)
-    log.warning("%s", refill(config, journal, aside).line())
+    journal.rebuild_started(aside)
+    log.warning("%s", refill(config, journal).line())
     return journal
 
 

@@ -40,6 +40,7 @@ from autocaption.complete import looks_complete, stat_key
 from autocaption.config import WatchConfig
 from autocaption.discover import Candidate, relative_path, walk
 from autocaption.paths import TEMP_PREFIX, display
+from autocaption.plural import counted
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,9 @@ _SYSCTL = ("`sudo sysctl fs.inotify.max_user_watches=1048576` and make it perman
 RAISE_LIMIT = f"raise it with {_SYSCTL}"
 INOTIFY_LIMIT_HELP = (f"the inotify watch limit is reached (one watch per folder). Raise it with {_SYSCTL}; "
                       "until then this folder is polled")  # fmt: skip
-# One line per watch of /proc/self/fdinfo/<inotify fd>: the watched inode and its device (kernel encoding).
-_FDINFO = re.compile(r"^inotify wd:\d+ ino:([0-9a-f]+) sdev:([0-9a-f]+)", re.MULTILINE)
+# One line per watch of /proc/self/fdinfo/<inotify fd>: the watched inode and its device (kernel encoding),
+# every number in hex, the watch descriptor too ("wd:1a": a decimal-only pattern missed 6 watches in 16).
+_FDINFO = re.compile(r"^inotify wd:[0-9a-f]+ ino:([0-9a-f]+) sdev:([0-9a-f]+)", re.MULTILINE)
 
 
 @dataclass
@@ -458,22 +460,32 @@ class Watchers:
             if self._inotify is None:
                 self._inotify = Observer()
                 self._inotify.start()
-            try:
-                handle = self._inotify.schedule(handler, str(watch.path), recursive=watch.recursive,
-                                                event_filter=EVENTS)  # fmt: skip
+            handle = self._inotify_schedule(handler, watch, recursive=watch.recursive)
+            if handle is None and watch.recursive:
+                # watchdog 7.1.1 gives up a whole tree when one of its folders finds no watch left (7.1.0 kept
+                # those that fit): the top folder alone, then, and the folders under it polled (`_cover`).
+                handle = self._inotify_schedule(handler, watch, recursive=False)
+            if handle is not None:
                 log.info("watching %s (inotify)", display(watch.path))
                 if watch.recursive:
                     self._cover(watch)
                 return _Armed(self._inotify, handle, identity, shared=True)
-            except OSError as exc:
-                if exc.errno not in (errno.ENOSPC, errno.EMFILE):
-                    raise
-                log.error("%s: %s", display(watch.path), INOTIFY_LIMIT_HELP)
+            log.error("%s: %s", display(watch.path), INOTIFY_LIMIT_HELP)
         poller = PollingObserver(timeout=watch.poll_seconds)
         handle = poller.schedule(handler, str(watch.path), recursive=watch.recursive)
         poller.start()
         log.info("watching %s (polling every %.0f s)", display(watch.path), watch.poll_seconds)
         return _Armed(poller, handle, identity, shared=False)
+
+    def _inotify_schedule(self, handler: _Handler, watch: WatchConfig, *, recursive: bool) -> ObservedWatch | None:
+        """The inotify watch of a folder (and its tree), or None when the kernel's watch limit refused it."""
+        assert self._inotify is not None
+        try:
+            return self._inotify.schedule(handler, str(watch.path), recursive=recursive, event_filter=EVENTS)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EMFILE):
+                raise
+            return None
 
     def _cover(self, watch: WatchConfig) -> None:
         """Poll the folders of the tree that inotify holds no watch for."""
@@ -483,7 +495,7 @@ class Watchers:
         left_out = unwatched_folders(watch.path, watched)
         self._poller.set(watch, left_out)
         if left_out:
-            _tell_polled(watch, f"{len(left_out)} folder(s) of the tree")
+            _tell_polled(watch, f"{counted(len(left_out), 'folder')} of the tree")
 
     def _folder_created(self, path: Path, watch: WatchConfig) -> None:
         """On watchdog's dispatcher thread: remembered for the next `check`."""
@@ -504,7 +516,7 @@ class Watchers:
             left_out = [f for path, w in created if w == watch for f in unwatched_folders(path, watched)]
             if left_out:
                 self._poller.add(watch, left_out)
-                _tell_polled(watch, f"{len(left_out)} new folder(s)")
+                _tell_polled(watch, counted(len(left_out), "new folder"))
 
     def _disarm(self, watch: WatchConfig) -> None:
         self._poller.set(watch, [])

@@ -462,7 +462,7 @@ def test_status_and_retry_commands(run_cli, make_config: Callable[..., Path], tm
     status = run_cli("status", "--config", config)
     assert status.returncode == 0 and "failed: 1" in status.stdout and "not an image" in status.stdout
     retry = run_cli("retry", "--config", config)
-    assert retry.stdout.strip() == "1 image(s) queued again"
+    assert retry.stdout.strip() == "1 image queued again"
     assert "queued: 1" in run_cli("status", "--config", config).stdout
 
 

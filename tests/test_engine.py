@@ -203,6 +203,17 @@ def test_rocm_and_cuda_are_named_in_the_description() -> None:
     assert place("auto", "auto", Accelerator(0, None, None, False)).warning
 
 
+def test_the_cpu_warning_says_what_to_do_for_the_torch_build_present() -> None:
+    """A CUDA build on a machine without a GPU was told to install the CUDA build (issue 22)."""
+    cuda = place("auto", "auto", Accelerator(0, None, "13.0", False)).warning or ""
+    assert "torch is a CUDA 13.0 build" in cuda and "nvidia-smi" in cuda and "install" not in cuda
+    rocm = place("auto", "auto", Accelerator(0, "6.2.41133", None, False)).warning or ""
+    assert "ROCm 6.2.41133 build" in rocm and "/dev/kfd" in rocm and "install" not in rocm
+    cpu = place("auto", "auto", Accelerator(0, None, None, False)).warning or ""
+    assert "CPU-only build" in cpu and "install torch's ROCm or CUDA build" in cpu
+    assert place("cpu", "auto", Accelerator(0, None, None, False)).warning is None  # asked for: nothing to say
+
+
 def test_missing_gpu_index_is_a_clear_error() -> None:
     with pytest.raises(ModelUnavailable, match="HIP_VISIBLE_DEVICES"):
         place("cuda:3", "auto", Accelerator(1, "6.2", None, True, ("MI210",)))
@@ -309,7 +320,7 @@ def test_a_cached_hub_model_loads_without_the_network(
     }  # fmt: skip
     result = run_cli("process", "--config", make_config(model="local/tiny-llava"), photo, env=env)
     assert result.returncode == 0, result.stderr
-    assert "1 images described" in result.stdout and "downloading" not in result.stderr
+    assert "1 image described" in result.stdout and "downloading" not in result.stderr
 
 
 def test_fewer_anyres_tiles_is_an_explicit_option(tiny_model: Path, corpus: Path) -> None:

@@ -3,13 +3,18 @@ failures list from reading every row. The bench (bench/scale.py) shows the growt
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from autocaption.journal import DONE, FAILED, GONE, MIGRATIONS, QUEUED, RETRY, Journal
+from autocaption.config import Config
+from autocaption.journal import DONE, FAILED, GONE, JOURNAL_NAME, MIGRATIONS, QUEUED, RETRY, Journal, Restored
+from tests.conftest import RunCli
+from tests.test_daemon import FAST_RULES, photo
 
 
 def counted(journal: Journal) -> dict[str, int]:
@@ -201,3 +206,60 @@ def test_snippets_mark_what_fts5_matched(query: str, answer: str, marked: str) -
     from autocaption.catalog import MARK, _marked, _query_parts
 
     assert _marked(answer, _query_parts(query)).replace(MARK[0], "[").replace(MARK[1], "]") == marked
+
+
+def test_an_interrupted_rebuild_goes_on_where_it_stopped_by_the_command_or_the_daemon(
+    run_cli: RunCli, make_config: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from autocaption import journal as journal_module
+    from autocaption import rebuild as rebuild_module
+    from autocaption.config import load
+    from autocaption.process import process
+    from autocaption.service import open_journal
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(5):
+        (folder / f"p{i}.jpg").write_bytes(photo(i))
+    (folder / "new.jpg").write_bytes(photo(9))  # no sidecar yet: queued
+    config_path = make_config(rules=FAST_RULES, extra=f"watch: [{{path: {str(folder)!r}}}]")
+    config = load(config_path)
+    assert not process(config, sorted(folder.glob("p*.jpg"))).failures
+    monkeypatch.setattr(journal_module, "RESTORE_BATCH", 2)
+    entered: list[Path] = []
+    real_entry = rebuild_module._entry
+
+    def interrupted(config: Config, path: Path, relative: str) -> Restored | Path | None:
+        if len(entered) == 3:  # two committed, the third in an open batch: lost with the interruption
+            raise KeyboardInterrupt
+        entered.append(path)
+        return real_entry(config, path, relative)
+
+    for finish in ("command", "daemon"):
+        entered.clear()
+        monkeypatch.setattr(rebuild_module, "_entry", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            rebuild_module.rebuild(config)
+        monkeypatch.setattr(rebuild_module, "_entry", real_entry)
+        half = Journal(config.state.dir)
+        unfinished, aside = half.rebuild_unfinished()
+        assert unfinished and aside is not None and aside.name.startswith(JOURNAL_NAME + ".damaged-")
+        assert half.stats().done + half.pending() == 2  # what was committed before the interruption
+        half.close()
+        if finish == "command":
+            done = run_cli("rebuild", "--config", config_path)
+            assert done.returncode == 0, done.stderr
+            said = done.stdout.strip()
+            assert "(went on from an interrupted rebuild: 2 already in)" in said and said.endswith(
+                f"; the old journal is kept as {aside}"), said  # fmt: skip
+            described, queued = map(int, re.findall(r"(\d+) described, (\d+) queued", said)[0])
+            assert described + queued == 4, said
+            journal = Journal(config.state.dir)
+        else:
+            journal = open_journal(config)  # the daemon's start: goes on with it rather than start half-filled
+        assert journal.rebuild_unfinished() == (False, None)
+        assert journal.stats().done == 5 and journal.pending() == 1, finish
+        assert all(journal.get(path) is not None for path in folder.glob("*.jpg"))
+        assert all(record.sha256 for path in folder.glob("p*.jpg") if (record := journal.get(path)))
+        journal.close()
+    assert len(list(config.state.dir.glob(JOURNAL_NAME + ".damaged-*[0-9]"))) == 2  # each set aside, none replaced

@@ -158,9 +158,9 @@ def test_retry_names_paths_it_cannot_queue(run_cli: RunCli, make_config: Callabl
     assert missing.returncode == 1
     assert f"{tmp_path / 'no' / 'such.jpg'}: not in the journal" in missing.stderr
     assert f"{good}: not failed (it is done)" in missing.stderr
-    assert missing.stdout.strip() == "0 image(s) queued again"
+    assert missing.stdout.strip() == "0 images queued again"
     folder = run_cli("retry", "--config", config, tmp_path / "album")  # a folder: its failed images
-    assert folder.returncode == 0 and folder.stdout.strip() == "1 image(s) queued again"
+    assert folder.returncode == 0 and folder.stdout.strip() == "1 image queued again"
 
 
 def test_status_reads_a_state_dir_it_cannot_write(

@@ -76,13 +76,13 @@ def test_rerun_with_a_changed_rule_redoes_that_rule_and_keeps_others(
 
     second = make_config(rules='- {name: caption, prompt: "Describe it again.", max_new_tokens: 8}')
     result = run_cli("process", "--config", second, photo)
-    assert result.returncode == 0 and result.stdout.startswith("1 images described, 1 answers")
+    assert result.returncode == 0 and result.stdout.startswith("1 image described, 1 answer")
     updated = json.loads(sidecar.read_text(encoding="utf-8"))
     assert updated["rules"]["camera"] == original["rules"]["camera"]  # the other rule's entry is kept
     assert updated["rules"]["caption"]["prompt"] == "Describe it again."
 
     forced = run_cli("process", "--config", second, "--force", photo)
-    assert forced.stdout.startswith("1 images described, 1 answers, 0 skipped")
+    assert forced.stdout.startswith("1 image described, 1 answer, 0 skipped")
 
 
 def test_bad_inputs_are_reported_one_line_each_and_never_stop_the_rest(
@@ -221,7 +221,7 @@ def test_stale_redescribes_only_images_whose_rules_changed(
     assert run_cli("process", "--stale", "--config", config).stdout.startswith("0 images described")
     make_config(rules=rules.replace("Which decade?", "Which decade, roughly?"), extra=watch)
     result = run_cli("process", "--stale", "--config", config)
-    assert result.returncode == 0 and result.stdout.startswith("1 images described, 2 answers"), result.stdout
+    assert result.returncode == 0 and result.stdout.startswith("1 image described, 2 answers"), result.stdout
 
 
 def test_odd_file_names_are_described_beside_good_ones(
@@ -266,7 +266,7 @@ def test_a_symlinked_folder_leading_outside_the_tree_is_never_written(
                          extra=f"watch: [{{path: {str(watched)!r}}}]")  # fmt: skip
     result = run_cli("process", "--config", config, watched)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("1 images described, 1 answers, 1 skipped"), result.stdout
+    assert result.stdout.startswith("1 image described, 1 answer, 1 skipped"), result.stdout
     assert "outside" in result.stderr and "left alone" in result.stderr
     assert outside.read_bytes() == before and sorted(p.name for p in elsewhere.iterdir()) == ["theirs.jpg"]
     assert (watched / "mine.jpg.json").exists()

@@ -317,7 +317,7 @@ def test_a_narrowed_match_then_stale_keeps_the_photo_writable_and_whole(
     config.write_text(narrowed.replace('"Describe."', '"Describe it."'), encoding="utf-8")
     stale = run_cli("process", "--stale", "--config", config)
     assert stale.returncode == 0 and "outside the EXIF block" not in stale.stderr, stale.stderr
-    assert stale.stdout.startswith("1 images described"), stale.stdout
+    assert stale.stdout.startswith("1 image described"), stale.stdout
     assert not (folder / "DSCN0010.jpg.xmp").exists()
     tags = exiftool.tags(path)[path]
     assert tags["IFD0:ImageDescription"] == ANSWER and tags["XMP-dc:Description"] == ANSWER

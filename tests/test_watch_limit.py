@@ -7,6 +7,7 @@ the limit, and `status` saying so."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -56,7 +57,7 @@ def test_folders_past_the_watch_limit_are_polled_and_every_photo_is_described(
     try:
         wait_for(lambda: "ready:" in log.read_text(encoding="utf-8"), what="ready")
         text = log.read_text(encoding="utf-8")
-        assert "folder(s) of the tree cannot be watched: the inotify watch limit is reached" in text, text
+        assert "folders of the tree cannot be watched: the inotify watch limit is reached" in text, text
         assert "sudo sysctl fs.inotify.max_user_watches" in text
         time.sleep(3)  # the reconcile at start is over: what arrives now only a watch or the poller can see
         for i, folder in enumerate(folders):  # one photo in every folder, watched or not
@@ -69,10 +70,11 @@ def test_folders_past_the_watch_limit_are_polled_and_every_photo_is_described(
         wait_for(lambda: {Path(p).name for p in described_in(log)} >= names, timeout=120, what="every photo described")
         assert all(count == 1 for count in described_in(log).values())  # each once
         text = log.read_text(encoding="utf-8")
-        assert "new folder(s) cannot be watched" in text and "reconcile:" not in text  # no reconcile found them
+        assert re.search(r"\d+ new folders? cannot be watched", text)
+        assert "reconcile:" not in text  # no reconcile found them
         status = subprocess.run([sys.executable, "-m", "autocaption", "status", "--config", str(config)],
                                 capture_output=True, text=True, env=cli_env())  # fmt: skip
-        assert "folder(s) polled, not watched: the inotify watch limit is reached" in status.stdout, status.stdout
+        assert "folders polled, not watched: the inotify watch limit is reached" in status.stdout, status.stdout
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -93,3 +95,25 @@ def test_a_folders_device_is_the_one_the_kernels_watch_list_names() -> None:
     assert kernel_device("/x", [], 77) == 77  # no mountinfo: stat's
     root = os.stat("/").st_dev
     assert kernel_device("/", _mount_devices(), root) in {root, *(d for p, d in _mount_devices() if p == "/")}
+
+
+def test_every_folder_of_a_large_tree_is_found_in_the_kernels_watch_list(tmp_path: Path) -> None:
+    """The kernel writes watch descriptors in hex: a decimal-only pattern took the folders of wd a-f, 1a-1f,
+    ... for unwatched, and polled them with a false error, in every tree of more than nine folders."""
+    from watchdog.events import FileSystemEventHandler
+    from watchdog.observers import Observer
+
+    from autocaption.watch import inotify_watched, unwatched_folders
+
+    for i in range(40):
+        (tmp_path / f"album-{i:02d}" / "raw").mkdir(parents=True)
+    observer = Observer()
+    observer.start()
+    try:
+        observer.schedule(FileSystemEventHandler(), str(tmp_path), recursive=True)
+        watched = inotify_watched()
+        assert watched is not None and len(watched) >= 81
+        assert unwatched_folders(tmp_path, watched) == []
+    finally:
+        observer.stop()
+        observer.join(timeout=10)

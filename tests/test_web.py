@@ -190,7 +190,7 @@ def test_a_correction_is_written_into_the_photo_and_kept_by_later_runs(
     assert document["rules"]["caption"]["answer"] == model_answer  # the model's answer, kept beside it
     assert run_cli("process", "--config", described.source, path).stdout.startswith("0 images described")  # current
     forced = run_cli("process", "--force", "--config", described.source, path)
-    assert forced.returncode == 0 and forced.stdout.startswith("1 images described"), forced.stdout
+    assert forced.returncode == 0 and forced.stdout.startswith("1 image described"), forced.stdout
     assert exiftool.tags(path)[path]["XMP-dc:Description"] == body["description"]  # existing: keep
     after = json.loads((path.parent / (path.name + ".json")).read_text(encoding="utf-8"))
     assert after["written"]["description"].startswith("kept")

@@ -14,6 +14,7 @@ from typing import Protocol
 from PIL import Image
 
 from autocaption.errors import EngineError
+from autocaption.plural import counted
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,8 @@ class PartlyAnswered(EngineError):
 
     def __init__(self, answers: list[list[Answer] | None], errors: dict[int, EngineError]) -> None:
         first = next(iter(errors.values()))
-        super().__init__(f"{len(errors)} of {len(answers)} image(s) failed: {first}", transient=first.transient)
+        what = f"{len(errors)} of {counted(len(answers), 'image')} failed: {first}"
+        super().__init__(what, transient=first.transient)
         self.answers, self.errors = answers, errors
 
 

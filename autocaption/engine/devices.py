@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autocaption.errors import ModelUnavailable
+from autocaption.plural import counted
 
 
 @dataclass(frozen=True)
@@ -54,15 +55,12 @@ def place(requested_device: str, requested_dtype: str, acc: Accelerator) -> Plac
         device = "cpu"
         description = "cpu"
         if requested_device == "auto":
-            warning = (
-                f"no GPU visible to torch ({acc.runtime}); running on the CPU, which is slow. "
-                "Install torch's ROCm or CUDA build to use the GPU (see README)."
-            )
+            warning = f"no GPU visible to torch; running on the CPU, which is slow. {_why_no_gpu(acc)}"
     else:
         index = 0 if requested_device in ("auto", "cuda") else int(requested_device.split(":", 1)[1])
         if index >= acc.gpu_count:
             raise ModelUnavailable(
-                f"model.device: {requested_device} requested but torch sees {acc.gpu_count} GPU(s) "
+                f"model.device: {requested_device} requested but torch sees {counted(acc.gpu_count, 'GPU')} "
                 f"({acc.runtime}); check HIP_VISIBLE_DEVICES / CUDA_VISIBLE_DEVICES and the render/video groups"
             )
         device = f"cuda:{index}"
@@ -75,6 +73,22 @@ def place(requested_device: str, requested_dtype: str, acc: Accelerator) -> Plac
     else:
         dtype = "bfloat16" if acc.bf16_supported else "float16"
     return Placement(device=device, dtype=dtype, description=description, warning=warning)
+
+
+def _why_no_gpu(acc: Accelerator) -> str:
+    """What to do about it: a GPU build that sees no GPU needs the driver or the device files, not another
+    torch; a CPU-only build needs the GPU build (`autocaption doctor` checks both)."""
+    if acc.hip_version:
+        return (
+            f"torch is a ROCm {acc.hip_version} build: check /dev/kfd and /dev/dri (the render and video "
+            "groups), HIP_VISIBLE_DEVICES, and HSA_OVERRIDE_GFX_VERSION for a consumer card (autocaption doctor)"
+        )
+    if acc.cuda_version:
+        return (
+            f"torch is a CUDA {acc.cuda_version} build: check the NVIDIA driver (nvidia-smi) and "
+            "CUDA_VISIBLE_DEVICES (autocaption doctor); on a machine without a GPU this is expected"
+        )
+    return "torch is a CPU-only build: for a GPU, install torch's ROCm or CUDA build (README: Installation)"
 
 
 def ram_available() -> int | None:
