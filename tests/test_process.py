@@ -131,6 +131,22 @@ def test_process_named_files_and_missing_paths(
     assert photo.with_name("one.jpg.json").is_file()
 
 
+def test_files_that_are_no_images_are_refused_before_the_model_loads(
+    run_cli: RunCli, make_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    """`process notes.txt` loaded the whole model before saying it is not an image (issue 22)."""
+    notes, disguised, empty = tmp_path / "notes.txt", tmp_path / "holiday.jpg", tmp_path / "zero.jpg"
+    notes.write_text("shopping list", encoding="utf-8")
+    disguised.write_bytes(b"<html>not a photo</html>")
+    empty.write_bytes(b"")
+    result = run_cli("process", "--config", make_config(), notes, disguised, empty)
+    assert result.returncode == 1 and result.stdout.startswith("0 images described, 0 answers, 0 skipped, 3 failed")
+    assert f"{notes}: not an image (content is not a known image format)" in result.stderr
+    assert f"{disguised}: not an image" in result.stderr and f"{empty}: empty file (0 bytes)" in result.stderr
+    assert "loaded on" not in result.stderr, result.stderr  # the model was never loaded
+    assert not list(tmp_path.glob("*.json"))
+
+
 @pytest.mark.parametrize("rotation", ["landscape_6.jpg", "portrait_8.jpg"])
 def test_sidecar_records_upright_size(
     run_cli: RunCli, make_config: Callable[..., Path], corpus: Path, tmp_path: Path, rotation: str
