@@ -5,7 +5,8 @@
 #           build, ~3 GB), transformers 5.5.0, pillow 10.1.0, ...
 #   newest  the newest torch and transformers again, in a clean venv (the main run covers it; kept for
 #           checking a new release by hand)
-# Usage: bash tests/ends.sh [lowest|newest]...   (lowest by default)
+# Usage: bash tests/ends.sh [install|test] [lowest|newest]...   (both steps, and lowest, by default)
+#   install only makes the venv (CI makes it while the main run tests); test only runs the tests in it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,29 +17,40 @@ pip_quietly() {  # this machine's pip warns about every package missing from its
     "$@" 2>&1 | { grep -v "^WARNING: Location '" || true; }
 }
 
-run_end() {
-    local name=$1; shift
-    local venv=".venv-$name"
-    local started=$SECONDS
+install_end() {
+    local venv=".venv-$1"; shift
     python3 -m venv "$venv"
     "$venv/bin/python" -m pip install -q --upgrade pip 2>/dev/null || true
-    pip_quietly "$venv/bin/python" -m pip install -q "$@" -e . pytest num2words selenium
+    pip_quietly "$venv/bin/python" -m pip install -q "$@" -e . pytest pytest-xdist num2words selenium
     "$venv/bin/python" - <<'PY'
 from importlib import metadata
 names = ["torch", "torchvision", "transformers", "pillow", "watchdog", "pyyaml", "piexif", "click", "defusedxml",
          "packaging", "pillow-heif"]
 print("versions:", ", ".join(f"{n} {metadata.version(n)}" for n in names))
 PY
-    "$venv/bin/python" -m pytest -q -p no:cacheprovider "${SUBSET[@]}"
-    echo "tests/ends.sh: $name end passed in $((SECONDS - started)) s"
 }
 
+test_end() {
+    local venv=".venv-$1"
+    # -n: as in tests/run.sh, the tests wait on processes and files more than they compute
+    "$venv/bin/python" -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-3}" "${SUBSET[@]}"
+}
+
+steps=(install test)
+case "${1:-}" in
+    install|test) steps=("$1"); shift ;;
+esac
 ends=("$@")
 [ ${#ends[@]} -gt 0 ] || ends=(lowest)
 for which in "${ends[@]}"; do
-    case "$which" in
-        lowest) run_end lowest -c tests/lowest.txt torch torchvision pillow-heif ;;
-        newest) run_end newest torch torchvision pillow-heif ;;
-        *) echo "tests/ends.sh: unknown end $which (lowest, newest)" >&2; exit 2 ;;
-    esac
+    started=$SECONDS
+    for step in "${steps[@]}"; do
+        case "$step:$which" in
+            install:lowest) install_end lowest -c tests/lowest.txt torch torchvision pillow-heif ;;
+            install:newest) install_end newest torch torchvision pillow-heif ;;
+            test:lowest|test:newest) test_end "$which" ;;
+            *) echo "tests/ends.sh: unknown end $which (lowest, newest)" >&2; exit 2 ;;
+        esac
+    done
+    echo "tests/ends.sh: ${steps[*]} of the $which end in $((SECONDS - started)) s"
 done
