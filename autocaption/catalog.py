@@ -104,25 +104,81 @@ class Catalog:
     ) -> Page:  # fmt: skip
         """One page of images, newest first, with the filters the page offers. `after` (a page's `next`)
         starts where that page ended, read from the index however deep (OFFSET reads and drops every row
-        before the page); else `page` counts pages from the first. The count stops at COUNT_CAP."""
-        where, parameters = self._filters(query, status, rule, folder)
+        before the page); else `page` counts pages from the first. The count stops at COUNT_CAP.
+
+        With words, "newest" is the newest matching answer: the full-text index is read backwards from it
+        and stops at the page's end, so a word in every answer costs what a rare one does. Ordered by the
+        images' time instead, every match had to be gathered before the first could be shown (1.2 s for a
+        word of a million answers)."""
+        expression = match_expression(query) if query else None
+        if query and expression is None:
+            return Page(0, [])  # words without letters or digits match nothing
+        where, parameters = self._filters(status, rule, folder)
+        offset = max(page, 1) - 1
+        if expression is not None:
+            return self._matching(expression, where, parameters, per_page, offset, after)
         counted = self.journal.rows(f"SELECT COUNT(*) FROM (SELECT 1 FROM images WHERE {where} LIMIT ?)",
                                     [*parameters, COUNT_CAP + 1])[0][0]  # fmt: skip
         cursor = _cursor(after)
         if cursor is not None:
             where += " AND (updated_at, rowid) < (?, ?)"
             parameters = [*parameters, *cursor]
-        offset = 0 if cursor is not None else (max(page, 1) - 1) * per_page
         rows = self.journal.rows(
             f"SELECT rowid, path, status, last_error, updated_at FROM images WHERE {where}"
             " ORDER BY updated_at DESC, rowid DESC LIMIT ? OFFSET ?",
-            [*parameters, per_page + 1, offset],
+            [*parameters, per_page + 1, 0 if cursor is not None else offset * per_page],
         )
         more, rows = len(rows) > per_page, rows[:per_page]
         answers = self._answers([row[0] for row in rows])
         images = [_image(row, answers.get(row[0], {})) for row in rows]
         following = f"{rows[-1][4]!r}:{rows[-1][0]}" if more and rows else None
         return Page(min(int(counted), COUNT_CAP), images, capped=counted > COUNT_CAP, next=following)
+
+    def _matching(
+        self, expression: str, where: str, parameters: list[object], per_page: int, offset: int, after: str
+    ) -> Page:
+        """A page of the images with a matching answer, by their newest matching answer (see `page`); `next`
+        is "a<answer rowid>", the newest match of the page's last image."""
+        joined = ("FROM answers_fts JOIN answers ON answers.rowid = answers_fts.rowid"
+                  f" JOIN images ON images.rowid = answers.image_id WHERE answers_fts MATCH ? AND {where}")  # fmt: skip
+        counted = self.journal.rows(f"SELECT COUNT(*) FROM (SELECT DISTINCT answers.image_id {joined} LIMIT ?)",
+                                    [expression, *parameters, COUNT_CAP + 1])[0][0]  # fmt: skip
+        below = int(after[1:]) if re.fullmatch(r"a[0-9]{1,18}", after) else None
+        start = 0 if below is not None else offset * per_page
+        found: list[tuple[int, int]] = []  # (image, its newest matching answer), newest first
+        seen: set[int] = set()
+        chunk = max(start + per_page + 1, 64)
+        while len(found) < start + per_page + 1:
+            bound, limits = (" AND answers_fts.rowid < ?", [below]) if below is not None else ("", [])
+            rows = self.journal.rows(
+                f"SELECT answers.image_id, answers_fts.rowid {joined}{bound} ORDER BY answers_fts.rowid DESC LIMIT ?",
+                [expression, *parameters, *limits, chunk],
+            )
+            fresh = [(image, at) for image, at in rows if image not in seen]
+            seen.update(image for image, _ in fresh)
+            newest = self._newest_match(expression, [image for image, _ in fresh])
+            # An image whose newest match lies above where this page starts was on an earlier page.
+            found += [(image, at) for image, at in fresh if newest.get(image) == at]
+            if len(rows) < chunk:
+                break
+            below, chunk = rows[-1][1], chunk * 2
+        found = found[start:]
+        more, found = len(found) > per_page, found[:per_page]
+        images = self._images([image for image, _ in found])
+        following = f"a{found[-1][1]}" if more and found else None
+        return Page(min(int(counted), COUNT_CAP), [images[image] for image, _ in found if image in images],
+                    capped=counted > COUNT_CAP, next=following)  # fmt: skip
+
+    def _newest_match(self, expression: str, ids: list[int]) -> dict[int, int]:
+        """Each image's newest answer that matches: one look-up in the index per answer of these images."""
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        return dict(self.journal.rows(
+            "SELECT answers.image_id, max(answers.rowid) FROM answers JOIN answers_fts"
+            f" ON answers_fts.rowid = answers.rowid WHERE answers.image_id IN ({marks}) AND answers_fts MATCH ?"
+            " GROUP BY answers.image_id", [*ids, expression],
+        ))  # fmt: skip
 
     def get(self, image_id: int) -> Image | None:
         return self._images([image_id]).get(image_id)
@@ -188,29 +244,22 @@ class Catalog:
         return found
 
     @staticmethod
-    def _filters(query: str, status: str, rule: str, folder: str) -> tuple[str, list[object]]:
+    def _filters(status: str, rule: str, folder: str) -> tuple[str, list[object]]:
+        """Conditions on `images` (each read per row, never a set gathered first); words are `_matching`'s."""
         clauses: list[str] = ["1"]
         parameters: list[object] = []
         if status in STATUSES:
             kinds = STATUSES[status]
-            clauses.append(f"status IN ({','.join('?' * len(kinds))})")
+            clauses.append(f"images.status IN ({','.join('?' * len(kinds))})")
             parameters.extend(kinds)
         if folder:
             prefix = folder.rstrip("/") + "/"
-            clauses.append("substr(path, 1, ?) = ?")
+            clauses.append("substr(images.path, 1, ?) = ?")
             parameters.extend([len(prefix), prefix])
-        if rule:
-            clauses.append("rowid IN (SELECT image_id FROM answers WHERE rule = ?)")
+        if rule:  # the answers' key (image_id, rule): one look-up per image
+            clauses.append("EXISTS (SELECT 1 FROM answers AS ruled WHERE ruled.image_id = images.rowid"
+                           " AND ruled.rule = ?)")  # fmt: skip
             parameters.append(rule)
-        expression = match_expression(query) if query else None
-        if query and expression is None:
-            clauses.append("0")  # words without letters or digits match nothing
-        elif expression:
-            clauses.append(
-                "rowid IN (SELECT answers.image_id FROM answers_fts JOIN answers ON answers.rowid = answers_fts.rowid"
-                " WHERE answers_fts MATCH ?)"
-            )
-            parameters.append(expression)
         return " AND ".join(clauses), parameters
 
 

@@ -216,10 +216,12 @@ def _record_done(
     )
     if texts:
         (image_id,) = db.execute("SELECT rowid FROM images WHERE path = ?", (key,)).fetchone()
-        db.executemany(  # an upsert: REPLACE would delete without firing the trigger that keeps the index right
-            "INSERT INTO answers VALUES (?, ?, ?) ON CONFLICT (image_id, rule) DO UPDATE SET answer = excluded.answer",
-            [(image_id, rule, text) for rule, text in texts.items() if text is not None],
-        )
+        given = [(image_id, rule, text) for rule, text in texts.items() if text is not None]
+        # A changed answer is deleted and inserted again, not updated in place: its new rowid makes it the newest
+        # in the index (pages of words are in that order, catalog.Catalog.page), and both statements fire the
+        # triggers that keep the index right (REPLACE would delete without firing one).
+        db.executemany("DELETE FROM answers WHERE image_id = ? AND rule = ? AND answer IS NOT ?", given)
+        db.executemany("INSERT INTO answers VALUES (?, ?, ?) ON CONFLICT (image_id, rule) DO NOTHING", given)
         db.executemany(
             "DELETE FROM answers WHERE image_id = ? AND rule = ?",
             [(image_id, rule) for rule, text in texts.items() if text is None],

@@ -93,7 +93,7 @@ def create_app(config: Config, review: Review, token: str, *, read_only: bool = 
     @app.get("/")
     def grid() -> str:
         filters = _filters()
-        page = catalog.page(**filters, page=_page(), per_page=PER_PAGE)
+        page = catalog.page(**filters, page=_page(), per_page=PER_PAGE, after=request.args.get("after", ""))
         pages = max(1, math.ceil(page.total / PER_PAGE)) + (1 if page.capped else 0)  # "of 167+"
         return render_template(
             "grid.html", page=page, filters=filters, number=_page(), pages=pages, statuses=list(STATUSES),
