@@ -1,6 +1,6 @@
 """The JSON sidecar `<image file name>.json`: every answer, what produced it, and for which bytes.
 
-Schema "autocaption/1" (documented in the README):
+Schema "autocaption/1" (documented in docs/metadata.md):
     {"schema": "autocaption/1",
      "image": {"file", "sha256", "width", "height", "format", "size", "mtime_ns"},
      "model": {"id", "dtype", "device", "backend"},

@@ -1,4 +1,4 @@
-"""Make docs/review-page.png, the README's picture of `autocaption web`: drawn photos (no one's pictures)
+"""Make docs/review-page.png, the picture of `autocaption web`: drawn photos (no one's pictures)
 with example captions, served by the real page and photographed by headless Chromium.
 
 Usage: python docs/screenshot.py   (needs Debian's chromium and chromium-driver, and selenium)

@@ -1,4 +1,4 @@
-"""Every family in the README's table, as a tiny random-weight model built locally (tests/families.py) and
+"""Every family in the table of docs/models.md, as a tiny random-weight model built locally (tests/families.py) and
 loaded through the product's real `from_pretrained` path: `autocaption process` end to end on corpus photos
 of different sizes and aspect ratios with three rules, every answer equal to a plain one-image, one-prompt
 `generate` with the same chat template (greedy, float32, the same decoded pixels), batched equal to

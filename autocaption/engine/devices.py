@@ -88,7 +88,7 @@ def _why_no_gpu(acc: Accelerator) -> str:
             f"torch is a CUDA {acc.cuda_version} build: check the NVIDIA driver (nvidia-smi) and "
             "CUDA_VISIBLE_DEVICES (autocaption doctor); on a machine without a GPU this is expected"
         )
-    return "torch is a CPU-only build: for a GPU, install torch's ROCm or CUDA build (README: Installation)"
+    return "torch is a CPU-only build: for a GPU, install torch's ROCm or CUDA build (README: Install)"
 
 
 def ram_available() -> int | None:
