@@ -102,7 +102,7 @@ class Facts:
 def checks(facts: Facts) -> list[Check]:
     if facts.accelerator is None:
         return [Check(False, f"torch cannot be imported ({facts.torch_problem})",
-                      "install torch's ROCm or CUDA build, then `pip install -e .` (docs/models.md: AMD ROCm)")]  # fmt: skip
+                      "install torch's ROCm or CUDA build, then `pip install -e .` (docs/models.md)")]  # fmt: skip
     acc = facts.accelerator
     found: list[Check] = [_dependencies(facts), _torch_build(facts, acc), *_gpus(facts, acc)]
     if facts.amd_gfx or facts.accelerator.hip_version:
