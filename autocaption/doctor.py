@@ -19,6 +19,7 @@ from pathlib import Path
 
 from autocaption.config import Config, defaults
 from autocaption.dependencies import findings
+from autocaption.engine import hub
 from autocaption.engine.devices import Accelerator, ram_available
 from autocaption.errors import AutocaptionError
 from autocaption.locks import POLLED_FILE, DaemonLock, daemon_note
@@ -57,7 +58,7 @@ class Check:
 class ModelFacts:
     id: str
     folder: Path | None  # where its files are on this machine (a local folder, or its cache snapshot)
-    size_bytes: int  # weights on disk
+    size_bytes: int  # weights on disk; for a model not downloaded yet, what the hub lists (0: unknown)
 
 
 @dataclass(frozen=True)
@@ -210,11 +211,14 @@ def _attention(facts: Facts) -> Check:
 
 def _model(facts: Facts, acc: Accelerator) -> list[Check]:
     model = facts.model
-    if model.folder is None:
+    size = model.size_bytes / GiB
+    if model.folder is None and not model.size_bytes:
         return [Check(False, f"model {model.id} is not on this machine (not in the Hugging Face cache)",
                       f"run autocaption once with network access, or: hf download {model.id}")]  # fmt: skip
-    size = model.size_bytes / GiB
-    found = [Check(True, f"model {model.id}: {size:.1f} GiB of weights in {display(model.folder)}")]
+    if model.folder is None:  # the first run downloads it: whether it will fit is told now, before that
+        found = [Check(True, f"model {model.id}: not downloaded yet; the hub lists {size:.1f} GiB of weights")]
+    else:
+        found = [Check(True, f"model {model.id}: {size:.1f} GiB of weights in {display(model.folder)}")]
     need = model.size_bytes + WORKING_MEMORY
     gpu = acc.gpus[0] if acc.gpus else None
     if gpu is not None and gpu.free_bytes is not None:
@@ -292,7 +296,7 @@ def gather(config: Config) -> Facts:
         hsa_override=os.environ.get("HSA_OVERRIDE_GFX_VERSION"),
         sdpa_device=sdpa_device,
         sdpa_problem=sdpa_problem,
-        model=_model_facts(config.model.id, config.model.revision or "main"),
+        model=_model_facts(config.model.id, config.model.revision or "main", offline=config.model.local_files_only),
         memory_available=ram_available(),
         state_dir=state,
         state_problem=_writable(state),
@@ -363,7 +367,9 @@ def _amd_gfx(topology: Path = Path("/sys/class/kfd/kfd/topology/nodes")) -> tupl
     return tuple(found)
 
 
-def _model_facts(model_id: str, revision: str) -> ModelFacts:
+def _model_facts(model_id: str, revision: str, *, offline: bool) -> ModelFacts:
+    """Where the model is and its weights' size; a hub id not downloaded yet is measured by what the hub
+    lists (unless downloads are off or the hub cannot be reached: then its size is unknown)."""
     local = Path(os.path.expanduser(model_id))
     folder: Path | None = local if local.is_dir() else None
     if folder is None:
@@ -375,6 +381,8 @@ def _model_facts(model_id: str, revision: str) -> ModelFacts:
     if folder is not None:
         for pattern in ("*.safetensors", "*.bin"):
             size += sum(path.stat().st_size for path in folder.glob(pattern))  # stat follows the cache's links
+    elif not offline and not local.is_absolute() and not hub.offline() and hub.hub_problem() is None:
+        size = hub.listed_weights(model_id, revision) or 0
     return ModelFacts(model_id, folder, size)
 
 

@@ -127,3 +127,18 @@ def test_doctor_runs_on_this_machine(run_cli: RunCli, make_config: Callable[...,
     assert any("tiny-llava" in line and "GiB of weights" in line for line in lines)  # a local model folder
     assert any("2 folders to watch with inotify" in line for line in lines), lines
     assert "Traceback" not in result.stderr
+
+
+def test_a_model_not_downloaded_yet_is_measured_by_what_the_hub_lists() -> None:
+    """Issue 22: on a 24 GB machine without a GPU the default model was found too big only after its 15 GB
+    download. doctor now says so from the hub's listing, before the first run downloads it."""
+    listed = ModelFacts("llava-hf/llava-v1.6-mistral-7b-hf", None, int(15.1 * GiB))
+    cpu_host = {"accelerator": CPU_TORCH, "amd_gfx": (), "devices": {}, "device": "cpu", "memory_available": 22 * GiB}
+    found = checks(healthy(model=listed, **cpu_host))
+    lines = [check.line() for check in found]
+    assert "✓ model llava-hf/llava-v1.6-mistral-7b-hf: not downloaded yet; the hub lists 15.1 GiB of weights" in lines
+    bad = failing(found)
+    assert len(bad) == 1 and "on the CPU it needs about 32.2 GiB of memory; 22.0 GiB are available" in bad[0].what
+    assert failing(checks(healthy(model=listed))) == []  # a 24 GB card: fits
+    unknown = ModelFacts("llava-hf/llava-v1.6-mistral-7b-hf", None, 0)  # no listing (offline, or no network)
+    assert "is not on this machine" in failing(checks(healthy(model=unknown)))[0].what

@@ -323,6 +323,99 @@ def test_a_cached_hub_model_loads_without_the_network(
     assert "1 image described" in result.stdout and "downloading" not in result.stderr
 
 
+class HubStub:
+    """The Hugging Face hub's file endpoints on loopback, as huggingface_hub asks them (HEAD for the commit,
+    ETag and size, then GET): a model's config.json and, for `index` bytes, its safetensors index; every
+    other file is missing (404, EntryNotFound) except a single `model.safetensors` of `single` bytes, whose
+    size a HEAD tells (it has no body to give: a download of it fails the test). Records every request."""
+
+    def __init__(self, config: bytes, *, index: int | None = None, single: int | None = None) -> None:
+        import http.server
+        import json
+        import threading
+
+        files = {"config.json": config}
+        if index is not None:
+            files["model.safetensors.index.json"] = json.dumps(
+                {"metadata": {"total_size": index}, "weight_map": {"lm_head.weight": "model-00001.safetensors"}}
+            ).encode()
+        self.requests: list[str] = []
+        stub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self, body: bool) -> None:
+                stub.requests.append(f"{self.command} {self.path}")
+                name = self.path.split("/resolve/", 1)[-1].split("/", 1)[-1] if "/resolve/" in self.path else ""
+                if self.path.startswith("/api/models"):
+                    data, status = b"[]", 200
+                elif name in files:
+                    data, status = files[name], 200
+                elif name == "model.safetensors" and single is not None and not body:
+                    self.send_response(200)
+                    self.send_header("X-Repo-Commit", "a" * 40)
+                    self.send_header("ETag", '"weights"')
+                    self.send_header("X-Linked-Size", str(single))
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                else:
+                    data, status = b"Entry not found", 404
+                self.send_response(status)
+                self.send_header("X-Repo-Commit", "a" * 40)
+                self.send_header("ETag", f'"{hash(data) & 0xFFFFFFFF:x}"')
+                if status == 404:
+                    self.send_header("X-Error-Code", "EntryNotFound")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if body:
+                    self.wfile.write(data)
+
+            def do_HEAD(self) -> None:
+                self._answer(body=False)
+
+            def do_GET(self) -> None:
+                self._answer(body=True)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("layout", ["index", "single file"])
+def test_a_model_too_big_for_this_machine_is_refused_before_its_weights_are_downloaded(
+    run_cli: RunCli, make_config: Callable[..., Path], tiny_model: Path, corpus: Path, tmp_path: Path, layout: str
+) -> None:
+    """The default 15 GB model on a 24 GB CPU machine: the memory check ran only after the download (issue 22).
+    Now the hub's listing of the weights is read first (its index, or the size of one file) and a model
+    that cannot fit is one line, exit 2, naming the models that would; no weight and no processor file is
+    fetched."""
+    size = 400 * 2**30  # more than any machine that runs these tests has
+    hub = HubStub((tiny_model / "config.json").read_bytes(), **({"index": size} if layout == "index" else
+                                                                 {"single": size}))  # fmt: skip
+    photo = tmp_path / "a.jpg"
+    photo.write_bytes((corpus / "jpg/gps/DSCN0010.jpg").read_bytes())
+    env: dict[str, str | None] = {"HF_HUB_OFFLINE": None, "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": hub.url}
+    try:
+        result = run_cli("process", "--config", make_config(model="someone/huge-llava"), photo, env=env)
+    finally:
+        hub.close()
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "model 'someone/huge-llava' needs about " in errors[0] and "on the CPU's memory" in errors[0]
+    assert "GiB are free" in errors[0] and "(model.id)" in errors[0], errors[0]
+    fetched = [r for r in hub.requests if r.startswith("GET") and "/resolve/" in r]
+    assert all(r.endswith(("/config.json", "/model.safetensors.index.json")) for r in fetched), hub.requests
+    assert "downloading" in result.stderr  # it was a download that stopped, not a cached model
+
+
 def test_fewer_anyres_tiles_is_an_explicit_option(tiny_model: Path, corpus: Path) -> None:
     picture = open_picture(corpus / "jpg/gps/DSCN0010.jpg", max_pixels=10**9)
     prompt = (Prompt("Describe.", 4),)

@@ -9,6 +9,7 @@ of download retries.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import urllib.error
@@ -45,7 +46,7 @@ def load(model: ModelConfig, loader: Loader[T]) -> T:
         return loader(model.id, True)  # the cache: no network at all
     except (OSError, ValueError) as exc:
         log.debug("model %s is not (completely) in the cache: %s", model.id, exc)
-    if model.local_files_only or os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE:
+    if model.local_files_only or offline():
         raise ModelUnavailable(
             f"model {model.id!r} is not in the local cache ({cache_dir()}) and downloading is off "
             "(model.local_files_only or HF_HUB_OFFLINE). Put a local model folder in model.id, or allow "
@@ -63,6 +64,33 @@ def load(model: ModelConfig, loader: Loader[T]) -> T:
         return loader(model.id, False)
     except (OSError, ValueError) as exc:
         raise ModelUnavailable(f"model {model.id!r} cannot be downloaded ({type(exc).__name__}: {exc})") from None
+
+
+def listed_weights(model_id: str, revision: str) -> int | None:
+    """Bytes of a hub checkpoint's weights as the hub lists them, asked before any weight is downloaded: the
+    safetensors index (a few kilobytes, kept in the cache like any file of the model), else the size the hub
+    gives for a single `model.safetensors` (one HEAD request). None when the hub says neither."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        index = hf_hub_download(model_id, "model.safetensors.index.json", revision=revision)
+        return int(json.loads(Path(index).read_text(encoding="utf-8"))["metadata"]["total_size"])
+    except EntryNotFoundError:
+        pass  # a checkpoint of one file
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.debug("%s: no size from its safetensors index: %s", model_id, exc)
+        return None
+    try:
+        return get_hf_file_metadata(hf_hub_url(model_id, "model.safetensors", revision=revision)).size
+    except (OSError, ValueError) as exc:
+        log.debug("%s: no size for model.safetensors: %s", model_id, exc)
+        return None
+
+
+def offline() -> bool:
+    """HF_HUB_OFFLINE: the person said no network."""
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE
 
 
 def endpoint() -> str:

@@ -24,6 +24,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -208,7 +209,8 @@ class LocalEngine:
             )  # fmt: skip
             _check_packages(family)
             text_config = _text_config(folder)
-            _check_memory(config, folder, settings, text_config, placement)
+            _check_memory(config, folder, settings, text_config, placement,
+                          listed=None if offline else partial(hub.listed_weights, source, revision))  # fmt: skip
             if Path(source).is_dir():  # a hub download brings its tokenizer files with the processor
                 _check_tokenizer(config.id, folder)
             processor = AutoProcessor.from_pretrained(source, revision=revision, local_files_only=offline)
@@ -663,18 +665,20 @@ def _text_config(folder: Path) -> Any:
 
 
 def _check_memory(
-    config: ModelConfig, folder: Path, settings: dict[str, Any], text_config: Any, placement: Placement
-) -> None:
-    """Refuse, before loading anything, a model that cannot fit (weights and one photo's KV cache)."""
+    config: ModelConfig, folder: Path, settings: dict[str, Any], text_config: Any, placement: Placement,
+    listed: Callable[[], int | None] | None = None,
+) -> None:  # fmt: skip
+    """Refuse, before loading anything, a model that cannot fit (weights and one photo's KV cache); a model
+    about to be downloaded is measured by what the hub lists (`listed`), before its weights come."""
     if text_config is None:
         return
-    needed = memory.need(folder, settings, text_config, placement.dtype, TYPICAL_IMAGE_TOKENS)
+    needed = memory.need(folder, settings, text_config, placement.dtype, TYPICAL_IMAGE_TOKENS, listed)
     free = memory_free(placement.device)
     if needed is None or free is None:
         return
     if needed.total > free:
         where = "the CPU's memory" if placement.device == "cpu" else placement.description
-        raise ModelUnavailable(memory.too_big(config.id, needed, free, where))
+        raise ModelUnavailable(memory.too_big(config.id, needed, free, where, placement.dtype))
 
 
 def _prefix_layers(cache: Any, length: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:

@@ -8,6 +8,7 @@ Weights: the safetensors index's total size, else the size of the weight files. 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,9 +34,12 @@ class Need:
         return self.weights + self.kv_per_image + WORKING
 
 
-def weight_bytes(folder: Path, settings: dict[str, Any]) -> tuple[int, int]:
+def weight_bytes(
+    folder: Path, settings: dict[str, Any], listed: Callable[[], int | None] | None = None
+) -> tuple[int, int]:
     """(bytes on disk, bytes per stored parameter) of the weights in a checkpoint folder whose config.json
-    says `settings`; (0, 2) if unknown."""
+    says `settings`; where the folder holds no weights yet (a model about to be downloaded: its config.json
+    alone is there), what `listed` says the hub holds; (0, 2) if unknown."""
     index = folder / "model.safetensors.index.json"
     text = settings.get("text_config")
     dtype = (
@@ -48,7 +52,10 @@ def weight_bytes(folder: Path, settings: dict[str, Any]) -> tuple[int, int]:
     except (OSError, ValueError, KeyError, TypeError):
         pass
     files = [*folder.glob("*.safetensors"), *folder.glob("*.bin")]
-    return sum(path.stat().st_size for path in files), stored
+    on_disk = sum(path.stat().st_size for path in files)
+    if not on_disk and listed is not None:
+        on_disk = listed() or 0
+    return on_disk, stored
 
 
 def kv_bytes_per_token(text_config: Any, dtype_bytes: int) -> int:
@@ -59,10 +66,13 @@ def kv_bytes_per_token(text_config: Any, dtype_bytes: int) -> int:
     return int(2 * layers * kv_heads * head_dim * dtype_bytes)
 
 
-def need(folder: Path, settings: dict[str, Any], text_config: Any, dtype: str, image_tokens: int) -> Need | None:
+def need(
+    folder: Path, settings: dict[str, Any], text_config: Any, dtype: str, image_tokens: int,
+    listed: Callable[[], int | None] | None = None,
+) -> Need | None:  # fmt: skip
     """What loading the checkpoint in `folder` (config.json: `settings`) as `dtype` needs, or None when its
-    size cannot be told."""
-    on_disk, stored = weight_bytes(folder, settings)
+    size cannot be told (`listed`: see weight_bytes)."""
+    on_disk, stored = weight_bytes(folder, settings, listed)
     if not on_disk:
         return None
     loaded = _BYTES.get(dtype, 2)
@@ -70,9 +80,11 @@ def need(folder: Path, settings: dict[str, Any], text_config: Any, dtype: str, i
     return Need(on_disk * loaded // stored, kv, on_disk // stored)
 
 
-def too_big(model_id: str, needed: Need, free: int, device: str) -> str:
-    """The one line that says it does not fit, and what would."""
-    fits = [name for name, size in SMALLER if size * GB * 1.15 + WORKING < free and name != model_id]
+def too_big(model_id: str, needed: Need, free: int, device: str, dtype: str = "bfloat16") -> str:
+    """The one line that says it does not fit, and what would (in `dtype`: float32 on the CPU doubles the
+    suggested models' bf16 sizes)."""
+    scale = _BYTES.get(dtype, 2) / 2
+    fits = [name for name, size in SMALLER if size * GB * scale * 1.15 + WORKING < free and name != model_id]
     choices = f"; models that fit: {', '.join(fits)}" if fits else "; no suggested model fits in what is free"
     return (
         f"model {model_id!r} needs about {needed.total / GiB:.1f} GiB on {device} ({needed.weights / GiB:.1f} GiB of "
