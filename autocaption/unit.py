@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from autocaption.config import Config
+from autocaption.engine import hub
 from autocaption.errors import ConfigError
 from autocaption.paths import display
 
@@ -43,7 +44,7 @@ TimeoutStopSec=90
 WatchdogSec=600
 KillMode=mixed
 StateDirectory=autocaption
-Environment=HF_HOME={hf_home}
+Environment={hf_home}
 Environment=PYTHONUNBUFFERED=1
 {environment_file}
 # AMD consumer/APU GPUs may need e.g. HSA_OVERRIDE_GFX_VERSION=11.0.0; pick cards with HIP_VISIBLE_DEVICES.
@@ -126,12 +127,20 @@ def render(config: Config, *, user: bool, run_as: str, command: str) -> str:
     if not user and not os.environ.get("STATE_DIRECTORY") and state.is_absolute():
         folders.append(state)  # an explicit state.dir outside StateDirectory= must stay writable
     identity = "" if user else f"User={run_as}\nGroup={run_as}\nSupplementaryGroups=render video\n"
+    # A system service has a cache of its own; a user's service uses the user's (the model they may have
+    # downloaded already: 15 GB not fetched twice), writable through ProtectHome=read-only.
+    hf_home = "HF_HOME=%S/autocaption/huggingface"
+    read_write = [_quote(p) for p in folders]
+    if user:
+        cache = Path(hub.home()).expanduser()
+        hf_home = _quote(Path(f"HF_HOME={cache}"))
+        read_write.append("-" + _quote(cache))  # "-": a cache not made yet is no reason to refuse to start
     return TEMPLATE.format(
         identity=identity,
         exe=command,
         config=_quote(config.source, argument=True),
-        hf_home="%S/autocaption/huggingface",
-        read_write=" ".join(_quote(p) for p in folders) or "%S/autocaption",
+        hf_home=hf_home,
+        read_write=" ".join(read_write) or "%S/autocaption",
         wanted_by="default.target" if user else "multi-user.target",
         environment_file=(
             f"# {config.model.api_key_env}=<the API key>, read by systemd (mode 600)\n"

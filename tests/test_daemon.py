@@ -429,9 +429,16 @@ def test_service_install_renders_a_unit_for_the_users_folders(
     assert f'ReadWritePaths={inbox.resolve()} "{spaced.resolve()}"' in text or str(inbox.resolve()) in text
     assert f"--config {config}" in text and "Type=notify" in text and "WatchdogSec=" in text
     assert check_unit(unit) <= 3.0
-    user = run_cli("service", "install", "--user", "--config", config, "--unit-dir", tmp_path / "user")
+    cache = tmp_path / "my cache" / "huggingface"  # where this user's models are (HF_HOME), a space in it
+    user = run_cli("service", "install", "--user", "--config", config, "--unit-dir", tmp_path / "user",
+                   env={"HF_HOME": str(cache)})  # fmt: skip
     assert user.returncode == 0 and "loginctl enable-linger" in user.stdout
-    assert "User=" not in (tmp_path / "user" / "autocaption.service").read_text(encoding="utf-8")
+    text = (tmp_path / "user" / "autocaption.service").read_text(encoding="utf-8")
+    assert "User=" not in text
+    # The user's own cache: a model they downloaded is not fetched again into the state dir (issue 22).
+    assert f'Environment="HF_HOME={cache}"' in text and f' -"{cache}"' in text, text
+    assert "HF_HOME=%S/autocaption/huggingface" in unit.read_text(encoding="utf-8")  # a system service: its own
+    assert check_unit(tmp_path / "user" / "autocaption.service") <= 3.5
 
 
 def test_service_install_refuses_paths_that_mean_another_folder_for_the_service_user(

@@ -100,10 +100,14 @@ def endpoint() -> str:
 def cache_dir() -> str:
     if os.environ.get("HF_HUB_CACHE"):
         return os.environ["HF_HUB_CACHE"]
-    home = os.environ.get("HF_HOME") or os.path.join(
+    return os.path.join(home(), "hub")
+
+
+def home() -> str:
+    """HF_HOME as huggingface_hub takes it: the variable, else the XDG cache's huggingface folder."""
+    return os.environ.get("HF_HOME") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface"
     )
-    return os.path.join(home, "hub")
 
 
 def hub_problem(timeout: float = PROBE_SECONDS) -> str | None:
