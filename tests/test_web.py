@@ -309,6 +309,13 @@ def test_a_real_browser_sees_searches_opens_and_corrects(described: Config, tmp_
 
         browser.find_element(By.CSS_SELECTOR, ".card a.name").click()
         wait.until(ready.presence_of_element_located((By.ID, "edit")))
+        # Issue 22: a small photo was shown at its own few hundred pixels; it fills its column now.
+        img = browser.find_element(By.CSS_SELECTOR, ".detail figure img")
+        wait.until(lambda b: b.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", img))
+        shown_width, natural, column = browser.execute_script(
+            "const i = arguments[0]; return [i.getBoundingClientRect().width, i.naturalWidth,"
+            " i.parentElement.getBoundingClientRect().width]", img)  # fmt: skip
+        assert natural < column and shown_width >= 0.99 * column, (shown_width, natural, column)
         # Issue 17.2: the Keywords box was empty, and a save of a new description erased the photo's keywords.
         path = Path(browser.find_element(By.CSS_SELECTOR, "figcaption .path").text)
         had = exiftool.tags(path)[path]["XMP-dc:Subject"]
