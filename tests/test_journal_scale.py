@@ -317,3 +317,29 @@ def test_pages_of_words_read_the_index_backwards_each_image_once_however_deep(
     for odd in ("a", "a-1", "ax", "a" + "9" * 30):  # not ours: the first page
         assert [i.id for i in Catalog(journal).page(query="fox", per_page=7, after=odd).images] == [
             i.id for i in first.images]
+
+
+def test_a_word_in_more_answers_than_are_ranked_is_searched_as_a_whole_word(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FTS5 gathers every answer of every word a prefix begins before it returns the first (36 ms for "the"
+    at a million answers, per query of a page); a word that alone is in more answers than are ranked is
+    searched as itself, read newest first. A rarer prefix still finds what it begins."""
+    from autocaption import catalog
+    from autocaption.catalog import Catalog
+
+    monkeypatch.setattr(catalog, "RANKED", 20)
+    probe = tmp_path / "probe.jpg"
+    probe.write_bytes(b"x")
+    journal = Journal(tmp_path / "state")
+    journal.restore(Restored(tmp_path / f"p{i:02d}.jpg", probe.stat(), None, "fp", {"caption": f"the dog {i}"})
+                    for i in range(30))  # fmt: skip
+    journal.restore([Restored(tmp_path / "stage.jpg", probe.stat(), None, "fp", {"caption": "a theatre stage"})])
+    found = Catalog(journal)
+    newest = {f"p{i:02d}.jpg" for i in range(10, 30)}  # ranked among the 20 newest whole-word matches
+    assert {hit.image.path.name for hit in found.search("the", limit=100)} == newest
+    assert found.search("the", limit=1)[0].snippet.startswith(f"{catalog.MARK[0]}the{catalog.MARK[1]}")
+    assert [hit.image.path.name for hit in found.search("thea")] == ["stage.jpg"]  # a rare prefix: as a prefix
+    page = found.page(query="the", per_page=50)
+    assert len(page.images) == 30 and "stage.jpg" not in {image.path.name for image in page.images}
+    assert [image.path.name for image in found.page(query="dog", per_page=50).images][:2] == ["p29.jpg", "p28.jpg"]
