@@ -170,9 +170,9 @@ class _Stream:
 
 
 def _stand_in_cuda(monkeypatch: pytest.MonkeyPatch, capture: Any) -> list[str]:
-    """torch.cuda's stream calls as no-ops and `_capture` replaced: no GPU here. A "recording" is the step
+    """torch.cuda's stream calls as no-ops and `runners.capture` replaced: no GPU here. A "recording" is the step
     itself (replaying it runs it), which gives the answers a real graph gives."""
-    from autocaption.engine import local
+    from autocaption.engine import runners
 
     calls: list[str] = []
     for name, stand_in in {
@@ -185,7 +185,7 @@ def _stand_in_cuda(monkeypatch: pytest.MonkeyPatch, capture: Any) -> list[str]:
         calls.append("capture")
         return capture(step, device)
 
-    monkeypatch.setattr(local, "_capture", capturing)
+    monkeypatch.setattr(runners, "capture", capturing)
     return calls
 
 
@@ -301,7 +301,7 @@ def test_a_step_past_dynamos_recompile_limit_decodes_uncompiled(monkeypatch: pyt
     import torch._dynamo
     from torch._dynamo.exc import FailOnRecompileLimitHit
 
-    from autocaption.engine import local
+    from autocaption.engine import runners
 
     def compile_(step: Any, **options: Any) -> Any:
         def compiled() -> None:
@@ -314,8 +314,8 @@ def test_a_step_past_dynamos_recompile_limit_decodes_uncompiled(monkeypatch: pyt
     refusals: list[str] = []
     # (config.patch, not monkeypatch: undoing a monkeypatch on dynamo's config module deletes the setting)
     with torch._dynamo.config.patch(recompile_limit=8):
-        runner = local._Compiled(lambda: ran.append("step"), on_refusal=refusals.append)
-        assert torch._dynamo.config.recompile_limit >= local.COMPILED_SHAPES
+        runner = runners.Compiled(lambda: ran.append("step"), on_refusal=refusals.append)
+        assert torch._dynamo.config.recompile_limit >= runners.COMPILED_SHAPES
     runner()
     runner()
     assert ran == ["step", "step"] and len(refusals) == 1 and "recompile_limit" in refusals[0]
@@ -324,7 +324,7 @@ def test_a_step_past_dynamos_recompile_limit_decodes_uncompiled(monkeypatch: pyt
 def test_a_step_that_fails_while_recording_ends_the_capture(monkeypatch: pytest.MonkeyPatch) -> None:
     """`_capture` itself, with torch.cuda's graph calls standing in: whatever the step raises, capture_end
     runs (the stream is usable again) and the error reaches the caller as it was."""
-    from autocaption.engine import local
+    from autocaption.engine import runners
 
     calls: list[str] = []
 
@@ -345,20 +345,20 @@ def test_a_step_that_fails_while_recording_ends_the_capture(monkeypatch: pytest.
     for name, stand_in in {"CUDAGraph": Graph, "current_stream": lambda device: _Stream(), "stream": stream,
                            "graph_pool_handle": lambda: (0, 7), "empty_cache": lambda: None}.items():  # fmt: skip
         monkeypatch.setattr(torch.cuda, name, stand_in)
-    monkeypatch.setattr(local, "_abandon_pool", lambda device, pool: calls.append(f"pool {pool} handed back"))
+    monkeypatch.setattr(runners, "abandon_pool", lambda device, pool: calls.append(f"pool {pool} handed back"))
 
     def step() -> None:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
     with pytest.raises(torch.cuda.OutOfMemoryError):
-        local._capture(step, torch.device("cuda"), _Stream())
+        runners.capture(step, torch.device("cuda"), _Stream())
     # capture_end threw (as it does for an invalidated capture) before it gave the allocator its pool back
     assert calls == ["on side stream", "begin thread_local", "end", "pool (0, 7) handed back"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the stream after a real failed capture")
 def test_a_refused_capture_leaves_the_default_stream_current() -> None:
-    from autocaption.engine import local
+    from autocaption.engine import runners
 
     device = torch.device("cuda")
     before = torch.cuda.current_stream(device)
@@ -369,7 +369,7 @@ def test_a_refused_capture_leaves_the_default_stream_current() -> None:
         buffer.sum().item()  # a host read: the capture is refused
 
     with pytest.raises(RuntimeError):
-        local._capture(syncing_step, device, torch.cuda.Stream(device))
+        runners.capture(syncing_step, device, torch.cuda.Stream(device))
     assert torch.cuda.current_stream(device) == before == torch.cuda.default_stream(device)
     buffer.add_(1)  # and the stream works
     torch.cuda.synchronize(device)
@@ -411,18 +411,18 @@ def test_batch_size_auto_packs_twenty_photos_into_one_tree_batch(
     """With the real llava-v1.6 vision geometry (a 4:3 photo: ~2,300 image tokens) and the plan an H200
     gets for the 7B model, 20 photos x 3 rules are one tree batch: the tree path prefills one image at a
     time, so max_batch_tokens (16,384: 7 photos) bounds only the batched path, which still keeps to it."""
-    from autocaption.engine import local, memory
+    from autocaption.engine import compat, loading, memory
     from tests.tinymodel import build_geometry
 
     kv = 131072  # bytes per token: llava-v1.6-mistral-7b in bf16
     plan = memory.plan_batches(free=125 * memory.GiB, total=140 * memory.GiB, kv_per_token=kv)
-    monkeypatch.setattr(local, "_batch_plan", lambda config, model, placement: plan)
+    monkeypatch.setattr(loading, "_batch_plan", lambda config, model, placement: plan)
     model = build_geometry(tmp_path / "geometry")
     rules = (Prompt("Describe.", 8), Prompt("Keywords.", 8), Prompt("Colour?", 8))
     photos = [Job(Image.new("RGB", (1024 + i, 768)), rules) for i in range(20)]
     for share_prefix in (True, False):
         engine: Any = load_engine(ModelConfig(id=str(model), share_prefix=share_prefix))
-        cost = local.compat.image_tokens(engine.processor, 768, 1024)
+        cost = compat.image_tokens(engine.processor, 768, 1024)
         assert cost is not None and cost > 2000 and engine.max_batch_tokens == 16384  # a typical photo's tokens
         batches = engine._pack(engine._units(photos))
         if share_prefix:

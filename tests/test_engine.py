@@ -597,7 +597,7 @@ def test_the_attention_self_check_falls_back_to_the_math_kernel(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
 
-    from autocaption.engine import local
+    from autocaption.engine import loading
     from autocaption.engine.devices import Placement
     from autocaption.engine.tree import TREE_ATTENTION, TREE_ATTENTION_MATH, grouped_sdpa, grouped_sdpa_math
 
@@ -605,13 +605,13 @@ def test_the_attention_self_check_falls_back_to_the_math_kernel(
         num_attention_heads, head_dim = 32, 128
 
     gpu = Placement("cuda:0", "bfloat16", "cuda:0 (a card whose fused kernel is wrong)")
-    monkeypatch.setattr(local, "masked_sdpa_problem", lambda *a, **k: "largest difference 3.1 (tolerance 0.02)")
+    monkeypatch.setattr(loading, "masked_sdpa_problem", lambda *a, **k: "largest difference 3.1 (tolerance 0.02)")
     with caplog.at_level("WARNING"):
-        assert local._attention(ModelConfig(), gpu, Text()) == TREE_ATTENTION_MATH
+        assert loading._attention(ModelConfig(), gpu, Text()) == TREE_ATTENTION_MATH
     assert "disagrees with the math kernel" in caplog.text
-    monkeypatch.setattr(local, "masked_sdpa_problem", lambda *a, **k: None)
-    assert local._attention(ModelConfig(), gpu, Text()) == TREE_ATTENTION
-    assert local._attention(ModelConfig(attn_implementation="eager"), gpu, Text()) == "eager"
+    monkeypatch.setattr(loading, "masked_sdpa_problem", lambda *a, **k: None)
+    assert loading._attention(ModelConfig(), gpu, Text()) == TREE_ATTENTION
+    assert loading._attention(ModelConfig(attn_implementation="eager"), gpu, Text()) == "eager"
 
     class Module(torch.nn.Module):
         num_key_value_groups = 2

@@ -119,10 +119,10 @@ def test_each_family_end_to_end_equals_plain_generate(
 def test_a_model_too_big_for_the_free_memory_is_refused_before_loading(
     tiny_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from autocaption.engine import local
+    from autocaption.engine import loading
 
-    monkeypatch.setattr(local, "memory_free", lambda device: 200_000)  # bytes: a stated, tiny amount
-    monkeypatch.setattr(local.AutoModelForImageTextToText, "from_pretrained",
+    monkeypatch.setattr(loading, "memory_free", lambda device: 200_000)  # bytes: a stated, tiny amount
+    monkeypatch.setattr(loading.AutoModelForImageTextToText, "from_pretrained",
                         lambda *a, **k: pytest.fail("the model was loaded before the memory check"))  # fmt: skip
     with pytest.raises(ModelUnavailable) as info:
         load_engine(ModelConfig(id=str(tiny_model)))
@@ -182,7 +182,7 @@ def test_a_system_text_for_a_template_without_one_names_the_rule(
 
 
 def test_a_family_whose_processor_needs_a_missing_package_says_which() -> None:
-    from autocaption.engine.local import _check_packages
+    from autocaption.engine.loading import _check_packages
 
     family = known.Family("future_vlm", "Future-VL", tree=False, needs=("autocaption_no_such_package",))
     with pytest.raises(ModelUnavailable, match=r"Future-VL's processor needs autocaption_no_such_package, which is "
