@@ -12,15 +12,17 @@ from __future__ import annotations
 import hmac
 import math
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from flask import Flask, Response, abort, jsonify, redirect, render_template, request, url_for
+from flask import Flask, Response, abort, current_app, jsonify, redirect, render_template, request, url_for
 from werkzeug.exceptions import HTTPException
 
 from autocaption.catalog import STATUSES, Catalog, Image
 from autocaption.config import Config
-from autocaption.errors import AutocaptionError, WriteError
+from autocaption.errors import WriteError
 from autocaption.journal import JournalDamaged, JournalFull
 from autocaption.paths import display
 from autocaption.review import PREVIEW, THUMBNAIL, Conflict, Detail, NotFound, Review, keywords_from
@@ -35,133 +37,182 @@ POLICY = (
 )
 
 
+@dataclass(frozen=True)
+class Site:
+    """What every request of one page shares: the config, the photos' review, their catalog, the token."""
+
+    config: Config
+    review: Review
+    catalog: Catalog
+    token: str
+    read_only: bool
+
+
 def create_app(config: Config, review: Review, token: str, *, read_only: bool = False) -> Flask:
     app = Flask(__name__)
     app.config.update(TOKEN=token, READ_ONLY=read_only, MAX_CONTENT_LENGTH=64 * 1024)
     app.jinja_env.filters["shown"] = display  # names that are not UTF-8, or hold a newline, as printable text
-    catalog = Catalog(review.journal)
-
-    @app.before_request
-    def authenticate() -> Any:
-        header = _bearer() or request.headers.get(HEADER, "")
-        given = header or request.cookies.get(COOKIE, "") or request.args.get("token", "")
-        if not _same(given, token):
-            return _error(401, "this page needs its access token: open the URL `autocaption web` printed")
-        if request.method == "GET" and "token" in request.args:  # set the cookie, drop the token from the URL
-            arguments: dict[str, Any] = {k: v for k, v in request.args.items() if k != "token"}
-            response = redirect(url_for(request.endpoint or "grid", **(request.view_args or {}), **arguments))
-            response.set_cookie(COOKIE, token, httponly=True, samesite="Strict", secure=request.is_secure)
-            return response
-        if request.method not in ("GET", "HEAD"):
-            if not _same(header, token):
-                return _error(403, f"state-changing requests need the token in a header ({HEADER})")
-            if read_only:
-                return _error(403, "read-only: this page was started with --read-only")
-        return None
-
-    @app.after_request
-    def harden(response: Response) -> Response:
-        response.headers["Content-Security-Policy"] = POLICY
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        response.headers["Referrer-Policy"] = "no-referrer"
-        response.headers["Cache-Control"] = "private, no-store" if response.mimetype != "image/jpeg" else "private"
-        return response
-
-    @app.errorhandler(NotFound)
-    def not_found(exc: NotFound) -> Response:
-        return _error(404, str(exc))
-
-    @app.errorhandler(Conflict)
-    def conflict(exc: Conflict) -> Response:
-        return _error(409, str(exc))
-
-    @app.errorhandler(JournalDamaged)
-    @app.errorhandler(JournalFull)
-    def journal_trouble(exc: AutocaptionError) -> Response:
-        return _error(503, str(exc))
-
-    @app.errorhandler(WriteError)
-    def cannot_write(exc: WriteError) -> Response:
-        return _error(503 if exc.transient else 500, str(exc))
-
-    @app.errorhandler(HTTPException)
-    def http_error(exc: HTTPException) -> Response:
-        return _error(exc.code or 500, exc.description or exc.name)
-
-    # --- pages ---------------------------------------------------------------------------------------------
-
-    @app.get("/")
-    def grid() -> str:
-        filters = _filters()
-        page = catalog.page(**filters, page=_page(), per_page=PER_PAGE, after=request.args.get("after", ""))
-        pages = max(1, math.ceil(page.total / PER_PAGE)) + (1 if page.capped else 0)  # "of 167+"
-        return render_template(
-            "grid.html", page=page, filters=filters, number=_page(), pages=pages, statuses=list(STATUSES),
-            rules=[rule.name for rule in config.rules], folders=[str(w.path) for w in config.watch], token=token,
-            read_only=read_only,
-            caption=_caption, when=_when,
-        )  # fmt: skip
-
-    @app.get("/images/<int:image_id>")
-    def detail(image_id: int) -> str:
-        found = review.detail(image_id)
-        return render_template("detail.html", detail=found, token=token, read_only=read_only, when=_when,
-                               current=_current(found))  # fmt: skip
-
-    @app.get("/thumbnails/<int:image_id>.jpg")
-    def thumbnail(image_id: int) -> Response:
-        return Response(review.preview(image_id, THUMBNAIL), mimetype="image/jpeg")
-
-    @app.get("/previews/<int:image_id>.jpg")
-    def preview(image_id: int) -> Response:
-        return Response(review.preview(image_id, PREVIEW), mimetype="image/jpeg")
-
-    # --- the JSON API ----------------------------------------------------------------------------------------
-
-    @app.get("/api/images")
-    def api_images() -> Response:
-        per_page = min(max(_integer("per_page", 100), 1), 500)
-        # `after`: the `next` of the page before, read from the index however deep (no OFFSET)
-        page = catalog.page(**_filters(), page=_page(), per_page=per_page, after=request.args.get("after", ""))
-        return jsonify(total=page.total, total_capped=page.capped, page=_page(), per_page=per_page, next=page.next,
-                       images=[_summary(i) for i in page.images])  # fmt: skip
-
-    @app.get("/api/images/<int:image_id>")
-    def api_image(image_id: int) -> Response:
-        return jsonify(_full(review.detail(image_id)))
-
-    @app.post("/api/images/<int:image_id>/caption")
-    def api_caption(image_id: int) -> Response:
-        body = request.get_json(silent=True)
-        shape = 'send JSON: {"sha256": "<the photo\'s, as shown>", "description": "...", "keywords": ["...", ...]}'
-        if not isinstance(body, dict) or not isinstance(body.get("sha256"), str):
-            return _error(400, shape)
-        description = body.get("description")
-        if description is not None and not isinstance(description, str):
-            return _error(400, shape)
-        if description is not None:
-            description = carriable(description)  # what metadata cannot carry never reaches the writers
-        if description is not None and not description:
-            return _error(400, "description must not be empty")
-        if description is None and "keywords" not in body:
-            return _error(400, "nothing to change: send a description, keywords or both")
-        try:
-            keywords = keywords_from(body["keywords"]) if "keywords" in body else None
-        except ValueError as exc:
-            return _error(400, str(exc))
-        return jsonify(_full(review.correct(image_id, description, keywords, body["sha256"])))
-
-    @app.post("/api/images/<int:image_id>/describe")
-    def api_describe(image_id: int) -> Response:
-        running = review.describe_again(image_id)
-        path = review.image(image_id).path
-        message = (
-            "queued: the daemon describes it again shortly" if running
-            else f"queued, but no daemon is running: run `autocaption process --force {path}`"
-        )  # fmt: skip
-        return jsonify(queued=True, daemon=running, message=message)
-
+    app.extensions["autocaption"] = Site(config, review, Catalog(review.journal), token, read_only)
+    app.before_request(authenticate)
+    app.after_request(harden)
+    for error, handler in ERRORS:
+        app.register_error_handler(error, handler)
+    for rule, view, methods in (*PAGES, *MEDIA, *API):
+        app.add_url_rule(rule, view_func=view, methods=methods)
     return app
+
+
+def _site() -> Site:
+    site: Site = current_app.extensions["autocaption"]
+    return site
+
+
+# --- every request: the token, the headers, errors as pages or JSON -------------------------------------------
+
+
+def authenticate() -> Any:
+    site = _site()
+    header = _bearer() or request.headers.get(HEADER, "")
+    given = header or request.cookies.get(COOKIE, "") or request.args.get("token", "")
+    if not _same(given, site.token):
+        return _error(401, "this page needs its access token: open the URL `autocaption web` printed")
+    if request.method == "GET" and "token" in request.args:  # set the cookie, drop the token from the URL
+        arguments: dict[str, Any] = {k: v for k, v in request.args.items() if k != "token"}
+        response = redirect(url_for(request.endpoint or "grid", **(request.view_args or {}), **arguments))
+        response.set_cookie(COOKIE, site.token, httponly=True, samesite="Strict", secure=request.is_secure)
+        return response
+    if request.method not in ("GET", "HEAD"):
+        if not _same(header, site.token):
+            return _error(403, f"state-changing requests need the token in a header ({HEADER})")
+        if site.read_only:
+            return _error(403, "read-only: this page was started with --read-only")
+    return None
+
+
+def harden(response: Response) -> Response:
+    response.headers["Content-Security-Policy"] = POLICY
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    response.headers["Cache-Control"] = "private, no-store" if response.mimetype != "image/jpeg" else "private"
+    return response
+
+
+def _status_of(exc: Exception) -> int:
+    if isinstance(exc, NotFound):
+        return 404
+    if isinstance(exc, Conflict):
+        return 409
+    if isinstance(exc, WriteError):
+        return 503 if exc.transient else 500
+    return 503  # the journal is damaged, or its disk is full
+
+
+def domain_error(exc: Exception) -> Response:
+    return _error(_status_of(exc), str(exc))
+
+
+def http_error(exc: HTTPException) -> Response:
+    return _error(exc.code or 500, exc.description or exc.name)
+
+
+ERRORS: tuple[tuple[type[Exception], Callable[[Any], Response]], ...] = (
+    (NotFound, domain_error), (Conflict, domain_error), (JournalDamaged, domain_error), (JournalFull, domain_error),
+    (WriteError, domain_error), (HTTPException, http_error),
+)  # fmt: skip
+
+
+# --- pages ---------------------------------------------------------------------------------------------------
+
+
+def grid() -> str:
+    site = _site()
+    filters = _filters()
+    page = site.catalog.page(**filters, page=_page(), per_page=PER_PAGE, after=request.args.get("after", ""))
+    pages = max(1, math.ceil(page.total / PER_PAGE)) + (1 if page.capped else 0)  # "of 167+"
+    return render_template(
+        "grid.html", page=page, filters=filters, number=_page(), pages=pages, statuses=list(STATUSES),
+        rules=[rule.name for rule in site.config.rules], folders=[str(w.path) for w in site.config.watch],
+        token=site.token, read_only=site.read_only, caption=_caption, when=_when,
+    )  # fmt: skip
+
+
+def detail(image_id: int) -> str:
+    site = _site()
+    found = site.review.detail(image_id)
+    return render_template("detail.html", detail=found, token=site.token, read_only=site.read_only, when=_when,
+                           current=_current(found))  # fmt: skip
+
+
+PAGES = (("/", grid, ["GET"]), ("/images/<int:image_id>", detail, ["GET"]))
+
+
+# --- media: the photos, made small ---------------------------------------------------------------------------
+
+
+def thumbnail(image_id: int) -> Response:
+    return Response(_site().review.preview(image_id, THUMBNAIL), mimetype="image/jpeg")
+
+
+def preview(image_id: int) -> Response:
+    return Response(_site().review.preview(image_id, PREVIEW), mimetype="image/jpeg")
+
+
+MEDIA = (("/thumbnails/<int:image_id>.jpg", thumbnail, ["GET"]), ("/previews/<int:image_id>.jpg", preview, ["GET"]))
+
+
+# --- the JSON API ----------------------------------------------------------------------------------------------
+
+
+def api_images() -> Response:
+    per_page = min(max(_integer("per_page", 100), 1), 500)
+    # `after`: the `next` of the page before, read from the index however deep (no OFFSET)
+    page = _site().catalog.page(**_filters(), page=_page(), per_page=per_page, after=request.args.get("after", ""))
+    return jsonify(total=page.total, total_capped=page.capped, page=_page(), per_page=per_page, next=page.next,
+                   images=[_summary(i) for i in page.images])  # fmt: skip
+
+
+def api_image(image_id: int) -> Response:
+    return jsonify(_full(_site().review.detail(image_id)))
+
+
+def api_caption(image_id: int) -> Response:
+    body = request.get_json(silent=True)
+    shape = 'send JSON: {"sha256": "<the photo\'s, as shown>", "description": "...", "keywords": ["...", ...]}'
+    if not isinstance(body, dict) or not isinstance(body.get("sha256"), str):
+        return _error(400, shape)
+    description = body.get("description")
+    if description is not None and not isinstance(description, str):
+        return _error(400, shape)
+    if description is not None:
+        description = carriable(description)  # what metadata cannot carry never reaches the writers
+    if description is not None and not description:
+        return _error(400, "description must not be empty")
+    if description is None and "keywords" not in body:
+        return _error(400, "nothing to change: send a description, keywords or both")
+    try:
+        keywords = keywords_from(body["keywords"]) if "keywords" in body else None
+    except ValueError as exc:
+        return _error(400, str(exc))
+    return jsonify(_full(_site().review.correct(image_id, description, keywords, body["sha256"])))
+
+
+def api_describe(image_id: int) -> Response:
+    review = _site().review
+    running = review.describe_again(image_id)
+    path = review.image(image_id).path
+    message = (
+        "queued: the daemon describes it again shortly" if running
+        else f"queued, but no daemon is running: run `autocaption process --force {path}`"
+    )  # fmt: skip
+    return jsonify(queued=True, daemon=running, message=message)
+
+
+API = (
+    ("/api/images", api_images, ["GET"]),
+    ("/api/images/<int:image_id>", api_image, ["GET"]),
+    ("/api/images/<int:image_id>/caption", api_caption, ["POST"]),
+    ("/api/images/<int:image_id>/describe", api_describe, ["POST"]),
+)
 
 
 def _bearer() -> str:
