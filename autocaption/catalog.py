@@ -71,9 +71,12 @@ class Hit:
 def match_expression(query: str, *, whole: bool = False) -> str | None:
     """Words as an FTS5 query: every word must occur (as a prefix, so "beac" finds "beach"; `whole`: as
     itself); quotes keep a phrase. Anything else a user types is taken literally, never as FTS5 syntax."""
-    return " AND ".join(
-        '"' + " ".join(tokens) + '"' + ("*" if word and not whole else "") for tokens, word in _terms(query)
-    ) or None
+    return (
+        " AND ".join(
+            '"' + " ".join(tokens) + '"' + ("*" if word and not whole else "") for tokens, word in _terms(query)
+        )
+        or None
+    )
 
 
 def _terms(query: str) -> list[tuple[list[str], bool]]:
