@@ -46,6 +46,8 @@ class Image:
 
 COUNT_CAP = 10_000  # matches counted exactly up to this many; past it a page says "10,000+"
 RANKED = 10_000  # a search ranks at most this many matches, the newest (see Catalog.search)
+SCANNED = 20_000  # matches a page of words reads at most per request (see Catalog._matching)
+NARROW = 1_000  # a filter that leaves at most this many images is read from its own index (see Catalog._narrow)
 
 
 @dataclass(frozen=True)
@@ -68,15 +70,11 @@ class Hit:
     rank: float
 
 
-def match_expression(query: str, *, whole: bool = False) -> str | None:
-    """Words as an FTS5 query: every word must occur (as a prefix, so "beac" finds "beach"; `whole`: as
-    itself); quotes keep a phrase. Anything else a user types is taken literally, never as FTS5 syntax."""
-    return (
-        " AND ".join(
-            '"' + " ".join(tokens) + '"' + ("*" if word and not whole else "") for tokens, word in _terms(query)
-        )
-        or None
-    )
+def match_expression(query: str) -> str | None:
+    """Words as an FTS5 query: every word must occur (as a prefix, so "beac" finds "beach"); quotes keep a
+    phrase. Anything else a user types is taken literally, never as FTS5 syntax. Prefixes of 2 to 6
+    characters are indexed (journal migration 0009), so a common one is read lazily, newest first."""
+    return " AND ".join('"' + " ".join(tokens) + '"' + ("*" if word else "") for tokens, word in _terms(query)) or None
 
 
 def _terms(query: str) -> list[tuple[list[str], bool]]:
@@ -115,13 +113,17 @@ class Catalog:
         and stops at the page's end, so a word in every answer costs what a rare one does. Ordered by the
         images' time instead, every match had to be gathered before the first could be shown (1.2 s for a
         word of a million answers)."""
-        expression = self._expression(query) if query else None
+        expression = match_expression(query) if query else None
         if query and expression is None:
             return Page(0, [])  # words without letters or digits match nothing
         where, parameters = self._filters(status, rule, folder)
         offset = max(page, 1) - 1
+        narrow = self._narrow(status, rule)
         if expression is not None:
-            return self._matching(expression, where, parameters, per_page, offset, after)
+            return self._matching(expression, where, parameters, per_page, offset, after, narrow)
+        if narrow is not None:  # a few images: gathered from their index and sorted, not found by walking them all
+            where += f" AND images.rowid IN ({narrow[0]})"
+            parameters = [*parameters, *narrow[1]]
         counted = self.journal.rows(f"SELECT COUNT(*) FROM (SELECT 1 FROM images WHERE {where} LIMIT ?)",
                                     [*parameters, COUNT_CAP + 1])[0][0]  # fmt: skip
         cursor = _cursor(after)
@@ -140,56 +142,98 @@ class Catalog:
         return Page(min(int(counted), COUNT_CAP), images, capped=counted > COUNT_CAP, next=following)
 
     def _matching(
-        self, expression: str, where: str, parameters: list[object], per_page: int, offset: int, after: str
-    ) -> Page:
+        self, expression: str, where: str, parameters: list[object], per_page: int, offset: int, after: str,
+        narrow: tuple[str, list[object]] | None,
+    ) -> Page:  # fmt: skip
         """A page of the images with a matching answer, by their newest matching answer (see `page`); `next`
-        is "a<answer rowid>", the newest match of the page's last image."""
-        joined = ("FROM answers_fts JOIN answers ON answers.rowid = answers_fts.rowid"
-                  f" JOIN images ON images.rowid = answers.image_id WHERE answers_fts MATCH ? AND {where}")  # fmt: skip
-        counted = self.journal.rows(f"SELECT COUNT(*) FROM (SELECT DISTINCT answers.image_id {joined} LIMIT ?)",
-                                    [expression, *parameters, COUNT_CAP + 1])[0][0]  # fmt: skip
+        is "a<answer rowid>": where the next page starts reading. Images of a narrow filter (`narrow`: an SQL
+        list of at most NARROW ids) are each looked up in the index; else the index is read backwards, at most
+        SCANNED matches a request: a page that reaches that mark is shorter, and its `next` goes on below it
+        (a filter that leaves few of a common word's photos costs pages, never seconds)."""
         below = int(after[1:]) if re.fullmatch(r"a[0-9]{1,18}", after) else None
         start = 0 if below is not None else offset * per_page
-        found: list[tuple[int, int]] = []  # (image, its newest matching answer), newest first
+        if narrow is not None:
+            ids = [row[0] for row in self.journal.rows(
+                f"SELECT images.rowid FROM images WHERE images.rowid IN ({narrow[0]}) AND {where}",
+                [*narrow[1], *parameters])]  # fmt: skip
+            ranked = sorted(self._newest_match(expression, ids).items(), key=lambda item: -item[1])
+            counted, exhausted = len(ranked), True
+            found = [(image, at) for image, at in ranked if below is None or at < below][start:]
+            last_read = None
+        else:
+            counted, exhausted = self._count_matching(expression, where, parameters)
+            found, last_read = self._read_matching(expression, where, parameters, below, start + per_page + 1, after)
+            found = found[start:]
+        more, found = len(found) > per_page, found[:per_page]
+        images = self._images([image for image, _ in found])
+        following = f"a{found[-1][1]}" if more and found else f"a{last_read}" if last_read is not None else None
+        return Page(min(counted, COUNT_CAP), [images[image] for image, _ in found if image in images],
+                    capped=counted > COUNT_CAP or not exhausted, next=following)  # fmt: skip
+
+    def _count_matching(self, expression: str, where: str, parameters: list[object]) -> tuple[int, bool]:
+        """Images with a matching answer among the newest SCANNED matches (up to COUNT_CAP + 1), and whether
+        those were all the matches (else the count is a floor: "…+")."""
+        counted, read = self.journal.rows(
+            "SELECT count(DISTINCT answers.image_id), (SELECT count(*) FROM (SELECT rowid FROM answers_fts"
+            " WHERE answers_fts MATCH ? ORDER BY rowid DESC LIMIT ?)) FROM (SELECT rowid FROM answers_fts"
+            " WHERE answers_fts MATCH ? ORDER BY rowid DESC LIMIT ?) AS matched JOIN answers ON answers.rowid ="
+            f" matched.rowid JOIN images ON images.rowid = answers.image_id WHERE {where}",
+            [expression, SCANNED, expression, SCANNED, *parameters],
+        )[0]  # fmt: skip
+        return int(counted), int(read) < SCANNED
+
+    def _read_matching(
+        self, expression: str, where: str, parameters: list[object], below: int | None, wanted: int, after: str
+    ) -> tuple[list[tuple[int, int]], int | None]:
+        """Up to `wanted` (image, its newest matching answer), newest first, read backwards from `below`; and
+        where the reading stopped when it reached SCANNED matches first (None: it found what it wanted, or
+        every match)."""
+        found: list[tuple[int, int]] = []
         seen: set[int] = set()
-        chunk = max(start + per_page + 1, 64)
-        while len(found) < start + per_page + 1:
-            bound, limits = (" AND answers_fts.rowid < ?", [below]) if below is not None else ("", [])
+        scanned, chunk = 0, min(max(wanted * 2, 128), SCANNED)
+        while len(found) < wanted:
+            bound, limits = ("AND rowid < ? ", [below]) if below is not None else ("", [])
             rows = self.journal.rows(
-                f"SELECT answers.image_id, answers_fts.rowid {joined}{bound} ORDER BY answers_fts.rowid DESC LIMIT ?",
-                [expression, *parameters, *limits, chunk],
-            )
+                f"SELECT answers.image_id, matched.rowid, images.rowid IS NOT NULL AND ({where}) FROM (SELECT rowid"
+                f" FROM answers_fts WHERE answers_fts MATCH ? {bound}ORDER BY rowid DESC LIMIT ?) AS matched"
+                " JOIN answers ON answers.rowid = matched.rowid LEFT JOIN images ON images.rowid = answers.image_id"
+                " ORDER BY matched.rowid DESC",
+                [*parameters, expression, *limits, chunk],
+            )  # fmt: skip
             fresh = []
-            for image, at in rows:  # each image where its newest match in this reading is
+            for image, at, wanted_here in rows:  # each image where its newest match in this reading is
                 if image not in seen:
                     seen.add(image)
-                    fresh.append((image, at))
+                    if wanted_here:
+                        fresh.append((image, at))
             if after:  # an image whose newest match lies above where this page starts was on an earlier page
                 newest = self._newest_match(expression, [image for image, _ in fresh])
                 fresh = [(image, at) for image, at in fresh if newest.get(image) == at]
             found += fresh
+            scanned += len(rows)
             if len(rows) < chunk:
-                break
-            below, chunk = rows[-1][1], chunk * 2
-        found = found[start:]
-        more, found = len(found) > per_page, found[:per_page]
-        images = self._images([image for image, _ in found])
-        following = f"a{found[-1][1]}" if more and found else None
-        return Page(min(int(counted), COUNT_CAP), [images[image] for image, _ in found if image in images],
-                    capped=counted > COUNT_CAP, next=following)  # fmt: skip
+                return found, None
+            below = rows[-1][1]
+            if scanned >= SCANNED and len(found) < wanted:
+                return found, below
+            chunk = min(chunk * 2, SCANNED)
+        return found, None
 
     def _newest_match(self, expression: str, ids: list[int]) -> dict[int, int]:
-        """Each image's newest answer that matches: one look-up in the index per answer of these images."""
-        if not ids:
-            return {}
-        marks = ",".join("?" * len(ids))
-        return dict(self.journal.rows(
-            # CROSS JOIN: the answers of these images first, each looked up in the index (left to itself, SQLite
-            # reads every match of the expression instead: 85 ms for a word of a million answers)
-            "SELECT answers.image_id, max(answers.rowid) FROM answers CROSS JOIN answers_fts"
-            f" ON answers_fts.rowid = answers.rowid WHERE answers.image_id IN ({marks}) AND answers_fts MATCH ?"
-            " GROUP BY answers.image_id", [*ids, expression],
-        ))  # fmt: skip
+        """Each image's newest answer that matches: one look-up in the index per answer of these images, a few
+        hundred images a query (SQLite's limit on variables)."""
+        found: dict[int, int] = {}
+        for start in range(0, len(ids), 500):
+            part = ids[start : start + 500]
+            marks = ",".join("?" * len(part))
+            found.update(self.journal.rows(
+                # CROSS JOIN: the answers of these images first, each looked up in the index (left to itself,
+                # SQLite reads every match of the expression instead: 85 ms for a word of a million answers)
+                "SELECT answers.image_id, max(answers.rowid) FROM answers CROSS JOIN answers_fts"
+                f" ON answers_fts.rowid = answers.rowid WHERE answers.image_id IN ({marks}) AND answers_fts MATCH ?"
+                " GROUP BY answers.image_id", [*part, expression],
+            ))  # fmt: skip
+        return found
 
     def get(self, image_id: int) -> Image | None:
         return self._images([image_id]).get(image_id)
@@ -199,7 +243,7 @@ class Catalog:
         more than RANKED answers is ranked among its RANKED newest matches (found in rowid order, which FTS5
         stops early); the snippets are marked here, for the hits only (FTS5's highlight() would read every
         match again)."""
-        expression = self._expression(query)
+        expression = match_expression(query)
         if expression is None:
             return []
         if rule:  # the newest matches of that rule: a rule of a few folders is not crowded out by the others
@@ -228,24 +272,9 @@ class Catalog:
             [*parameters, limit],
         )
         images = self._images([row[0] for row in rows])
-        parts = _query_parts(query, whole=expression == match_expression(query, whole=True))
+        parts = _query_parts(query)
         return [Hit(images[image_id], rule_name, _marked(answer, parts), float(rank))
                 for image_id, rule_name, answer, rank in rows if image_id in images]  # fmt: skip
-
-    def _expression(self, query: str) -> str | None:
-        """The query's FTS5 expression: its words as prefixes, but as whole words where those alone are in
-        more than RANKED answers. FTS5 gathers every answer of every word a prefix begins before it returns
-        the first (36 ms for "the" at a million answers, each time a page asks); a whole word is read lazily,
-        newest first, and stops where the page does. The whole word is what such a search means; "theatre"
-        beside 10,000 answers with "the" is not missed (the rare ones among them are still found as prefixes)."""
-        whole = match_expression(query, whole=True)
-        if whole is None:
-            return None
-        found = self.journal.rows(
-            "SELECT count(*) FROM (SELECT rowid FROM answers_fts WHERE answers_fts MATCH ? ORDER BY rowid DESC"
-            " LIMIT ?)", [whole, RANKED],
-        )[0][0]  # fmt: skip
-        return whole if found >= RANKED else match_expression(query)
 
     def _images(self, ids: list[int]) -> dict[int, Image]:
         """The images of these ids, in two queries whatever their number."""
@@ -268,6 +297,25 @@ class Catalog:
         ):
             found.setdefault(image_id, {})[rule] = answer
         return found
+
+    def _narrow(self, status: str, rule: str) -> tuple[str, list[object]] | None:
+        """The images of a status or rule filter that leaves at most NARROW of them, as an SQL list (and its
+        parameters) read from that filter's own index; None when neither is that narrow. Walking the newest
+        images (or matches) until a page is full costs little where most pass the filter, and reads them all
+        where few do: 50 failed photos among a million took half a second a page."""
+        if status in STATUSES:
+            kinds = STATUSES[status]
+            marks = ",".join("?" * len(kinds))
+            (count,) = self.journal.rows(f"SELECT coalesce(sum(n), 0) FROM status_counts WHERE status IN ({marks})",
+                                         list(kinds))[0]  # fmt: skip
+            if count <= NARROW:
+                return f"SELECT rowid FROM images WHERE status IN ({marks})", list(kinds)
+        if rule:
+            (count,) = self.journal.rows("SELECT count(*) FROM (SELECT 1 FROM answers WHERE rule = ? LIMIT ?)",
+                                         [rule, NARROW + 1])[0]  # fmt: skip
+            if count <= NARROW:
+                return "SELECT image_id FROM answers WHERE rule = ?", [rule]
+        return None
 
     @staticmethod
     def _filters(status: str, rule: str, folder: str) -> tuple[str, list[object]]:
@@ -297,14 +345,14 @@ def _folded(word: str) -> str:
 _TOKEN = re.compile(r"[^\W_]+")  # unicode61's tokens: letters and digits (an underscore separates)
 
 
-def _query_parts(query: str, *, whole: bool = False) -> list[tuple[list[str], bool]]:
+def _query_parts(query: str) -> list[tuple[list[str], bool]]:
     """The query as match_expression gives it to FTS5, tokenised as FTS5 does: phrases of tokens, each a
-    word's (its last token a prefix, unless `whole`) or a quoted phrase's (exact)."""
+    word's (its last token a prefix) or a quoted phrase's (exact)."""
     parts = []
     for terms, word in _terms(query):
         tokens = [_folded(token) for term in terms for token in _TOKEN.findall(term)]
         if tokens:
-            parts.append((tokens, word and not whole))
+            parts.append((tokens, word))
     return parts
 
 

@@ -4,8 +4,9 @@ One walk of the watched folders, no model: a photo whose sidecar holds current a
 done again, with its answers (search), a person's correction and its content hash (moves are recognised)
 taken from the sidecar — the photo is not hashed again; every other photo is queued for the daemon. The old
 file is set aside (`journal.sqlite3.damaged-<time>`), never deleted. The daemon does the same by itself
-when it starts on a damaged journal. Rows are committed a thousand at a time under a mark in the new journal:
-an interrupted rebuild (Ctrl-C, a crash, a power cut) goes on where it stopped, by the command or the daemon.
+when it starts on a damaged journal. A mark beside the journal (`journal.sqlite3.rebuilding`) says a rebuild is
+under way, and rows are committed a thousand at a time: an interrupted rebuild (Ctrl-C, a crash, a power cut)
+goes on where it stopped, by the command or the daemon; a damaged half-built journal is set aside too.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autocaption import sidecar
+from autocaption.atomic import write_atomic
 from autocaption.config import Config
 from autocaption.discover import walk_names
 from autocaption.journal import DAMAGED_SUFFIX, JOURNAL_NAME, Journal, JournalDamaged, Restored
@@ -41,20 +43,23 @@ class Rebuilt:
         return f"journal rebuilt from the sidecars: {self.done} described, {self.queued} queued{went_on}{kept}"
 
 
+MARK_NAME = JOURNAL_NAME + ".rebuilding"  # a rebuild under way; holds where the old journal was set aside
+
+
 def rebuild(config: Config) -> Rebuilt:
     """`autocaption rebuild`: takes the daemon's lock for its duration (a daemon would keep writing the old
     file, or start on a half-filled new one). An interrupted rebuild is resumed where it stopped."""
     lock = DaemonLock(config.state.dir)
     try:
         lock.acquire()
-    except AlreadyRunning as exc:
-        raise AlreadyRunning(f"{exc} (it rebuilds a damaged journal by itself when it starts)") from None
+    except AlreadyRunning:
+        pid = lock.holder()
+        raise AlreadyRunning(
+            f"state.dir: {display(config.state.dir)}: a daemon{f' (pid {pid})' if pid else ''} uses this journal; "
+            "stop it first (it rebuilds a damaged journal by itself when it starts)"
+        ) from None
     try:
-        journal = unfinished(config.state.dir)
-        if journal is None:
-            aside = set_aside(config.state.dir)
-            journal = Journal(config.state.dir)
-            journal.rebuild_started(aside)
+        journal = resumed(config.state.dir) or start(config.state.dir)
         try:
             return refill(config, journal)
         finally:
@@ -63,17 +68,38 @@ def rebuild(config: Config) -> Rebuilt:
         lock.release()
 
 
-def unfinished(state_dir: Path) -> Journal | None:
-    """The journal of a rebuild that was interrupted (to go on with), or None."""
-    if not Journal.exists(state_dir):
+def start(state_dir: Path) -> Journal:
+    """A new, empty journal for a rebuild: the old one set aside (never deleted) and the mark written first,
+    so that from then on an interruption anywhere is gone on with, not taken for a whole journal."""
+    mark = state_dir / MARK_NAME
+    try:  # a rebuild that starts over (its half-built journal was damaged) still names the journal it replaced
+        earlier = mark.read_bytes()
+    except OSError:
+        earlier = b""
+    aside = set_aside(state_dir)
+    write_atomic(mark, earlier or str(aside or "").encode("utf-8", "surrogateescape"))
+    return Journal(state_dir)
+
+
+def interrupted(state_dir: Path) -> bool:
+    return (state_dir / MARK_NAME).exists()
+
+
+def resumed(state_dir: Path) -> Journal | None:
+    """The journal of an interrupted rebuild, to go on with; None when there is none, or when it is damaged
+    (then it is set aside too, and the rebuild starts over)."""
+    if not interrupted(state_dir):
         return None
     try:
         journal = Journal(state_dir)
-    except JournalDamaged:
-        return None  # set aside like any damaged journal, and rebuilt from the start
-    if journal.rebuild_unfinished()[0]:
+    except JournalDamaged as exc:
+        log.error("%s", exc)
+        return None
+    verdict = journal.integrity()
+    if verdict == "ok":
         return journal
     journal.close()
+    log.error("state.dir: the journal of the interrupted rebuild fails SQLite's integrity check: %s", verdict)
     return None
 
 
@@ -96,14 +122,19 @@ def set_aside(state_dir: Path) -> Path | None:
 
 
 def refill(config: Config, journal: Journal) -> Rebuilt:
-    """Enter every photo of the watched folders into a journal marked by `rebuild_started`: those with
+    """Enter every photo of the watched folders into the journal of a rebuild (see `start`): those with
     current sidecars as done, the others queued. Photos it already holds (entered before an interruption)
     are passed over without reading their sidecars; the mark is taken off at the end."""
+    mark = journal.path.parent / MARK_NAME
+    resuming = journal.stats().done + journal.pending() > 0
     photos = _Photos(config, journal)
     done, queued = journal.restore(photos)
-    aside = journal.rebuild_unfinished()[1]
-    journal.rebuild_finished()
-    return Rebuilt(done, queued, aside, photos.resumed)
+    try:
+        aside = mark.read_bytes().decode("utf-8", "surrogateescape")
+    except OSError:
+        aside = ""
+    mark.unlink(missing_ok=True)
+    return Rebuilt(done, queued, Path(aside) if aside else None, photos.known if resuming else 0)
 
 
 @dataclass
@@ -113,7 +144,7 @@ class _Photos:
 
     config: Config
     journal: Journal
-    resumed: int = 0  # photos passed over: the journal held them already
+    known: int = 0  # photos passed over: the journal held them already (entered before an interruption)
 
     def __iter__(self) -> Iterator[Restored | Path]:
         config = self.config
@@ -125,7 +156,7 @@ class _Photos:
                     continue
                 path, relative = Path(found[0]), found[1]
                 if self.journal.knows(path):
-                    self.resumed += 1
+                    self.known += 1
                     continue
                 entry = _entry(config, path, relative)
                 if entry is not None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from autocaption import rebuild as rebuilding
 from autocaption import sidecar
 from autocaption.atomic import write_atomic
 from autocaption.config import Config, ModelConfig, Rule, WatchConfig, load
@@ -34,7 +35,6 @@ from autocaption.notify import Notifier
 from autocaption.paths import display
 from autocaption.pipeline import Described, Failed, Outcome, Pipeline
 from autocaption.plural import counted
-from autocaption.rebuild import refill, set_aside
 from autocaption.watch import RAISE_LIMIT, Settler, Watchers
 from autocaption.writers.metadata import MetadataWriter
 
@@ -481,23 +481,24 @@ def _rule_sets(config: Config) -> list[tuple[Rule, ...]]:
 
 def open_journal(config: Config) -> Journal:
     """The daemon's journal. A damaged one is set aside and rebuilt from the sidecars (no model involved), so an
-    unattended service comes back by itself; the old file is kept."""
+    unattended service comes back by itself; the old file is kept. An interrupted rebuild is gone on with."""
+    state = config.state.dir
+    if rebuilding.interrupted(state):
+        log.warning("state.dir: a rebuild of the journal was interrupted; going on with it")
+        journal = rebuilding.resumed(state) or rebuilding.start(state)
+        log.warning("%s", rebuilding.refill(config, journal).line())
+        return journal
     try:
-        journal = Journal(config.state.dir)
+        journal = Journal(state)
         verdict = journal.integrity()  # damage past the first pages opens fine and fails later, in a loop
         if verdict == "ok":
-            if journal.rebuild_unfinished()[0]:  # `rebuild` (or this daemon) was interrupted: go on with it
-                log.warning("state.dir: a rebuild of the journal was interrupted; going on with it")
-                log.warning("%s", refill(config, journal).line())
             return journal
         journal.close()
         log.error("state.dir: the journal fails SQLite's integrity check: %s", verdict)
     except JournalDamaged as exc:
         log.error("%s", exc)
-    aside = set_aside(config.state.dir)
-    journal = Journal(config.state.dir)
-    journal.rebuild_started(aside)
-    log.warning("%s", refill(config, journal).line())
+    journal = rebuilding.start(state)
+    log.warning("%s", rebuilding.refill(config, journal).line())
     return journal
 
 

@@ -235,17 +235,20 @@ def test_an_interrupted_rebuild_goes_on_where_it_stopped_by_the_command_or_the_d
         entered.append(path)
         return real_entry(config, path, relative)
 
-    for finish in ("command", "daemon"):
+    mark = config.state.dir / rebuild_module.MARK_NAME
+    for finish in ("command", "daemon", "damaged"):
         entered.clear()
         monkeypatch.setattr(rebuild_module, "_entry", interrupted)
         with pytest.raises(KeyboardInterrupt):
             rebuild_module.rebuild(config)
         monkeypatch.setattr(rebuild_module, "_entry", real_entry)
+        aside = Path(mark.read_text(encoding="utf-8"))
+        assert rebuild_module.interrupted(config.state.dir) and aside.name.startswith(JOURNAL_NAME + ".damaged-")
         half = Journal(config.state.dir)
-        unfinished, aside = half.rebuild_unfinished()
-        assert unfinished and aside is not None and aside.name.startswith(JOURNAL_NAME + ".damaged-")
         assert half.stats().done + half.pending() == 2  # what was committed before the interruption
         half.close()
+        if finish == "damaged":  # the half-built journal is damaged too: set aside, and the rebuild starts over
+            (config.state.dir / JOURNAL_NAME).write_bytes(b"not a database at all" * 100)
         if finish == "command":
             done = run_cli("rebuild", "--config", config_path)
             assert done.returncode == 0, done.stderr
@@ -257,25 +260,42 @@ def test_an_interrupted_rebuild_goes_on_where_it_stopped_by_the_command_or_the_d
             journal = Journal(config.state.dir)
         else:
             journal = open_journal(config)  # the daemon's start: goes on with it rather than start half-filled
-        assert journal.rebuild_unfinished() == (False, None)
+        assert not rebuild_module.interrupted(config.state.dir)
         assert journal.stats().done == 5 and journal.pending() == 1, finish
         assert all(journal.get(path) is not None for path in folder.glob("*.jpg"))
         assert all(record.sha256 for path in folder.glob("p*.jpg") if (record := journal.get(path)))
         journal.close()
-    assert len(list(config.state.dir.glob(JOURNAL_NAME + ".damaged-*[0-9]"))) == 2  # each set aside, none replaced
+    # each set aside, none replaced: the three rebuilds' old journals and the damaged half-built one
+    assert len(list(config.state.dir.glob(JOURNAL_NAME + ".damaged-*[0-9]"))) == 4
 
 
+def oracle(journal: Journal, status: str = "", rule: str = "", folder: str = "") -> list[int]:
+    """The images a page without words lists, newest first, as a plain query over every row finds them."""
+    sql, parameters = "SELECT rowid FROM images WHERE 1", []
+    if status:
+        sql += " AND status = 'done'"
+    if rule:
+        sql, parameters = sql + " AND rowid IN (SELECT image_id FROM answers WHERE rule = ?)", [*parameters, rule]
+    if folder:
+        sql, parameters = sql + " AND substr(path, 1, ?) = ?", [*parameters, len(folder) + 1, folder + "/"]
+    return [row[0] for row in journal.rows(sql + " ORDER BY updated_at DESC, rowid DESC", parameters)]
+
+
+@pytest.mark.parametrize(("narrow", "scanned"), [(1_000, 20_000), (0, 20_000), (0, 5), (10_000, 5)])
 def test_pages_of_words_read_the_index_backwards_each_image_once_however_deep(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, narrow: int, scanned: int
 ) -> None:
     """A page of a common word ordered by the images' time gathered every match first (1.2 s at a million);
     now by each image's newest matching answer, read backwards from the index and stopped at the page's end.
     An image matched by two answers is on one page only, filters still apply, and deep pages by `next` equal
-    pages by number."""
+    pages by number. The same whichever way a filter is read (`narrow`: from its own index, or walked) and
+    however few matches a request may read (`scanned`: pages then come shorter, and `next` goes on)."""
     from autocaption import catalog
     from autocaption.catalog import Catalog
 
     monkeypatch.setattr(catalog, "COUNT_CAP", 50)
+    monkeypatch.setattr(catalog, "NARROW", narrow)
+    monkeypatch.setattr(catalog, "SCANNED", scanned)
     probe = tmp_path / "probe.jpg"
     probe.write_bytes(b"x")
     journal = Journal(tmp_path / "state")
@@ -291,7 +311,8 @@ def test_pages_of_words_read_the_index_backwards_each_image_once_however_deep(
     newest = dict(journal.rows(
         "SELECT image_id, max(rowid) FROM answers WHERE rowid IN (SELECT rowid FROM answers_fts WHERE answers_fts"
         " MATCH 'fox') GROUP BY image_id"))  # fmt: skip
-    for filters in ({}, {"folder": str(tmp_path / "a")}, {"rule": "keywords", "status": "described"}):
+    for filters in ({}, {"folder": str(tmp_path / "a")}, {"rule": "keywords", "status": "described"},
+                    {"rule": "caption"}, {"status": "described", "folder": str(tmp_path / "b")}):  # fmt: skip
         pages, after = [], ""
         while True:
             page = Catalog(journal).page(query="fox", per_page=7, after=after, **filters)
@@ -305,12 +326,18 @@ def test_pages_of_words_read_the_index_backwards_each_image_once_however_deep(
             expected = [i for i in expected if str(Catalog(journal).get(i).path).startswith(filters["folder"] + "/")]
             assert 0 < len(expected) < len(fox)
         assert seen == expected, filters  # each once, newest matching answer first
+        walked = narrow == 0 or not {"rule", "status"} & filters.keys()  # read backwards from the index
+        if scanned < 100 and walked:
+            assert any(len(page.images) < 7 and page.next for page in pages)  # shorter pages that go on
+            continue
         by_number = [image.id for n in range(1, len(pages) + 1)
                      for image in Catalog(journal).page(query="fox", per_page=7, page=n, **filters).images]  # fmt: skip
         assert by_number == seen, filters
+        without_words = [image.id for image in Catalog(journal).page(per_page=500, **filters).images]
+        assert without_words == oracle(journal, **filters), filters  # a narrow filter read from its own index
     first = Catalog(journal).page(query="fox", per_page=7)
     assert first.images[0].path == tmp_path / "a" / "p001.jpg"  # answered again last: newest
-    assert (first.total, first.capped) == (50, True) and len(fox) > 50
+    assert first.capped and (first.total == 50 or scanned < 100) and len(fox) > 50
     rare = Catalog(journal).page(query="again", per_page=7)
     assert (rare.total, rare.capped, [i.id for i in rare.images]) == (1, False, [first.images[0].id])
     assert Catalog(journal).page(query="fox", per_page=7, after="a1").images == []  # nothing below the first answer
@@ -319,27 +346,51 @@ def test_pages_of_words_read_the_index_backwards_each_image_once_however_deep(
             i.id for i in first.images]
 
 
-def test_a_word_in_more_answers_than_are_ranked_is_searched_as_a_whole_word(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """FTS5 gathers every answer of every word a prefix begins before it returns the first (36 ms for "the"
-    at a million answers, per query of a page); a word that alone is in more answers than are ranked is
-    searched as itself, read newest first. A rarer prefix still finds what it begins."""
-    from autocaption import catalog
+def test_search_prefixes_are_indexed_and_an_older_journal_finds_the_same_after_the_migration(tmp_path: Path) -> None:
+    """FTS5 reads a prefix it has no index for by gathering every answer of every word it begins first (27 ms
+    for "the" at a million answers, for each query of a page): migration 0009 indexes prefixes of 2 to 6
+    characters. A journal made before it finds the same photos after it, prefixes and plurals included."""
     from autocaption.catalog import Catalog
 
-    monkeypatch.setattr(catalog, "RANKED", 20)
     probe = tmp_path / "probe.jpg"
     probe.write_bytes(b"x")
     journal = Journal(tmp_path / "state")
-    journal.restore(Restored(tmp_path / f"p{i:02d}.jpg", probe.stat(), None, "fp", {"caption": f"the dog {i}"})
-                    for i in range(30))  # fmt: skip
-    journal.restore([Restored(tmp_path / "stage.jpg", probe.stat(), None, "fp", {"caption": "a theatre stage"})])
-    found = Catalog(journal)
-    newest = {f"p{i:02d}.jpg" for i in range(10, 30)}  # ranked among the 20 newest whole-word matches
-    assert {hit.image.path.name for hit in found.search("the", limit=100)} == newest
-    assert found.search("the", limit=1)[0].snippet.startswith(f"{catalog.MARK[0]}the{catalog.MARK[1]}")
-    assert [hit.image.path.name for hit in found.search("thea")] == ["stage.jpg"]  # a rare prefix: as a prefix
-    page = found.page(query="the", per_page=50)
-    assert len(page.images) == 30 and "stage.jpg" not in {image.path.name for image in page.images}
-    assert [image.path.name for image in found.page(query="dog", per_page=50).images][:2] == ["p29.jpg", "p28.jpg"]
+    answers = ["the dog on the grass", "two dogs in a theatre", "a sunset at the harbour", "Café crème"]
+    journal.restore(Restored(tmp_path / f"p{i}.jpg", probe.stat(), None, "fp", {"caption": text})
+                    for i, text in enumerate(answers))  # fmt: skip
+    queries = ["the", "dog", "dogs", "thea", "sun", "harbour", "harb", "cafe", '"the dog"', "d", "dog the"]
+    after = {query: [hit.image.path.name for hit in Catalog(journal).search(query)] for query in queries}
+    (definition,) = journal.rows("SELECT sql FROM sqlite_master WHERE name = 'answers_fts'")[0]
+    assert "prefix='2 3 4 5 6'" in definition
+    assert set(after["dog"]) == set(after["d"]) == {"p0.jpg", "p1.jpg"} and after["dogs"] == ["p1.jpg"]
+    assert after["thea"] == ["p1.jpg"] and after["cafe"] == ["p3.jpg"] and after["harb"] == ["p2.jpg"]
+    journal.close()
+    # the same journal as it was before 0009: an FTS table without the prefix index
+    db = sqlite3.connect(tmp_path / "state" / "journal.sqlite3")
+    for statement in MIGRATIONS_BEFORE_0009:
+        db.execute(statement)
+    db.execute("DELETE FROM migrations WHERE name = '0009_answers_prefix_index'")
+    db.commit()
+    db.close()
+    migrated = Journal(tmp_path / "state")
+    (definition,) = migrated.rows("SELECT sql FROM sqlite_master WHERE name = 'answers_fts'")[0]
+    assert "prefix='2 3 4 5 6'" in definition
+    assert {query: [hit.image.path.name for hit in Catalog(migrated).search(query)] for query in queries} == after
+    assert migrated.rows("INSERT INTO answers_fts (answers_fts) VALUES ('integrity-check')") == []
+
+
+MIGRATIONS_BEFORE_0009 = (  # the index as 0003 made it
+    "DROP TRIGGER answers_insert",
+    "DROP TRIGGER answers_delete",
+    "DROP TRIGGER answers_update",
+    "DROP TABLE answers_fts",
+    "CREATE VIRTUAL TABLE answers_fts USING fts5(answer, content='answers', tokenize='unicode61 remove_diacritics 2')",
+    "INSERT INTO answers_fts (answers_fts) VALUES ('rebuild')",
+    "CREATE TRIGGER answers_insert AFTER INSERT ON answers BEGIN"
+    " INSERT INTO answers_fts (rowid, answer) VALUES (new.rowid, new.answer); END",
+    "CREATE TRIGGER answers_delete AFTER DELETE ON answers BEGIN"
+    " INSERT INTO answers_fts (answers_fts, rowid, answer) VALUES ('delete', old.rowid, old.answer); END",
+    "CREATE TRIGGER answers_update AFTER UPDATE ON answers BEGIN"
+    " INSERT INTO answers_fts (answers_fts, rowid, answer) VALUES ('delete', old.rowid, old.answer);"
+    " INSERT INTO answers_fts (rowid, answer) VALUES (new.rowid, new.answer); END",
+)
