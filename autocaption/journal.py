@@ -93,6 +93,17 @@ def _answers_from_sidecars(db: sqlite3.Connection) -> None:
                 db.execute("INSERT OR REPLACE INTO answers VALUES (?, ?, ?)", (image_id, rule, entry["answer"]))
 
 
+# The triggers that keep the full-text index in step with `answers`, as 0003 made them (0009 makes them again
+# for its new index; 0003's own text stays as it was released).
+ANSWERS_TRIGGERS = (
+    "CREATE TRIGGER answers_insert AFTER INSERT ON answers BEGIN"
+    " INSERT INTO answers_fts (rowid, answer) VALUES (new.rowid, new.answer); END",
+    "CREATE TRIGGER answers_delete AFTER DELETE ON answers BEGIN"
+    " INSERT INTO answers_fts (answers_fts, rowid, answer) VALUES ('delete', old.rowid, old.answer); END",
+    "CREATE TRIGGER answers_update AFTER UPDATE ON answers BEGIN"
+    " INSERT INTO answers_fts (answers_fts, rowid, answer) VALUES ('delete', old.rowid, old.answer);"
+    " INSERT INTO answers_fts (rowid, answer) VALUES (new.rowid, new.answer); END",
+)
 Migration = str | Callable[[sqlite3.Connection], None]
 MIGRATIONS: tuple[tuple[str, Migration], ...] = (
     (
@@ -182,13 +193,7 @@ MIGRATIONS: tuple[tuple[str, Migration], ...] = (
             "CREATE VIRTUAL TABLE answers_fts USING fts5(answer, content='answers',"
             " tokenize='unicode61 remove_diacritics 2', prefix='2 3 4 5 6')",
             "INSERT INTO answers_fts (answers_fts) VALUES ('rebuild')",
-            "CREATE TRIGGER answers_insert AFTER INSERT ON answers BEGIN"
-            " INSERT INTO answers_fts (rowid, answer) VALUES (new.rowid, new.answer); END",
-            "CREATE TRIGGER answers_delete AFTER DELETE ON answers BEGIN"
-            " INSERT INTO answers_fts (answers_fts, rowid, answer) VALUES ('delete', old.rowid, old.answer); END",
-            "CREATE TRIGGER answers_update AFTER UPDATE ON answers BEGIN"
-            " INSERT INTO answers_fts (answers_fts, rowid, answer) VALUES ('delete', old.rowid, old.answer);"
-            " INSERT INTO answers_fts (rowid, answer) VALUES (new.rowid, new.answer); END",
+            *ANSWERS_TRIGGERS,
         ),
     ),
     # A rule's answers found by the rule (the review page's rule filter; a rare rule is read from here).

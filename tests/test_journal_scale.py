@@ -12,7 +12,18 @@ from pathlib import Path
 import pytest
 
 from autocaption.config import Config
-from autocaption.journal import DONE, FAILED, GONE, JOURNAL_NAME, MIGRATIONS, QUEUED, RETRY, Journal, Restored
+from autocaption.journal import (
+    ANSWERS_TRIGGERS,
+    DONE,
+    FAILED,
+    GONE,
+    JOURNAL_NAME,
+    MIGRATIONS,
+    QUEUED,
+    RETRY,
+    Journal,
+    Restored,
+)
 from tests.conftest import RunCli
 from tests.test_daemon import FAST_RULES, photo
 
@@ -386,11 +397,5 @@ MIGRATIONS_BEFORE_0009 = (  # the index as 0003 made it
     "DROP TABLE answers_fts",
     "CREATE VIRTUAL TABLE answers_fts USING fts5(answer, content='answers', tokenize='unicode61 remove_diacritics 2')",
     "INSERT INTO answers_fts (answers_fts) VALUES ('rebuild')",
-    "CREATE TRIGGER answers_insert AFTER INSERT ON answers BEGIN"
-    " INSERT INTO answers_fts (rowid, answer) VALUES (new.rowid, new.answer); END",
-    "CREATE TRIGGER answers_delete AFTER DELETE ON answers BEGIN"
-    " INSERT INTO answers_fts (answers_fts, rowid, answer) VALUES ('delete', old.rowid, old.answer); END",
-    "CREATE TRIGGER answers_update AFTER UPDATE ON answers BEGIN"
-    " INSERT INTO answers_fts (answers_fts, rowid, answer) VALUES ('delete', old.rowid, old.answer);"
-    " INSERT INTO answers_fts (rowid, answer) VALUES (new.rowid, new.answer); END",
+    *ANSWERS_TRIGGERS,
 )
