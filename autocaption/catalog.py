@@ -13,6 +13,7 @@ import math
 import re
 import sqlite3
 import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,7 @@ class Hit:
 
 def match_expression(query: str) -> str | None:
     """Words as an FTS5 query: every word must occur (as a prefix, so "beac" finds "beach"); quotes keep a
-    phrase. Anything else a user types is taken literally, never as FTS5 syntax. Prefixes of 2 to 6
+    phrase. Anything else a user types is taken literally, never as FTS5 syntax. Prefixes of 1 to 6
     characters are indexed (journal migration 0009), so a common one is read lazily, newest first."""
     return " AND ".join('"' + " ".join(tokens) + '"' + ("*" if word else "") for tokens, word in _terms(query)) or None
 
@@ -118,9 +119,11 @@ class Catalog:
             return Page(0, [])  # words without letters or digits match nothing
         where, parameters = self._filters(status, rule, folder)
         offset = max(page, 1) - 1
-        narrow = self._narrow(status, rule)
         if expression is not None:
-            return self._matching(expression, where, parameters, per_page, offset, after, narrow)
+            narrow = self._narrow(status, rule, NARROW)
+            return self._matching(query, expression, where, parameters, per_page, offset, after, narrow)
+        # Without words a narrow list costs one look-up per image: up to what a page counts (its total).
+        narrow = self._narrow(status, rule, COUNT_CAP)
         if narrow is not None:  # a few images: gathered from their index and sorted, not found by walking them all
             where += f" AND images.rowid IN ({narrow[0]})"
             parameters = [*parameters, *narrow[1]]
@@ -142,7 +145,7 @@ class Catalog:
         return Page(min(int(counted), COUNT_CAP), images, capped=counted > COUNT_CAP, next=following)
 
     def _matching(
-        self, expression: str, where: str, parameters: list[object], per_page: int, offset: int, after: str,
+        self, query: str, expression: str, where: str, parameters: list[object], per_page: int, offset: int, after: str,
         narrow: tuple[str, list[object]] | None,
     ) -> Page:  # fmt: skip
         """A page of the images with a matching answer, by their newest matching answer (see `page`); `next`
@@ -156,13 +159,15 @@ class Catalog:
             ids = [row[0] for row in self.journal.rows(
                 f"SELECT images.rowid FROM images WHERE images.rowid IN ({narrow[0]}) AND {where}",
                 [*narrow[1], *parameters])]  # fmt: skip
-            ranked = sorted(self._newest_match(expression, ids).items(), key=lambda item: -item[1])
+            ranked = sorted(self._newest_match(_query_parts(query), ids).items(), key=lambda item: -item[1])
             counted, exhausted = len(ranked), True
             found = [(image, at) for image, at in ranked if below is None or at < below][start:]
             last_read = None
         else:
             counted, exhausted = self._count_matching(expression, where, parameters)
-            found, last_read = self._read_matching(expression, where, parameters, below, start + per_page + 1, after)
+            found, last_read = self._read_matching(
+                query, expression, where, parameters, below, start + per_page + 1, after
+            )
             found = found[start:]
         more, found = len(found) > per_page, found[:per_page]
         images = self._images([image for image, _ in found])
@@ -178,13 +183,14 @@ class Catalog:
             " WHERE answers_fts MATCH ? ORDER BY rowid DESC LIMIT ?)) FROM (SELECT rowid FROM answers_fts"
             " WHERE answers_fts MATCH ? ORDER BY rowid DESC LIMIT ?) AS matched JOIN answers ON answers.rowid ="
             f" matched.rowid JOIN images ON images.rowid = answers.image_id WHERE {where}",
-            [expression, SCANNED, expression, SCANNED, *parameters],
+            [expression, SCANNED + 1, expression, SCANNED, *parameters],
         )[0]  # fmt: skip
-        return int(counted), int(read) < SCANNED
+        return int(counted), int(read) <= SCANNED
 
     def _read_matching(
-        self, expression: str, where: str, parameters: list[object], below: int | None, wanted: int, after: str
-    ) -> tuple[list[tuple[int, int]], int | None]:
+        self, query: str, expression: str, where: str, parameters: list[object], below: int | None, wanted: int,
+        after: str,
+    ) -> tuple[list[tuple[int, int]], int | None]:  # fmt: skip
         """Up to `wanted` (image, its newest matching answer), newest first, read backwards from `below`; and
         where the reading stopped when it reached SCANNED matches first (None: it found what it wanted, or
         every match)."""
@@ -207,7 +213,7 @@ class Catalog:
                     if wanted_here:
                         fresh.append((image, at))
             if after:  # an image whose newest match lies above where this page starts was on an earlier page
-                newest = self._newest_match(expression, [image for image, _ in fresh])
+                newest = self._newest_match(_query_parts(query), [image for image, _ in fresh])
                 fresh = [(image, at) for image, at in fresh if newest.get(image) == at]
             found += fresh
             scanned += len(rows)
@@ -219,20 +225,19 @@ class Catalog:
             chunk = min(chunk * 2, SCANNED)
         return found, None
 
-    def _newest_match(self, expression: str, ids: list[int]) -> dict[int, int]:
-        """Each image's newest answer that matches: one look-up in the index per answer of these images, a few
-        hundred images a query (SQLite's limit on variables)."""
+    def _newest_match(self, parts: list[tuple[list[str], bool]], ids: list[int]) -> dict[int, int]:
+        """Each image's newest answer that matches, told from the answers' text as FTS5 tokenises it (a few
+        hundred images a query: SQLite's limit on variables). Asking the index instead, image by image, gathers
+        every match of a prefix it has no index for (1 letter, 7 or more) at each look-up: seconds a page."""
         found: dict[int, int] = {}
         for start in range(0, len(ids), 500):
             part = ids[start : start + 500]
             marks = ",".join("?" * len(part))
-            found.update(self.journal.rows(
-                # CROSS JOIN: the answers of these images first, each looked up in the index (left to itself,
-                # SQLite reads every match of the expression instead: 85 ms for a word of a million answers)
-                "SELECT answers.image_id, max(answers.rowid) FROM answers CROSS JOIN answers_fts"
-                f" ON answers_fts.rowid = answers.rowid WHERE answers.image_id IN ({marks}) AND answers_fts MATCH ?"
-                " GROUP BY answers.image_id", [*part, expression],
-            ))  # fmt: skip
+            for image, rowid, answer in self.journal.rows(
+                f"SELECT image_id, rowid, answer FROM answers WHERE image_id IN ({marks})", part
+            ):
+                if rowid > found.get(image, -1) and _answers_match(answer, parts):
+                    found[image] = rowid
         return found
 
     def get(self, image_id: int) -> Image | None:
@@ -298,22 +303,26 @@ class Catalog:
             found.setdefault(image_id, {})[rule] = answer
         return found
 
-    def _narrow(self, status: str, rule: str) -> tuple[str, list[object]] | None:
-        """The images of a status or rule filter that leaves at most NARROW of them, as an SQL list (and its
+    def _narrow(self, status: str, rule: str, limit: int) -> tuple[str, list[object]] | None:
+        """The images of a status or rule filter that leaves at most `limit` of them, as an SQL list (and its
         parameters) read from that filter's own index; None when neither is that narrow. Walking the newest
         images (or matches) until a page is full costs little where most pass the filter, and reads them all
         where few do: 50 failed photos among a million took half a second a page."""
         if status in STATUSES:
             kinds = STATUSES[status]
             marks = ",".join("?" * len(kinds))
-            (count,) = self.journal.rows(f"SELECT coalesce(sum(n), 0) FROM status_counts WHERE status IN ({marks})",
-                                         list(kinds))[0]  # fmt: skip
-            if count <= NARROW:
+            try:
+                (count,) = self.journal.rows(
+                    f"SELECT coalesce(sum(n), 0) FROM status_counts WHERE status IN ({marks})", list(kinds)
+                )[0]
+            except sqlite3.OperationalError:  # a journal from before 0007, opened read-only: walked as before
+                count = limit + 1
+            if count <= limit:
                 return f"SELECT rowid FROM images WHERE status IN ({marks})", list(kinds)
         if rule:
             (count,) = self.journal.rows("SELECT count(*) FROM (SELECT 1 FROM answers WHERE rule = ? LIMIT ?)",
-                                         [rule, NARROW + 1])[0]  # fmt: skip
-            if count <= NARROW:
+                                         [rule, limit + 1])[0]  # fmt: skip
+            if count <= limit:
                 return "SELECT image_id FROM answers WHERE rule = ?", [rule]
         return None
 
@@ -356,19 +365,31 @@ def _query_parts(query: str) -> list[tuple[list[str], bool]]:
     return parts
 
 
-def _marked(answer: str, parts: list[tuple[list[str], bool]]) -> str:
-    """The answer with each run of tokens that matches a part of the query marked, as highlight() marks
-    FTS5's matches: the tokens in order, exactly, the last one as a prefix where the part is a word."""
-    tokens = list(_TOKEN.finditer(answer))
-    folded = [_folded(m[0]) for m in tokens]
-    marked = [False] * len(tokens)
-    for wanted, prefix in parts:
-        for start in range(len(tokens) - len(wanted) + 1):
+def _matches(folded: list[str], parts: list[tuple[list[str], bool]]) -> Iterator[tuple[int, int, int]]:
+    """(part, first token, tokens) of every run of the folded tokens that matches a part of the query: the
+    part's tokens in order, exactly, the last one as a prefix where the part is a word."""
+    for index, (wanted, prefix) in enumerate(parts):
+        for start in range(len(folded) - len(wanted) + 1):
             window = folded[start : start + len(wanted)]
             if window[:-1] == wanted[:-1] and (
                 window[-1].startswith(wanted[-1]) if prefix else window[-1] == wanted[-1]
             ):
-                marked[start : start + len(wanted)] = [True] * len(wanted)
+                yield index, start, len(wanted)
+
+
+def _answers_match(answer: str, parts: list[tuple[list[str], bool]]) -> bool:
+    """Whether an answer holds every part of the query, as FTS5 would find it."""
+    folded = [_folded(token) for token in _TOKEN.findall(answer)]
+    return len({index for index, _, _ in _matches(folded, parts)}) == len(parts)
+
+
+def _marked(answer: str, parts: list[tuple[list[str], bool]]) -> str:
+    """The answer with each run of tokens that matches a part of the query marked, as highlight() marks
+    FTS5's matches: the tokens in order, exactly, the last one as a prefix where the part is a word."""
+    tokens = list(_TOKEN.finditer(answer))
+    marked = [False] * len(tokens)
+    for _, start, length in _matches([_folded(m[0]) for m in tokens], parts):
+        marked[start : start + length] = [True] * length
     out, at = [], 0
     for match, hit in zip(tokens, marked, strict=True):
         if hit:

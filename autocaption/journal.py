@@ -180,7 +180,7 @@ MIGRATIONS: tuple[tuple[str, Migration], ...] = (
     # The queue's order served by an index: `due` sorted every queued row through a temporary B-tree for each
     # batch (19.8 ms a call at 100,000 queued; a rebuilt journal queues them all: O(N^2)).
     ("0008_queue_order", "CREATE INDEX images_queued ON images (status, queued_at)"),
-    # Prefixes of 2 to 6 characters indexed: a search word is a prefix ("beac" finds "beach"), and FTS5 reads
+    # Prefixes of 1 to 6 characters indexed: a search word is a prefix ("beac" finds "beach"), and FTS5 reads
     # a prefix it has no index for by gathering every answer of every word it begins first (27 ms for "the"
     # at a million answers, for each query of a page); an indexed one is read newest first and stops early.
     (
@@ -191,7 +191,7 @@ MIGRATIONS: tuple[tuple[str, Migration], ...] = (
             "DROP TRIGGER answers_update",
             "DROP TABLE answers_fts",
             "CREATE VIRTUAL TABLE answers_fts USING fts5(answer, content='answers',"
-            " tokenize='unicode61 remove_diacritics 2', prefix='2 3 4 5 6')",
+            " tokenize='unicode61 remove_diacritics 2', prefix='1 2 3 4 5 6')",
             "INSERT INTO answers_fts (answers_fts) VALUES ('rebuild')",
             *ANSWERS_TRIGGERS,
         ),

@@ -69,15 +69,15 @@ def rebuild(config: Config) -> Rebuilt:
 
 
 def start(state_dir: Path) -> Journal:
-    """A new, empty journal for a rebuild: the old one set aside (never deleted) and the mark written first,
-    so that from then on an interruption anywhere is gone on with, not taken for a whole journal."""
+    """A new, empty journal for a rebuild. The mark is written first, naming where the old journal goes, then
+    the old one is set aside (never deleted): from the mark on, an interruption anywhere (a full disk, a
+    crash between two renames) is gone on with, never taken for a whole journal."""
     mark = state_dir / MARK_NAME
-    try:  # a rebuild that starts over (its half-built journal was damaged) still names the journal it replaced
-        earlier = mark.read_bytes()
-    except OSError:
-        earlier = b""
-    aside = set_aside(state_dir)
-    write_atomic(mark, earlier or str(aside or "").encode("utf-8", "surrogateescape"))
+    earlier = _marked(state_dir)  # a rebuild that starts over still names the journal it first replaced
+    target = aside_name(state_dir)
+    write_atomic(mark, str(earlier or target or "").encode("utf-8", "surrogateescape"))
+    if target is not None:
+        _move(state_dir, target)
     return Journal(state_dir)
 
 
@@ -87,9 +87,16 @@ def interrupted(state_dir: Path) -> bool:
 
 def resumed(state_dir: Path) -> Journal | None:
     """The journal of an interrupted rebuild, to go on with; None when there is none, or when it is damaged
-    (then it is set aside too, and the rebuild starts over)."""
+    (then it is set aside too, and the rebuild starts over). An old journal the rebuild had not finished
+    setting aside is set aside now."""
     if not interrupted(state_dir):
         return None
+    target = _marked(state_dir)
+    if target is not None and not target.exists():
+        _move(state_dir, target)  # interrupted before (or while) the old journal was renamed
+        return None
+    if target is not None and not (state_dir / JOURNAL_NAME).exists():
+        _move(state_dir, target)  # its -wal or -shm left behind by a crash between the renames
     try:
         journal = Journal(state_dir)
     except JournalDamaged as exc:
@@ -103,8 +110,16 @@ def resumed(state_dir: Path) -> Journal | None:
     return None
 
 
-def set_aside(state_dir: Path) -> Path | None:
-    """Rename the journal and its WAL files out of the way; the name of the old journal, or None."""
+def _marked(state_dir: Path) -> Path | None:
+    try:
+        text = (state_dir / MARK_NAME).read_bytes().decode("utf-8", "surrogateescape")
+    except OSError:
+        return None
+    return Path(text) if text else None
+
+
+def aside_name(state_dir: Path) -> Path | None:
+    """Where the journal would be set aside (`journal.sqlite3.damaged-<time>`), or None when there is none."""
     path = state_dir / JOURNAL_NAME
     if not path.exists():
         return None
@@ -114,27 +129,28 @@ def set_aside(state_dir: Path) -> Path | None:
         if not target.exists():
             break
         target = path.with_name(f"{JOURNAL_NAME}{DAMAGED_SUFFIX}{stamp}-{n}")
-    for suffix in ("", "-wal", "-shm"):
-        source = path.with_name(JOURNAL_NAME + suffix)
-        if source.exists():
-            os.replace(source, target.with_name(target.name + suffix))
     return target
+
+
+def _move(state_dir: Path, target: Path) -> None:
+    """The journal's files that are still at their name go to `target`'s (none that is there is replaced)."""
+    for suffix in ("", "-wal", "-shm"):
+        source, moved = state_dir / (JOURNAL_NAME + suffix), target.with_name(target.name + suffix)
+        if source.exists() and not moved.exists():
+            os.replace(source, moved)
 
 
 def refill(config: Config, journal: Journal) -> Rebuilt:
     """Enter every photo of the watched folders into the journal of a rebuild (see `start`): those with
     current sidecars as done, the others queued. Photos it already holds (entered before an interruption)
     are passed over without reading their sidecars; the mark is taken off at the end."""
-    mark = journal.path.parent / MARK_NAME
+    state_dir = journal.path.parent
     resuming = journal.stats().done + journal.pending() > 0
     photos = _Photos(config, journal)
     done, queued = journal.restore(photos)
-    try:
-        aside = mark.read_bytes().decode("utf-8", "surrogateescape")
-    except OSError:
-        aside = ""
-    mark.unlink(missing_ok=True)
-    return Rebuilt(done, queued, Path(aside) if aside else None, photos.known if resuming else 0)
+    aside = _marked(state_dir)
+    (state_dir / MARK_NAME).unlink(missing_ok=True)
+    return Rebuilt(done, queued, aside, photos.known if resuming else 0)
 
 
 @dataclass

@@ -359,7 +359,7 @@ def test_pages_of_words_read_the_index_backwards_each_image_once_however_deep(
 
 def test_search_prefixes_are_indexed_and_an_older_journal_finds_the_same_after_the_migration(tmp_path: Path) -> None:
     """FTS5 reads a prefix it has no index for by gathering every answer of every word it begins first (27 ms
-    for "the" at a million answers, for each query of a page): migration 0009 indexes prefixes of 2 to 6
+    for "the" at a million answers, for each query of a page): migration 0009 indexes prefixes of 1 to 6
     characters. A journal made before it finds the same photos after it, prefixes and plurals included."""
     from autocaption.catalog import Catalog
 
@@ -372,7 +372,7 @@ def test_search_prefixes_are_indexed_and_an_older_journal_finds_the_same_after_t
     queries = ["the", "dog", "dogs", "thea", "sun", "harbour", "harb", "cafe", '"the dog"', "d", "dog the"]
     after = {query: [hit.image.path.name for hit in Catalog(journal).search(query)] for query in queries}
     (definition,) = journal.rows("SELECT sql FROM sqlite_master WHERE name = 'answers_fts'")[0]
-    assert "prefix='2 3 4 5 6'" in definition
+    assert "prefix='1 2 3 4 5 6'" in definition
     assert set(after["dog"]) == set(after["d"]) == {"p0.jpg", "p1.jpg"} and after["dogs"] == ["p1.jpg"]
     assert after["thea"] == ["p1.jpg"] and after["cafe"] == ["p3.jpg"] and after["harb"] == ["p2.jpg"]
     journal.close()
@@ -385,7 +385,7 @@ def test_search_prefixes_are_indexed_and_an_older_journal_finds_the_same_after_t
     db.close()
     migrated = Journal(tmp_path / "state")
     (definition,) = migrated.rows("SELECT sql FROM sqlite_master WHERE name = 'answers_fts'")[0]
-    assert "prefix='2 3 4 5 6'" in definition
+    assert "prefix='1 2 3 4 5 6'" in definition
     assert {query: [hit.image.path.name for hit in Catalog(migrated).search(query)] for query in queries} == after
     assert migrated.rows("INSERT INTO answers_fts (answers_fts) VALUES ('integrity-check')") == []
 
@@ -399,3 +399,42 @@ MIGRATIONS_BEFORE_0009 = (  # the index as 0003 made it
     "INSERT INTO answers_fts (answers_fts) VALUES ('rebuild')",
     *ANSWERS_TRIGGERS,
 )
+
+
+def test_a_rebuild_interrupted_before_the_old_journal_was_set_aside_loses_nothing(
+    make_config: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mark is written first, naming where the old journal goes: a full disk refuses the mark before
+    anything moved, and a crash between the mark and the renames (or between two renames) is finished by the
+    next start: the old journal ends where the mark says, with its -wal, and the rebuild goes on."""
+    from autocaption import rebuild as rebuild_module
+    from autocaption.config import load
+    from autocaption.process import process
+    from autocaption.service import open_journal
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(photo(1))
+    config = load(make_config(rules=FAST_RULES, extra=f"watch: [{{path: {str(folder)!r}}}]"))
+    assert not process(config, [folder]).failures
+    state = config.state.dir
+    old = (state / JOURNAL_NAME).read_bytes()
+
+    def full(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(rebuild_module, "write_atomic", full)
+    with pytest.raises(OSError, match="No space"):
+        rebuild_module.rebuild(config)
+    assert (state / JOURNAL_NAME).read_bytes() == old and not rebuild_module.interrupted(state)  # nothing moved
+    monkeypatch.undo()
+
+    target = rebuild_module.aside_name(state)
+    assert target is not None
+    (state / rebuild_module.MARK_NAME).write_text(str(target), encoding="utf-8")  # the crash: marked, not moved
+    (state / (JOURNAL_NAME + "-wal")).write_bytes(b"frames of the old journal")
+    journal = open_journal(config)
+    assert target.read_bytes() == old and target.with_name(target.name + "-wal").read_bytes() == (
+        b"frames of the old journal")  # fmt: skip
+    assert journal.stats().done == 1 and not rebuild_module.interrupted(state)
+    journal.close()

@@ -139,6 +139,9 @@ def test_paging_and_filters(client: Any, described: Config) -> None:
     assert len(ids(client, folder=str(described.watch[0].path))) == len(everything)
     assert ids(client, folder="/elsewhere") == []
     assert client.get("/api/images", query_string={"status": "weird"}, headers=auth()).status_code == 400
+    # The grid's "older" link starts where its page ended (no OFFSET); from there the way back is to the newest.
+    html = client.get("/", query_string={"after": f"{1e12!r}:999999"}, headers=auth()).get_data(as_text=True)
+    assert 'rel="first"' in html and "← newest" in html and 'rel="prev"' not in html
 
 
 def test_search_is_ranked_and_marks_the_match(client: Any, described: Config, run_cli: RunCli) -> None:

@@ -127,12 +127,13 @@ ERRORS: tuple[tuple[type[Exception], Callable[[Any], Response]], ...] = (
 def grid() -> str:
     site = _site()
     filters = _filters()
-    page = site.catalog.page(**filters, page=_page(), per_page=PER_PAGE, after=request.args.get("after", ""))
+    after = request.args.get("after", "")
+    page = site.catalog.page(**filters, page=_page(), per_page=PER_PAGE, after=after)
     pages = max(1, math.ceil(page.total / PER_PAGE)) + (1 if page.capped else 0)  # "of 167+"
     return render_template(
         "grid.html", page=page, filters=filters, number=_page(), pages=pages, statuses=list(STATUSES),
         rules=[rule.name for rule in site.config.rules], folders=[str(w.path) for w in site.config.watch],
-        token=site.token, read_only=site.read_only, caption=_caption, when=_when,
+        token=site.token, read_only=site.read_only, caption=_caption, when=_when, after=after,
     )  # fmt: skip
 
 
