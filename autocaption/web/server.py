@@ -49,6 +49,9 @@ def serve(config: Config, *, host: str, port: int, read_only: bool) -> int:
     from autocaption.web.app import create_app
 
     token = token_for(config.state.dir)
+    # waitress warns "Task queue depth is 1" whenever a request waits for a thread at all: on a busy machine, the
+    # first request before its threads are up. For one person's page that is no news worth a warning line.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     journal = Journal(config.state.dir, read_only=read_only)  # WAL: the daemon keeps writing meanwhile
     try:
         app = create_app(config, Review(config, journal), token, read_only=read_only)
