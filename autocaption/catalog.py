@@ -251,6 +251,9 @@ class Catalog:
         expression = match_expression(query)
         if expression is None:
             return []
+        parts = _query_parts(query)
+        if rule and self._narrow("", rule, NARROW) is not None:
+            return self._search_few(parts, rule, limit)
         if rule:  # the newest matches of that rule: a rule of a few folders is not crowded out by the others
             newest = self.journal.rows(
                 "SELECT min(rowid), count(*) FROM (SELECT answers_fts.rowid FROM answers_fts JOIN answers"
@@ -277,9 +280,24 @@ class Catalog:
             [*parameters, limit],
         )
         images = self._images([row[0] for row in rows])
-        parts = _query_parts(query)
         return [Hit(images[image_id], rule_name, _marked(answer, parts), float(rank))
                 for image_id, rule_name, answer, rank in rows if image_id in images]  # fmt: skip
+
+    def _search_few(self, parts: list[tuple[list[str], bool]], rule: str, limit: int) -> list[Hit]:
+        """A rule of few answers (at most NARROW) searched from its own answers, read by the rule's index and
+        matched as FTS5 tokenises them: walking the word's matches for that rule's few read them all (250 ms
+        at a million answers). Ranked as bm25 ranks answers that all hold every word: more of the words, in a
+        shorter answer, first (the rank is bm25's without the words' rarity, negative like FTS5's)."""
+        answers = self.journal.rows("SELECT image_id, answer FROM answers WHERE rule = ?", [rule])
+        rows = [(image_id, answer) for image_id, answer in answers if _answers_match(answer, parts)]
+        lengths = [len(_TOKEN.findall(answer)) for _, answer in rows]
+        average = sum(lengths) / len(lengths) if lengths else 1.0
+        ranked = sorted(
+            ((_bm25(answer, parts, length, average), image_id, answer) for (image_id, answer), length
+             in zip(rows, lengths, strict=True)), key=lambda item: item[0])[:limit]  # fmt: skip
+        images = self._images([image_id for _, image_id, _ in ranked])
+        return [Hit(images[image_id], rule, _marked(answer, parts), rank)
+                for rank, image_id, answer in ranked if image_id in images]  # fmt: skip
 
     def _images(self, ids: list[int]) -> dict[int, Image]:
         """The images of these ids, in two queries whatever their number."""
@@ -381,6 +399,16 @@ def _answers_match(answer: str, parts: list[tuple[list[str], bool]]) -> bool:
     """Whether an answer holds every part of the query, as FTS5 would find it."""
     folded = [_folded(token) for token in _TOKEN.findall(answer)]
     return len({index for index, _, _ in _matches(folded, parts)}) == len(parts)
+
+
+def _bm25(answer: str, parts: list[tuple[list[str], bool]], length: int, average: float) -> float:
+    """FTS5's bm25 (k1 1.2, b 0.75) of an answer that holds every part, each part's rarity taken as equal."""
+    folded = [_folded(token) for token in _TOKEN.findall(answer)]
+    counts = [0] * len(parts)
+    for index, _, _ in _matches(folded, parts):
+        counts[index] += 1
+    scale = 1.2 * (0.25 + 0.75 * length / max(average, 1.0))
+    return -sum(count * 2.2 / (count + scale) for count in counts)
 
 
 def _marked(answer: str, parts: list[tuple[list[str], bool]]) -> str:

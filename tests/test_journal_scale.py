@@ -438,3 +438,29 @@ def test_a_rebuild_interrupted_before_the_old_journal_was_set_aside_loses_nothin
         b"frames of the old journal")  # fmt: skip
     assert journal.stats().done == 1 and not rebuild_module.interrupted(state)
     journal.close()
+
+
+def test_a_rule_of_few_answers_is_searched_from_its_own_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`search --rule ocr` walked every match of the word to find that rule's few (250 ms at a million
+    answers): a rule of at most NARROW answers is searched from its own answers, and finds what the index
+    finds, best first."""
+    from autocaption import catalog
+    from autocaption.catalog import Catalog
+
+    probe = tmp_path / "probe.jpg"
+    probe.write_bytes(b"x")
+    journal = Journal(tmp_path / "state")
+    journal.restore(Restored(tmp_path / f"p{i:03d}.jpg", probe.stat(), None, "fp", {"caption": "snow on a roof"})
+                    for i in range(200))  # fmt: skip
+    signs = ["a sign saying snow", "snow snow snow", "a long sign by the road saying that snow is expected", "no"]
+    journal.restore(Restored(tmp_path / f"s{i}.jpg", probe.stat(), None, "fp", {"ocr": text})
+                    for i, text in enumerate(signs))  # fmt: skip
+    few = Catalog(journal).search("snow", rule="ocr")
+    assert [hit.image.path.name for hit in few] == ["s1.jpg", "s0.jpg", "s2.jpg"]  # densest first, "no" not at all
+    assert all(hit.rank < 0 and hit.rule == "ocr" and f"{catalog.MARK[0]}snow" in hit.snippet for hit in few)
+    monkeypatch.setattr(catalog, "NARROW", 0)  # the same rule walked through the index: the same photos
+    walked = Catalog(journal).search("snow", rule="ocr")
+    assert sorted(hit.image.path.name for hit in walked) == sorted(hit.image.path.name for hit in few)
+    assert Catalog(journal).search("sign", rule="ocr", limit=1)[0].image.path.name == "s0.jpg"
