@@ -120,10 +120,10 @@ class Catalog:
         where, parameters = self._filters(status, rule, folder)
         offset = max(page, 1) - 1
         if expression is not None:
-            narrow = self._narrow(status, rule, NARROW)
+            narrow = self._narrow(status, rule, folder, NARROW)
             return self._matching(query, expression, where, parameters, per_page, offset, after, narrow)
         # Without words a narrow list costs one look-up per image: up to what a page counts (its total).
-        narrow = self._narrow(status, rule, COUNT_CAP)
+        narrow = self._narrow(status, rule, folder, COUNT_CAP)
         if narrow is not None:  # a few images: gathered from their index and sorted, not found by walking them all
             where += f" AND images.rowid IN ({narrow[0]})"
             parameters = [*parameters, *narrow[1]]
@@ -252,7 +252,7 @@ class Catalog:
         if expression is None:
             return []
         parts = _query_parts(query)
-        if rule and self._narrow("", rule, NARROW) is not None:
+        if rule and self._narrow("", rule, "", NARROW) is not None:
             return self._search_few(parts, rule, limit)
         if rule:  # the newest matches of that rule: a rule of a few folders is not crowded out by the others
             newest = self.journal.rows(
@@ -321,8 +321,8 @@ class Catalog:
             found.setdefault(image_id, {})[rule] = answer
         return found
 
-    def _narrow(self, status: str, rule: str, limit: int) -> tuple[str, list[object]] | None:
-        """The images of a status or rule filter that leaves at most `limit` of them, as an SQL list (and its
+    def _narrow(self, status: str, rule: str, folder: str, limit: int) -> tuple[str, list[object]] | None:
+        """The images of a status, rule or folder filter that leaves at most `limit` of them, as an SQL list (and its
         parameters) read from that filter's own index; None when neither is that narrow. Walking the newest
         images (or matches) until a page is full costs little where most pass the filter, and reads them all
         where few do: 50 failed photos among a million took half a second a page."""
@@ -342,6 +342,13 @@ class Catalog:
                                          [rule, limit + 1])[0]  # fmt: skip
             if count <= limit:
                 return "SELECT image_id FROM answers WHERE rule = ?", [rule]
+        if folder:  # the paths under it are a range of the path's own index ("0" follows "/")
+            folder = folder.rstrip("/")
+            bounds: list[object] = [folder + "/", folder + "0"]
+            (count,) = self.journal.rows("SELECT count(*) FROM (SELECT 1 FROM images WHERE path >= ? AND path < ?"
+                                         " LIMIT ?)", [*bounds, limit + 1])[0]  # fmt: skip
+            if count <= limit:
+                return "SELECT rowid FROM images WHERE path >= ? AND path < ?", bounds
         return None
 
     @staticmethod
