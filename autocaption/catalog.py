@@ -45,6 +45,8 @@ class Image:
         return person or next(iter(self.answers.values()), "")
 
 
+# A query in parts: each part's tokens, and whether it is a word (its last token a prefix) or a quoted phrase.
+Parts = list[tuple[list[str], bool]]
 COUNT_CAP = 10_000  # matches counted exactly up to this many; past it a page says "10,000+"
 RANKED = 10_000  # a search ranks at most this many matches, the newest (see Catalog.search)
 SCANNED = 20_000  # matches a page of words reads at most per request (see Catalog._matching)
@@ -78,7 +80,7 @@ def match_expression(query: str) -> str | None:
     return " AND ".join('"' + " ".join(tokens) + '"' + ("*" if word else "") for tokens, word in _terms(query)) or None
 
 
-def _terms(query: str) -> list[tuple[list[str], bool]]:
+def _terms(query: str) -> Parts:
     """(tokens, whether it is a word rather than a quoted phrase) of every part of a query that has any."""
     parts = []
     for phrase, word in re.findall(r'"([^"]*)"|(\S+)', query):
@@ -121,7 +123,7 @@ class Catalog:
         offset = max(page, 1) - 1
         if expression is not None:
             narrow = self._narrow(status, rule, folder, NARROW)
-            return self._matching(query, expression, where, parameters, per_page, offset, after, narrow)
+            return self._matching(_query_parts(query), expression, where, parameters, per_page, offset, after, narrow)
         # Without words a narrow list costs one look-up per image: up to what a page counts (its total).
         narrow = self._narrow(status, rule, folder, COUNT_CAP)
         if narrow is not None:  # a few images: gathered from their index and sorted, not found by walking them all
@@ -145,8 +147,8 @@ class Catalog:
         return Page(min(int(counted), COUNT_CAP), images, capped=counted > COUNT_CAP, next=following)
 
     def _matching(
-        self, query: str, expression: str, where: str, parameters: list[object], per_page: int, offset: int, after: str,
-        narrow: tuple[str, list[object]] | None,
+        self, parts: Parts, expression: str, where: str, parameters: list[object], per_page: int, offset: int,
+        after: str, narrow: tuple[str, list[object]] | None,
     ) -> Page:  # fmt: skip
         """A page of the images with a matching answer, by their newest matching answer (see `page`); `next`
         is "a<answer rowid>": where the next page starts reading. Images of a narrow filter (`narrow`: an SQL
@@ -159,14 +161,14 @@ class Catalog:
             ids = [row[0] for row in self.journal.rows(
                 f"SELECT images.rowid FROM images WHERE images.rowid IN ({narrow[0]}) AND {where}",
                 [*narrow[1], *parameters])]  # fmt: skip
-            ranked = sorted(self._newest_match(_query_parts(query), ids).items(), key=lambda item: -item[1])
+            ranked = sorted(self._newest_match(parts, ids).items(), key=lambda item: -item[1])
             counted, exhausted = len(ranked), True
             found = [(image, at) for image, at in ranked if below is None or at < below][start:]
             last_read = None
         else:
             counted, exhausted = self._count_matching(expression, where, parameters)
             found, last_read = self._read_matching(
-                query, expression, where, parameters, below, start + per_page + 1, after
+                parts, expression, where, parameters, below, start + per_page + 1, after
             )
             found = found[start:]
         more, found = len(found) > per_page, found[:per_page]
@@ -188,7 +190,7 @@ class Catalog:
         return int(counted), int(read) <= SCANNED
 
     def _read_matching(
-        self, query: str, expression: str, where: str, parameters: list[object], below: int | None, wanted: int,
+        self, parts: Parts, expression: str, where: str, parameters: list[object], below: int | None, wanted: int,
         after: str,
     ) -> tuple[list[tuple[int, int]], int | None]:  # fmt: skip
         """Up to `wanted` (image, its newest matching answer), newest first, read backwards from `below`; and
@@ -213,7 +215,7 @@ class Catalog:
                     if wanted_here:
                         fresh.append((image, at))
             if after:  # an image whose newest match lies above where this page starts was on an earlier page
-                newest = self._newest_match(_query_parts(query), [image for image, _ in fresh])
+                newest = self._newest_match(parts, [image for image, _ in fresh])
                 fresh = [(image, at) for image, at in fresh if newest.get(image) == at]
             found += fresh
             scanned += len(rows)
@@ -225,7 +227,7 @@ class Catalog:
             chunk = min(chunk * 2, SCANNED)
         return found, None
 
-    def _newest_match(self, parts: list[tuple[list[str], bool]], ids: list[int]) -> dict[int, int]:
+    def _newest_match(self, parts: Parts, ids: list[int]) -> dict[int, int]:
         """Each image's newest answer that matches, told from the answers' text as FTS5 tokenises it (a few
         hundred images a query: SQLite's limit on variables). Asking the index instead, image by image, gathers
         every match of a prefix it has no index for (1 letter, 7 or more) at each look-up: seconds a page."""
@@ -283,18 +285,20 @@ class Catalog:
         return [Hit(images[image_id], rule_name, _marked(answer, parts), float(rank))
                 for image_id, rule_name, answer, rank in rows if image_id in images]  # fmt: skip
 
-    def _search_few(self, parts: list[tuple[list[str], bool]], rule: str, limit: int) -> list[Hit]:
+    def _search_few(self, parts: Parts, rule: str, limit: int) -> list[Hit]:
         """A rule of few answers (at most NARROW) searched from its own answers, read by the rule's index and
         matched as FTS5 tokenises them: walking the word's matches for that rule's few read them all (250 ms
         at a million answers). Ranked as bm25 ranks answers that all hold every word: more of the words, in a
         shorter answer, first (the rank is bm25's without the words' rarity, negative like FTS5's)."""
-        answers = self.journal.rows("SELECT image_id, answer FROM answers WHERE rule = ?", [rule])
-        rows = [(image_id, answer) for image_id, answer in answers if _answers_match(answer, parts)]
-        lengths = [len(_TOKEN.findall(answer)) for _, answer in rows]
-        average = sum(lengths) / len(lengths) if lengths else 1.0
-        ranked = sorted(
-            ((_bm25(answer, parts, length, average), image_id, answer) for (image_id, answer), length
-             in zip(rows, lengths, strict=True)), key=lambda item: item[0])[:limit]  # fmt: skip
+        found = []  # (image, answer, its tokens, each part's matches in it): every answer tokenised once
+        for image_id, answer in self.journal.rows("SELECT image_id, answer FROM answers WHERE rule = ?", [rule]):
+            folded = _folded_tokens(answer)
+            counts = _part_counts(folded, parts)
+            if all(counts):
+                found.append((image_id, answer, len(folded), counts))
+        average = sum(length for _, _, length, _ in found) / len(found) if found else 1.0
+        ranked = sorted(((_bm25(counts, length, average), image_id, answer)
+                         for image_id, answer, length, counts in found), key=lambda item: item[0])[:limit]  # fmt: skip
         images = self._images([image_id for _, image_id, _ in ranked])
         return [Hit(images[image_id], rule, _marked(answer, parts), rank)
                 for rank, image_id, answer in ranked if image_id in images]  # fmt: skip
@@ -329,13 +333,8 @@ class Catalog:
         if status in STATUSES:
             kinds = STATUSES[status]
             marks = ",".join("?" * len(kinds))
-            try:
-                (count,) = self.journal.rows(
-                    f"SELECT coalesce(sum(n), 0) FROM status_counts WHERE status IN ({marks})", list(kinds)
-                )[0]
-            except sqlite3.OperationalError:  # a journal from before 0007, opened read-only: walked as before
-                count = limit + 1
-            if count <= limit:
+            counts = self.journal.counts()
+            if sum(counts.get(kind, 0) for kind in kinds) <= limit:
                 return f"SELECT rowid FROM images WHERE status IN ({marks})", list(kinds)
         if rule:
             (count,) = self.journal.rows("SELECT count(*) FROM (SELECT 1 FROM answers WHERE rule = ? LIMIT ?)",
@@ -379,7 +378,7 @@ def _folded(word: str) -> str:
 _TOKEN = re.compile(r"[^\W_]+")  # unicode61's tokens: letters and digits (an underscore separates)
 
 
-def _query_parts(query: str) -> list[tuple[list[str], bool]]:
+def _query_parts(query: str) -> Parts:
     """The query as match_expression gives it to FTS5, tokenised as FTS5 does: phrases of tokens, each a
     word's (its last token a prefix) or a quoted phrase's (exact)."""
     parts = []
@@ -390,7 +389,7 @@ def _query_parts(query: str) -> list[tuple[list[str], bool]]:
     return parts
 
 
-def _matches(folded: list[str], parts: list[tuple[list[str], bool]]) -> Iterator[tuple[int, int, int]]:
+def _matches(folded: list[str], parts: Parts) -> Iterator[tuple[int, int, int]]:
     """(part, first token, tokens) of every run of the folded tokens that matches a part of the query: the
     part's tokens in order, exactly, the last one as a prefix where the part is a word."""
     for index, (wanted, prefix) in enumerate(parts):
@@ -402,23 +401,32 @@ def _matches(folded: list[str], parts: list[tuple[list[str], bool]]) -> Iterator
                 yield index, start, len(wanted)
 
 
-def _answers_match(answer: str, parts: list[tuple[list[str], bool]]) -> bool:
-    """Whether an answer holds every part of the query, as FTS5 would find it."""
-    folded = [_folded(token) for token in _TOKEN.findall(answer)]
-    return len({index for index, _, _ in _matches(folded, parts)}) == len(parts)
+def _folded_tokens(answer: str) -> list[str]:
+    """An answer's tokens as FTS5's tokenizer compares them."""
+    return [_folded(token) for token in _TOKEN.findall(answer)]
 
 
-def _bm25(answer: str, parts: list[tuple[list[str], bool]], length: int, average: float) -> float:
-    """FTS5's bm25 (k1 1.2, b 0.75) of an answer that holds every part, each part's rarity taken as equal."""
-    folded = [_folded(token) for token in _TOKEN.findall(answer)]
+def _part_counts(folded: list[str], parts: Parts) -> list[int]:
+    """How often each part of the query occurs among the folded tokens."""
     counts = [0] * len(parts)
     for index, _, _ in _matches(folded, parts):
         counts[index] += 1
+    return counts
+
+
+def _answers_match(answer: str, parts: Parts) -> bool:
+    """Whether an answer holds every part of the query, as FTS5 would find it."""
+    return all(_part_counts(_folded_tokens(answer), parts))
+
+
+def _bm25(counts: list[int], length: int, average: float) -> float:
+    """FTS5's bm25 (k1 1.2, b 0.75) of an answer of `length` tokens that holds each part of the query `counts`
+    times, each part's rarity taken as equal."""
     scale = 1.2 * (0.25 + 0.75 * length / max(average, 1.0))
     return -sum(count * 2.2 / (count + scale) for count in counts)
 
 
-def _marked(answer: str, parts: list[tuple[list[str], bool]]) -> str:
+def _marked(answer: str, parts: Parts) -> str:
     """The answer with each run of tokens that matches a part of the query marked, as highlight() marks
     FTS5's matches: the tokens in order, exactly, the last one as a prefix where the part is a word."""
     tokens = list(_TOKEN.finditer(answer))

@@ -479,9 +479,13 @@ class Journal:
                 ).fetchall()
         return [Path(from_db(row[0])) for row in rows]
 
-    def pending(self) -> int:
+    def counts(self) -> dict[str, int]:
+        """Images per status (kept by triggers: read, not counted)."""
         with self._reading():
-            counts = self._counts()
+            return self._counts()
+
+    def pending(self) -> int:
+        counts = self.counts()
         return counts.get(QUEUED, 0) + counts.get(RETRY, 0)
 
     # --- outcomes --------------------------------------------------------------------------------
@@ -499,8 +503,8 @@ class Journal:
 
     def restore(self, entries: Iterable[Restored | Path]) -> tuple[int, int]:
         """A rebuild's rows: a Restored photo is done (its sidecar holds current results), a bare path is
-        queued. A transaction per thousand, so an interrupted rebuild keeps what it committed (see
-        `rebuild_started`). Returns (done, queued)."""
+        queued. A transaction per RESTORE_BATCH, so an interrupted rebuild keeps what it committed (see
+        rebuild.py). Returns (done, queued)."""
         done = queued = 0
         for batch in _batches(entries, RESTORE_BATCH):
             with self._tx() as db:
