@@ -97,6 +97,12 @@ def resumed(state_dir: Path) -> Journal | None:
         return None
     if target is not None and not (state_dir / JOURNAL_NAME).exists():
         _move(state_dir, target)  # its -wal or -shm left behind by a crash between the renames
+    return sound(state_dir, "the journal of the interrupted rebuild")
+
+
+def sound(state_dir: Path, what: str = "the journal") -> Journal | None:
+    """The journal, opened, when it is whole; None (the damage logged) when it is damaged, even past its first
+    pages, which open fine and fail later, in a loop."""
     try:
         journal = Journal(state_dir)
     except JournalDamaged as exc:
@@ -106,7 +112,7 @@ def resumed(state_dir: Path) -> Journal | None:
     if verdict == "ok":
         return journal
     journal.close()
-    log.error("state.dir: the journal of the interrupted rebuild fails SQLite's integrity check: %s", verdict)
+    log.error("state.dir: %s fails SQLite's integrity check: %s", what, verdict)
     return None
 
 
@@ -145,7 +151,7 @@ def refill(config: Config, journal: Journal) -> Rebuilt:
     current sidecars as done, the others queued. Photos it already holds (entered before an interruption)
     are passed over without reading their sidecars; the mark is taken off at the end."""
     state_dir = journal.path.parent
-    resuming = journal.stats().done + journal.pending() > 0
+    resuming = any(journal.counts().values())
     photos = _Photos(config, journal)
     done, queued = journal.restore(photos)
     aside = _marked(state_dir)

@@ -29,7 +29,7 @@ from autocaption.config import Config, ModelConfig, Rule, WatchConfig, load
 from autocaption.discover import Candidate, relative_path, walk_names
 from autocaption.engine import Cancelled, Engine, load_engine
 from autocaption.errors import AutocaptionError, ExitCode, ServerUnreachable
-from autocaption.journal import FAILED, GONE, QUEUED, RETRY, Journal, JournalDamaged, JournalFull, record_outcome
+from autocaption.journal import FAILED, GONE, QUEUED, RETRY, Journal, JournalFull, record_outcome
 from autocaption.locks import POLLED_FILE, WAITING_FILE, DaemonLock, PhotoLocks
 from autocaption.notify import Notifier
 from autocaption.paths import display
@@ -486,18 +486,11 @@ def open_journal(config: Config) -> Journal:
     if rebuilding.interrupted(state):
         log.warning("state.dir: a rebuild of the journal was interrupted; going on with it")
         journal = rebuilding.resumed(state) or rebuilding.start(state)
-        log.warning("%s", rebuilding.refill(config, journal).line())
-        return journal
-    try:
-        journal = Journal(state)
-        verdict = journal.integrity()  # damage past the first pages opens fine and fails later, in a loop
-        if verdict == "ok":
-            return journal
-        journal.close()
-        log.error("state.dir: the journal fails SQLite's integrity check: %s", verdict)
-    except JournalDamaged as exc:
-        log.error("%s", exc)
-    journal = rebuilding.start(state)
+    else:
+        whole = rebuilding.sound(state)
+        if whole is not None:
+            return whole
+        journal = rebuilding.start(state)
     log.warning("%s", rebuilding.refill(config, journal).line())
     return journal
 
