@@ -78,6 +78,15 @@ def sniff(head: bytes) -> str | None:
     return None
 
 
+# What open_image and not_an_image say, the same words whichever tells it first.
+_EMPTY = "{where}: empty file (0 bytes)"
+_NO_HEIF = "{where}: HEIC/HEIF image: install pillow-heif (pip install 'autocaption[heic]') to read it"
+
+
+def _unknown(where: str, kind: str | None) -> str:
+    return f"{where}: not an image (content is {kind or 'not a known image format'})"
+
+
 def not_an_image(path: Path) -> str | None:
     """Why this file is no image we can read, told from its header alone (no pixel decoded), or None. A
     one-shot run refuses a text file this way before it loads the model; damage past the header, and a file
@@ -88,16 +97,15 @@ def not_an_image(path: Path) -> str | None:
         with path.open("rb") as handle:
             head = handle.read(16)
             if not head:
-                return f"{where}: empty file (0 bytes)"
+                return _EMPTY.format(where=where)
             kind = sniff(head)
             if kind == "HEIF":
-                return None if _HEIF else (f"{where}: HEIC/HEIF image: install pillow-heif "
-                                           "(pip install 'autocaption[heic]') to read it")  # fmt: skip
+                return None if _HEIF else _NO_HEIF.format(where=where)
             handle.seek(0)
             with Image.open(handle, formats=FORMATS):
                 return None
     except UnidentifiedImageError:
-        return f"{where}: not an image (content is {kind or 'not a known image format'})"
+        return _unknown(where, kind)
     except (OSError, SyntaxError, ValueError, EOFError):
         return None
 
@@ -173,10 +181,10 @@ def open_picture(path: Path, *, max_pixels: int, draft_side: int | None = None) 
     except OSError as exc:
         raise ImageError(f"{where}: cannot read: {exc.strerror or exc}") from None
     if not data:
-        raise ImageError(f"{where}: empty file (0 bytes)")
+        raise ImageError(_EMPTY.format(where=where))
     kind = sniff(data[:16])
     if kind == "HEIF" and not _HEIF:
-        raise ImageError(f"{where}: HEIC/HEIF image: install pillow-heif (pip install 'autocaption[heic]') to read it")
+        raise ImageError(_NO_HEIF.format(where=where))
     try:
         opened = Image.open(io.BytesIO(data), formats=FORMATS)
         width, height = opened.size
@@ -194,7 +202,7 @@ def open_picture(path: Path, *, max_pixels: int, draft_side: int | None = None) 
         opened.load()
         image = _to_rgb(_orient(opened, where))
     except UnidentifiedImageError:
-        raise ImageError(f"{where}: not an image (content is {kind or 'not a known image format'})") from None
+        raise ImageError(_unknown(where, kind)) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"{where}: corrupt or truncated {kind or 'image'}: {exc}") from None
     return Picture(

@@ -60,8 +60,11 @@ def process(
         unwritten: list[Unwritten] = []
         for candidate in candidates:
             triaged = triage(config, candidate, force=force)
-            refused = not_an_image(candidate.path) if triaged is None else None
-            if refused is not None:  # told now, from its header: not after the model has loaded
+            # Whether the model loads at all waits on one image among them: until one is found, files that are
+            # none are told from their headers (after it, the pipeline names them as it reads them: no second
+            # open of every photo).
+            refused = not_an_image(candidate.path) if triaged is None and not pending else None
+            if refused is not None:
                 log.error("%s", refused)
                 _book(summary, journal, config, candidate, Failed(candidate.path, refused))
             elif triaged is None:
