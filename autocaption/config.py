@@ -21,6 +21,19 @@ from autocaption.errors import ConfigError
 from autocaption.globs import GlobSet, check_pattern
 from autocaption.paths import display, expand
 from autocaption.placeholders import PromptTemplate, TemplateError
+from autocaption.structure import (
+    Choice,
+    Gate,
+    JsonAnswer,
+    Keywords,
+    Structure,
+    Term,
+    closed,
+    grammar_problem,
+    unsupported,
+    vocabulary_lines,
+    vocabulary_problem,
+)
 
 DEFAULT_MODEL = "llava-hf/llava-v1.6-mistral-7b-hf"
 DEFAULT_INCLUDE = (
@@ -118,13 +131,18 @@ class Rule:
     # Opt-in clean-up: leading phrases to drop from the answer ("This image shows").
     strip_prefixes: tuple[str, ...] = ()
     write: frozenset[str] = frozenset()  # "description", "keywords": where the answer goes in the photo
+    structure: Structure | None = None  # `choice`, `list` or `json`: what the answer may be (structure.py)
+    when: Gate | None = None  # runs only when another rule's answer is one of these
     # Where `system:` is written ("rules.yaml:12: rules[1].system"), for errors found once the model is known.
     system_where: str = field(default="", compare=False)
 
     @property
     def fingerprint(self) -> str:
         """Changes whenever anything that shapes this rule's answer changes."""
-        shape = [self.prompt.source, self.system, self.max_new_tokens, list(self.strip_prefixes)]
+        shape: list[object] = [self.prompt.source, self.system, self.max_new_tokens, list(self.strip_prefixes)]
+        if self.structure is not None or self.when is not None:  # (fingerprints of free-text rules unchanged)
+            shape += [self.structure.shape() if self.structure else None,
+                      [self.when.rule, list(self.when.values)] if self.when else None]  # fmt: skip
         return hashlib.sha256(json.dumps(shape).encode()).hexdigest()[:16]
 
 
@@ -237,6 +255,20 @@ class _Node:
         if not allow_empty and not value.strip():
             raise self.fail("must not be empty")
         return value
+
+    def spelled(self) -> str:
+        """A scalar as written: `yes`, `no`, `on` and `3` are answers a model can give, not YAML's booleans
+        and numbers (`choice: [yes, no]`)."""
+        if isinstance(self.node, yaml.ScalarNode) and self.node.tag in (
+            "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float",
+        ):  # fmt: skip
+            return str(self.node.value)
+        return self.text()
+
+    def spellings(self) -> tuple[str, ...]:
+        if isinstance(self.node, yaml.ScalarNode):
+            return (self.spelled(),)
+        return tuple(item.spelled() for item in self.sequence())
 
     def number(self, *, minimum: float) -> float:
         if isinstance(self.node, yaml.ScalarNode) and self.node.tag == "tag:yaml.org,2002:int":
@@ -473,14 +505,27 @@ def _template(node: _Node) -> PromptTemplate:
         raise node.fail(str(exc)) from None
 
 
-def _rule(node: _Node) -> Rule:
+STRUCTURES = ("choice", "list", "json")
+
+
+def _rule(node: _Node, base: Path) -> Rule:
     k = node.mapping(
         {"name": True, "prompt": True, "match": False, "max_new_tokens": False, "system": False,
-         "strip_prefixes": False, "write": False}
+         "strip_prefixes": False, "write": False, "choice": False, "list": False, "json": False, "when": False}
     )  # fmt: skip
     name = k["name"].text()
     if not all(ch.isalnum() or ch in "-_." for ch in name):
         raise k["name"].fail(f"use letters, digits, '-', '_' or '.' only; got {name!r}")
+    given = [key for key in STRUCTURES if key in k]
+    if len(given) > 1:
+        raise k[given[1]].fail(f"a rule answers in one structure; {given[0]} is given too")
+    structure: Structure | None = None
+    if given:
+        kind = given[0]
+        structure = _choice(k[kind]) if kind == "choice" else _keywords(k[kind], base) if kind == "list" else (
+            _json(k[kind], base))  # fmt: skip
+        if "strip_prefixes" in k:
+            raise k["strip_prefixes"].fail(f"applies to free-text answers; a {given[0]} answer has no prefix")
     return Rule(
         name=name,
         prompt=_template(k["prompt"]),
@@ -489,8 +534,132 @@ def _rule(node: _Node) -> Rule:
         system=_optional(k, "system", lambda n: n.text(), None),
         strip_prefixes=_optional(k, "strip_prefixes", _Node.texts, ()),
         write=_optional(k, "write", _targets, frozenset()),
+        structure=structure,
+        when=_optional(k, "when", _gate, None),
         system_where=k["system"].where if "system" in k else "",
     )
+
+
+def _choice(node: _Node) -> Choice:
+    options = node.spellings()
+    if len(options) < 2:
+        raise node.fail("a choice needs at least two options")
+    if len({option.casefold() for option in options}) != len(options):
+        raise node.fail("options must differ (letter case aside)")
+    if any(option != option.strip() for option in options):
+        raise node.fail("options must not start or end with white space")
+    return Choice(options)
+
+
+def _keywords(node: _Node, base: Path) -> Keywords:
+    k = node.mapping(dict.fromkeys(("min", "max", "words", "vocabulary", "exclude", "require"), False))
+    low = _optional(k, "min", lambda n: n.integer(minimum=0, maximum=200), 1)
+    high = _optional(k, "max", lambda n: n.integer(minimum=1, maximum=200), max(low, 30))
+    if low > high:
+        raise k["min"].fail(f"is more than max ({high})")
+    nothing: tuple[str, ...] = ()
+    require, exclude = _optional(k, "require", _Node.texts, nothing), _optional(k, "exclude", _Node.texts, nothing)
+    if len(require) > high:
+        raise k["require"].fail(f"{len(require)} required items do not fit max: {high}")
+    for key, words in (("exclude", exclude), ("require", require)):
+        for word in words:
+            problem = vocabulary_problem(word)
+            if problem:
+                raise k[key].fail(problem)
+    spec = Keywords(
+        min=low, max=high, words=_optional(k, "words", lambda n: n.integer(minimum=1, maximum=10), None),
+        vocabulary=_optional(k, "vocabulary", lambda n: _vocabulary(n, base), None),
+        exclude=exclude, require=require,
+    )  # fmt: skip
+    if spec.vocabulary is not None and len(spec.allowed_terms() or ()) < spec.own_min:
+        raise k["vocabulary"].fail(f"has {len(spec.allowed_terms() or ())} usable terms, fewer than min: {low} needs")
+    return _compiled(node, spec)
+
+
+def _vocabulary(node: _Node, base: Path) -> tuple[Term, ...]:
+    """Inline terms, or a file of one term per line (`Parent|Child` for a hierarchy)."""
+    if isinstance(node.node, yaml.SequenceNode):
+        lines, where = list(node.texts()), node.where
+    else:
+        path = expand(node.text(), relative_to=base)
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or exc
+            raise node.fail(f"cannot read the vocabulary {display(path)}: {reason}") from None
+        where = display(path)
+    terms = vocabulary_lines(lines)
+    for term in terms:
+        problem = vocabulary_problem(term.text)
+        if problem:
+            raise node.fail(f"{where}: {problem}")
+    if not terms:
+        raise node.fail("the vocabulary has no terms")
+    return terms
+
+
+def _json(node: _Node, base: Path) -> JsonAnswer:
+    k = node.mapping({"schema": True})
+    schema_node = k["schema"]
+    if isinstance(schema_node.node, yaml.MappingNode):
+        schema = yaml.SafeLoader("").construct_document(schema_node.node)
+    else:
+        path = expand(schema_node.text(), relative_to=base)
+        try:
+            schema = yaml.safe_load(path.read_text(encoding="utf-8"))  # JSON is YAML
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            reason = getattr(exc, "strerror", None) or exc
+            raise schema_node.fail(f"cannot read the schema {display(path)}: {reason}") from None
+    problem = unsupported(schema)
+    if problem:
+        raise schema_node.fail(problem)
+    return _compiled(node, JsonAnswer(closed(schema)))
+
+
+S = TypeVar("S", Keywords, JsonAnswer)
+
+
+def _compiled(node: _Node, spec: S) -> S:
+    """The structure, once its grammar is known to compile (llguidance, no tokenizer needed)."""
+    try:
+        problem = grammar_problem(spec.grammar())
+    except ValueError as exc:
+        problem = str(exc)
+    if problem:
+        raise node.fail(f"the grammar engine cannot compile this: {problem}")
+    return spec
+
+
+def _gate(node: _Node) -> Gate:
+    k = node.mapping({"rule": True, "is": False, "in": False})
+    if ("is" in k) == ("in" in k):
+        raise node.fail("give `is: <answer>` or `in: [<answers>]`")
+    values = k["is"].spellings() if "is" in k else k["in"].spellings()
+    if not values:
+        raise k["in"].fail("at least one answer is needed")
+    return Gate(k["rule"].text(), values)
+
+
+def _gates(nodes: list[_Node], rules: tuple[Rule, ...]) -> None:
+    """A gate names an earlier rule with a structured answer, and answers that rule can give."""
+    earlier: dict[str, Rule] = {}
+    for node, rule in zip(nodes, rules, strict=True):
+        gate = rule.when
+        if gate is not None:
+            where = _Node(node.node, f"{node.path}.when", node.source)
+            gating = earlier.get(gate.rule)
+            if gating is None:
+                known = "an earlier rule" if gate.rule not in {r.name for r in rules} else "a rule above this one"
+                raise where.fail(f"rule {gate.rule!r}: the gate must be {known}")
+            if not isinstance(gating.structure, (Choice, Keywords)):
+                raise where.fail(f"rule {gate.rule!r} answers in free text; a gate needs its choice: or list:")
+            if isinstance(gating.structure, Choice):
+                options = {option.casefold() for option in gating.structure.options}
+                for value in gate.values:
+                    if value.casefold() not in options:
+                        raise where.fail(f"{value!r} is not one of {gate.rule}'s choices "
+                                         f"({', '.join(gating.structure.options)})")  # fmt: skip
+        earlier[rule.name] = rule
 
 
 def _default_state_dir() -> Path:
@@ -519,16 +688,17 @@ def parse(text: str, source: Path) -> Config:
     keys = root.mapping(
         dict(model=False, images=False, output=False, watch=False, state=False, daemon=False, rules=True)
     )
-    base = source.parent
     rule_nodes = keys["rules"].sequence()
     if not rule_nodes:
         raise keys["rules"].fail("at least one rule is needed")
-    rules = tuple(_rule(n) for n in rule_nodes)
+    base = source.parent
+    rules = tuple(_rule(n, base) for n in rule_nodes)
     seen: set[str] = set()
     for node, rule in zip(rule_nodes, rules, strict=True):
         if rule.name in seen:
             raise node.fail(f"name {rule.name!r} is used by an earlier rule; names must be unique")
         seen.add(rule.name)
+    _gates(rule_nodes, rules)
     state_keys = keys["state"].mapping({"dir": False}) if "state" in keys else {}
     user_paths: list[UserPath] = []
     state_dir = _optional(state_keys, "dir", lambda n: _path(n, base, user_paths), _default_state_dir())

@@ -15,6 +15,7 @@ from PIL import Image
 
 from autocaption.errors import EngineError
 from autocaption.plural import counted
+from autocaption.structure import AnswerInvalid, Gate, Structure
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,10 @@ class Prompt:
     text: str
     max_new_tokens: int
     system: str | None = None
+    structure: Structure | None = None  # what the answer may be: a grammar in-process, a schema remotely
+    # The prompt whose answer decides whether this one runs (its index among the job's prompts), and how.
+    after: int | None = None
+    gate: Gate | None = None
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,25 @@ class Answer:
     prompt_tokens: int  # tokens the model read: template, prompt and image tokens
     new_tokens: int  # tokens it generated, end-of-sequence excluded
     seconds: float  # this answer's share of the wall time of the batch that produced it
+    skipped: str | None = None  # not asked: its gate's answer did not admit it ("document is no")
+
+
+def skipped(reason: str) -> Answer:
+    return Answer("", 0, 0, 0.0, skipped=reason)
+
+
+def gate_verdict(prompt: Prompt, gating: Prompt, answer: Answer) -> str | None:
+    """None when `prompt` runs, given the answer to the prompt that gates it; else why it does not."""
+    assert prompt.gate is not None
+    if answer.skipped is not None:
+        return f"{prompt.gate.rule} was not asked"
+    value: object = answer.text
+    if gating.structure is not None:
+        try:
+            value = gating.structure.read(answer.text)
+        except AnswerInvalid:
+            return f"{prompt.gate.rule} gave no valid answer"
+    return None if prompt.gate.admits(value) else f"{prompt.gate.rule} is not {' or '.join(prompt.gate.values)}"
 
 
 @dataclass(frozen=True)

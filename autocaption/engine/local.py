@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import inspect
 import logging
 import threading
@@ -26,12 +27,13 @@ from typing import Any
 
 import torch
 from PIL import Image
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from autocaption.config import ModelConfig
 from autocaption.engine import compat, loading
-from autocaption.engine.base import Answer, Cancelled, EngineInfo, Job, Prompt
+from autocaption.engine.base import Answer, Cancelled, EngineInfo, Job, Prompt, gate_verdict, skipped
 from autocaption.engine.families import Family
+from autocaption.engine.grammar import BranchMasks, GrammarProcessor, Grammars
 from autocaption.engine.loading import DTYPES, render
 from autocaption.engine.memory import BatchPlan
 from autocaption.engine.packing import TreeInputs, Unit, halves, pack
@@ -112,6 +114,7 @@ class LocalEngine:
         parameters = sum(parameter.numel() for parameter in model.parameters())
         self._report_cpu_speed = self.device.type == "cpu" and parameters >= SLOW_ON_CPU
         self.parameters = parameters
+        self._grammars: Grammars | None = None  # made with the first rule that has a structure
         path = "tree decoding (each image's rules share its prefill)" if self.share_prefix else "batched decoding"
         reason = family.why_batched or ("prefix sharing needs attn_implementation sdpa" if family.tree else "")
         log.info("%s (%s): %s%s", info.model_id, family.label, path, f" — {reason}" if not self.share_prefix else "")
@@ -179,7 +182,10 @@ class LocalEngine:
         index = 0
         for job in jobs:
             by_system: dict[str | None, list[tuple[int, Prompt]]] = {}
+            start = index
             for prompt in job.prompts:
+                if prompt.after is not None:  # from here on the gate's index among all prompts of the request
+                    prompt = dataclasses.replace(prompt, after=start + prompt.after)
                 by_system.setdefault(prompt.system, []).append((index, prompt))
                 index += 1
             for group in by_system.values():
@@ -189,7 +195,7 @@ class LocalEngine:
                     future = self._preprocessor.submit(self._tree_inputs, job.image, [p for _, p in group])
                     units.append(Unit(job.image, group, future.result))
                 else:
-                    units.extend(Unit(job.image, [item], None) for item in group)
+                    units.extend(Unit(job.image, chain, None) for chain in _chains(group))
         return units
 
     def _pack(self, units: list[Unit]) -> list[list[Unit]]:
@@ -234,17 +240,44 @@ class LocalEngine:
             if shared is not None:
                 return shared
             # The batched path prefills the whole batch in one forward: packed again within max_batch_tokens.
-            units = [Unit(unit.image, [item], None) for unit in batch for item in unit.prompts]
+            units = [Unit(unit.image, chain, None) for unit in batch for chain in _chains(unit.prompts)]
             parts = self._packed(units, self.max_batch_tokens)
         else:
             parts = [batch]
         return [
             pair
             for part in parts
-            for pair in self._generate(
+            for pair in self._generate_gated(
                 [(index, unit.image, prompt) for unit in part for index, prompt in unit.prompts], cancel
             )
         ]
+
+    def _generate_gated(
+        self, items: list[tuple[int, Image.Image, Prompt]], cancel: threading.Event | None
+    ) -> list[tuple[int, Answer]]:
+        """The batched path in rounds: the prompts without a gate, then those whose gate answered (each round
+        prefills its images again: only the tree path continues from the first prefill)."""
+        answers: dict[int, Answer] = {}
+        prompts = {index: prompt for index, _, prompt in items}
+        waiting = items
+        while waiting:
+            ready = [item for item in waiting if item[2].after is None or item[2].after in answers]
+            if not ready:  # a gate outside this batch (cannot happen: chains are packed together)
+                answers.update((index, skipped("its gate was not asked")) for index, _, _ in waiting)
+                break
+            waiting = [item for item in waiting if item not in ready]
+            asked = []
+            for item in ready:
+                index, _, prompt = item
+                reason = None if prompt.after is None else gate_verdict(prompt, prompts[prompt.after],
+                                                                        answers[prompt.after])  # fmt: skip
+                if reason is None:
+                    asked.append(item)
+                else:
+                    answers[index] = skipped(reason)
+            if asked:
+                answers.update(self._generate(asked, cancel))
+        return [(index, answers[index]) for index, _, _ in items]
 
     def _grow_back(self) -> None:
         self._since_out_of_memory += 1
@@ -314,15 +347,54 @@ class LocalEngine:
                           for b, (_, p) in zip(i.branches, u.prompts, strict=True))  # fmt: skip
             if longest > self.window_limit:
                 return None
-        prefilled = []
-        for unit, inputs in zip(batch, prepared, strict=True):
-            image = self._prefill(unit, inputs)
+        # Round one: every prompt without a gate, each image prefilled once. Later rounds: the prompts whose
+        # gate answered and admits them, continued from the prefix the last round kept (never prefilled again).
+        asked = {b: [j for j, (_, p) in enumerate(unit.prompts) if p.after is None] for b, unit in enumerate(batch)}
+        images: list[tuple[int, Prefilled]] = []
+        for b, (unit, inputs) in enumerate(zip(batch, prepared, strict=True)):
+            image = self._prefill(unit, inputs, asked[b])
             if image is None:
                 return None
-            prefilled.append(image)
-        decode_started = time.perf_counter()
-        new_tokens = self.tree.run(prefilled, self._forward, cancel)
-        seconds = time.perf_counter() - decode_started
+            images.append((b, image))
+        answers: dict[int, Answer] = {}
+        while images:
+            decode_started = time.perf_counter()
+            prompts = [batch[b].prompts[j][1] for b, _ in images for j in asked[b]]
+            new_tokens = self.tree.run([image for _, image in images], self._forward, cancel, self._masks(prompts))
+            self._decoded(time.perf_counter() - decode_started)
+            lengths = [image.length + len(branch) for _, image in images for branch in image.branches]
+            indices = [batch[b].prompts[j][0] for b, _ in images for j in asked[b]]
+            answers.update(self._answers(indices, prompts, new_tokens, lengths, decode_started))
+            rows = [b for b, _ in images]
+            asked = {b: self._gated(batch[b], answers) for b in rows}
+            images = [(b, self._continued(batch[b], prepared[b], asked[b], row)) for row, b in enumerate(rows)
+                      if asked[b]]  # fmt: skip
+        share = (time.perf_counter() - started) / max(len(answers), 1)
+        return [(index, dataclasses.replace(answers[index], seconds=share) if answers[index].skipped is None
+                 else answers[index]) for unit in batch for index, _ in unit.prompts]  # fmt: skip
+
+    def _continued(self, unit: Unit, inputs: TreeInputs, positions: list[int], row: int) -> Prefilled:
+        """`unit`'s prompts at `positions` as branches of the prefix its image left in `row` of the last run."""
+        length = len(inputs.prefix)
+        return Prefilled(self.tree.kept_prefix(row, length), length, [inputs.branches[j] for j in positions],
+                         [unit.prompts[j][1].max_new_tokens for j in positions])  # fmt: skip
+
+    def _gated(self, unit: Unit, answers: dict[int, Answer]) -> list[int]:
+        """The positions of `unit`'s prompts to ask in the next round: not yet answered, their gate answered
+        and admitting them. Those whose gate answered otherwise are answered here as skipped."""
+        prompts = dict(unit.prompts)
+        ready = []
+        for position, (index, prompt) in enumerate(unit.prompts):
+            if index in answers or prompt.after is None or prompt.after not in answers:
+                continue
+            reason = gate_verdict(prompt, prompts[prompt.after], answers[prompt.after])
+            if reason is None:
+                ready.append(position)
+            else:
+                answers[index] = skipped(reason)
+        return ready
+
+    def _decoded(self, seconds: float) -> None:
         decoded = self.tree.last
         self.timings["decode"] += seconds
         self.timings["decode steps"] += decoded.steps
@@ -331,12 +403,17 @@ class LocalEngine:
             self.timings["steady steps"] += decoded.steps
             self.timings["steady KV read GB"] += decoded.steps * decoded.padded_bytes / 1e9  # what the step reads
             self.timings["steady KV held GB"] += decoded.steps * decoded.held_bytes / 1e9  # what it must read
-        prompts = [prompt for unit in batch for _, prompt in unit.prompts]
-        lengths = [image.length + len(branch) for image in prefilled for branch in image.branches]
-        indices = [index for unit in batch for index, _ in unit.prompts]
-        return self._answers(indices, prompts, new_tokens, lengths, started)
 
-    def _prefill(self, unit: Unit, inputs: TreeInputs) -> Prefilled | None:
+    def _masks(self, prompts: Sequence[Prompt]) -> BranchMasks | None:
+        """What each prompt's answer may be, token by token; None when no prompt has a structure."""
+        if all(prompt.structure is None for prompt in prompts):
+            return None
+        if self._grammars is None:
+            vocabulary = int(self.model.get_output_embeddings().weight.shape[0])
+            self._grammars = Grammars(self.tokenizer, vocabulary, self.eos_ids)
+        return self._grammars.masks([prompt.structure for prompt in prompts], [p.max_new_tokens for p in prompts])
+
+    def _prefill(self, unit: Unit, inputs: TreeInputs, positions: list[int]) -> Prefilled | None:
         """One image alone: no padding, so attention runs causal without a mask (sdpa's fastest kernels)."""
         started = time.perf_counter()
         tensors = {
@@ -352,7 +429,8 @@ class LocalEngine:
         layers = _prefix_layers(compat.output_cache(output, self.cache_argument), length)
         if layers is None:
             return None
-        return Prefilled(layers, length, inputs.branches, [p.max_new_tokens for _, p in unit.prompts])
+        return Prefilled(layers, length, [inputs.branches[j] for j in positions],
+                         [unit.prompts[j][1].max_new_tokens for j in positions])  # fmt: skip
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: Any) -> torch.Tensor:
         logits: torch.Tensor = self.model(
@@ -383,6 +461,8 @@ class LocalEngine:
         generate_started = time.perf_counter()
         self.timings["preprocess"] += generate_started - started
         prompts = [prompt for _, _, prompt in items]
+        masks = self._masks(prompts)
+        processors = [GrammarProcessor(masks, inputs["input_ids"].shape[1])] if masks is not None else []
         output = self.model.generate(
             **inputs,
             max_new_tokens=max(p.max_new_tokens for p in prompts),
@@ -391,6 +471,7 @@ class LocalEngine:
             num_beams=1,
             pad_token_id=self.pad_id,
             stopping_criteria=StoppingCriteriaList([_StopWhenSet(cancel)]) if cancel is not None else None,
+            logits_processor=LogitsProcessorList(processors) if processors else None,
         )
         new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()
         self.timings["prefill+decode"] += time.perf_counter() - generate_started
@@ -414,6 +495,17 @@ class LocalEngine:
             if token in self.eos_ids:
                 return
             yield token
+
+
+def _chains(prompts: list[tuple[int, Prompt]]) -> list[list[tuple[int, Prompt]]]:
+    """The prompts in groups that must stay together: each gated prompt with the prompt that gates it."""
+    groups: dict[int, list[tuple[int, Prompt]]] = {}
+    root: dict[int, int] = {}
+    for index, prompt in prompts:
+        top = root.get(prompt.after, index) if prompt.after is not None else index
+        root[index] = top
+        groups.setdefault(top, []).append((index, prompt))
+    return list(groups.values())
 
 
 def _image_token_id(config: Any) -> int:

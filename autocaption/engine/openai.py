@@ -28,8 +28,9 @@ from typing import Any
 from PIL import Image
 
 from autocaption.config import ModelConfig
-from autocaption.engine.base import Answer, Cancelled, EngineInfo, Job, PartlyAnswered, Prompt
+from autocaption.engine.base import Answer, Cancelled, EngineInfo, Job, PartlyAnswered, Prompt, gate_verdict, skipped
 from autocaption.errors import EngineError, ModelUnavailable, ServerUnreachable
+from autocaption.structure import Structure
 
 log = logging.getLogger(__name__)
 
@@ -223,11 +224,40 @@ class OpenAIEngine:
         started = time.perf_counter()
         urls = [self._data_url(job.image) for job in jobs]
         self.timings["encode"] += time.perf_counter() - started
-        # Back to back per image, in order: the server's prefix cache sees an image's prompts together.
-        futures = [
-            self._spawn(self._complete, url, prompt, cancel) for job, url in zip(jobs, urls, strict=True)
-            for prompt in job.prompts
-        ]  # fmt: skip
+        asks = [(url, job.prompts, j) for job, url in zip(jobs, urls, strict=True) for j in range(len(job.prompts))]
+        flat: list[Answer | EngineError | None] = [None] * len(asks)
+        starts = [k - j for k, (_, _, j) in enumerate(asks)]  # each prompt's job's first, in `flat`
+        # In rounds: the prompts without a gate, then those whose gate answered (the server's prefix cache
+        # keeps the image's prefill between them, where it has one).
+        while any(item is None for item in flat):
+            ready = []
+            for k, (_, prompts, j) in enumerate(asks):
+                prompt = prompts[j]
+                if flat[k] is not None or (prompt.after is not None and flat[starts[k] + prompt.after] is None):
+                    continue
+                gating = None if prompt.after is None else flat[starts[k] + prompt.after]
+                if isinstance(gating, EngineError):
+                    flat[k] = gating  # the photo failed already; this answer goes with it
+                elif isinstance(gating, Answer) and prompt.after is not None:
+                    reason = gate_verdict(prompt, prompts[prompt.after], gating)
+                    if reason is not None:
+                        flat[k] = skipped(reason)
+                        continue
+                if flat[k] is None:
+                    ready.append(k)
+            if not ready:  # (gates are earlier prompts, so each pass decides or asks something)
+                flat = [item if item is not None else skipped("its gate was not asked") for item in flat]
+                break
+            for k, result in zip(ready, self._round([(asks[k][0], asks[k][1][asks[k][2]]) for k in ready], cancel),
+                                 strict=True):  # fmt: skip
+                flat[k] = result
+        self.timings["server"] += time.perf_counter() - started
+        return self._sorted(jobs, [item for item in flat if item is not None])
+
+    def _round(self, asks: list[tuple[str, Prompt]], cancel: threading.Event | None) -> list[Answer | EngineError]:
+        """Ask these (image, prompt) pairs, back to back per image in order: the server's prefix cache sees an
+        image's prompts together."""
+        futures = [self._spawn(self._complete, url, prompt, cancel) for url, prompt in asks]
         pending = set(futures)
         while pending:  # a stop abandons the requests in flight at once (their threads end with the process)
             if cancel is not None and cancel.is_set():
@@ -247,8 +277,7 @@ class OpenAIEngine:
                 flat.append(EngineError(f"server {self.base_url}: {type(exc).__name__}: {exc}", transient=True))
         if cancel is not None and cancel.is_set():
             raise Cancelled()
-        self.timings["server"] += time.perf_counter() - started
-        return self._sorted(jobs, flat)
+        return flat
 
     def _answers_at_all(self) -> bool:
         """A server that failed on every photo of a batch: does it answer anything (its model list)? Then those
@@ -332,6 +361,15 @@ class OpenAIEngine:
             {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": prompt.text},
         ]})  # fmt: skip
         body = {"model": self.config.id, "messages": messages, "max_tokens": prompt.max_new_tokens, "temperature": 0}
+        if prompt.structure is not None:  # the server constrains what it can; the pipeline checks every answer
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": prompt.structure.kind,
+                    "schema": _wrapped(prompt.structure.schema()),
+                    "strict": True,
+                },
+            }
         started = time.perf_counter()
         reply = self._request("POST", "/chat/completions", body, cancel=cancel)
         choices = reply.get("choices") if isinstance(reply, dict) else None
@@ -348,12 +386,35 @@ class OpenAIEngine:
                 "tokens; not written", transient=True,
             )  # fmt: skip
         usage = reply.get("usage") if isinstance(reply.get("usage"), dict) else {}
+        if prompt.structure is not None:
+            text = _unwrapped(text, prompt.structure)
         return Answer(
             text=text,
             prompt_tokens=_count(usage.get("prompt_tokens")),
             new_tokens=_count(usage.get("completion_tokens")),
             seconds=time.perf_counter() - started,
         )
+
+
+def _wrapped(schema: dict[str, Any]) -> dict[str, Any]:
+    """A schema as `response_format` takes it everywhere (OpenAI's strict mode wants an object at the top)."""
+    if schema.get("type") == "object":
+        return schema
+    return {"type": "object", "properties": {"answer": schema}, "required": ["answer"], "additionalProperties": False}
+
+
+def _unwrapped(text: str, structure: Structure) -> str:
+    """The answer in the form the in-process decoder writes it (`yes`, `a, b, c`, the JSON itself); a reply
+    that is not the JSON asked for is passed on as it is, for the rule's own check to judge."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    if structure.schema().get("type") != "object":
+        if not isinstance(value, dict) or "answer" not in value:
+            return text
+        value = value["answer"]
+    return structure.text_of(value)
 
 
 def _read_until(response: Any, deadline: float) -> bytes:

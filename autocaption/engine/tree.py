@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -33,6 +33,20 @@ _RELEASED = torch.empty(0)  # what a prefix layer is replaced with once the batc
 
 # (input_ids, position_ids, 4D additive attention mask, cache) -> logits [batch, queries, vocabulary]
 Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Cache], torch.Tensor]
+
+
+class Masks(Protocol):
+    """The tokens each branch may choose next (engine/grammar.py: llguidance matchers), one row per branch in
+    the order `run` returns them: a bitmask of int32 words, bit t of word t // 32 for token t; -1 (all set)
+    for a branch without a constraint."""
+
+    def advance(self, tokens: list[int], alive: list[bool]) -> None:
+        """The token each branch chose (read only for live branches)."""
+        ...
+
+    def fill(self) -> torch.Tensor:
+        """[branches, words] int32 on the host: what each branch may choose next."""
+        ...
 
 
 @dataclass
@@ -123,6 +137,11 @@ class _State:
         # New tokens, -1 past a branch's end; as long as the most steps the slots allow, so it never moves.
         self.out = torch.full((rows, width, slots // width + 1), -1, dtype=torch.long, device=device)
         self.window: int | None = None  # the sliding window, when this batch's positions reach it
+        # What each branch may choose next (constrained batches): a bitmask per branch, written by the host
+        # before each step into this one buffer, so a captured step reads it at the same address every time.
+        self.allow: torch.Tensor | None = None  # [rows, width, words] int32, made by the first constrained batch
+        self.staged: torch.Tensor | None = None  # its host copy (pinned on a GPU: the copy does not block)
+        self.bits = torch.arange(32, dtype=torch.int32, device=device)
         # Nothing here refers to the step's runner (TreeDecoder.runners holds it, and it holds this state):
         # dropping both frees the cache at once, without waiting for a garbage collection.
 
@@ -193,34 +212,50 @@ class TreeDecoder:
         self.groups = groups
         self.lag = lag  # steps the host reads the "any alive" flag behind the device (see _Lookout)
         self.states: dict[tuple[int, int], _State] = {}  # (rows, width) -> its state
-        self.runners: dict[tuple[int, int], Callable[[], None]] = {}  # (rows, width) -> its state's step
+        # (rows, width) -> its state's step; (rows, width, 1) -> its constrained step
+        self.runners: dict[tuple[int, ...], Callable[[], None]] = {}
         self.last = Decoded(0, 0, 0, False)
+        self.last_key: tuple[int, int] = (0, 0)  # the state the last batch ran on
 
-    def run(self, images: list[Prefilled], forward: Forward, cancel: threading.Event | None = None
-            ) -> list[list[int]]:  # fmt: skip
+    def run(self, images: list[Prefilled], forward: Forward, cancel: threading.Event | None = None,
+            masks: Masks | None = None) -> list[list[int]]:  # fmt: skip
         """New tokens of every branch, image by image and branch by branch (EOS and beyond dropped).
-        `forward` runs the model: (ids, positions, 4D mask, cache) -> logits."""
+        `forward` runs the model: (ids, positions, 4D mask, cache) -> logits. `masks`: what each branch may
+        choose, step by step (constrained decoding); the host then reads each step's tokens before the next."""
         layout = _Layout.of(images)
         longest = max(limit for image in images for limit in image.limits)
         needed = layout.prefix + layout.suffix + layout.width * max(longest - 1, 0)
         key, state = self._state(len(images), layout.width, needed, images[0].layers)
+        self.last_key = key
         if self._load(state, images, layout, longest):
             self.runners.pop(key, None)  # the step changed (sliding window on or off): made again
-        runner = self.runners.get(key)
+            self.runners.pop((*key, 1), None)
+        step_key = key if masks is None else (*key, 1)  # a constrained step is another graph
+        runner = self.runners.get(step_key)
         reused = runner is not None  # a steady-state batch: nothing compiled or captured for it
         ids, positions, mask, lasts = self._branch_queries(state, images, layout)
         logits = forward(ids, positions, mask, state.cache)
         steps = 0
         with torch.no_grad():
-            state.tokens.copy_(logits[lasts[0], lasts[1]].argmax(-1).view(state.rows, state.width))
+            first = logits[lasts[0], lasts[1]].view(state.rows, state.width, -1)
+            rows = _Rows(images, state) if masks is not None else None
+            if masks is not None and rows is not None:
+                rows.stage(state, masks.fill(), first.shape[-1])
+                first = _allowed(first, state)
+            state.tokens.copy_(first.argmax(-1))
             _record(state)
             if runner is None:
                 # The runner holds the state (a graph replays on its buffers); the state never holds the
                 # runner, so no reference cycle keeps either alive once the decoder drops them.
-                runner = self.runners[key] = self.make_runner(lambda: _step(state, forward))
+                masked = masks is not None
+                runner = self.runners[step_key] = self.make_runner(lambda: _step(state, forward, masked))
             lookout = _Lookout(state.any_alive, self.lag)
             lookout.push()
             while steps < longest - 1 and not lookout.ended() and not (cancel is not None and cancel.is_set()):
+                if masks is not None and rows is not None:
+                    # The host waits for each step here: the next mask depends on the token just chosen.
+                    masks.advance(*rows.read(state))
+                    rows.stage(state, masks.fill(), first.shape[-1])
                 runner()
                 lookout.push()
                 steps += 1
@@ -233,6 +268,14 @@ class TreeDecoder:
                 tokens = out[row][branch]
                 result.append(tokens[: tokens.index(-1)] if -1 in tokens else tokens)
         return result
+
+    def kept_prefix(self, row: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The prefix the last batch decoded from in `row` (its first `length` slots), per layer: views of the
+        kept state, from which another run continues (gated rules) without prefilling the image again. A
+        later run copies them into its own rows before anything writes over them."""
+        state = self.states[self.last_key]
+        return [(layer.keys[row : row + 1, :, :length], layer.values[row : row + 1, :, :length])
+                for layer in state.layers]  # fmt: skip
 
     def _state(self, images: int, width: int, needed: int, layers: list[tuple[torch.Tensor, torch.Tensor]]
                ) -> tuple[tuple[int, int], _State]:  # fmt: skip
@@ -268,6 +311,7 @@ class TreeDecoder:
     def _drop(self, key: tuple[int, int]) -> None:
         self.states.pop(key, None)
         self.runners.pop(key, None)  # its graph and its compiled step go with it
+        self.runners.pop((*key, 1), None)
 
     def _make_room(self, wanted: int) -> None:
         """Drop the states kept for other buckets when keeping them too would pass the memory budget."""
@@ -355,7 +399,47 @@ class TreeDecoder:
         return ids.to(self.device), positions.to(self.device), mask[:, None].to(self.device), lasts
 
 
-def _step(state: _State, forward: Forward) -> None:
+class _Rows:
+    """Where each branch of `run`'s result sits in the state: the masks come and go in result order."""
+
+    def __init__(self, images: list[Prefilled], state: _State) -> None:
+        self.places = [(row, branch) for row, image in enumerate(images) for branch in range(len(image.branches))]
+        self.index = (torch.tensor([row for row, _ in self.places]), torch.tensor([b for _, b in self.places]))
+        self.fresh = True
+
+    def stage(self, state: _State, masks: torch.Tensor, vocabulary: int) -> None:
+        """The branches' masks into the state's buffer (padding rows and missing branches allow everything)."""
+        words = masks.shape[1]
+        assert words * 32 >= vocabulary, "a mask must cover every token the model scores"
+        if state.allow is None or state.allow.shape[2] != words:
+            shape, device = (state.rows, state.width, words), state.tokens.device
+            state.allow = torch.full(shape, -1, dtype=torch.int32, device=device)
+            pin = state.tokens.device.type == "cuda"
+            state.staged = torch.full(state.allow.shape, -1, dtype=torch.int32, pin_memory=pin)
+        assert state.staged is not None
+        if self.fresh:  # rows an earlier batch constrained are padding now
+            state.staged.fill_(-1)
+            self.fresh = False
+        state.staged[self.index] = masks
+        state.allow.copy_(state.staged, non_blocking=True)
+
+    def read(self, state: _State) -> tuple[list[int], list[bool]]:
+        """Each branch's latest token and whether it is still alive (the host waits for the step)."""
+        tokens, alive = state.tokens[self.index].tolist(), state.alive[self.index].tolist()
+        return tokens, alive
+
+
+def _allowed(logits: torch.Tensor, state: _State) -> torch.Tensor:
+    """`logits` [rows, width, vocabulary] with every token the branch's mask forbids at the lowest value.
+    On the device, from the state's buffers only (a captured step replays it)."""
+    assert state.allow is not None
+    rows, width, vocabulary = logits.shape
+    bits = (state.allow[..., None] >> state.bits) & 1  # [rows, width, words, 32]
+    keep = bits.view(rows, width, -1)[..., :vocabulary].bool()
+    return logits.masked_fill(~keep, torch.finfo(logits.dtype).min)
+
+
+def _step(state: _State, forward: Forward, masked: bool = False) -> None:
     """One decode step, on the device only: what a compiled or captured step runs. Every operand is one of
     the state's device tensors or a Python number: a tensor made on the host (as `visible[...] = True`
     makes one: index_put_ then copies it over, with a synchronise) would make a CUDA graph capture fail."""
@@ -368,6 +452,8 @@ def _step(state: _State, forward: Forward) -> None:
     folded = state.mask.view(state.rows, state.groups, state.width, state.slots)
     folded.copy_(torch.where(allowed, state.open, state.shut)[:, None])
     logits = forward(state.tokens, state.positions, state.mask, state.cache)
+    if masked:
+        logits = _allowed(logits, state)
     state.tokens.copy_(logits.argmax(-1))
     state.positions.add_(1)
     state.step.add_(1)
