@@ -16,6 +16,7 @@ from autocaption import __version__, log
 from autocaption.config import Config, load
 from autocaption.errors import AutocaptionError, ConfigError, ExitCode
 from autocaption.plural import counted
+from autocaption.structure import describe_structure
 
 logger = logging.getLogger("autocaption")
 
@@ -286,7 +287,11 @@ def describe_config(config: Config) -> str:
         lines.append(f"  watch: {watch.path}{' (recursive)' if watch.recursive else ''}{note}")
     lines.append(f"  state: {config.state.dir}")
     for rule in config.rules:
-        lines.append(f"  rule {rule.name}: {', '.join(rule.match.patterns)} -> up to {rule.max_new_tokens} tokens")
+        answer = f"up to {rule.max_new_tokens} tokens" + (
+            f", {describe_structure(rule.structure)}" if rule.structure else ""
+        )
+        gate = f" (only when {rule.when.describe()})" if rule.when else ""
+        lines.append(f"  rule {rule.name}: {', '.join(rule.match.patterns)} -> {answer}{gate}")
     return "\n".join(lines)
 
 

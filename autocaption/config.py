@@ -651,6 +651,8 @@ def _gates(nodes: list[_Node], rules: tuple[Rule, ...]) -> None:
             if gating is None:
                 known = "an earlier rule" if gate.rule not in {r.name for r in rules} else "a rule above this one"
                 raise where.fail(f"rule {gate.rule!r}: the gate must be {known}")
+            if gating.system != rule.system:  # a gated rule continues from its gate's prefix: the same turn
+                raise where.fail(f"rule {gate.rule!r} has another system: text; a gated rule must share it")
             if not isinstance(gating.structure, (Choice, Keywords)):
                 raise where.fail(f"rule {gate.rule!r} answers in free text; a gate needs its choice: or list:")
             if isinstance(gating.structure, Choice):

@@ -19,11 +19,12 @@ from typing import Any
 from autocaption import atomic, sidecar
 from autocaption.config import Config, Rule
 from autocaption.discover import Candidate
-from autocaption.engine.base import Answer, Engine, EngineInfo, Job, PartlyAnswered, Prompt
+from autocaption.engine.base import Answer, Engine, EngineInfo, Job, PartlyAnswered, Prompt, skipped
 from autocaption.errors import ConfigError, EngineError, ImageError, ServerUnreachable, WriteError
 from autocaption.images import Picture, open_picture
 from autocaption.locks import PhotoLocks
 from autocaption.paths import display, text
+from autocaption.structure import AnswerInvalid, shown
 from autocaption.textclean import clean_answer
 from autocaption.writers.metadata import Caption, MetadataWriter, WriteRecord
 from autocaption.writers.policy import split_keywords
@@ -236,22 +237,17 @@ class Pipeline:
         return _Work(candidate, rules, stat, found, picture, prompts, force)
 
     def _describe(self, work: list[_Work], cancel: threading.Event | None = None) -> list[Outcome]:
-        jobs = [
-            Job(
-                image=item.picture.image,
-                prompts=tuple(
-                    Prompt(text=text, max_new_tokens=rule.max_new_tokens, system=rule.system)
-                    for rule, text in zip(item.rules, item.prompts, strict=True)
-                ),
-            )
-            for item in work
-        ]
+        asked = [_asked(item) for item in work]
+        jobs = [Job(image=item.picture.image, prompts=_prompts(item, positions))
+                for item, positions in zip(work, asked, strict=True)]  # fmt: skip
         try:
-            answers = self.engine.describe(jobs, cancel)
+            answers = [_all_answers(item, positions, got) for item, positions, got in
+                       zip(work, asked, self.engine.describe(jobs, cancel), strict=True)]  # fmt: skip
         except ServerUnreachable:
             raise  # every image would wait for the same server: the caller decides (stop, or wait)
         except PartlyAnswered as exc:  # the answers received are written; the images that failed fail alone
-            return [self._answered(item, got) if got is not None else self._failed(item, exc.errors[index])
+            return [self._answered(item, _all_answers(item, asked[index], got)) if got is not None
+                    else self._failed(item, exc.errors[index])
                     for index, (item, got) in enumerate(zip(work, exc.answers, strict=True))]  # fmt: skip
         except EngineError as exc:
             if len(work) > 1:  # find the one image that breaks the batch; the others still get done
@@ -287,11 +283,14 @@ class ResultWriter:
         self.metadata = MetadataWriter(config.output)
 
     def answers(self, item: _Work, engine: EngineInfo, answers: Sequence[Answer]) -> Outcome:
-        """Fresh answers from the model."""
-        results = tuple(
-            sidecar.RuleResult(rule, prompt, clean_answer(answer.text, strip_prefixes=rule.strip_prefixes), answer)
-            for rule, prompt, answer in zip(item.rules, item.prompts, answers, strict=True)
-        )
+        """Fresh answers from the model. An answer that does not satisfy its rule's structure fails the photo:
+        nothing of it is written (the rules' answers go into the photo together or not at all)."""
+        try:
+            asked = zip(item.rules, item.prompts, answers, strict=True)
+            results = tuple(_result(rule, prompt, answer) for rule, prompt, answer in asked)
+        except AnswerInvalid as exc:
+            path = item.candidate.path
+            return Failed(path, f"{display(path)}: {exc}; nothing written")
 
         def document(found: sidecar.Sidecar, record: WriteRecord) -> dict[str, Any]:
             path = item.candidate.path
@@ -390,6 +389,34 @@ class _ToWrite:
     force: bool = False  # written even if another process finished the photo meanwhile
 
 
+def _asked(item: _Work) -> list[int]:
+    """The positions of the rules the engine is asked: all but those gated by a rule that does not apply to
+    this photo (its `match` leaves it out), whose gate's answer can never come."""
+    asked: dict[str, int] = {}
+    for index, rule in enumerate(item.rules):
+        if rule.when is None or rule.when.rule in asked:
+            asked[rule.name] = index
+    return list(asked.values())
+
+
+def _prompts(item: _Work, asked: list[int]) -> tuple[Prompt, ...]:
+    position = {item.rules[index].name: at for at, index in enumerate(asked)}
+    prompts = []
+    for index in asked:
+        rule, text = item.rules[index], item.prompts[index]
+        after = position[rule.when.rule] if rule.when else None
+        prompts.append(Prompt(text=text, max_new_tokens=rule.max_new_tokens, system=rule.system,
+                              structure=rule.structure, after=after, gate=rule.when))  # fmt: skip
+    return tuple(prompts)
+
+
+def _all_answers(item: _Work, asked: list[int], answers: Sequence[Answer]) -> list[Answer]:
+    """One answer per rule of the photo: the engine's, and "not asked" for the rules it was not asked."""
+    given = dict(zip(asked, answers, strict=True))
+    return [given.get(index) or skipped(f"{rule.when.rule if rule.when else '?'} does not apply to this photo")
+            for index, rule in enumerate(item.rules)]  # fmt: skip
+
+
 def _unsynced(outcome: Outcome, failed: Mapping[Path, str]) -> Outcome:
     """A described photo whose folder could not be fsynced is not durably written: retried, not recorded."""
     if not isinstance(outcome, Described):
@@ -406,12 +433,26 @@ def _same_file(now: os.stat_result, before: os.stat_result) -> bool:
     return (now.st_size, now.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
 
 
+def _result(rule: Rule, prompt: str, answer: Answer) -> sidecar.RuleResult:
+    """A rule's answer as recorded: skipped, read into its structure's value, or cleaned free text."""
+    if answer.skipped is not None:
+        return sidecar.RuleResult(rule, prompt, "", answer, skipped=answer.skipped)
+    if rule.structure is None:
+        return sidecar.RuleResult(rule, prompt, clean_answer(answer.text, strip_prefixes=rule.strip_prefixes), answer)
+    try:
+        value = rule.structure.read(answer.text)
+    except AnswerInvalid as exc:
+        raise AnswerInvalid(f"rule {rule.name}: {exc}") from None
+    return sidecar.RuleResult(rule, prompt, shown(value), answer, value=value)
+
+
 def caption_of(results: Sequence[sidecar.RuleResult]) -> Caption:
     """The first `description` rule's answer and every `keywords` rule's words, in rule order."""
     description = next((r.answer for r in results if "description" in r.rule.write and r.answer), None)
     keywords: dict[str, str] = {}
     for result in results:
-        if "keywords" in result.rule.write:
-            for word in split_keywords(result.answer):
-                keywords.setdefault(word.casefold(), word)
+        if "keywords" in result.rule.write and result.skipped is None:
+            words = result.value if isinstance(result.value, list) else split_keywords(result.answer)
+            for word in words:
+                keywords.setdefault(str(word).casefold(), str(word))
     return Caption(description, tuple(keywords.values()), asked=any(result.rule.write for result in results))

@@ -5,7 +5,9 @@ Schema "autocaption/1" (documented in docs/metadata.md):
      "image": {"file", "sha256", "width", "height", "format", "size", "mtime_ns"},
      "model": {"id", "dtype", "device", "backend"},
      "rules": {"<rule name>": {"prompt", "system", "answer", "tokens": {"prompt", "answer"},
-                               "seconds", "created", "fingerprint", "model"}},
+                               "seconds", "created", "fingerprint", "model",
+                               "value" (choice/list/json rules: the answer as a value),
+                               "skipped" (a `when:` rule not asked: why)}},
      "written": {"file", "xmp_sidecar", "description", "keywords", "reason", "sha256"}}
 A re-run replaces the entries of the rules it ran and keeps every other rule's entry.
 """
@@ -51,8 +53,10 @@ def alternate_path(image: Path) -> Path:
 class RuleResult:
     rule: Rule
     prompt: str  # rendered
-    answer: str  # cleaned
+    answer: str  # cleaned (a structured answer: its value as text, `shown`)
     raw: Answer
+    value: Any = None  # a structured answer's value: the option, the list of items, the JSON value
+    skipped: str | None = None  # not asked: why (its gate's answer did not admit it)
 
 
 @dataclass(frozen=True)
@@ -168,6 +172,10 @@ def build(
             "fingerprint": result.rule.fingerprint,
             "model": engine.model_id,
         }
+        if result.rule.structure is not None and result.skipped is None:
+            rules[result.rule.name]["value"] = result.value  # a list as a list, JSON as JSON
+        if result.skipped is not None:
+            rules[result.rule.name]["skipped"] = result.skipped
     after = written.stat if written and written.stat else stat  # the file as it is now, for skip checks
     document: dict[str, Any] = {
         "schema": SCHEMA,
@@ -254,8 +262,9 @@ def results_of(existing: Mapping[str, Any], rules: Iterable[Rule]) -> tuple[Rule
         entry = existing["rules"][rule.name]
         tokens = entry.get("tokens") or {}
         answer = str(entry.get("answer") or "")
-        raw = Answer(answer, int(tokens.get("prompt") or 0), int(tokens.get("answer") or 0), 0.0)
-        results.append(RuleResult(rule, str(entry.get("prompt") or ""), answer, raw))
+        reason = entry.get("skipped") if isinstance(entry.get("skipped"), str) else None
+        raw = Answer(answer, int(tokens.get("prompt") or 0), int(tokens.get("answer") or 0), 0.0, skipped=reason)
+        results.append(RuleResult(rule, str(entry.get("prompt") or ""), answer, raw, entry.get("value"), reason))
     return tuple(results)
 
 

@@ -289,6 +289,28 @@ class Gate:
         return f"{self.rule} is {self.values[0]}" if len(self.values) == 1 else f"{self.rule} in {list(self.values)}"
 
 
+def describe_structure(structure: Structure) -> str:
+    """One line for `check`: "one of yes, no", "a list of 5-30 items from 2,000 terms", "JSON (schema)"."""
+    if isinstance(structure, Choice):
+        return "one of " + ", ".join(structure.options)
+    if isinstance(structure, Keywords):
+        words = f", each of at most {structure.words} words" if structure.words else ""
+        terms = structure.allowed_terms()
+        source = f" from {len(terms)} vocabulary terms" if terms is not None else ""
+        required = f", always with {', '.join(structure.require)}" if structure.require else ""
+        return f"a list of {structure.min}-{structure.max} distinct items{source}{words}{required}"
+    return "JSON fitting its schema"
+
+
+def shown(value: Any) -> str:
+    """A structured answer's value as one line of text: the option, the items `a, b, c`, or the JSON."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return SEPARATOR.join(value)
+    return json.dumps(value, ensure_ascii=False)
+
+
 def _short(text: str) -> str:
     return repr(text if len(text) <= 60 else text[:57] + "...")
 

@@ -53,6 +53,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
         with self.server.lock:
             self.server.requests += 1
+            self.server.bodies.append(body)
         mode = self.server.mode
         usage: Any = {"prompt_tokens": 12, "completion_tokens": 5}
         content: Any = ANSWER
@@ -114,6 +115,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             content = ""
         elif mode == "whitespace":
             content = " \n\t "
+        elif mode == "structured" and "response_format" in body:  # a server that keeps to the schema
+            content = json.dumps(_example(body["response_format"]["json_schema"]["schema"]))
         elif mode == "huge":
             content = "fox " * 250_000
         message: dict[str, Any] = {"role": "assistant", "content": content}
@@ -121,6 +124,24 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             message["refusal"] = "I cannot help with that"
         self._json({"id": "x", "object": "chat.completion", "choices": [{"index": 0, "message": message}],
                     "usage": usage})  # fmt: skip
+
+
+def _example(schema: dict[str, Any]) -> Any:
+    """A value that fits `schema` (the subset autocaption sends): the first option, the fewest items."""
+    if "enum" in schema:
+        return schema["enum"][0]
+    kind = schema.get("type")
+    if kind == "object":
+        return {name: _example(sub) for name, sub in schema.get("properties", {}).items()}
+    if kind == "array":
+        item = schema.get("items", {})
+        count = max(schema.get("minItems", 1), 1)
+        if "enum" in item:
+            return item["enum"][:count]
+        return [f"thing{i}" for i in range(count)]
+    if kind == "integer":
+        return schema.get("minimum", 0)
+    return "text"
 
 
 def _is_panorama(body: dict[str, Any]) -> bool:
@@ -140,6 +161,7 @@ class StubServer(http.server.ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.mode = "ok"
         self.requests = 0
+        self.bodies: list[dict[str, Any]] = []  # every chat request, as sent
         self.lock = threading.Lock()
 
     @property

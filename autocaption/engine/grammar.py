@@ -66,13 +66,20 @@ class Grammars:
         return BranchMasks(self, structures, limits)
 
     def closers(self) -> np.ndarray:
-        """The bitmask of tokens that end a list item (a comma in them) or the answer (end of sequence)."""
+        """The bitmask of tokens that end a list item (a comma in them)."""
         if self._closers is None:
             bits = np.zeros(self.words, dtype=np.uint32)
-            for token in [t for ids in self._closing_table().values() for t in ids] + self.eos_ids:
+            for token in [t for ids in self._closing_table().values() for t in ids]:
                 bits[token >> 5] |= np.uint32(1 << (token & 31))
             self._closers = bits
         return self._closers
+
+    def ends(self) -> np.ndarray:
+        """The bitmask of the end-of-sequence tokens."""
+        bits = np.zeros(self.words, dtype=np.uint32)
+        for token in self.eos_ids:
+            bits[token >> 5] |= np.uint32(1 << (token & 31))
+        return bits
 
     def _closing_table(self) -> dict[str, list[int]]:
         self._table()
@@ -153,8 +160,9 @@ class BranchMasks:
             repeats = self.repeats[index]
             if repeats is not None:
                 _clear(words[index], repeats.bans())
-                if repeats.hurried():  # few tokens left: close the item now if the grammar allows it
-                    closing = words[index] & self.grammars.closers()
+                hurry = repeats.hurry()
+                if hurry:  # few tokens left: end the answer, or the item, as soon as the grammar allows
+                    closing = words[index] & (self.grammars.ends() if hurry == "end" else self.grammars.closers())
                     if closing.any():
                         words[index] = closing
         return self.mask
@@ -198,11 +206,14 @@ class _Repeats:
         self.text += self.grammars.text(token)
         self.written += 1
 
-    def hurried(self) -> bool:
-        """Few tokens are left: at most three per item still missing (", x"), and a margin."""
+    def hurry(self) -> str | None:
+        """When few tokens are left (three per item still missing, ", x", and a margin): "end" the answer
+        when it has items enough, else "close" the item; None while there is room."""
         *done, item = self.text.split(",")
         have = len(done) + (1 if item.strip() else 0)
-        return self.limit - self.written <= 3 * max(self.wanted - have, 0) + 3
+        if self.limit - self.written > 3 * max(self.wanted - have, 0) + 3:
+            return None
+        return "end" if have >= self.wanted else "close"
 
     def bans(self) -> list[int]:
         *done, item = self.text.split(",")

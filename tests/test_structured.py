@@ -1,0 +1,326 @@
+"""Structured rules (issue 19): `choice`, `list`, `json` and `when`, from the config to the photo.
+
+Tiny random-weight models write garbage when nothing holds them, so every valid answer below is the grammar's
+doing: each path (tree, batched, every family, remote) gives only answers that parse, count, keep to the
+vocabulary and the exclusions, and fit the schema. The tree's constrained answers equal a plain `generate`
+with the same logits processor; a gated rule is decoded from its image's one prefill.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+
+from autocaption import config as config_module
+from autocaption.config import ModelConfig, Rule
+from autocaption.engine import Job, Prompt, load_engine
+from autocaption.errors import ConfigError
+from autocaption.structure import AnswerInvalid, Choice, JsonAnswer, Keywords, validate, vocabulary_lines
+from tests.conftest import RunCli
+from tests.families import FAMILIES, build
+from tests.stubserver import stub_server
+
+VOCABULARY = [f"Animals|{name}" for name in ("Dog", "Cat", "Horse", "Cow", "Doggo")] + ["Places|Beach", "Sky", "Tree"]
+RULES = """
+rules:
+  - name: blurry
+    prompt: "Is this photo blurry? Answer yes or no."
+    choice: [yes, no]
+  - name: keywords
+    prompt: "Keywords for this photo."
+    list: {min: 5, max: 12, words: 2, exclude: [photo, image], require: [archive]}
+    max_new_tokens: 90
+    write: keywords
+  - name: animals
+    prompt: "Which of these are in it?"
+    list: {min: 2, max: 4, vocabulary: VOCAB, exclude: [Cow]}
+    max_new_tokens: 40
+  - name: scene
+    prompt: "The scene as JSON."
+    json:
+      schema:
+        type: object
+        properties:
+          light: {enum: [day, night, studio]}
+          people: {type: integer, minimum: 0, maximum: 20}
+          tags: {type: array, items: {enum: [sea, city, snow]}, minItems: 1, maxItems: 2}
+        required: [light, people]
+    max_new_tokens: 60
+  - name: sharp-detail
+    prompt: "What is sharpest?"
+    when: {rule: blurry, is: no}
+    choice: [subject, background, nothing]
+"""
+
+
+def _rules(tmp_path: Path, text: str = RULES) -> tuple[Rule, ...]:
+    (tmp_path / "terms.txt").write_text("\n".join(VOCABULARY) + "\n", encoding="utf-8")
+    path = tmp_path / "rules.yaml"
+    path.write_text(text.replace("VOCAB", str(tmp_path / "terms.txt")), encoding="utf-8")
+    return config_module.load(path).rules
+
+
+def _prompts(rules: tuple[Rule, ...], **changes: Any) -> tuple[Prompt, ...]:
+    names = {rule.name: i for i, rule in enumerate(rules)}
+    return tuple(
+        Prompt(rule.prompt.source, rule.max_new_tokens, structure=rule.structure, gate=rule.when,
+               after=names[rule.when.rule] if rule.when else None, **changes)
+        for rule in rules
+    )  # fmt: skip
+
+
+def _images(count: int, seed: int) -> list[Image.Image]:
+    generator = torch.Generator().manual_seed(seed)
+    images = []
+    for i in range(count):
+        width, height = 24 + int(torch.randint(0, 80, (1,), generator=generator)), 24 + 9 * i
+        pixels = torch.randint(0, 255, (height, width, 3), generator=generator, dtype=torch.uint8)
+        images.append(Image.fromarray(pixels.numpy(), "RGB"))
+    return images
+
+
+def _check(rules: tuple[Rule, ...], answers: list[list[Any]]) -> dict[str, int]:
+    """Every answer valid for its rule (or skipped by its gate); how many of each rule were asked."""
+    asked = dict.fromkeys((rule.name for rule in rules), 0)
+    for per_image in answers:
+        values: dict[str, Any] = {}
+        for rule, answer in zip(rules, per_image, strict=True):
+            if answer.skipped is not None:
+                assert rule.when is not None and not rule.when.admits(values[rule.when.rule]), answer.skipped
+                continue
+            assert rule.structure is not None
+            value = rule.structure.read(answer.text)  # raises AnswerInvalid: the test fails with the reason
+            values[rule.name] = value
+            asked[rule.name] += 1
+            if isinstance(rule.structure, Keywords):
+                spec = rule.structure
+                assert spec.min <= len(value) <= spec.max and len({v.casefold() for v in value}) == len(value)
+                assert not {v.casefold() for v in value} & {w.casefold() for w in spec.exclude}
+                assert all(word in value for word in spec.require)
+                assert answer.text.count(",") == len(value) - len(spec.require) - 1 or len(value) == len(spec.require)
+            if isinstance(rule.structure, JsonAnswer):
+                assert validate(value, rule.structure.schema_) is None
+    return asked
+
+
+# --- the config ------------------------------------------------------------------------------------------------
+
+
+def test_structured_rules_read_into_typed_structures(tmp_path: Path) -> None:
+    rules = _rules(tmp_path)
+    blurry, keywords, animals, scene, detail = rules
+    assert blurry.structure == Choice(("yes", "no"))  # YAML's booleans read as the words written
+    assert isinstance(keywords.structure, Keywords) and keywords.structure.own_max == 11
+    assert isinstance(animals.structure, Keywords)
+    assert animals.structure.allowed_terms() == ("Dog", "Cat", "Horse", "Doggo", "Beach", "Sky", "Tree")
+    assert animals.structure.paths(["Dog", "Sky"]) == ("Animals|Dog",)
+    assert isinstance(scene.structure, JsonAnswer)
+    assert scene.structure.schema_["additionalProperties"] is False  # closed: named properties only
+    assert detail.when is not None and detail.when.values == ("no",)
+    # what shapes the answer is in the fingerprint: a changed vocabulary describes the photo again
+    changed = _rules(tmp_path, RULES.replace("exclude: [Cow]", "exclude: [Cow, Dog]"))
+    assert changed[2].fingerprint != animals.fingerprint and changed[0].fingerprint == blurry.fingerprint
+
+
+@pytest.mark.parametrize(
+    ("rule", "message"),
+    [
+        ('{name: a, prompt: p, choice: [yes]}', "rules[0].choice: a choice needs at least two options"),
+        ('{name: a, prompt: p, choice: [yes, no], list: {}}', "rules[0].list: a rule answers in one structure"),
+        ('{name: a, prompt: p, list: {min: 5, max: 2}}', "rules[0].list.min: is more than max (2)"),
+        ('{name: a, prompt: p, list: {max: 1, require: [a, b]}}', "2 required items do not fit max: 1"),
+        ('{name: a, prompt: p, list: {vocabulary: [a, "b, c"]}}', "'b, c' has a comma, which separates the items"),
+        ('{name: a, prompt: p, list: {vocabulary: missing.txt}}', "rules[0].list.vocabulary: cannot read the vocab"),
+        ('{name: a, prompt: p, list: {min: 3, vocabulary: [a, b]}}', "has 2 usable terms, fewer than min: 3 needs"),
+        ('{name: a, prompt: p, json: {schema: {type: object, oneOf: []}}}', "schema.oneOf: not supported"),
+        ('{name: a, prompt: p, json: {schema: {type: string, pattern: "(?<=a)b"}}}', "cannot compile this: regex"),
+        ('{name: a, prompt: p, json: {schema: {type: strin}}}', "cannot compile this: Invalid type: strin"),
+        ('{name: a, prompt: p, list: {}, strip_prefixes: [x]}', "applies to free-text answers"),
+        ('{name: a, prompt: p, when: {rule: b, is: yes}}\n  - {name: b, prompt: p, choice: [yes, no]}',
+         "rules[0].when: rule 'b': the gate must be a rule above this one"),
+        ('{name: b, prompt: p}\n  - {name: a, prompt: p, when: {rule: b, is: yes}}',
+         "rule 'b' answers in free text; a gate needs its choice: or list:"),
+        ('{name: b, prompt: p, choice: [yes, no]}\n  - {name: a, prompt: p, when: {rule: b, is: maybe}}',
+         "'maybe' is not one of b's choices (yes, no)"),
+        ('{name: b, prompt: p, choice: [yes, no]}\n  - {name: a, prompt: p, system: s, when: {rule: b, is: yes}}',
+         "rule 'b' has another system: text; a gated rule must share it"),
+    ],
+)  # fmt: skip
+def test_a_structure_that_cannot_work_is_a_config_error_naming_the_key(tmp_path: Path, rule: str, message: str) -> None:
+    path = tmp_path / "rules.yaml"
+    path.write_text(f"rules:\n  - {rule}\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        config_module.load(path)
+    assert message in str(caught.value) and str(caught.value).startswith(f"{path}:")
+
+
+def test_answers_are_read_into_values_or_refused_with_one_line() -> None:
+    choice = Choice(("yes", "no"))
+    assert choice.read("yes") == "yes" and choice.read(' "Yes." ') == "yes"  # a lax server's spelling
+    with pytest.raises(AnswerInvalid, match="the answer 'maybe' is not one of yes, no"):
+        choice.read("maybe")
+    words = Keywords(min=2, max=4, exclude=("photo",), require=("archive",))
+    assert words.read("dog, Dog, beach") == ["archive", "dog", "beach"]  # distinct, required first
+    assert words.read('["dog", "sea"]') == ["archive", "dog", "sea"]  # a JSON array from a server
+    with pytest.raises(AnswerInvalid, match="excluded item 'Photo'"):
+        words.read("dog, Photo")
+    with pytest.raises(AnswerInvalid, match="6 distinct items, the rule wants 2 to 4"):
+        words.read("a, b, c, d, e")
+    vocabulary = Keywords(min=1, max=3, vocabulary=vocabulary_lines(["Animals|Dog", "Cat"]))
+    assert vocabulary.read("dog, cat") == ["Dog", "Cat"]  # the vocabulary's own spelling
+    with pytest.raises(AnswerInvalid, match="'Car' is not in the vocabulary"):
+        vocabulary.read("Car")
+    schema = JsonAnswer({"type": "object", "properties": {"n": {"type": "integer", "maximum": 3}}, "required": ["n"]})
+    assert schema.read('{"n": 2}') == {"n": 2}
+    with pytest.raises(AnswerInvalid, match=r"n = 7 is outside ..3"):
+        schema.read('{"n": 7}')
+    with pytest.raises(AnswerInvalid, match=r"not JSON.*cut off at max_new_tokens"):
+        schema.read('{"n": ')
+
+
+# --- the in-process engine -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("share_prefix", [True, False], ids=["tree", "batched"])
+def test_every_constrained_answer_is_valid_over_many_photos(
+    tiny_model: Path, tmp_path: Path, share_prefix: bool
+) -> None:
+    rules = _rules(tmp_path)
+    engine: Any = load_engine(ModelConfig(id=str(tiny_model), batch_size=16, share_prefix=share_prefix))
+    answers = []
+    for seed in range(3):
+        jobs = [Job(image, _prompts(rules)) for image in _images(6, seed)]
+        answers += engine.describe(jobs)
+    asked = _check(rules, answers)
+    assert asked["blurry"] == asked["keywords"] == asked["scene"] == 18
+    assert asked["sharp-detail"] == sum(1 for per_image in answers if per_image[0].text == "no")
+
+
+def test_the_grammar_holds_on_every_family(tmp_path: Path) -> None:
+    rules = _rules(tmp_path)[:3]
+    for name in FAMILIES:
+        model = build(name, tmp_path / name)
+        for share_prefix in (True, False):
+            engine: Any = load_engine(ModelConfig(id=str(model), batch_size=8, share_prefix=share_prefix))
+            _check(rules, engine.describe([Job(image, _prompts(rules)) for image in _images(3, 7)]))
+
+
+def test_constrained_tree_decoding_equals_generate_with_the_same_logits_processor(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """Each prompt alone through a plain `model.generate` with engine/grammar.py's processor: the answers the
+    tree gives for all prompts of the image together."""
+    from transformers import LogitsProcessorList
+
+    from autocaption.engine.grammar import GrammarProcessor
+    from tests.test_engine import reference_model
+
+    rules = [rule for rule in _rules(tmp_path) if rule.when is None]
+    engine: Any = load_engine(ModelConfig(id=str(tiny_model), batch_size=8))
+    images = _images(2, 11)
+    tree = engine.describe([Job(image, _prompts(tuple(rules))) for image in images])
+    processor, model = reference_model(tiny_model)
+    for image, answers in zip(images, tree, strict=True):
+        for rule, answer in zip(rules, answers, strict=True):
+            content = [{"type": "image"}, {"type": "text", "text": rule.prompt.source}]
+            text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+            inputs = processor(images=image, text=text, return_tensors="pt")
+            masks = engine._masks([Prompt("", rule.max_new_tokens, structure=rule.structure)])
+            with torch.inference_mode():
+                out = model.generate(**inputs, max_new_tokens=rule.max_new_tokens, do_sample=False,
+                                     logits_processor=LogitsProcessorList(
+                                         [GrammarProcessor(masks, inputs["input_ids"].shape[1])]))  # fmt: skip
+            assert processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True) == answer.text
+
+
+def test_a_gated_rule_costs_no_second_prefill_and_answers_as_if_asked_alone(tiny_model: Path, tmp_path: Path) -> None:
+    """Vision tower runs counted: one per image, gated rules or not. The gated answer, continued from the
+    kept prefix in a second round, is the answer the same prompt gets asked in the first round."""
+    text = RULES.replace("is: no", "in: [yes, no]")  # the random model's choice either way: always asked
+    rules = _rules(tmp_path, text)
+    engine: Any = load_engine(ModelConfig(id=str(tiny_model), batch_size=16))
+    calls = []
+    tower = engine.model.model.vision_tower
+    handle = tower.register_forward_hook(lambda *args: calls.append(1))
+    images = _images(4, 3)
+    gated = engine.describe([Job(image, _prompts(rules)) for image in images])
+    handle.remove()
+    assert len(calls) == len(images)  # one prefill each: the gated round continued from the kept prefix
+    ungated = (*_prompts(rules[:4]), Prompt(rules[4].prompt.source, 200, structure=rules[4].structure))
+    plain = engine.describe([Job(image, ungated) for image in images])
+    assert [[a.text for a in per] for per in gated] == [[a.text for a in per] for per in plain]
+    assert all(per[4].skipped is None for per in gated)
+
+
+# --- the remote engine -----------------------------------------------------------------------------------------
+
+
+def test_the_remote_engine_sends_each_structure_as_a_json_schema_and_checks_the_answer(tmp_path: Path) -> None:
+    rules = _rules(tmp_path)
+    with stub_server() as server:
+        server.mode = "structured"
+        engine: Any = load_engine(ModelConfig(engine="openai", id="stub-model", base_url=server.base_url, retries=0))
+        answers = engine.describe([Job(image, _prompts(rules)) for image in _images(2, 5)])
+        _check(rules, answers)
+        formats: list[Any] = [body.get("response_format") for body in server.bodies if "messages" in body]
+        assert formats[0]["json_schema"]["schema"]["properties"]["answer"] == {"type": "string", "enum": ["yes", "no"]}
+        assert answers[0][0].text == "yes" and answers[0][4].skipped == "blurry is not no"  # the gate, remotely
+        assert len(formats) == 2 * 4  # the gated rule not asked
+        engine.close()
+
+
+# --- from the CLI to the photo ---------------------------------------------------------------------------------
+
+
+def test_process_writes_values_to_the_sidecar_and_keywords_into_the_photo(
+    make_config: Callable[..., Path], run_cli: RunCli, tmp_path: Path, corpus: Path
+) -> None:
+    from tests.exiftool import tags
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("Canon_40D.jpg", "Nikon_D70.jpg"):
+        (photos / name).write_bytes((corpus / "jpg/camera" / name).read_bytes())
+    (tmp_path / "terms.txt").write_text("\n".join(VOCABULARY), encoding="utf-8")
+    config = make_config(textwrap.dedent(RULES.split("rules:\n", 1)[1]).replace("VOCAB", str(tmp_path / "terms.txt")))
+    result = run_cli("process", "--config", str(config), str(photos))
+    assert result.returncode == 0, result.stderr
+    for photo in photos.glob("*.jpg"):
+        rules = json.loads(photo.with_name(photo.name + ".json").read_text())["rules"]
+        keywords = rules["keywords"]["value"]
+        assert isinstance(keywords, list) and keywords[0] == "archive"
+        assert rules["keywords"]["answer"] == ", ".join(keywords)
+        assert isinstance(rules["scene"]["value"], dict) and rules["blurry"]["value"] in ("yes", "no")
+        assert ("skipped" in rules["sharp-detail"]) == (rules["blurry"]["value"] == "yes")
+        subjects = tags(photo)[photo].get("XMP-dc:Subject")
+        assert (subjects if isinstance(subjects, list) else [subjects]) == keywords
+    check = run_cli("check", "--config", str(config))
+    assert "a list of 5-12 distinct items, each of at most 2 words, always with archive" in check.stdout
+    assert "(only when blurry is no)" in check.stdout
+
+
+def test_an_answer_a_server_gives_outside_the_rule_fails_the_photo_with_one_line(
+    make_config: Callable[..., Path], run_cli: RunCli, tmp_path: Path, corpus: Path
+) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.jpg").write_bytes((corpus / "jpg/camera/Canon_40D.jpg").read_bytes())
+    before = (photos / "a.jpg").read_bytes()
+    with stub_server() as server:  # "ok": the fox sentence, whatever the schema says
+        model = f"{{engine: openai, id: stub-model, base_url: '{server.base_url}', retries: 0}}"
+        config = make_config(
+            "- {name: blurry, prompt: 'Blurry?', choice: [yes, no], write: keywords}", model_line=model
+        )
+        result = run_cli("process", "--config", str(config), str(photos))
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if "a.jpg" in line]
+    why = "rule blurry: the answer 'A red fox in the snow' is not one of yes, no; nothing written"
+    assert lines == [f"autocaption: error: {photos / 'a.jpg'}: {why}"], result.stderr
+    assert (photos / "a.jpg").read_bytes() == before and not (photos / "a.jpg.json").exists()
