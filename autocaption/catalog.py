@@ -13,7 +13,7 @@ import math
 import re
 import sqlite3
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from autocaption.config import Config
 from autocaption.errors import ConfigError
 from autocaption.journal import DONE, EDITED, FAILED, QUEUED, RETRY, Journal
 from autocaption.paths import display, from_db
+from autocaption.structure import Choice, Keywords
 
 # What the page calls a status, and the journal's statuses behind it.
 STATUSES = {"described": (DONE,), "failed": (FAILED,), "queued": (QUEUED, RETRY)}
@@ -44,6 +45,8 @@ class Image:
         person = (self.edited or "").split("\n", 1)[0]
         return person or next(iter(self.answers.values()), "")
 
+
+Wheres = tuple[tuple[str, str], ...]  # (rule, answer): photos whose structured answer is (or holds) it
 
 # A query in parts: each part's tokens, and whether it is a word (its last token a prefix) or a quoted phrase.
 Parts = list[tuple[list[str], bool]]
@@ -106,7 +109,7 @@ class Catalog:
 
     def page(
         self, *, query: str = "", status: str = "", rule: str = "", folder: str = "", page: int = 1, per_page: int = 60,
-        after: str = "",
+        after: str = "", values: Wheres = (),
     ) -> Page:  # fmt: skip
         """One page of images, newest first, with the filters the page offers. `after` (a page's `next`)
         starts where that page ended, read from the index however deep (OFFSET reads and drops every row
@@ -119,7 +122,7 @@ class Catalog:
         expression = match_expression(query) if query else None
         if query and expression is None:
             return Page(0, [])  # words without letters or digits match nothing
-        where, parameters = self._filters(status, rule, folder)
+        where, parameters = self._filters(status, rule, folder, values)
         offset = max(page, 1) - 1
         if expression is not None:
             narrow = self._narrow(status, rule, folder, NARROW)
@@ -350,11 +353,21 @@ class Catalog:
                 return "SELECT rowid FROM images WHERE path >= ? AND path < ?", bounds
         return None
 
+    def admits(self, ids: list[int], where: Wheres) -> set[int]:
+        """Which of these images have every structured answer `where` asks for."""
+        if not ids:
+            return set()
+        clauses, parameters = _answered(where)
+        marks = ",".join("?" * len(ids))
+        return {row[0] for row in self.journal.rows(
+            f"SELECT rowid FROM images WHERE rowid IN ({marks}) AND {' AND '.join(clauses or ['1'])}",
+            [*ids, *parameters])}  # fmt: skip
+
     @staticmethod
-    def _filters(status: str, rule: str, folder: str) -> tuple[str, list[object]]:
+    def _filters(status: str, rule: str, folder: str, values: Wheres = ()) -> tuple[str, list[object]]:
         """Conditions on `images` (each read per row, never a set gathered first); words are `_matching`'s."""
-        clauses: list[str] = ["1"]
-        parameters: list[object] = []
+        clauses, parameters = _answered(values)
+        clauses.insert(0, "1")
         if status in STATUSES:
             kinds = STATUSES[status]
             clauses.append(f"images.status IN ({','.join('?' * len(kinds))})")
@@ -368,6 +381,44 @@ class Catalog:
                            " AND ruled.rule = ?)")  # fmt: skip
             parameters.append(rule)
         return " AND ".join(clauses), parameters
+
+
+def _answered(where: Wheres) -> tuple[list[str], list[object]]:
+    """`rule=value` conditions on images: that rule's answer is the value (a choice), or holds it among its
+    items (a list, stored as "a, b, c"), letter case aside. Read by the answers' key (image_id, rule)."""
+    clauses: list[str] = []
+    parameters: list[object] = []
+    for rule, value in where:
+        escaped = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        clauses.append("EXISTS (SELECT 1 FROM answers AS valued WHERE valued.image_id = images.rowid"
+                       " AND valued.rule = ? AND (valued.answer = ? COLLATE NOCASE"
+                       " OR ', ' || valued.answer || ', ' LIKE ? ESCAPE '\\'))")  # fmt: skip
+        parameters += [rule, value, f"%, {escaped}, %"]
+    return clauses, parameters
+
+
+def wheres(config: Config, given: Sequence[str]) -> Wheres:
+    """`--where blurry=yes` (or the API's `?blurry=yes`) checked against the rules: a rule with a choice or a
+    list, and for a choice one of its options (spelled as the rule spells it)."""
+    rules = {rule.name: rule for rule in config.rules}
+    found = []
+    for text in given:
+        name, equals, value = text.partition("=")
+        rule = rules.get(name.strip())
+        if not equals or not value.strip():
+            raise ConfigError(f"--where {text}: write RULE=ANSWER, e.g. blurry=yes")
+        if rule is None:
+            raise ConfigError(f"--where {text}: no rule {name!r} in {display(config.source)}")
+        value = value.strip()
+        if isinstance(rule.structure, Choice):
+            option = next((o for o in rule.structure.options if o.casefold() == value.casefold()), None)
+            if option is None:
+                raise ConfigError(f"--where {text}: {name} answers one of {', '.join(rule.structure.options)}")
+            value = option
+        elif not isinstance(rule.structure, Keywords):
+            raise ConfigError(f"--where {text}: rule {name} answers in free text or JSON; search its words instead")
+        found.append((rule.name, value))
+    return tuple(found)
 
 
 def _folded(word: str) -> str:
@@ -454,14 +505,29 @@ def _cursor(after: str) -> tuple[float, int] | None:
     return (moment, int(rowid)) if math.isfinite(moment) else None
 
 
-def search(config: Config, query: str, *, rule: str = "", limit: int = 50) -> list[Hit]:
-    """`autocaption search`: the journal opened read-only (the daemon may be writing it)."""
+def search(config: Config, query: str, *, rule: str = "", limit: int = 50, where: Sequence[str] = ()) -> list[Hit]:
+    """`autocaption search`: the journal opened read-only (the daemon may be writing it). With `where`
+    (`blurry=yes`), each photo once: those whose answers hold every value, by the words when there are any
+    (the best hit of each photo), else newest first."""
     names = [r.name for r in config.rules]
     if rule and rule not in names:
         raise ConfigError(f"--rule {rule}: no rule of that name in {display(config.source)} ({', '.join(names)})")
+    valued = wheres(config, where)
     journal = Journal(config.state.dir, read_only=True)
     try:
-        return Catalog(journal).search(query, rule=rule, limit=limit)
+        catalog = Catalog(journal)
+        if not valued:
+            return catalog.search(query, rule=rule, limit=limit)
+        if not query.strip():
+            page = catalog.page(rule=rule, values=valued, per_page=limit)
+            return [Hit(image, valued[0][0], image.answers.get(valued[0][0], ""), 0.0) for image in page.images]
+        hits = catalog.search(query, rule=rule, limit=RANKED)
+        admitted = catalog.admits(sorted({hit.image.id for hit in hits}), valued)
+        once: dict[int, Hit] = {}
+        for hit in hits:  # best first: each photo's best hit is its first
+            if hit.image.id in admitted:
+                once.setdefault(hit.image.id, hit)
+        return list(once.values())[:limit]
     except sqlite3.OperationalError as exc:
         raise ConfigError(
             f"state.dir: {journal.path}: no search index yet ({exc}); run `autocaption process` or the daemon once"

@@ -143,20 +143,30 @@ def doctor(config_path: Path | None) -> None:
 
 @cli.command()
 @config_option
-@click.argument("query")
+@click.argument("query", default="")
 @click.option("--rule", default="", help="Only this rule's answers.")
+@click.option(
+    "--where",
+    "where",
+    multiple=True,
+    metavar="RULE=ANSWER",
+    help="Only photos whose choice or list rule answered this (blurry=yes, keywords=beach); repeatable.",
+)
 @click.option("--json", "as_json", is_flag=True, help="JSON, for scripts.")
-def search(config_path: Path, query: str, rule: str, as_json: bool) -> None:
+def search(config_path: Path, query: str, rule: str, where: tuple[str, ...], as_json: bool) -> None:
     """Search the answers (every word, best match first); exit 1 when nothing matches."""
     from autocaption.catalog import render_hits
     from autocaption.catalog import search as find
 
-    hits = find(load(config_path), query, rule=rule)
+    if not query.strip() and not where:
+        raise click.UsageError("give words to search for, or --where RULE=ANSWER, or both")
+    hits = find(load(config_path), query, rule=rule, where=where)
     if hits or as_json:
         click.echo(render_hits(hits, as_json=as_json, bold=sys.stdout.isatty()))
     if not hits:
         if not as_json:
-            click.echo(f"autocaption: nothing matches {query!r}", err=True)
+            asked = " and ".join([repr(query)] * bool(query.strip()) + list(where))
+            click.echo(f"autocaption: nothing matches {asked}", err=True)
         raise SystemExit(ExitCode.FAILURES)
 
 

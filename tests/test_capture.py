@@ -79,8 +79,9 @@ def _fake_cuda(engine: Any) -> Iterator[Any]:
 
 
 def _fake_step_problems(
-    tiny_model: Path, step: Any, *, widths: list[int], window: int | None, dtype: torch.dtype = torch.float32
-) -> list[str]:
+    tiny_model: Path, step: Any, *, widths: list[int], window: int | None, dtype: torch.dtype = torch.float32,
+    masked: bool = False,
+) -> list[str]:  # fmt: skip
     """Build a bucketed decode state on fake CUDA, run the branches' prompt forward and the first record
     as `TreeDecoder.run` does, then watch one `step(state, forward)`."""
     engine: Any = load_engine(ModelConfig(id=str(tiny_model)))
@@ -113,6 +114,11 @@ def _fake_step_problems(
         logits = engine._forward(ids, positions, mask, state.cache)
         state.tokens.copy_(logits[lasts[0], lasts[1]].argmax(-1).view(state.rows, state.width))
         tree_module._record(state)
+        if masked:  # a constrained batch: the host's masks staged into the state's buffer, as run() does
+            vocabulary = logits.shape[-1]
+            masks = torch.full((sum(widths), (vocabulary + 31) // 32), -1, dtype=torch.int32)
+            masks[0, 0] = 0b1010  # one branch held to two tokens
+            tree_module._Rows(images, state).stage(state, masks, vocabulary)
         watch = _Watch()
         with watch:
             step(state, engine._forward)
@@ -122,19 +128,21 @@ def _fake_step_problems(
 
 @needs_cuda_build
 @pytest.mark.parametrize(
-    ("widths", "window", "dtype"),
-    [([2, 1, 3], None, torch.float32), ([1], None, torch.float32), ([2, 2], 48, torch.float32),
-     ([2, 1, 3], None, torch.bfloat16)],
-    ids=["three-images-of-1-to-3-rules", "one-image-one-rule", "sliding-window-reached", "bfloat16"],
+    ("widths", "window", "dtype", "masked"),
+    [([2, 1, 3], None, torch.float32, False), ([1], None, torch.float32, False), ([2, 2], 48, torch.float32, False),
+     ([2, 1, 3], None, torch.bfloat16, False), ([2, 1, 3], None, torch.bfloat16, True)],
+    ids=["three-images-of-1-to-3-rules", "one-image-one-rule", "sliding-window-reached", "bfloat16",
+         "constrained-by-a-grammar"],
 )  # fmt: skip
 def test_a_decode_step_on_fake_cuda_passes_no_host_tensor_and_reads_nothing_back(
-    tiny_model: Path, widths: list[int], window: int | None, dtype: torch.dtype
+    tiny_model: Path, widths: list[int], window: int | None, dtype: torch.dtype, masked: bool
 ) -> None:
     """What makes a CUDA/HIP graph capture fail, found without a GPU: the whole step (mask update, the
     model's forward through the tree attention, argmax, end checks, the record) on fake CUDA tensors.
     What it cannot see: fake CUDA runs sdpa as its math decomposition, so the fused kernels a GPU picks
     (flash, memory-efficient, cuDNN) are not what is checked here, nor torch.compile's output."""
-    assert _fake_step_problems(tiny_model, tree_module._step, widths=widths, window=window, dtype=dtype) == []
+    step = (lambda state, forward: tree_module._step(state, forward, True)) if masked else tree_module._step
+    assert _fake_step_problems(tiny_model, step, widths=widths, window=window, dtype=dtype, masked=masked) == []
 
 
 @needs_cuda_build

@@ -9,6 +9,7 @@ with the same logits processor; a gated rule is decoded from its image's one pre
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -304,6 +305,55 @@ def test_process_writes_values_to_the_sidecar_and_keywords_into_the_photo(
     check = run_cli("check", "--config", str(config))
     assert "a list of 5-12 distinct items, each of at most 2 words, always with archive" in check.stdout
     assert "(only when blurry is no)" in check.stdout
+    _search_by_values(config, photos, run_cli)
+
+
+def _search_by_values(config: Path, photos: Path, run_cli: RunCli) -> None:
+    """`search --where`, the API's `?rule=answer` and the page's badges and chips, from the journal `process`
+    filled."""
+    from autocaption.config import load
+    from autocaption.journal import Journal
+    from autocaption.review import Review
+    from autocaption.web.app import create_app
+
+    values = {photo.name: json.loads(photo.with_name(photo.name + ".json").read_text())["rules"]
+              for photo in photos.glob("*.jpg")}  # fmt: skip
+    every = run_cli("search", "--config", str(config), "--where", "keywords=ARCHIVE", "--json")
+    assert sorted(Path(hit["path"]).name for hit in json.loads(every.stdout)) == sorted(values)  # each photo once
+    for answer in ("yes", "no"):
+        wanted = sorted(name for name, rules in values.items() if rules["blurry"]["value"] == answer)
+        found = run_cli("search", "--config", str(config), "--where", f"blurry={answer}", "--json")
+        assert sorted(Path(hit["path"]).name for hit in json.loads(found.stdout)) == wanted
+        assert found.returncode == (0 if wanted else 1)
+    first, rules = next(iter(values.items()))
+    item = rules["keywords"]["value"][1]
+    word = re.match(r"[^\W_]+", item)
+    assert word is not None
+    both = run_cli("search", "--config", str(config), word.group(), "--where", f"keywords={item}", "--json")
+    hits = json.loads(both.stdout)  # words and values: the photos with both, each once
+    assert first in [Path(hit["path"]).name for hit in hits] and len({hit["path"] for hit in hits}) == len(hits)
+    assert all(item in values[Path(hit["path"]).name]["keywords"]["value"] for hit in hits)
+    wrong = run_cli("search", "--config", str(config), "--where", "blurry=maybe")
+    assert wrong.returncode == 2 and "--where blurry=maybe: blurry answers one of yes, no" in wrong.stderr
+    text = run_cli("search", "--config", str(config), "--where", "scene=day")
+    assert "rule scene answers in free text or JSON" in text.stderr
+    loaded = load(config)
+    journal = Journal(loaded.state.dir)
+    try:
+        client = create_app(loaded, Review(loaded, journal), "token-0123456789abcdef").test_client()
+        headers = {"Authorization": "Bearer token-0123456789abcdef"}
+        answer = rules["blurry"]["value"]
+        listed = client.get("/api/images", query_string={"blurry": answer}, headers=headers).json["images"]
+        assert first in {Path(image["path"]).name for image in listed}
+        assert all(image["answers"]["blurry"] == answer for image in listed)
+        assert client.get("/api/images", query_string={"blurry": "maybe"}, headers=headers).status_code == 400
+        page = client.get("/", query_string={"blurry": answer}, headers=headers).get_data(as_text=True)
+        assert 'class="badge"' in page and f"blurry: {answer}" in page
+        image_id = next(image["id"] for image in listed if Path(image["path"]).name == first)
+        shown = client.get(f"/images/{image_id}", headers=headers).get_data(as_text=True)
+        assert f'<li class="chip">{rules["keywords"]["value"][0]}</li>' in shown
+    finally:
+        journal.close()
 
 
 def test_an_answer_a_server_gives_outside_the_rule_fails_the_photo_with_one_line(

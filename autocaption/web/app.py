@@ -20,9 +20,9 @@ from typing import Any
 from flask import Flask, Response, abort, current_app, jsonify, redirect, render_template, request, url_for
 from werkzeug.exceptions import HTTPException
 
-from autocaption.catalog import STATUSES, Catalog, Image
+from autocaption.catalog import STATUSES, Catalog, Image, wheres
 from autocaption.config import Config
-from autocaption.errors import WriteError
+from autocaption.errors import ConfigError, WriteError
 from autocaption.journal import JournalDamaged, JournalFull
 from autocaption.paths import display
 from autocaption.review import PREVIEW, THUMBNAIL, Conflict, Detail, NotFound, Review, keywords_from
@@ -130,18 +130,22 @@ def grid() -> str:
     after = request.args.get("after", "")
     page = site.catalog.page(**filters, page=_page(), per_page=PER_PAGE, after=after)
     pages = max(1, math.ceil(page.total / PER_PAGE)) + (1 if page.capped else 0)  # "of 167+"
+    args = {"q": filters["query"], "status": filters["status"], "rule": filters["rule"], "folder": filters["folder"],
+            **dict(filters["values"])}  # what the page links keep  # fmt: skip
     return render_template(
         "grid.html", page=page, filters=filters, number=_page(), pages=pages, statuses=list(STATUSES),
         rules=[rule.name for rule in site.config.rules], folders=[str(w.path) for w in site.config.watch],
-        token=site.token, read_only=site.read_only, caption=_caption, when=_when, after=after,
+        token=site.token, read_only=site.read_only, caption=_caption, when=_when, after=after, args=args,
+        badges=_badges(site.config),
     )  # fmt: skip
 
 
 def detail(image_id: int) -> str:
     site = _site()
     found = site.review.detail(image_id)
+    kinds = {rule.name: rule.structure.kind for rule in site.config.rules if rule.structure is not None}
     return render_template("detail.html", detail=found, token=site.token, read_only=site.read_only, when=_when,
-                           current=_current(found))  # fmt: skip
+                           current=_current(found), kinds=kinds)  # fmt: skip
 
 
 PAGES = (("/", grid, ["GET"]), ("/images/<int:image_id>", detail, ["GET"]))
@@ -246,12 +250,23 @@ def _page() -> int:
     return max(_integer("page", 1), 1)
 
 
-def _filters() -> dict[str, str]:
+def _filters() -> dict[str, Any]:
     status = request.args.get("status", "")
     if status and status not in STATUSES:
         abort(400, f"status must be one of {', '.join(STATUSES)}")
-    return {name: request.args.get(key, "") for name, key in
-            (("query", "q"), ("rule", "rule"), ("folder", "folder"))} | {"status": status}  # fmt: skip
+    named = {name: request.args.get(key, "") for name, key in (("query", "q"), ("rule", "rule"), ("folder", "folder"))}
+    return named | {"status": status, "values": _values()}
+
+
+def _values() -> tuple[tuple[str, str], ...]:
+    """`?blurry=yes&keywords=beach`: a choice or list rule's name as a parameter filters by its answer."""
+    config = _site().config
+    valued = [rule for rule in config.rules if rule.structure is not None and rule.structure.kind != "json"]
+    named = [f"{rule.name}={request.args[rule.name]}" for rule in valued if request.args.get(rule.name)]
+    try:
+        return wheres(config, named)
+    except ConfigError as exc:
+        abort(400, str(exc).removeprefix("--where "))
 
 
 def _summary(image: Image) -> dict[str, Any]:
@@ -284,6 +299,11 @@ def _current(detail: Detail) -> dict[str, Any]:
         "by": "person" if isinstance(edited, dict) else "model",
         "sha256": detail.sha256,
     }
+
+
+def _badges(config: Config) -> list[str]:
+    """The choice rules, whose answers a card shows as badges (blurry: no)."""
+    return [rule.name for rule in config.rules if rule.structure is not None and rule.structure.kind == "choice"]
 
 
 def _caption(image: Image) -> str:
