@@ -24,7 +24,7 @@ from autocaption.errors import ConfigError, EngineError, ImageError, ServerUnrea
 from autocaption.images import Picture, open_picture
 from autocaption.locks import PhotoLocks
 from autocaption.paths import display, text
-from autocaption.structure import AnswerInvalid, shown
+from autocaption.structure import AnswerInvalid, Keywords, shown
 from autocaption.textclean import clean_answer
 from autocaption.writers.metadata import Caption, MetadataWriter, WriteRecord
 from autocaption.writers.policy import split_keywords
@@ -450,9 +450,13 @@ def caption_of(results: Sequence[sidecar.RuleResult]) -> Caption:
     """The first `description` rule's answer and every `keywords` rule's words, in rule order."""
     description = next((r.answer for r in results if "description" in r.rule.write and r.answer), None)
     keywords: dict[str, str] = {}
+    paths: dict[str, str] = {}
     for result in results:
         if "keywords" in result.rule.write and result.skipped is None:
             words = result.value if isinstance(result.value, list) else split_keywords(result.answer)
             for word in words:
                 keywords.setdefault(str(word).casefold(), str(word))
-    return Caption(description, tuple(keywords.values()), asked=any(result.rule.write for result in results))
+            if isinstance(result.rule.structure, Keywords) and isinstance(result.value, list):
+                paths.update((path.casefold(), path) for path in result.rule.structure.paths(result.value))
+    return Caption(description, tuple(keywords.values()), asked=any(result.rule.write for result in results),
+                   paths=tuple(paths.values()))  # fmt: skip

@@ -374,3 +374,44 @@ def test_an_answer_a_server_gives_outside_the_rule_fails_the_photo_with_one_line
     why = "rule blurry: the answer 'A red fox in the snow' is not one of yes, no; nothing written"
     assert lines == [f"autocaption: error: {photos / 'a.jpg'}: {why}"], result.stderr
     assert (photos / "a.jpg").read_bytes() == before and not (photos / "a.jpg.json").exists()
+
+
+def test_vocabulary_keywords_go_into_the_hierarchy_beside_a_persons(
+    make_config: Callable[..., Path], run_cli: RunCli, tmp_path: Path, corpus: Path
+) -> None:
+    """`Parent|Child` vocabulary lines: the item is written to dc:subject, its paths to lr:hierarchicalSubject
+    (made when the photo has none), a person's hierarchy kept, and the next run's paths replace ours only."""
+    import subprocess
+
+    from tests.exiftool import require, tags
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.jpg").write_bytes((corpus / "jpg/camera/Canon_40D.jpg").read_bytes())
+    (photos / "b.jpg").write_bytes((corpus / "jpg/camera/Nikon_D70.jpg").read_bytes())
+    subprocess.run([require(), "-q", "-overwrite_original", "-XMP-lr:HierarchicalSubject=People|Anna",
+                    "-XMP-dc:Subject=Anna", str(photos / "b.jpg")], check=True)  # fmt: skip
+    (tmp_path / "terms.txt").write_text("\n".join(VOCABULARY), encoding="utf-8")
+    terms_file = tmp_path / "terms.txt"
+    config = make_config(f"- {{name: animals, prompt: Animals, list: {{min: 2, max: 3, vocabulary: '{terms_file}'}}, "
+                         "write: keywords}")  # fmt: skip
+    assert run_cli("process", "--config", str(config), str(photos)).returncode == 0
+    terms = {term.text: term.paths for term in vocabulary_lines(VOCABULARY)}
+    for photo, theirs in ((photos / "a.jpg", []), (photos / "b.jpg", ["People|Anna"])):
+        value = json.loads(photo.with_name(photo.name + ".json").read_text())["rules"]["animals"]["value"]
+        found = tags(photo)[photo]
+        assert _listed(found, "XMP-dc:Subject") == ["Anna"] * bool(theirs) + value
+        ours = [path for item in value for path in terms[item]] + [item for item in value if not terms[item]]
+        assert sorted(_listed(found, "XMP-lr:HierarchicalSubject")) == sorted(theirs + ours)
+    # the vocabulary loses its hierarchy: our paths go, the person's stay
+    terms_file.write_text("\n".join(line.rsplit("|", 1)[-1] for line in VOCABULARY), encoding="utf-8")
+    assert run_cli("process", "--config", str(config), "--force", str(photos)).returncode == 0
+    for photo, theirs in ((photos / "a.jpg", []), (photos / "b.jpg", ["People|Anna"])):
+        value = json.loads(photo.with_name(photo.name + ".json").read_text())["rules"]["animals"]["value"]
+        assert sorted(_listed(tags(photo)[photo], "XMP-lr:HierarchicalSubject")) == sorted(theirs + value)
+
+
+def _listed(found: dict[str, Any], name: str) -> list[Any]:
+    """exiftool's JSON gives a one-item list as the item."""
+    value = found.get(name)
+    return value if isinstance(value, list) else [value]

@@ -51,6 +51,7 @@ class Caption:
     # A person's correction (the review page): written as given — description and the whole keyword list —
     # and not marked as autocaption's, so later runs keep it under `existing: keep`.
     person: bool = False
+    paths: tuple[str, ...] = ()  # the keywords' places in a hierarchy ("Animals|Dog"): lr:hierarchicalSubject
 
     @property
     def empty(self) -> bool:
@@ -230,7 +231,7 @@ class MetadataWriter:
             applied.notes = (applied.notes[0], "removed: autocaption's earlier keywords (no rule writes keywords)")
         if caption.keywords:
             applied.keywords, owned = policy.merge_keywords(found.keywords, found.own_keywords, caption.keywords)
-            xmp.set_keywords(packet, applied.keywords, owned)
+            xmp.set_keywords(packet, applied.keywords, owned, paths=caption.paths)
             applied.notes = (applied.notes[0], "written")
         return applied
 

@@ -359,22 +359,29 @@ def set_description(packet: Packet, text: str, own: str | None) -> None:
     _set_text(packet, _OWN + "Description", own)
 
 
-def set_keywords(packet: Packet, keywords: Sequence[str], own: Sequence[str], *, person: bool = False) -> None:
+def set_keywords(packet: Packet, keywords: Sequence[str], own: Sequence[str], *, person: bool = False,
+                 paths: Sequence[str] = ()) -> None:  # fmt: skip
     """dc:subject = keywords; remember `own` as ours. Where the file has Lightroom's hierarchical keywords,
     ours are added there too as top-level entries (Immich and Lightroom ignore dc:subject when
     lr:hierarchicalSubject is present), replacing exactly the ones we added last time; a person's stay, in
     any letter case. `person`: the keywords are a person's whole list (the review page): the hierarchy's
-    top-level entries become that list, its `a|b` paths stay."""
+    top-level entries become that list, its `a|b` paths stay. `paths`: our keywords' places in a hierarchy
+    (`Animals|Dog`, from a rule's vocabulary): written there instead of the bare keyword, the hierarchy made
+    when the file has none (holding every keyword of dc:subject too, or those readers would lose them)."""
     root = packet.root
     entries = _values(root, _LR + "hierarchicalSubject")
-    if entries is not None:
-        texts = [text for _, text in entries if text.strip()]
+    placed = {path.rsplit("|", 1)[-1].strip().casefold() for path in paths}
+    if entries is not None or paths:
+        texts = [text for _, text in entries or () if text.strip()]
         if person:
             kept = [entry for entry in texts if "|" in entry]
             added: Sequence[str] = keywords
         else:
             previous = {text for _, text in _values(root, _OWN + "Keywords") or ()}
-            kept, added = [entry for entry in texts if entry not in previous], own
+            kept = [entry for entry in texts if entry not in previous]
+            if entries is None:  # a new hierarchy: every keyword the photo shows, theirs too
+                kept = [word for word in keywords if word not in own]
+            added = [*paths, *(word for word in own if word.casefold() not in placed)]
         present = {entry.casefold() for entry in kept}
         _replace(packet, _LR + "hierarchicalSubject", "Bag",
                  kept + [word for word in added if word.casefold() not in present], lang=False)  # fmt: skip
@@ -382,8 +389,8 @@ def set_keywords(packet: Packet, keywords: Sequence[str], own: Sequence[str], *,
         _replace(packet, _DC + "subject", "Bag", keywords, lang=False)
     else:  # none left: no empty Bag (readers show it as an empty keyword)
         _remove(packet, _DC + "subject")
-    if own:
-        _replace(packet, _OWN + "Keywords", "Bag", own, lang=False)
+    if own:  # (our paths too: the next run replaces exactly those)
+        _replace(packet, _OWN + "Keywords", "Bag", [*own, *paths], lang=False)
     else:  # a person's keywords: none of them are autocaption's any more
         _remove(packet, _OWN + "Keywords")
 
