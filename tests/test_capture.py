@@ -119,6 +119,7 @@ def _fake_step_problems(
             masks = torch.full((sum(widths), (vocabulary + 31) // 32), -1, dtype=torch.int32)
             masks[0, 0] = 0b1010  # one branch held to two tokens
             tree_module._Rows(images, state).stage(state, masks, vocabulary)
+            state.logits = torch.empty_like(logits[:, :1].expand(state.rows, state.width, vocabulary))
         watch = _Watch()
         with watch:
             step(state, engine._forward)
@@ -141,8 +142,14 @@ def test_a_decode_step_on_fake_cuda_passes_no_host_tensor_and_reads_nothing_back
     model's forward through the tree attention, argmax, end checks, the record) on fake CUDA tensors.
     What it cannot see: fake CUDA runs sdpa as its math decomposition, so the fused kernels a GPU picks
     (flash, memory-efficient, cuDNN) are not what is checked here, nor torch.compile's output."""
-    step = (lambda state, forward: tree_module._step(state, forward, True)) if masked else tree_module._step
+    step = _constrained_step if masked else tree_module._step
     assert _fake_step_problems(tiny_model, step, widths=widths, window=window, dtype=dtype, masked=masked) == []
+
+
+def _constrained_step(state: Any, forward: Any) -> None:
+    """A constrained step as run() runs it: the forward, then the choice under the staged masks."""
+    tree_module._forward_step(state, forward)
+    tree_module._select(state)
 
 
 @needs_cuda_build

@@ -241,6 +241,26 @@ def test_constrained_tree_decoding_equals_generate_with_the_same_logits_processo
             assert processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True) == answer.text
 
 
+def test_a_compiled_constrained_step_gives_the_answers_of_the_eager_one(tiny_model: Path, tmp_path: Path) -> None:
+    """A constrained step runs in two halves (the forward; the choice under the masks) so the host works out
+    the next masks while the device runs the forward: both halves compiled whole (inductor, fixed shapes),
+    the answers of the eager step, and a second batch of the bucket compiles nothing more."""
+    import torch._dynamo
+
+    rules = tuple(rule for rule in _rules(tmp_path) if rule.when is None)
+    jobs = [Job(image, _prompts(rules)) for image in _images(2, 13)]
+    eager = [[a.text for a in per] for per in load_engine(ModelConfig(id=str(tiny_model), batch_size=8)).describe(jobs)]
+    torch._dynamo.reset()
+    engine: Any = load_engine(ModelConfig(id=str(tiny_model), batch_size=8, compile=True))
+    first = [[a.text for a in per] for per in engine.describe(jobs)]
+    if not engine.compile:
+        pytest.skip(f"torch {torch.__version__} cannot compile this transformers' forward: decoded uncompiled")
+    graphs = dict(torch._dynamo.utils.counters["stats"]).get("unique_graphs")
+    assert first == eager
+    assert [[a.text for a in per] for per in engine.describe(jobs[::-1])] == eager[::-1]
+    assert dict(torch._dynamo.utils.counters["stats"]).get("unique_graphs") == graphs
+
+
 def test_a_gated_rule_costs_no_second_prefill_and_answers_as_if_asked_alone(tiny_model: Path, tmp_path: Path) -> None:
     """Vision tower runs counted: one per image, gated rules or not. The gated answer, continued from the
     kept prefix in a second round, is the answer the same prompt gets asked in the first round."""

@@ -141,6 +141,7 @@ class _State:
         # before each step into this one buffer, so a captured step reads it at the same address every time.
         self.allow: torch.Tensor | None = None  # [rows, width, words] int32, made by the first constrained batch
         self.staged: torch.Tensor | None = None  # its host copy (pinned on a GPU: the copy does not block)
+        self.logits: torch.Tensor | None = None  # a constrained step's scores, between its forward and its choice
         self.bits = torch.arange(32, dtype=torch.int32, device=device)
         # Nothing here refers to the step's runner (TreeDecoder.runners holds it, and it holds this state):
         # dropping both frees the cache at once, without waiting for a garbage collection.
@@ -228,10 +229,8 @@ class TreeDecoder:
         key, state = self._state(len(images), layout.width, needed, images[0].layers)
         self.last_key = key
         if self._load(state, images, layout, longest):
-            self.runners.pop(key, None)  # the step changed (sliding window on or off): made again
-            self.runners.pop((*key, 1), None)
-        step_key = key if masks is None else (*key, 1)  # a constrained step is another graph
-        runner = self.runners.get(step_key)
+            self._forget_steps(key)  # the step changed (sliding window on or off): made again
+        runner = self.runners.get(key if masks is None else (key[0], key[1], 1))
         reused = runner is not None  # a steady-state batch: nothing compiled or captured for it
         ids, positions, mask, lasts = self._branch_queries(state, images, layout)
         logits = forward(ids, positions, mask, state.cache)
@@ -242,23 +241,24 @@ class TreeDecoder:
             if masks is not None and rows is not None:
                 rows.stage(state, masks.fill(), first.shape[-1])
                 first = _allowed(first, state)
+                if state.logits is None or state.logits.shape != first.shape or state.logits.dtype != first.dtype:
+                    state.logits = torch.empty_like(first)
+                    self._forget_steps(key)
             state.tokens.copy_(first.argmax(-1))
             _record(state)
-            if runner is None:
-                # The runner holds the state (a graph replays on its buffers); the state never holds the
-                # runner, so no reference cycle keeps either alive once the decoder drops them.
-                masked = masks is not None
-                runner = self.runners[step_key] = self.make_runner(lambda: _step(state, forward, masked))
             lookout = _Lookout(state.any_alive, self.lag)
             lookout.push()
-            while steps < longest - 1 and not lookout.ended() and not (cancel is not None and cancel.is_set()):
-                if masks is not None and rows is not None:
-                    # The host waits for each step here: the next mask depends on the token just chosen.
-                    masks.advance(*rows.read(state))
-                    rows.stage(state, masks.fill(), first.shape[-1])
-                runner()
-                lookout.push()
-                steps += 1
+            if masks is not None and rows is not None:
+                steps = self._constrained(key, state, forward, masks, rows, longest, lookout, cancel)
+            else:
+                if runner is None:
+                    # The runner holds the state (a graph replays on its buffers); the state never holds the
+                    # runner, so no reference cycle keeps either alive once the decoder drops them.
+                    runner = self.runners[key] = self.make_runner(lambda: _step(state, forward))
+                while steps < longest - 1 and not lookout.ended() and not (cancel is not None and cancel.is_set()):
+                    runner()
+                    lookout.push()
+                    steps += 1
         out = state.out[: len(images), :, :longest].tolist()  # the host's one wait for the device per batch
         held = sum(image.length + sum(map(len, image.branches)) + len(image.branches) * steps for image in images)
         self.last = Decoded(steps, state.bytes(), held * state.bytes() // (state.rows * state.slots), reused)
@@ -268,6 +268,30 @@ class TreeDecoder:
                 tokens = out[row][branch]
                 result.append(tokens[: tokens.index(-1)] if -1 in tokens else tokens)
         return result
+
+    def _constrained(self, key: tuple[int, int], state: _State, forward: Forward, masks: Masks, rows: _Rows,
+                     longest: int, lookout: _Lookout, cancel: threading.Event | None) -> int:  # fmt: skip
+        """The decode steps of a constrained batch, each in two graphs: the forward, then the choice under the
+        masks. The host reads the tokens just chosen, queues the next forward, and computes the next masks
+        while the device runs it: the grammar's time hides behind the forward instead of adding to it."""
+        forwarder = self.runners.get((key[0], key[1], 1))
+        if forwarder is None:
+            forwarder = self.runners[(key[0], key[1], 1)] = self.make_runner(lambda: _forward_step(state, forward))
+        selector = self.runners.get((key[0], key[1], 2))
+        if selector is None:
+            selector = self.runners[(key[0], key[1], 2)] = self.make_runner(lambda: _select(state))
+        assert state.logits is not None
+        vocabulary = state.logits.shape[-1]
+        steps = 0
+        while steps < longest - 1 and not lookout.ended() and not (cancel is not None and cancel.is_set()):
+            tokens, alive = rows.read(state)  # waits for the last choice
+            forwarder()  # queued: the device runs the forward while the host works out the masks
+            masks.advance(tokens, alive)
+            rows.stage(state, masks.fill(), vocabulary)
+            selector()
+            lookout.push()
+            steps += 1
+        return steps
 
     def kept_prefix(self, row: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The prefix the last batch decoded from in `row` (its first `length` slots), per layer: views of the
@@ -310,8 +334,12 @@ class TreeDecoder:
 
     def _drop(self, key: tuple[int, int]) -> None:
         self.states.pop(key, None)
-        self.runners.pop(key, None)  # its graph and its compiled step go with it
-        self.runners.pop((*key, 1), None)
+        self._forget_steps(key)  # its graphs and its compiled steps go with it
+
+    def _forget_steps(self, key: tuple[int, int]) -> None:
+        """A bucket's runners: its step, and a constrained step's two halves (see `_constrained`)."""
+        for step in (key, (key[0], key[1], 1), (key[0], key[1], 2)):
+            self.runners.pop(step, None)
 
     def _make_room(self, wanted: int) -> None:
         """Drop the states kept for other buckets when keeping them too would pass the memory budget."""
@@ -439,10 +467,29 @@ def _allowed(logits: torch.Tensor, state: _State) -> torch.Tensor:
     return logits.masked_fill(~keep, torch.finfo(logits.dtype).min)
 
 
-def _step(state: _State, forward: Forward, masked: bool = False) -> None:
+def _forward_step(state: _State, forward: Forward) -> None:
+    """A constrained decode step's first half: the forward, its scores kept in the state for `_select`."""
+    assert state.logits is not None
+    state.logits.copy_(_forward_only(state, forward))
+
+
+def _select(state: _State) -> None:
+    """A constrained decode step's second half: the best token each branch's mask allows, recorded."""
+    assert state.logits is not None
+    state.tokens.copy_(_allowed(state.logits, state).argmax(-1))
+    _advance(state)
+
+
+def _step(state: _State, forward: Forward) -> None:
     """One decode step, on the device only: what a compiled or captured step runs. Every operand is one of
     the state's device tensors or a Python number: a tensor made on the host (as `visible[...] = True`
     makes one: index_put_ then copies it over, with a synchronise) would make a CUDA graph capture fail."""
+    state.tokens.copy_(_forward_only(state, forward).argmax(-1))
+    _advance(state)
+
+
+def _forward_only(state: _State, forward: Forward) -> torch.Tensor:
+    """A step's scores: this step's mask columns opened, then the forward of every branch's last token."""
     slots = (state.base + state.step * state.width + state.branch).expand(state.rows, state.width)
     state.visible.scatter_(2, slots[:, :, None], True)  # this step's slot of each branch
     state.slot_positions.scatter_(1, slots, state.positions)
@@ -451,10 +498,10 @@ def _step(state: _State, forward: Forward, masked: bool = False) -> None:
         allowed = allowed & (state.positions[:, :, None] - state.slot_positions[:, None, :] < state.window)
     folded = state.mask.view(state.rows, state.groups, state.width, state.slots)
     folded.copy_(torch.where(allowed, state.open, state.shut)[:, None])
-    logits = forward(state.tokens, state.positions, state.mask, state.cache)
-    if masked:
-        logits = _allowed(logits, state)
-    state.tokens.copy_(logits.argmax(-1))
+    return forward(state.tokens, state.positions, state.mask, state.cache)
+
+
+def _advance(state: _State) -> None:
     state.positions.add_(1)
     state.step.add_(1)
     _record(state)
