@@ -88,7 +88,7 @@ def xgrammar_ebnf(structure: Any) -> str:
         items = " | ".join('"' + term.replace('"', '\\"') + '"' for term in sorted(structure.allowed_terms() or ()))
     else:
         word = WORD.replace(r"\p{L}\p{N}", "a-zA-Z0-9")
-        items = f"word (\" \" word){{0,{structure.words - 1}}}\nword ::= {word.replace('{0,31}', '*')}"
+        items = f'word (" " word){{0,{structure.words - 1}}}\nword ::= {word.replace("{0,31}", "*")}'
     return f'root ::= item (", " item){{{structure.own_min - 1},{structure.own_max - 1}}}\nitem ::= {items}\n'
 
 
@@ -112,7 +112,7 @@ def compile_times(tokenizer: Any, cases: dict[str, Any]) -> None:
         again = time.perf_counter() - started
         line = f"| {name} | llguidance {first * 1e3:.1f} / {again * 1e3:.2f}"
         if xgr is not None:
-            compiler, info = xgr
+            compiler, _ = xgr
             started = time.perf_counter()
             compiled = _xgrammar_compile(compiler, structure)
             x_first = time.perf_counter() - started
@@ -226,11 +226,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--skip-step", action="store_true", help="compile and mask times only")
     args = parser.parse_args()
-    import llguidance
+    from importlib.metadata import version
+
     import torch
 
     print(f"# bench/grammar.py — {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-          f"torch {torch.__version__}, llguidance {llguidance.__version__ if hasattr(llguidance, '__version__') else '?'}")  # fmt: skip
+          f"torch {torch.__version__}, llguidance {version('llguidance')}")  # fmt: skip
     tokenizer = bpe_tokenizer()
     cases = structures(vocabulary(5000))
     compile_times(tokenizer, cases)
