@@ -112,6 +112,7 @@ def plan_line(outcome: Described) -> str:
     sidecar = display(outcome.json_sidecar.name) if outcome.json_sidecar else "none"
     lines = [f"{display(outcome.path)}: would write {target}; JSON sidecar {sidecar}"]
     for result in outcome.results:
-        lines.append(f"  {result.rule.name}: {result.answer!r}")
+        answer = f"not asked ({result.skipped})" if result.skipped else repr(result.answer)
+        lines.append(f"  {result.rule.name}: {answer}")
     lines.append(f"  description: {written.description}; keywords: {written.keywords}")
     return "\n".join(lines)
