@@ -417,6 +417,8 @@ def wheres(config: Config, given: Sequence[str]) -> Wheres:
             value = option
         elif not isinstance(rule.structure, Keywords):
             raise ConfigError(f"--where {text}: rule {name} answers in free text or JSON; search its words instead")
+        elif "," in value:
+            raise ConfigError(f"--where {text}: one item at a time (an item has no comma); repeat --where for more")
         found.append((rule.name, value))
     return tuple(found)
 

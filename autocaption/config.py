@@ -506,6 +506,8 @@ def _template(node: _Node) -> PromptTemplate:
 
 
 STRUCTURES = ("choice", "list", "json")
+# The review page's own query parameters: a choice or list rule's name is one too (`?blurry=yes`).
+RESERVED = frozenset({"q", "rule", "folder", "status", "page", "per_page", "after", "token"})
 
 
 def _rule(node: _Node, base: Path) -> Rule:
@@ -526,14 +528,27 @@ def _rule(node: _Node, base: Path) -> Rule:
             _json(k[kind], base))  # fmt: skip
         if "strip_prefixes" in k:
             raise k["strip_prefixes"].fail(f"applies to free-text answers; a {given[0]} answer has no prefix")
+    if "when" in k and k["when"].node.tag == "tag:yaml.org,2002:null":
+        raise k["when"].fail("has no value; write {rule: NAME, is: ANSWER} (or leave the key out)")
+    if isinstance(structure, (Choice, Keywords)) and name in RESERVED:
+        raise k["name"].fail(f"{name!r} is a parameter of the review page's addresses, where a choice or list "
+                             "rule's name filters by its answer; choose another name")  # fmt: skip
+    tokens = _optional(k, "max_new_tokens", lambda n: n.integer(minimum=1, maximum=4096), 200)
+    if isinstance(structure, Keywords) and tokens < 4 * structure.own_min:
+        at = k["max_new_tokens"] if "max_new_tokens" in k else k[given[0]]
+        raise at.fail(f"{structure.own_min} items need about {4 * structure.own_min} tokens; "
+                      f"max_new_tokens is {tokens}")  # fmt: skip
+    write: frozenset[str] = _optional(k, "write", _targets, frozenset())
+    if isinstance(structure, JsonAnswer) and "keywords" in write:
+        raise k["write"].fail("a json answer cannot be written as keywords (a list rule can)")
     return Rule(
         name=name,
         prompt=_template(k["prompt"]),
         match=_optional(k, "match", _Node.globs, GlobSet.of(["**/*"])),
-        max_new_tokens=_optional(k, "max_new_tokens", lambda n: n.integer(minimum=1, maximum=4096), 200),
+        max_new_tokens=tokens,
         system=_optional(k, "system", lambda n: n.text(), None),
         strip_prefixes=_optional(k, "strip_prefixes", _Node.texts, ()),
-        write=_optional(k, "write", _targets, frozenset()),
+        write=write,
         structure=structure,
         when=_optional(k, "when", _gate, None),
         system_where=k["system"].where if "system" in k else "",
@@ -546,8 +561,8 @@ def _choice(node: _Node) -> Choice:
         raise node.fail("a choice needs at least two options")
     if len({option.casefold() for option in options}) != len(options):
         raise node.fail("options must differ (letter case aside)")
-    if any(option != option.strip() for option in options):
-        raise node.fail("options must not start or end with white space")
+    if any(option != option.strip() or "\n" in option for option in options):
+        raise node.fail("options are one line each, without white space around them")
     return Choice(options)
 
 
@@ -566,8 +581,16 @@ def _keywords(node: _Node, base: Path) -> Keywords:
             problem = vocabulary_problem(word)
             if problem:
                 raise k[key].fail(problem)
+        if len({word.casefold() for word in words}) != len(words):
+            raise k[key].fail("an item is given twice (letter case aside)")
+    both = {word.casefold() for word in require} & {word.casefold() for word in exclude}
+    if both:
+        raise k["require"].fail(f"{sorted(both)[0]!r} is excluded too")
+    cap = _optional(k, "words", lambda n: n.integer(minimum=1, maximum=10), None)
+    if cap is not None and any(len(word.split()) > cap for word in require):
+        raise k["require"].fail(f"an item has more than {cap} words (words: {cap})")
     spec = Keywords(
-        min=low, max=high, words=_optional(k, "words", lambda n: n.integer(minimum=1, maximum=10), None),
+        min=low, max=high, words=cap,
         vocabulary=_optional(k, "vocabulary", lambda n: _vocabulary(n, base), None),
         exclude=exclude, require=require,
     )  # fmt: skip
@@ -579,7 +602,7 @@ def _keywords(node: _Node, base: Path) -> Keywords:
 def _vocabulary(node: _Node, base: Path) -> tuple[Term, ...]:
     """Inline terms, or a file of one term per line (`Parent|Child` for a hierarchy)."""
     if isinstance(node.node, yaml.SequenceNode):
-        lines, where = list(node.texts()), node.where
+        lines, where = list(node.texts()), ""
     else:
         path = expand(node.text(), relative_to=base)
         try:
@@ -587,12 +610,15 @@ def _vocabulary(node: _Node, base: Path) -> tuple[Term, ...]:
         except (OSError, UnicodeDecodeError) as exc:
             reason = getattr(exc, "strerror", None) or exc
             raise node.fail(f"cannot read the vocabulary {display(path)}: {reason}") from None
-        where = display(path)
-    terms = vocabulary_lines(lines)
+        where = f"{display(path)}: "
+    try:
+        terms = vocabulary_lines(lines)
+    except ValueError as exc:
+        raise node.fail(f"{where}{exc}") from None
     for term in terms:
         problem = vocabulary_problem(term.text)
         if problem:
-            raise node.fail(f"{where}: {problem}")
+            raise node.fail(f"{where}{problem}")
     if not terms:
         raise node.fail("the vocabulary has no terms")
     return terms
@@ -602,11 +628,12 @@ def _json(node: _Node, base: Path) -> JsonAnswer:
     k = node.mapping({"schema": True})
     schema_node = k["schema"]
     if isinstance(schema_node.node, yaml.MappingNode):
-        schema = yaml.SafeLoader("").construct_document(schema_node.node)
+        schema = _json_value(schema_node, schema_node.node, set())
     else:
         path = expand(schema_node.text(), relative_to=base)
         try:
-            schema = yaml.safe_load(path.read_text(encoding="utf-8"))  # JSON is YAML
+            document = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)  # JSON is YAML
+            schema = _json_value(schema_node, document, set()) if document is not None else None
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             reason = getattr(exc, "strerror", None) or exc
             raise schema_node.fail(f"cannot read the schema {display(path)}: {reason}") from None
@@ -614,6 +641,30 @@ def _json(node: _Node, base: Path) -> JsonAnswer:
     if problem:
         raise schema_node.fail(problem)
     return _compiled(node, JsonAnswer(closed(schema)))
+
+
+def _json_value(where: _Node, node: yaml.Node, open_: set[int]) -> object:
+    """A YAML node as JSON reads it: `yes`, `no` and dates stay the text written (only true and false are
+    booleans, as in JSON), and an alias that contains itself is an error, not a recursion without end."""
+    if id(node) in open_:
+        raise where.fail("the schema refers to itself (a YAML alias inside its own anchor)")
+    if isinstance(node, yaml.MappingNode):
+        open_.add(id(node))
+        value = {str(key.value): _json_value(where, item, open_) for key, item in node.value}
+        open_.discard(id(node))
+        return value
+    if isinstance(node, yaml.SequenceNode):
+        open_.add(id(node))
+        items = [_json_value(where, item, open_) for item in node.value]
+        open_.discard(id(node))
+        return items
+    text = str(node.value)
+    tag = node.tag.rsplit(":", 1)[-1]
+    if tag == "bool":
+        return {"true": True, "false": False}.get(text.lower(), text)
+    if tag in ("int", "float", "null"):
+        return yaml.SafeLoader("").construct_object(node)
+    return text
 
 
 S = TypeVar("S", Keywords, JsonAnswer)
@@ -640,6 +691,27 @@ def _gate(node: _Node) -> Gate:
     return Gate(k["rule"].text(), values)
 
 
+def _unanswerable(gating: Rule, value: str) -> str | None:
+    """Why `gating` can never answer `value` (a gate on it would never open), or None."""
+    structure = gating.structure
+    if isinstance(structure, Choice):
+        if value.casefold() not in {option.casefold() for option in structure.options}:
+            return f"{value!r} is not one of {gating.name}'s choices ({', '.join(structure.options)})"
+        return None
+    assert isinstance(structure, Keywords)
+    folded = value.casefold()
+    if folded in {word.casefold() for word in structure.require}:
+        return None
+    if folded in {word.casefold() for word in structure.exclude}:
+        return f"{value!r} is excluded from {gating.name}'s answers"
+    terms = structure.allowed_terms()
+    if terms is not None and folded not in {term.casefold() for term in terms}:
+        return f"{value!r} is not in {gating.name}'s vocabulary"
+    if structure.words is not None and len(value.split()) > structure.words:
+        return f"{value!r} has more than {structure.words} words, more than {gating.name}'s items may"
+    return None
+
+
 def _gates(nodes: list[_Node], rules: tuple[Rule, ...]) -> None:
     """A gate names an earlier rule with a structured answer, and answers that rule can give."""
     earlier: dict[str, Rule] = {}
@@ -655,12 +727,10 @@ def _gates(nodes: list[_Node], rules: tuple[Rule, ...]) -> None:
                 raise where.fail(f"rule {gate.rule!r} has another system: text; a gated rule must share it")
             if not isinstance(gating.structure, (Choice, Keywords)):
                 raise where.fail(f"rule {gate.rule!r} answers in free text; a gate needs its choice: or list:")
-            if isinstance(gating.structure, Choice):
-                options = {option.casefold() for option in gating.structure.options}
-                for value in gate.values:
-                    if value.casefold() not in options:
-                        raise where.fail(f"{value!r} is not one of {gate.rule}'s choices "
-                                         f"({', '.join(gating.structure.options)})")  # fmt: skip
+            for value in gate.values:
+                problem = _unanswerable(gating, value)
+                if problem:
+                    raise where.fail(problem)
         earlier[rule.name] = rule
 
 

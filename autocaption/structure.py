@@ -92,6 +92,8 @@ class Choice:
         return {"type": "string", "enum": list(self.options)}
 
     def read(self, text: str) -> str:
+        if text.strip() in self.options:  # what the decoder writes
+            return text.strip()
         wanted = text.strip().strip("\"'").strip().rstrip(".")
         for option in self.options:
             if option == wanted:
@@ -161,10 +163,13 @@ class Keywords:
                 return _lark('start: ""')
         else:
             words = "" if self.words == 1 else f"( {WORD}){{0,{self.words - 1}}}" if self.words else f"( {WORD})*"
-            excluded = "|".join(re.escape(word) for word in sorted(self.banned()))
+            # (the grammar's (?i) folds as lower() does: "Straße" is not "STRASSE" to it, nor to `read`)
+            excluded = "|".join(re.escape(word) for word in sorted({w.lower() for w in (*self.exclude, *self.require)}))
             item = f"/{WORD}{words}/" + (f" & ~/(?i:{excluded})/" if excluded else "")
         if self.own_max == 0:
             return _lark('start: ""')
+        if self.own_max == 1:
+            return _lark(f"start: {'ITEM' if self.own_min else '(ITEM)?'}\nITEM: {item}\n")
         more = f"({_literal(SEPARATOR)} ITEM){{{max(self.own_min - 1, 0)},{self.own_max - 1}}}"
         body = f"ITEM {more}" if self.own_min > 0 else f"(ITEM {more})?"
         return _lark(f"start: {body}\nITEM: {item}\n")
@@ -185,7 +190,7 @@ class Keywords:
             if not item:
                 continue
             folded = item.casefold()
-            if folded in {word.casefold() for word in self.exclude}:
+            if item.lower() in {word.lower() for word in self.exclude}:  # (the grammar's (?i) folds as lower())
                 raise AnswerInvalid(f"the answer has the excluded item {_short(item)}")
             if self.vocabulary is not None:
                 term = self._terms.get(folded)
@@ -211,7 +216,8 @@ class Keywords:
 
     def paths(self, items: Sequence[str]) -> tuple[str, ...]:
         """The hierarchy paths of these items (`Animals|Dog`), for lr:hierarchicalSubject."""
-        return tuple(path for item in items for path in (self._terms.get(item.casefold()) or Term(item)).paths)
+        every = {term.text.casefold(): term for term in self.vocabulary or ()}  # required terms too
+        return tuple(path for item in items for path in (every.get(item.casefold()) or Term(item)).paths)
 
     def shape(self) -> object:
         vocabulary = None
@@ -453,6 +459,8 @@ def vocabulary_lines(lines: Sequence[str]) -> tuple[Term, ...]:
         if not entry or entry.startswith("#"):
             continue
         levels = [level.strip() for level in entry.split("|")]
+        if not all(levels):
+            raise ValueError(f"{entry!r} has an empty level")
         leaf = levels[-1]
         texts.setdefault(leaf.casefold(), leaf)
         paths = terms.setdefault(leaf.casefold(), [])
@@ -465,6 +473,8 @@ def vocabulary_problem(term: str) -> str | None:
     """Why a term cannot be a list item (the decoder writes items separated by ', ')."""
     if "," in term:
         return f"{term!r} has a comma, which separates the items"
+    if "|" in term:
+        return f"{term!r} has a '|', which separates a hierarchy's levels"
     if not term.strip() or term != " ".join(term.split()):
         return f"{term!r} has leading, trailing or repeated white space"
     return None

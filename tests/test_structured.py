@@ -28,7 +28,20 @@ from tests.conftest import RunCli
 from tests.families import FAMILIES, build
 from tests.stubserver import stub_server
 
-VOCABULARY = [f"Animals|{name}" for name in ("Dog", "Cat", "Horse", "Cow", "Doggo")] + ["Places|Beach", "Sky", "Tree"]
+# Terms that share a prefix in another letter case (Dog, dogs, do), a term that is a prefix of another (red,
+# Red Car; do, dogs), two words (blue sky), a term twice in two hierarchies (Dog): the traps of "distinct".
+VOCABULARY = [f"Animals|{name}" for name in ("Dog", "Cat", "Horse", "Cow", "Doggo")] + [
+    "Pets|dog",
+    "dogs",
+    "do",
+    "Places|Beach",
+    "Sky",
+    "blue sky",
+    "Tree",
+    "red",
+    "Red Car",
+    "car",
+]
 RULES = """
 rules:
   - name: blurry
@@ -120,8 +133,22 @@ def test_structured_rules_read_into_typed_structures(tmp_path: Path) -> None:
     assert blurry.structure == Choice(("yes", "no"))  # YAML's booleans read as the words written
     assert isinstance(keywords.structure, Keywords) and keywords.structure.own_max == 11
     assert isinstance(animals.structure, Keywords)
-    assert animals.structure.allowed_terms() == ("Dog", "Cat", "Horse", "Doggo", "Beach", "Sky", "Tree")
-    assert animals.structure.paths(["Dog", "Sky"]) == ("Animals|Dog",)
+    assert animals.structure.allowed_terms() == (
+        "Dog",
+        "Cat",
+        "Horse",
+        "Doggo",
+        "dogs",
+        "do",
+        "Beach",
+        "Sky",
+        "blue sky",
+        "Tree",
+        "red",
+        "Red Car",
+        "car",
+    )
+    assert animals.structure.paths(["Dog", "Sky"]) == ("Animals|Dog", "Pets|dog")
     assert isinstance(scene.structure, JsonAnswer)
     assert scene.structure.schema_["additionalProperties"] is False  # closed: named properties only
     assert detail.when is not None and detail.when.values == ("no",)
@@ -144,6 +171,21 @@ def test_structured_rules_read_into_typed_structures(tmp_path: Path) -> None:
         ('{name: a, prompt: p, json: {schema: {type: string, pattern: "(?<=a)b"}}}', "cannot compile this: regex"),
         ('{name: a, prompt: p, json: {schema: {type: strin}}}', "cannot compile this: Invalid type: strin"),
         ('{name: a, prompt: p, list: {}, strip_prefixes: [x]}', "applies to free-text answers"),
+        ('{name: a, prompt: p, list: {require: [dog], exclude: [Dog]}}', "list.require: 'dog' is excluded too"),
+        ('{name: a, prompt: p, list: {words: 1, require: [big dog]}}', "an item has more than 1 words (words: 1)"),
+        ('{name: a, prompt: p, list: {require: [dog, Dog]}}', "an item is given twice (letter case aside)"),
+        ('{name: a, prompt: p, list: {require: ["a|b"]}}', "'a|b' has a '|', which separates a hierarchy's levels"),
+        ('{name: a, prompt: p, list: {vocabulary: ["A||B"]}}', "rules[0].list.vocabulary: 'A||B' has an empty level"),
+        ('{name: a, prompt: p, choice: ["a\\nb", c]}', "options are one line each"),
+        ('{name: a, prompt: p, list: {min: 5}, max_new_tokens: 3}', "5 items need about 20 tokens; max_new_tokens is"),
+        ('{name: a, prompt: p, json: {schema: {type: object}}, write: keywords}', "cannot be written as keywords"),
+        ('{name: page, prompt: p, choice: [a, b]}', "'page' is a parameter of the review page's addresses"),
+        ('{name: a, prompt: p, when: }', "rules[0].when: has no value"),
+        ('{name: a, prompt: p, json: {schema: &s {type: object, properties: {c: *s}}}}', "the schema refers to itself"),
+        ('{name: b, prompt: p, list: {vocabulary: [dog, cat]}}\n  - {name: a, prompt: p, when: {rule: b, is: fish}}',
+         "'fish' is not in b's vocabulary"),
+        ('{name: b, prompt: p, list: {exclude: [dog]}}\n  - {name: a, prompt: p, when: {rule: b, in: [cat, dog]}}',
+         "'dog' is excluded from b's answers"),
         ('{name: a, prompt: p, when: {rule: b, is: yes}}\n  - {name: b, prompt: p, choice: [yes, no]}',
          "rules[0].when: rule 'b': the gate must be a rule above this one"),
         ('{name: b, prompt: p}\n  - {name: a, prompt: p, when: {rule: b, is: yes}}',
@@ -162,7 +204,26 @@ def test_a_structure_that_cannot_work_is_a_config_error_naming_the_key(tmp_path:
     assert message in str(caught.value) and str(caught.value).startswith(f"{path}:")
 
 
+def test_what_holds_up_in_a_config_is_read_as_meant(tmp_path: Path) -> None:
+    """A one-item list compiles; a json schema's `yes` and dates stay the text written (JSON's booleans are
+    true and false); a list gate on a required item is fine."""
+    path = tmp_path / "rules.yaml"
+    path.write_text(textwrap.dedent("""
+        rules:
+          - {name: one, prompt: p, list: {max: 1}, max_new_tokens: 8}
+          - {name: two, prompt: p, list: {max: 2, require: [dog]}}
+          - {name: j, prompt: p, json: {schema: {enum: [yes, no, 2024-01-01, true]}}}
+          - {name: g, prompt: p, when: {rule: two, is: Dog}}
+    """), encoding="utf-8")  # fmt: skip
+    rules = config_module.load(path).rules
+    assert isinstance(rules[2].structure, JsonAnswer) and rules[2].structure.schema_ == {
+        "enum": ["yes", "no", "2024-01-01", True]
+    }
+    assert rules[0].structure is not None and rules[0].structure.read("beach") == ["beach"]
+
+
 def test_answers_are_read_into_values_or_refused_with_one_line() -> None:
+    assert Choice(("'80s", "'90s")).read("'80s") == "'80s"  # written as an option: taken as it is
     choice = Choice(("yes", "no"))
     assert choice.read("yes") == "yes" and choice.read(' "Yes." ') == "yes"  # a lax server's spelling
     with pytest.raises(AnswerInvalid, match="the answer 'maybe' is not one of yes, no"):
@@ -193,14 +254,18 @@ def test_answers_are_read_into_values_or_refused_with_one_line() -> None:
 def test_every_constrained_answer_is_valid_over_many_photos(
     tiny_model: Path, tmp_path: Path, share_prefix: bool
 ) -> None:
+    """Three photo sets on the session's model and on a model of other weights (another seed: other words
+    it wants to repeat)."""
+    from tests.tinymodel import build_tiny
+
     rules = _rules(tmp_path)
-    engine: Any = load_engine(ModelConfig(id=str(tiny_model), batch_size=16, share_prefix=share_prefix))
     answers = []
-    for seed in range(3):
-        jobs = [Job(image, _prompts(rules)) for image in _images(6, seed)]
-        answers += engine.describe(jobs)
+    for model in (tiny_model, build_tiny(tmp_path / "other", seed=2)):
+        engine: Any = load_engine(ModelConfig(id=str(model), batch_size=16, share_prefix=share_prefix))
+        for seed in range(3):
+            answers += engine.describe([Job(image, _prompts(rules)) for image in _images(6, seed)])
     asked = _check(rules, answers)
-    assert asked["blurry"] == asked["keywords"] == asked["scene"] == 18
+    assert asked["blurry"] == asked["keywords"] == asked["scene"] == 36
     assert asked["sharp-detail"] == sum(1 for per_image in answers if per_image[0].text == "no")
 
 
@@ -239,6 +304,28 @@ def test_constrained_tree_decoding_equals_generate_with_the_same_logits_processo
                                      logits_processor=LogitsProcessorList(
                                          [GrammarProcessor(masks, inputs["input_ids"].shape[1])]))  # fmt: skip
             assert processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True) == answer.text
+
+
+def test_a_persons_hierarchy_entry_that_matches_ours_is_never_taken_for_ours(
+    make_config: Callable[..., Path], run_cli: RunCli, tmp_path: Path, corpus: Path
+) -> None:
+    """The photo has `Animals|Dog` from a person; our vocabulary gives the same path, then another: theirs stays."""
+    import subprocess
+
+    from tests.exiftool import require, tags
+
+    photo = tmp_path / "photos" / "a.jpg"
+    photo.parent.mkdir()
+    photo.write_bytes((corpus / "jpg/camera/Canon_40D.jpg").read_bytes())
+    subprocess.run([require(), "-q", "-overwrite_original", "-XMP-lr:HierarchicalSubject=Animals|Dog",
+                    "-XMP-lr:HierarchicalSubject=People|Alice", str(photo)], check=True)  # fmt: skip
+    for term, flags in (("Animals|Dog", ()), ("Places|Beach", ("--force",))):
+        config = make_config(
+            f"- {{name: a, prompt: p, list: {{min: 1, max: 1, vocabulary: ['{term}']}}, write: keywords}}"
+        )
+        assert run_cli("process", "--config", str(config), *flags, str(photo.parent)).returncode == 0
+    assert sorted(_listed(tags(photo)[photo], "XMP-lr:HierarchicalSubject")) == ["Animals|Dog", "People|Alice",
+                                                                              "Places|Beach"]  # fmt: skip
 
 
 def test_a_compiled_constrained_step_gives_the_answers_of_the_eager_one(tiny_model: Path, tmp_path: Path) -> None:

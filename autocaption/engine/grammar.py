@@ -196,7 +196,10 @@ class _Repeats:
         self.grammars = grammars
         self.banned = spec.banned()
         terms = spec.allowed_terms()
-        self.terms = sorted({term.casefold() for term in terms}) if terms is not None else None
+        # The grammar writes a vocabulary's terms exactly as spelled (items are distinct letter case aside,
+        # and the vocabulary holds one spelling of each): its paths are followed as written.
+        self.spelling = {term.casefold(): term for term in terms} if terms is not None else None
+        self.terms = sorted(terms) if terms is not None else None
         self.text = ""
         self.written = 0
         self.limit = limit
@@ -207,41 +210,53 @@ class _Repeats:
         self.written += 1
 
     def hurry(self) -> str | None:
-        """When few tokens are left (three per item still missing, ", x", and a margin): "end" the answer
-        when it has items enough, else "close" the item; None while there is room."""
+        """When few tokens are left (four per item still missing, ", x" and a repeat avoided, and a margin):
+        "end" the answer when it has items enough, else "close" the item; None while there is room."""
         *done, item = self.text.split(",")
         have = len(done) + (1 if item.strip() else 0)
-        if self.limit - self.written > 3 * max(self.wanted - have, 0) + 3:
+        if self.limit - self.written > 4 * max(self.wanted - have, 0) + 4:
             return None
         return "end" if have >= self.wanted else "close"
 
     def bans(self) -> list[int]:
         *done, item = self.text.split(",")
         used = {word.strip().casefold() for word in done} | self.banned
-        written = item.casefold()
         lead = SEPARATOR[1:] if done else ""  # an item after the first starts with the separator's space
         bans: list[int] = []
         for word in used:
-            target = lead + word
+            exact = self.spelling is not None
+            spelled = self.spelling.get(word) if self.spelling is not None else word
+            if spelled is None:  # not a term the grammar can write
+                continue
+            target, written = lead + spelled, item if exact else item.casefold()
             if not target.startswith(written):
                 continue
             rest = target[len(written) :]
-            bans += self.grammars.closing(rest)
+            bans += self._tokens(self.grammars.closing(rest.casefold()), rest, exact, closing=True)
             if not rest:
                 bans += self.grammars.eos_ids
-            if self.terms is not None:
+            if exact:
                 for end in range(1, len(rest) + 1):
                     if not self._open(target[len(lead) : len(written) + end], used):
-                        bans += self.grammars.spelled(rest[:end])
+                        bans += self._tokens(self.grammars.spelled(rest[:end].casefold()), rest[:end], exact)
         return bans
 
+    def _tokens(self, tokens: list[int], text: str, exact: bool, closing: bool = False) -> list[int]:
+        """Of tokens found by their folded text, those spelled `text` (before their comma, for closing ones)
+        where spelling counts."""
+        if not exact:
+            return tokens
+        return [
+            t for t in tokens if (self.grammars.text(t).split(",", 1)[0] if closing else self.grammars.text(t)) == text
+        ]
+
     def _open(self, prefix: str, used: set[str]) -> bool:
-        """Some term not yet used starts with `prefix`."""
+        """Some term not yet used starts with `prefix` (as spelled)."""
         assert self.terms is not None
         prefix = prefix.lstrip()
         at = bisect.bisect_left(self.terms, prefix)
         while at < len(self.terms) and self.terms[at].startswith(prefix):
-            if self.terms[at] not in used:
+            if self.terms[at].casefold() not in used:
                 return True
             at += 1
         return False
@@ -286,6 +301,25 @@ class _Decoded:
             for i in range(len(tokenizer))
         ]  # fmt: skip
         self._tokenizer = tokenizer
+        self._unknown = tokenizer.unk_token_id
+        self._by_text = {token: i for i, token in reversed(list(enumerate(self.tokens))) if i not in special}
+        self._longest = max((len(token) for token in self._by_text), default=1)
 
     def __call__(self, text: str) -> list[int]:
-        return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+        """The tokenizer's own tokens; where it has no token for a piece (a word-level vocabulary gives <unk>),
+        the longest tokens that spell it: llguidance tokenizes the text a grammar forces with this, and an
+        <unk> there would be the only token it allows."""
+        tokens = list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+        if self._unknown is None or self._unknown not in tokens:
+            return tokens
+        data, at, spelled = text.encode("utf-8"), 0, []
+        while at < len(data):
+            for size in range(min(self._longest, len(data) - at), 0, -1):
+                token = self._by_text.get(data[at : at + size])
+                if token is not None:
+                    spelled.append(token)
+                    at += size
+                    break
+            else:
+                return tokens  # not spelled by any token either: as the tokenizer has it
+        return spelled

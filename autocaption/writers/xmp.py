@@ -371,6 +371,7 @@ def set_keywords(packet: Packet, keywords: Sequence[str], own: Sequence[str], *,
     root = packet.root
     entries = _values(root, _LR + "hierarchicalSubject")
     placed = {path.rsplit("|", 1)[-1].strip().casefold() for path in paths}
+    ours = list(paths)  # the paths recorded as autocaption's: not those the photo had from someone else
     if entries is not None or paths:
         texts = [text for _, text in entries or () if text.strip()]
         if person:
@@ -381,7 +382,9 @@ def set_keywords(packet: Packet, keywords: Sequence[str], own: Sequence[str], *,
             kept = [entry for entry in texts if entry not in previous]
             if entries is None:  # a new hierarchy: every keyword the photo shows, theirs too
                 kept = [word for word in keywords if word not in own]
-            added = [*paths, *(word for word in own if word.casefold() not in placed)]
+            theirs = {entry.casefold() for entry in kept}
+            ours = [path for path in paths if path.casefold() not in theirs]
+            added = [*ours, *(word for word in own if word.casefold() not in placed)]
         present = {entry.casefold() for entry in kept}
         _replace(packet, _LR + "hierarchicalSubject", "Bag",
                  kept + [word for word in added if word.casefold() not in present], lang=False)  # fmt: skip
@@ -390,7 +393,7 @@ def set_keywords(packet: Packet, keywords: Sequence[str], own: Sequence[str], *,
     else:  # none left: no empty Bag (readers show it as an empty keyword)
         _remove(packet, _DC + "subject")
     if own:  # (our paths too: the next run replaces exactly those)
-        _replace(packet, _OWN + "Keywords", "Bag", [*own, *paths], lang=False)
+        _replace(packet, _OWN + "Keywords", "Bag", [*own, *ours], lang=False)
     else:  # a person's keywords: none of them are autocaption's any more
         _remove(packet, _OWN + "Keywords")
 
