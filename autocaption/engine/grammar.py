@@ -251,15 +251,14 @@ class _Repeats:
         ]
 
     def _open(self, prefix: str, used: set[str]) -> bool:
-        """Some term not yet used starts with `prefix` (as spelled)."""
-        assert self.terms is not None
+        """Some term not yet used starts with `prefix` (as spelled): more terms start with it than used ones.
+        Counted by bisection and over the used terms only (a step walked every term of a common prefix)."""
+        assert self.terms is not None and self.spelling is not None
         prefix = prefix.lstrip()
-        at = bisect.bisect_left(self.terms, prefix)
-        while at < len(self.terms) and self.terms[at].startswith(prefix):
-            if self.terms[at].casefold() not in used:
-                return True
-            at += 1
-        return False
+        low = bisect.bisect_left(self.terms, prefix)
+        high = bisect.bisect_left(self.terms, prefix + "\U0010ffff", low)
+        taken = sum(1 for word in used if (self.spelling.get(word) or "\0").startswith(prefix))
+        return high - low > taken
 
 
 def _clear(words: np.ndarray, tokens: list[int]) -> None:

@@ -398,6 +398,7 @@ class LocalEngine:
         decoded = self.tree.last
         self.timings["decode"] += seconds
         self.timings["decode steps"] += decoded.steps
+        self.timings["masks"] += decoded.masking
         if decoded.reused:  # the bench's steady state: a bucket's later batches, no compile or capture in them
             self.timings["steady decode"] += seconds
             self.timings["steady steps"] += decoded.steps

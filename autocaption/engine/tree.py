@@ -14,6 +14,7 @@ Only the in-process engine (`local.py`) imports this module; it needs torch.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -100,6 +101,7 @@ class Decoded:
     padded_bytes: int  # KV cache a step reads: the bucket's whole state, padding rows and slots included
     held_bytes: int  # KV cache the batch's tokens fill at its last step: what a step must read at least
     reused: bool  # a steady-state batch: its bucket's step was compiled or captured before
+    masking: float = 0.0  # seconds the host spent on the masks (constrained batches), overlapped on a GPU
 
 
 class _State:
@@ -217,6 +219,7 @@ class TreeDecoder:
         self.runners: dict[tuple[int, ...], Callable[[], None]] = {}
         self.last = Decoded(0, 0, 0, False)
         self.last_key: tuple[int, int] = (0, 0)  # the state the last batch ran on
+        self._masking = 0.0
 
     def run(self, images: list[Prefilled], forward: Forward, cancel: threading.Event | None = None,
             masks: Masks | None = None) -> list[list[int]]:  # fmt: skip
@@ -228,6 +231,7 @@ class TreeDecoder:
         needed = layout.prefix + layout.suffix + layout.width * max(longest - 1, 0)
         key, state = self._state(len(images), layout.width, needed, images[0].layers)
         self.last_key = key
+        self._masking = 0.0
         if self._load(state, images, layout, longest):
             self._forget_steps(key)  # the step changed (sliding window on or off): made again
         runner = self.runners.get(key if masks is None else (key[0], key[1], 1))
@@ -261,7 +265,8 @@ class TreeDecoder:
                     steps += 1
         out = state.out[: len(images), :, :longest].tolist()  # the host's one wait for the device per batch
         held = sum(image.length + sum(map(len, image.branches)) + len(image.branches) * steps for image in images)
-        self.last = Decoded(steps, state.bytes(), held * state.bytes() // (state.rows * state.slots), reused)
+        self.last = Decoded(steps, state.bytes(), held * state.bytes() // (state.rows * state.slots), reused,
+                            self._masking)  # fmt: skip
         result = []
         for row, image in enumerate(images):
             for branch in range(len(image.branches)):
@@ -286,8 +291,10 @@ class TreeDecoder:
         while steps < longest - 1 and not lookout.ended() and not (cancel is not None and cancel.is_set()):
             tokens, alive = rows.read(state)  # waits for the last choice
             forwarder()  # queued: the device runs the forward while the host works out the masks
+            started = time.perf_counter()
             masks.advance(tokens, alive)
             rows.stage(state, masks.fill(), vocabulary)
+            self._masking += time.perf_counter() - started
             selector()
             lookout.push()
             steps += 1
