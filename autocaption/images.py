@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +33,7 @@ _TAG_DATETIME_ORIGINAL = 0x9003
 _TAG_DATETIME = 0x0132
 _TAG_MAKE = 0x010F
 _TAG_MODEL = 0x0110
+_GPS_IFD = 0x8825
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,7 @@ class Picture:
     height: int
     sha256: str
     size_bytes: int
-    facts: dict[str, str | None] = field(default_factory=dict)  # date, camera: for prompt placeholders
+    facts: dict[str, str | None] = field(default_factory=dict)  # date, datetime, camera, gps: for placeholders
 
 
 def _heif_available() -> bool:
@@ -111,22 +114,44 @@ def not_an_image(path: Path) -> str | None:
 
 
 def _facts(image: Image.Image, where: str) -> dict[str, str | None]:
-    """Capture date and camera for prompt placeholders; damaged EXIF just gives no facts."""
+    """Capture date and time, camera and position for prompt placeholders; damaged EXIF just gives no facts."""
     try:
         exif = image.getexif()
         sub = exif.get_ifd(_EXIF_IFD)
     except Exception as exc:  # noqa: BLE001 - damaged EXIF must never cost us the picture
-        log.info("%s: EXIF unreadable (%s); {date} and {camera} will be 'unknown'", where, exc)
-        return {"date": None, "camera": None}
-    raw_date = sub.get(_TAG_DATETIME_ORIGINAL) or exif.get(_TAG_DATETIME)
-    date = None
-    if isinstance(raw_date, str) and len(raw_date) >= 10 and raw_date[:4].isdigit():
+        log.info("%s: EXIF unreadable (%s); {date}, {datetime}, {camera} and {gps} will be 'unknown'", where, exc)
+        return {"date": None, "datetime": None, "camera": None, "gps": None}
+    raw_date = _exif_text(sub.get(_TAG_DATETIME_ORIGINAL) or exif.get(_TAG_DATETIME))
+    date = moment = None
+    if len(raw_date) >= 10 and raw_date[:4].isdigit():
         date = raw_date[:10].replace(":", "-")
+        clock = raw_date[11:19]  # local time as the camera recorded it (EXIF has no zone here)
+        moment = f"{date} {clock}" if re.fullmatch(r"\d\d:\d\d:\d\d", clock) else date
     make = _exif_text(exif.get(_TAG_MAKE))
     model = _exif_text(exif.get(_TAG_MODEL))
     # Many models already start with the make ("Canon EOS 40D"); do not say it twice.
     camera = model if make and model.lower().startswith(make.split()[0].lower()) else f"{make} {model}"
-    return {"date": date, "camera": camera.strip() or None}
+    return {"date": date, "datetime": moment, "camera": camera.strip() or None, "gps": _position(exif, where)}
+
+
+def _position(exif: Image.Exif, where: str) -> str | None:
+    """The GPS position as "43.4674 N, 11.8851 E" (4 decimals: about 10 m), or None without a usable one."""
+    try:
+        gps = exif.get_ifd(_GPS_IFD)
+        parts = []
+        for value_tag, ref_tag, sides in ((2, 1, "NS"), (4, 3, "EW")):
+            degrees, minutes, seconds = (float(part) for part in gps[value_tag])
+            ref = _exif_text(gps.get(ref_tag)).upper()[:1] or sides[0]
+            value = degrees + minutes / 60 + seconds / 3600
+            if ref not in sides or not math.isfinite(value) or value > (90 if sides == "NS" else 180):
+                return None
+            parts.append(f"{value:.4f} {ref}")
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    except Exception as exc:  # noqa: BLE001 - a damaged GPS block costs the placeholder, never the photo
+        log.info("%s: GPS unreadable (%s); {gps} will be 'unknown'", where, exc)
+        return None
+    return ", ".join(parts)
 
 
 def _exif_text(value: object) -> str:

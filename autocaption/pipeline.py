@@ -24,6 +24,7 @@ from autocaption.errors import ConfigError, EngineError, ImageError, ServerUnrea
 from autocaption.images import Picture, open_picture
 from autocaption.locks import PhotoLocks
 from autocaption.paths import display, text
+from autocaption.placeholders import GIVEN
 from autocaption.structure import AnswerInvalid, Keywords, shown
 from autocaption.textclean import clean_answer
 from autocaption.writers.metadata import Caption, MetadataWriter, WriteRecord
@@ -233,6 +234,9 @@ class Pipeline:
         if not _same_file(after, stat):
             return Failed(path, f"{display(path)}: changed while being read; will retry", transient=True, changed=True)
         values = render_values(path, picture)
+        if any(rule.prompt.names & GIVEN for rule in rules):  # a person's caption and keywords, read when asked
+            caption, keywords = self.writer.metadata.persons(path)
+            values |= {"caption": caption, "keywords": ", ".join(keywords) or None}
         prompts = tuple(rule.prompt.render(values) for rule in rules)
         return _Work(candidate, rules, stat, found, picture, prompts, force)
 

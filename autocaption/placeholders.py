@@ -1,8 +1,9 @@
 """Prompt templates with a few named placeholders, filled without `str.format` or eval.
 
 `{file}` the file name, `{folder}` its folder's name, `{date}` the EXIF capture date (YYYY-MM-DD),
-`{camera}` make and model. `{{` and `}}` are literal braces. A placeholder whose value is unknown
-(a scan without EXIF) becomes "unknown". Templates are parsed when the config is read, so an
+`{datetime}` with the time, `{camera}` make and model, `{gps}` the position, `{caption}` and `{keywords}`
+what a person already gave the photo (PLACEHOLDERS). `{{` and `}}` are literal braces. A placeholder
+whose value is unknown (a scan without EXIF) becomes "unknown". Templates are parsed when the config is read, so an
 unknown name is a config error rather than a surprise at the first photo.
 """
 
@@ -16,8 +17,14 @@ PLACEHOLDERS: Mapping[str, str] = {
     "file": "the image's file name",
     "folder": "the name of the folder holding the image",
     "date": "EXIF capture date as YYYY-MM-DD",
+    "datetime": "EXIF capture date and time, YYYY-MM-DD HH:MM:SS, local as the camera recorded it",
     "camera": "camera make and model from EXIF",
+    "gps": "the EXIF GPS position, rounded to about 10 m: 43.4674 N, 11.8851 E",
+    "caption": "the caption a person (or another tool) already gave the photo, never autocaption's own",
+    "keywords": "the keywords a person (or another tool) already gave the photo, never autocaption's own",
 }
+# What is read from the photo's metadata (not its EXIF facts), only when a rule asks for it.
+GIVEN = frozenset({"caption", "keywords"})
 UNKNOWN = "unknown"
 
 _TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")

@@ -126,6 +126,25 @@ class MetadataWriter:
             return None, ()
         return next((text for text in found.descriptions if text), None), found.keywords
 
+    def persons(self, path: Path) -> tuple[str | None, tuple[str, ...]]:
+        """What a person or another tool gave the photo — its caption and keywords — for the `{caption}` and
+        `{keywords}` placeholders: never autocaption's own earlier answer, nor a camera's boilerplate text.
+        Read from its XMP sidecar where it has one (as `carried`), else from the file."""
+        try:
+            found = _facts_of(path.read_bytes())
+        except OSError:
+            return None, ()
+        try:
+            packet = xmp.parse(self.sidecar_path(path).read_bytes())
+        except (OSError, XmpError):
+            pass
+        else:
+            facts = xmp.facts(packet)
+            found.descriptions, found.keywords = [facts.description], facts.keywords
+            found.own_description, found.own_keywords = facts.own_description, facts.own_keywords
+        caption = policy.human_part(found.descriptions, found.own_description, found.make, found.model, found.software)
+        return caption, tuple(word for word in found.keywords if word not in found.own_keywords)
+
     def sidecar_path(self, image: Path) -> Path:
         name = image.stem + ".xmp" if self.output.sidecar_name == "stem" else image.name + ".xmp"
         return image.with_name(name)

@@ -110,7 +110,7 @@ def decide_description(
     model: str | None, software: str | None = None,
 ) -> Decision:  # fmt: skip
     """`existing`: descriptions found in the file/sidecar; `own_previous`: what we wrote last time."""
-    human = _human(existing, own_previous, make, model, software)
+    human = human_part(existing, own_previous, make, model, software)
     if human is None or policy == "overwrite":
         return Decision(ours, "written" if human is None else "written: replaced a person's caption (overwrite)")
     if policy == "append":
@@ -118,7 +118,7 @@ def decide_description(
     return Decision(None, "kept: the file already has a person's caption (output.existing: keep)")
 
 
-def _human(
+def human_part(
     existing: Sequence[str | None], own_previous: str | None, make: str | None, model: str | None, software: str | None
 ) -> str | None:
     """The person's part of the existing description, or None when there is none."""
