@@ -113,12 +113,8 @@ class MetadataWriter:
     def carried(self, path: Path) -> tuple[str | None, tuple[str, ...]]:
         """The description and keywords the photo carries now, as a photo library reads them: from its XMP
         sidecar where it has one, else from the file itself (nothing, when neither can be read)."""
-        try:
-            packet = xmp.parse(self.sidecar_path(path).read_bytes())
-        except (OSError, XmpError):
-            pass
-        else:
-            facts = xmp.facts(packet)
+        facts = self._sidecar_facts(path)
+        if facts is not None:
             return facts.description, facts.keywords
         try:
             found = _facts_of(path.read_bytes())
@@ -134,16 +130,19 @@ class MetadataWriter:
             found = _facts_of(path.read_bytes())
         except OSError:
             return None, ()
-        try:
-            packet = xmp.parse(self.sidecar_path(path).read_bytes())
-        except (OSError, XmpError):
-            pass
-        else:
-            facts = xmp.facts(packet)
+        facts = self._sidecar_facts(path)
+        if facts is not None:
             found.descriptions, found.keywords = [facts.description], facts.keywords
             found.own_description, found.own_keywords = facts.own_description, facts.own_keywords
         caption = policy.human_part(found.descriptions, found.own_description, found.make, found.model, found.software)
         return caption, tuple(word for word in found.keywords if word not in found.own_keywords)
+
+    def _sidecar_facts(self, path: Path) -> xmp.XmpFacts | None:
+        """What the photo's XMP sidecar says, None without a readable one."""
+        try:
+            return xmp.facts(xmp.parse(self.sidecar_path(path).read_bytes()))
+        except (OSError, XmpError):
+            return None
 
     def sidecar_path(self, image: Path) -> Path:
         name = image.stem + ".xmp" if self.output.sidecar_name == "stem" else image.name + ".xmp"
