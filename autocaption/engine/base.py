@@ -6,8 +6,9 @@ own module. Nothing here imports torch, so the CLI, config checks and tests of o
 
 from __future__ import annotations
 
+import dataclasses
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -50,6 +51,33 @@ class Answer:
 
 def skipped(reason: str) -> Answer:
     return Answer("", 0, 0, 0.0, skipped=reason)
+
+
+def flattened(jobs: Sequence[Job]) -> list[Prompt]:
+    """Every prompt of the request in order, a gated one's `after` made its gate's index in this list."""
+    prompts: list[Prompt] = []
+    for job in jobs:
+        start = len(prompts)
+        prompts += [prompt if prompt.after is None else dataclasses.replace(prompt, after=start + prompt.after)
+                    for prompt in job.prompts]  # fmt: skip
+    return prompts
+
+
+def next_round(prompts: Mapping[int, Prompt], answers: dict[int, Answer]) -> list[int]:
+    """The prompts to ask next, in order: not yet answered, and without a gate or with one that answered and
+    admits them. Those whose gate answered otherwise are answered here as skipped; gates are earlier prompts,
+    so a chain's later links are decided in the same pass. Empty once nothing more can be asked. `after` is an
+    index (a key) of `prompts`."""
+    ready = []
+    for index, prompt in prompts.items():
+        if index in answers or (prompt.after is not None and prompt.after not in answers):
+            continue
+        reason = None if prompt.after is None else gate_verdict(prompt, prompts[prompt.after], answers[prompt.after])
+        if reason is None:
+            ready.append(index)
+        else:
+            answers[index] = skipped(reason)
+    return ready
 
 
 def gate_verdict(prompt: Prompt, gating: Prompt, answer: Answer) -> str | None:

@@ -31,7 +31,7 @@ from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteria
 
 from autocaption.config import ModelConfig
 from autocaption.engine import compat, loading
-from autocaption.engine.base import Answer, Cancelled, EngineInfo, Job, Prompt, gate_verdict, skipped
+from autocaption.engine.base import Answer, Cancelled, EngineInfo, Job, Prompt, flattened, next_round, skipped
 from autocaption.engine.families import Family
 from autocaption.engine.grammar import BranchMasks, GrammarProcessor, Grammars
 from autocaption.engine.loading import DTYPES, render
@@ -179,15 +179,11 @@ class LocalEngine:
     def _units(self, jobs: Sequence[Job]) -> list[Unit]:
         """One unit per image and system text (they share a prefix); one per prompt on the batched path."""
         units: list[Unit] = []
-        index = 0
+        flat = iter(enumerate(flattened(jobs)))  # (a gate's index among all prompts of the request from here on)
         for job in jobs:
             by_system: dict[str | None, list[tuple[int, Prompt]]] = {}
-            start = index
-            for prompt in job.prompts:
-                if prompt.after is not None:  # from here on the gate's index among all prompts of the request
-                    prompt = dataclasses.replace(prompt, after=start + prompt.after)
+            for index, prompt in (next(flat) for _ in job.prompts):
                 by_system.setdefault(prompt.system, []).append((index, prompt))
-                index += 1
             for group in by_system.values():
                 if self.share_prefix:
                     # All prompts of an image in one unit, prefilled once, decoded together even beyond
@@ -257,27 +253,13 @@ class LocalEngine:
     ) -> list[tuple[int, Answer]]:
         """The batched path in rounds: the prompts without a gate, then those whose gate answered (each round
         prefills its images again: only the tree path continues from the first prefill)."""
-        answers: dict[int, Answer] = {}
         prompts = {index: prompt for index, _, prompt in items}
-        waiting = items
-        while waiting:
-            ready = [item for item in waiting if item[2].after is None or item[2].after in answers]
-            if not ready:  # a gate outside this batch (cannot happen: chains are packed together)
-                answers.update((index, skipped("its gate was not asked")) for index, _, _ in waiting)
-                break
-            waiting = [item for item in waiting if item not in ready]
-            asked = []
-            for item in ready:
-                index, _, prompt = item
-                reason = None if prompt.after is None else gate_verdict(prompt, prompts[prompt.after],
-                                                                        answers[prompt.after])  # fmt: skip
-                if reason is None:
-                    asked.append(item)
-                else:
-                    answers[index] = skipped(reason)
-            if asked:
-                answers.update(self._generate(asked, cancel))
-        return [(index, answers[index]) for index, _, _ in items]
+        images = {index: image for index, image, _ in items}
+        answers: dict[int, Answer] = {}
+        while ready := next_round(prompts, answers):
+            answers.update(self._generate([(index, images[index], prompts[index]) for index in ready], cancel))
+        # (a gate outside this batch cannot happen: chains are packed together)
+        return [(index, answers.get(index) or skipped("its gate was not asked")) for index in prompts]
 
     def _grow_back(self) -> None:
         self._since_out_of_memory += 1
@@ -349,14 +331,14 @@ class LocalEngine:
                 return None
         # Round one: every prompt without a gate, each image prefilled once. Later rounds: the prompts whose
         # gate answered and admits them, continued from the prefix the last round kept (never prefilled again).
-        asked = {b: [j for j, (_, p) in enumerate(unit.prompts) if p.after is None] for b, unit in enumerate(batch)}
+        answers: dict[int, Answer] = {}
+        asked = {b: self._gated(unit, answers) for b, unit in enumerate(batch)}
         images: list[tuple[int, Prefilled]] = []
         for b, (unit, inputs) in enumerate(zip(batch, prepared, strict=True)):
             image = self._prefill(unit, inputs, asked[b])
             if image is None:
                 return None
             images.append((b, image))
-        answers: dict[int, Answer] = {}
         while images:
             decode_started = time.perf_counter()
             prompts = [batch[b].prompts[j][1] for b, _ in images for j in asked[b]]
@@ -380,19 +362,9 @@ class LocalEngine:
                          [unit.prompts[j][1].max_new_tokens for j in positions])  # fmt: skip
 
     def _gated(self, unit: Unit, answers: dict[int, Answer]) -> list[int]:
-        """The positions of `unit`'s prompts to ask in the next round: not yet answered, their gate answered
-        and admitting them. Those whose gate answered otherwise are answered here as skipped."""
-        prompts = dict(unit.prompts)
-        ready = []
-        for position, (index, prompt) in enumerate(unit.prompts):
-            if index in answers or prompt.after is None or prompt.after not in answers:
-                continue
-            reason = gate_verdict(prompt, prompts[prompt.after], answers[prompt.after])
-            if reason is None:
-                ready.append(position)
-            else:
-                answers[index] = skipped(reason)
-        return ready
+        """The positions of `unit`'s prompts to ask in the next round (`next_round`)."""
+        ready = set(next_round(dict(unit.prompts), answers))
+        return [position for position, (index, _) in enumerate(unit.prompts) if index in ready]
 
     def _decoded(self, seconds: float) -> None:
         decoded = self.tree.last

@@ -28,7 +28,17 @@ from typing import Any
 from PIL import Image
 
 from autocaption.config import ModelConfig
-from autocaption.engine.base import Answer, Cancelled, EngineInfo, Job, PartlyAnswered, Prompt, gate_verdict, skipped
+from autocaption.engine.base import (
+    Answer,
+    Cancelled,
+    EngineInfo,
+    Job,
+    PartlyAnswered,
+    Prompt,
+    flattened,
+    next_round,
+    skipped,
+)
 from autocaption.errors import EngineError, ModelUnavailable, ServerUnreachable
 from autocaption.structure import Structure
 
@@ -224,35 +234,22 @@ class OpenAIEngine:
         started = time.perf_counter()
         urls = [self._data_url(job.image) for job in jobs]
         self.timings["encode"] += time.perf_counter() - started
-        asks = [(url, job.prompts, j) for job, url in zip(jobs, urls, strict=True) for j in range(len(job.prompts))]
-        flat: list[Answer | EngineError | None] = [None] * len(asks)
-        starts = [k - j for k, (_, _, j) in enumerate(asks)]  # each prompt's job's first, in `flat`
+        prompts = dict(enumerate(flattened(jobs)))
+        image_of = [url for job, url in zip(jobs, urls, strict=True) for _ in job.prompts]
+        answers: dict[int, Answer] = {}
+        errors: dict[int, EngineError] = {}
         # In rounds: the prompts without a gate, then those whose gate answered (the server's prefix cache
-        # keeps the image's prefill between them, where it has one).
-        while any(item is None for item in flat):
-            ready = []
-            for k, (_, prompts, j) in enumerate(asks):
-                prompt = prompts[j]
-                if flat[k] is not None or (prompt.after is not None and flat[starts[k] + prompt.after] is None):
-                    continue
-                gating = None if prompt.after is None else flat[starts[k] + prompt.after]
-                if isinstance(gating, EngineError):
-                    flat[k] = gating  # the photo failed already; this answer goes with it
-                elif isinstance(gating, Answer) and prompt.after is not None:
-                    reason = gate_verdict(prompt, prompts[prompt.after], gating)
-                    if reason is not None:
-                        flat[k] = skipped(reason)
-                        continue
-                if flat[k] is None:
-                    ready.append(k)
-            if not ready:  # (gates are earlier prompts, so each pass decides or asks something)
-                flat = [item if item is not None else skipped("its gate was not asked") for item in flat]
-                break
-            for k, result in zip(ready, self._round([(asks[k][0], asks[k][1][asks[k][2]]) for k in ready], cancel),
-                                 strict=True):  # fmt: skip
-                flat[k] = result
+        # keeps the image's prefill between them, where it has one). A prompt whose gate failed is never
+        # asked: its photo fails with the gate's error.
+        while ready := next_round({i: p for i, p in prompts.items() if i not in errors}, answers):
+            for index, result in zip(ready, self._round([(image_of[i], prompts[i]) for i in ready], cancel),
+                                     strict=True):  # fmt: skip
+                if isinstance(result, Answer):
+                    answers[index] = result
+                else:
+                    errors[index] = result
         self.timings["server"] += time.perf_counter() - started
-        return self._sorted(jobs, [item for item in flat if item is not None])
+        return self._sorted(jobs, [answers.get(i) or errors.get(i) or skipped("its gate failed") for i in prompts])
 
     def _round(self, asks: list[tuple[str, Prompt]], cancel: threading.Event | None) -> list[Answer | EngineError]:
         """Ask these (image, prompt) pairs, back to back per image in order: the server's prefix cache sees an
