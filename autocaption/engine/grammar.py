@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor
 
+from autocaption.engine.tree import masked
 from autocaption.structure import SEPARATOR, Keywords, Structure
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class Grammars:
         self._closing: dict[str, list[int]] = {}  # folded text before a token's first comma -> tokens
         self._spelled: dict[str, list[int]] = {}  # folded text of tokens without a comma -> tokens
         self._closers: np.ndarray | None = None
+        self.ends = self._bits(self.eos_ids)  # the bitmask of the end-of-sequence tokens
 
     def matcher(self, structure: Structure) -> Any:
         """A fresh matcher for `structure` (its grammar compiled on first use and kept)."""
@@ -68,22 +70,15 @@ class Grammars:
     def closers(self) -> np.ndarray:
         """The bitmask of tokens that end a list item (a comma in them)."""
         if self._closers is None:
-            bits = np.zeros(self.words, dtype=np.uint32)
-            for token in [t for ids in self._closing_table().values() for t in ids]:
-                bits[token >> 5] |= np.uint32(1 << (token & 31))
-            self._closers = bits
+            self._table()
+            self._closers = self._bits([token for tokens in self._closing.values() for token in tokens])
         return self._closers
 
-    def ends(self) -> np.ndarray:
-        """The bitmask of the end-of-sequence tokens."""
+    def _bits(self, tokens: Sequence[int]) -> np.ndarray:
         bits = np.zeros(self.words, dtype=np.uint32)
-        for token in self.eos_ids:
+        for token in tokens:
             bits[token >> 5] |= np.uint32(1 << (token & 31))
         return bits
-
-    def _closing_table(self) -> dict[str, list[int]]:
-        self._table()
-        return self._closing
 
     def text(self, token: int) -> str:
         return self._table()[token] if 0 <= token < len(self._table()) else ""
@@ -119,13 +114,11 @@ class BranchMasks:
 
     def __init__(self, grammars: Grammars, structures: Sequence[Structure | None], limits: Sequence[int]) -> None:
         self.grammars = grammars
-        self.structures = list(structures)
         self.matchers = [grammars.matcher(s) if s is not None else None for s in structures]
         self.repeats = [_Repeats(grammars, s, limit) if isinstance(s, Keywords) else None
                         for s, limit in zip(structures, limits, strict=True)]  # fmt: skip
         self.ended = [m is None for m in self.matchers]
         self.mask = torch.full((len(self.matchers), grammars.words), -1, dtype=torch.int32)
-        self.started = False
 
     def advance(self, tokens: list[int], alive: list[bool]) -> None:
         for index, matcher in enumerate(self.matchers):
@@ -153,16 +146,14 @@ class BranchMasks:
             if matcher is None or self.ended[index]:
                 continue
             if matcher.is_error():  # cannot happen with its own mask; should it, the branch ends here
-                words[index] = 0
-                for eos in self.grammars.eos_ids:
-                    words[index, eos >> 5] |= np.uint32(1 << (eos & 31))
+                words[index] = self.grammars.ends
                 continue
             repeats = self.repeats[index]
             if repeats is not None:
                 _clear(words[index], repeats.bans())
                 hurry = repeats.hurry()
                 if hurry:  # few tokens left: end the answer, or the item, as soon as the grammar allows
-                    closing = words[index] & (self.grammars.ends() if hurry == "end" else self.grammars.closers())
+                    closing = words[index] & (self.grammars.ends if hurry == "end" else self.grammars.closers())
                     if closing.any():
                         words[index] = closing
         return self.mask
@@ -179,10 +170,9 @@ class GrammarProcessor(LogitsProcessor):
         if input_ids.shape[1] > self.prompt_length:
             tokens = input_ids[:, -1].tolist()
             self.masks.advance(tokens, [True] * len(tokens))
-        mask = self.masks.fill().to(scores.device)
-        bits = (mask[..., None] >> torch.arange(32, dtype=torch.int32, device=scores.device)) & 1
-        keep = bits.view(scores.shape[0], -1)[:, : scores.shape[1]].bool()
-        return scores.masked_fill(~keep, torch.finfo(scores.dtype).min)  # type: ignore[return-value]
+        allow = self.masks.fill().to(scores.device)
+        bits = torch.arange(32, dtype=torch.int32, device=scores.device)
+        return masked(scores, allow, bits)  # type: ignore[return-value]
 
 
 class _Repeats:

@@ -215,7 +215,8 @@ class TreeDecoder:
         self.groups = groups
         self.lag = lag  # steps the host reads the "any alive" flag behind the device (see _Lookout)
         self.states: dict[tuple[int, int], _State] = {}  # (rows, width) -> its state
-        # (rows, width) -> its state's step; (rows, width, 1) -> its constrained step
+        # (rows, width) -> its state's step; (rows, width, 1) and (rows, width, 2) -> a constrained step's two
+        # halves, the forward and the choice (see `_constrained`)
         self.runners: dict[tuple[int, ...], Callable[[], None]] = {}
         self.last = Decoded(0, 0, 0, False)
         self.last_key: tuple[int, int] = (0, 0)  # the state the last batch ran on
@@ -465,13 +466,18 @@ class _Rows:
 
 
 def _allowed(logits: torch.Tensor, state: _State) -> torch.Tensor:
-    """`logits` [rows, width, vocabulary] with every token the branch's mask forbids at the lowest value.
-    On the device, from the state's buffers only (a captured step replays it)."""
+    """`logits` [rows, width, vocabulary] under the state's masks. On the device, from the state's buffers only
+    (a captured step replays it)."""
     assert state.allow is not None
-    rows, width, vocabulary = logits.shape
-    bits = (state.allow[..., None] >> state.bits) & 1  # [rows, width, words, 32]
-    keep = bits.view(rows, width, -1)[..., :vocabulary].bool()
-    return logits.masked_fill(~keep, torch.finfo(logits.dtype).min)
+    return masked(logits, state.allow, state.bits)
+
+
+def masked(scores: torch.Tensor, allow: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """`scores` [..., vocabulary] with every token its row's mask forbids at the lowest value. `allow`:
+    [..., words] int32, bit t of word t // 32 for token t (the Masks format); `bits`: arange(32) on the device."""
+    unpacked = (allow[..., None] >> bits) & 1  # [..., words, 32]
+    keep = unpacked.view(*scores.shape[:-1], -1)[..., : scores.shape[-1]].bool()
+    return scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
 
 
 def _forward_step(state: _State, forward: Forward) -> None:
