@@ -440,7 +440,7 @@ def _same_file(now: os.stat_result, before: os.stat_result) -> bool:
 def _result(rule: Rule, prompt: str, answer: Answer) -> sidecar.RuleResult:
     """A rule's answer as recorded: skipped, read into its structure's value, or cleaned free text."""
     if answer.skipped is not None:
-        return sidecar.RuleResult(rule, prompt, "", answer, skipped=answer.skipped)
+        return sidecar.RuleResult(rule, prompt, "", answer)
     if rule.structure is None:
         return sidecar.RuleResult(rule, prompt, clean_answer(answer.text, strip_prefixes=rule.strip_prefixes), answer)
     try:

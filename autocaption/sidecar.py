@@ -56,7 +56,11 @@ class RuleResult:
     answer: str  # cleaned (a structured answer: its value as text, `shown`)
     raw: Answer
     value: Any = None  # a structured answer's value: the option, the list of items, the JSON value
-    skipped: str | None = None  # not asked: why (its gate's answer did not admit it)
+
+    @property
+    def skipped(self) -> str | None:
+        """Not asked: why (its gate's answer did not admit it)."""
+        return self.raw.skipped
 
 
 @dataclass(frozen=True)
@@ -264,7 +268,7 @@ def results_of(existing: Mapping[str, Any], rules: Iterable[Rule]) -> tuple[Rule
         answer = str(entry.get("answer") or "")
         reason = entry.get("skipped") if isinstance(entry.get("skipped"), str) else None
         raw = Answer(answer, int(tokens.get("prompt") or 0), int(tokens.get("answer") or 0), 0.0, skipped=reason)
-        results.append(RuleResult(rule, str(entry.get("prompt") or ""), answer, raw, entry.get("value"), reason))
+        results.append(RuleResult(rule, str(entry.get("prompt") or ""), answer, raw, entry.get("value")))
     return tuple(results)
 
 

@@ -183,18 +183,19 @@ class Keywords:
                 "uniqueItems": True}  # fmt: skip
 
     def read(self, text: str) -> list[str]:
-        parts = _listed(text)
+        excluded = {word.lower() for word in self.exclude}  # (the grammar's (?i) folds as lower())
+        banned = self.banned()
         items: dict[str, str] = {}
-        for part in parts:
+        for part in _listed(text):
             item = " ".join(part.split())
             if not item:
                 continue
             folded = item.casefold()
-            if item.lower() in {word.lower() for word in self.exclude}:  # (the grammar's (?i) folds as lower())
+            if item.lower() in excluded:
                 raise AnswerInvalid(f"the answer has the excluded item {_short(item)}")
             if self.vocabulary is not None:
                 term = self._terms.get(folded)
-                if term is None and folded not in self.banned():
+                if term is None and folded not in banned:
                     raise AnswerInvalid(f"{_short(item)} is not in the vocabulary")
                 item = term.text if term else item
             elif self.words is not None and len(item.split()) > self.words:
