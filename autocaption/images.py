@@ -47,6 +47,7 @@ class Picture:
     sha256: str
     size_bytes: int
     facts: dict[str, str | None] = field(default_factory=dict)  # date, datetime, camera, gps: for placeholders
+    position: tuple[float, float] | None = None  # EXIF GPS latitude, longitude in degrees (south, west < 0)
 
 
 def _heif_available() -> bool:
@@ -113,14 +114,15 @@ def not_an_image(path: Path) -> str | None:
         return None
 
 
-def _facts(image: Image.Image, where: str) -> dict[str, str | None]:
-    """Capture date and time, camera and position for prompt placeholders; damaged EXIF just gives no facts."""
+def _facts(image: Image.Image, where: str) -> tuple[dict[str, str | None], tuple[float, float] | None]:
+    """Capture date and time, camera and position for prompt placeholders, and the position in degrees;
+    damaged EXIF just gives no facts."""
     try:
         exif = image.getexif()
         sub = exif.get_ifd(_EXIF_IFD)
     except Exception as exc:  # noqa: BLE001 - damaged EXIF must never cost us the picture
         log.info("%s: EXIF unreadable (%s); {date}, {datetime}, {camera} and {gps} will be 'unknown'", where, exc)
-        return {"date": None, "datetime": None, "camera": None, "gps": None}
+        return {"date": None, "datetime": None, "camera": None, "gps": None}, None
     raw_date = _exif_text(sub.get(_TAG_DATETIME_ORIGINAL) or exif.get(_TAG_DATETIME))
     date = moment = None
     if len(raw_date) >= 10 and raw_date[:4].isdigit():
@@ -131,11 +133,16 @@ def _facts(image: Image.Image, where: str) -> dict[str, str | None]:
     model = _exif_text(exif.get(_TAG_MODEL))
     # Many models already start with the make ("Canon EOS 40D"); do not say it twice.
     camera = model if make and model.lower().startswith(make.split()[0].lower()) else f"{make} {model}"
-    return {"date": date, "datetime": moment, "camera": camera.strip() or None, "gps": _position(exif, where)}
+    position = _position(exif, where)
+    gps = None
+    if position is not None:
+        (lat, lon) = position
+        gps = f"{abs(lat):.4f} {'N' if lat >= 0 else 'S'}, {abs(lon):.4f} {'E' if lon >= 0 else 'W'}"
+    return {"date": date, "datetime": moment, "camera": camera.strip() or None, "gps": gps}, position
 
 
-def _position(exif: Image.Exif, where: str) -> str | None:
-    """The GPS position as "43.4674 N, 11.8851 E" (4 decimals: about 10 m), or None without a usable one."""
+def _position(exif: Image.Exif, where: str) -> tuple[float, float] | None:
+    """The GPS position in degrees (south and west negative), or None without a usable one."""
     try:
         gps = exif.get_ifd(_GPS_IFD)
         parts = []
@@ -145,13 +152,13 @@ def _position(exif: Image.Exif, where: str) -> str | None:
             value = degrees + minutes / 60 + seconds / 3600
             if ref not in sides or not math.isfinite(value) or value > (90 if sides == "NS" else 180):
                 return None
-            parts.append(f"{value:.4f} {ref}")
+            parts.append(-value if ref == sides[1] else value)
     except (KeyError, TypeError, ValueError, ZeroDivisionError):
         return None
     except Exception as exc:  # noqa: BLE001 - a damaged GPS block costs the placeholder, never the photo
         log.info("%s: GPS unreadable (%s); {gps} will be 'unknown'", where, exc)
         return None
-    return ", ".join(parts)
+    return parts[0], parts[1]
 
 
 def _exif_text(value: object) -> str:
@@ -218,7 +225,7 @@ def open_picture(path: Path, *, max_pixels: int, draft_side: int | None = None) 
                 f"{where}: {width}x{height} is {width * height / 1e6:.0f} MP, above the limit of "
                 f"{max_pixels / 1e6:.0f} MP (images.max_pixels)"
             )
-        facts = _facts(opened, where)
+        facts, position = _facts(opened, where)
         if _orientation(opened) in (5, 6, 7, 8):
             width, height = height, width
         if draft_side and opened.format == "JPEG":
@@ -238,4 +245,5 @@ def open_picture(path: Path, *, max_pixels: int, draft_side: int | None = None) 
         sha256=hashlib.sha256(data).hexdigest(),
         size_bytes=len(data),
         facts=facts,
+        position=position,
     )

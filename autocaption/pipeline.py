@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from autocaption import atomic, sidecar
+from autocaption import atomic, places, sidecar
 from autocaption.config import Config, Rule
 from autocaption.discover import Candidate
 from autocaption.engine.base import Answer, Engine, EngineInfo, Job, PartlyAnswered, Prompt, skipped
@@ -172,6 +172,7 @@ class Pipeline:
         self.force = force
         self.writer = ResultWriter(config, dry_run=dry_run, locks=locks, force=force)
         self.draft_side = engine.info.max_image_side if config.images.draft else None
+        self.places = places.Places()  # the geocoder, loaded by the first photo whose rules name a place
         self.timings: dict[str, float] = defaultdict(float)  # seconds per stage, for `-v` and the benchmarks
 
     def run(
@@ -234,9 +235,12 @@ class Pipeline:
         if not _same_file(after, stat):
             return Failed(path, f"{display(path)}: changed while being read; will retry", transient=True, changed=True)
         values = render_values(path, picture)
-        if any(rule.prompt.names & GIVEN for rule in rules):  # a person's caption and keywords, read when asked
-            caption, keywords = self.writer.metadata.persons(path)
-            values |= {"caption": caption, "keywords": ", ".join(keywords) or None}
+        names = frozenset().union(*(rule.prompt.names for rule in rules))
+        if names & (GIVEN | places.NAMES):  # read from the photo's metadata only when a rule asks
+            given = self.writer.metadata.persons(path)
+            values |= {"caption": given.caption, "keywords": ", ".join(given.keywords) or None}
+            if names & places.NAMES:
+                values |= self.places.of(given.place, picture.position).values()
         prompts = tuple(rule.prompt.render(values) for rule in rules)
         return _Work(candidate, rules, stat, found, picture, prompts, force)
 

@@ -2,7 +2,8 @@
 
 `{file}` the file name, `{folder}` its folder's name, `{date}` the EXIF capture date (YYYY-MM-DD),
 `{datetime}` with the time, `{camera}` make and model, `{gps}` the position, `{caption}` and `{keywords}`
-what a person already gave the photo (PLACEHOLDERS). `{{` and `}}` are literal braces. A placeholder
+what a person already gave the photo, `{place}` (`{city}`, `{region}`, `{country}`) where it was taken
+(PLACEHOLDERS). `{{` and `}}` are literal braces. A placeholder
 whose value is unknown (a scan without EXIF) becomes "unknown". Templates are parsed when the config is read, so an
 unknown name is a config error rather than a surprise at the first photo.
 """
@@ -22,6 +23,11 @@ PLACEHOLDERS: Mapping[str, str] = {
     "gps": "the EXIF GPS position, rounded to about 10 m: 43.4674 N, 11.8851 E",
     "caption": "the caption a person (or another tool) already gave the photo, never autocaption's own",
     "keywords": "the keywords a person (or another tool) already gave the photo, never autocaption's own",
+    "place": "where the photo was taken: the location a person gave it, else its GPS position's nearest town, "
+    "region and country (offline): Arezzo, Tuscany, Italy",
+    "city": "the city or town of {place}",
+    "region": "the state, province or region of {place}",
+    "country": "the country of {place}",
 }
 # What is read from the photo's metadata (not its EXIF facts), only when a rule asks for it.
 GIVEN = frozenset({"caption", "keywords"})

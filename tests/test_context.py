@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,8 +23,8 @@ RULES = """
 """
 
 
-def _prompt(photo: Path) -> str:
-    return str(json.loads(photo.with_name(photo.name + ".json").read_text())["rules"]["context"]["prompt"])
+def _prompt(photo: Path, rule: str = "context") -> str:
+    return str(json.loads(photo.with_name(photo.name + ".json").read_text())["rules"][rule]["prompt"])
 
 
 def test_the_prompt_holds_the_photos_own_facts_and_a_persons_words_never_ours(
@@ -52,3 +54,59 @@ def test_the_prompt_holds_the_photos_own_facts_and_a_persons_words_never_ours(
     assert not summary.failures, summary.failures
     assert _prompt(canon).endswith("Its caption: unknown. Its keywords: unknown.")
     assert _prompt(tuscany).endswith("Its caption: Grandma's farm. Its keywords: farm, Tuscany.")
+
+
+PLACES = """
+- name: where
+  prompt: "{place} | {city} | {region} | {country}"
+  max_new_tokens: 4
+"""
+
+
+def test_place_placeholders_name_the_gps_position_and_prefer_a_persons_location(
+    make_config: Callable[..., Path], tmp_path: Path, corpus: Path
+) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    _where = functools.partial(_prompt, rule="where")
+    arezzo, canon = folder / "DSCN0010.jpg", folder / "Canon_40D.jpg"
+    cortona, siena = folder / "DSCN0012.jpg", folder / "DSCN0021.jpg"
+    for photo in (arezzo, cortona, siena):
+        shutil.copyfile(corpus / "jpg/gps" / photo.name, photo)
+    shutil.copyfile(corpus / "jpg/camera/Canon_40D.jpg", canon)
+    # A person's XMP location (a town other than the GPS's nearest, and a sub-location), and one in IPTC only.
+    subprocess.run([require(), "-q", "-overwrite_original", "-XMP-photoshop:City=Cortona",
+                    "-XMP-iptcCore:Location=Piazza della Repubblica", str(cortona)], check=True)  # fmt: skip
+    subprocess.run([require(), "-q", "-overwrite_original", "-IPTC:City=Siena", str(siena)], check=True)
+    summary = process(load(make_config(PLACES)), [folder])
+    assert summary.images == 4 and not summary.failures, summary.failures
+    # 43.4674 N, 11.8851 E is the middle of Arezzo (checked on a map); GeoNames' Arezzo is 0.7 km from it.
+    assert _where(arezzo) == "Arezzo, Tuscany, Italy | Arezzo | Tuscany | Italy"
+    assert _where(canon) == "unknown | unknown | unknown | unknown"  # no GPS, no location fields
+    # The person's town wins; the GPS's region does not go with another town, its country does (Italy).
+    assert _where(cortona) == "Piazza della Repubblica, Cortona, Italy | Cortona | unknown | Italy"
+    assert _where(siena) == "Siena, Italy | Siena | unknown | Italy"
+
+
+def test_the_geocoder_is_loaded_only_for_rules_that_name_a_place(
+    make_config: Callable[..., Path], tmp_path: Path, corpus: Path
+) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copyfile(corpus / "jpg/gps/DSCN0010.jpg", folder / "DSCN0010.jpg")
+    script = (
+        "import sys; from pathlib import Path; from autocaption.config import load; "
+        "from autocaption.process import process; "
+        "summary = process(load(Path(sys.argv[1])), [Path(sys.argv[2])], force=True); "
+        "assert not summary.failures, summary.failures; "
+        "print(sorted(m for m in sys.modules if m.startswith('reverse_geocode')))"
+    )
+
+    def loaded(rules: str) -> str:
+        run = subprocess.run([sys.executable, "-c", script, str(make_config(rules)), str(folder)],
+                             capture_output=True, text=True, check=True)  # fmt: skip
+        return run.stdout.strip().splitlines()[-1]
+
+    assert loaded(RULES) == "[]"
+    # (scipy is no sign: transformers imports scipy.spatial itself where scipy is installed)
+    assert loaded(PLACES) == "['reverse_geocode']"

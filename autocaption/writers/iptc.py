@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 PHOTOSHOP_HEADER = b"Photoshop 3.0\x00"
 IPTC_RESOURCE = 0x0404
@@ -29,6 +29,8 @@ UTF8 = b"\x1b%G"  # ISO 2022 escape sequence for UTF-8
 CODED_CHARACTER_SET = (1, 90)
 KEYWORDS = (2, 25)
 CAPTION = (2, 120)
+# The location datasets, in Place's terms: City, Sub-location, Province-State, Country-PrimaryLocationName.
+PLACE = {"city": (2, 90), "sublocation": (2, 92), "region": (2, 95), "country": (2, 101)}
 RECORD_VERSION = (2, 0)  # binary: the only record-2 dataset that is not text
 CAPTION_LIMIT, KEYWORD_LIMIT = 2000, 64  # bytes, as the IIM specification sets them (exiftool enforces them)
 
@@ -135,13 +137,16 @@ def _encode(items: Sequence[Dataset]) -> bytes:
 class IptcFacts:
     caption: str | None
     keywords: tuple[str, ...]
+    place: dict[str, str] = field(default_factory=dict)  # Place's field names -> the first such dataset's text
 
 
 def facts(iim: bytes) -> IptcFacts:
     items = datasets(iim)
     encoding = "utf-8" if _is_utf8(items) else "cp1252"  # exiftool's default for IIM without 1:90
-    texts = {key: [v.decode(encoding, "replace") for r, n, v in items if (r, n) == key] for key in (CAPTION, KEYWORDS)}
-    return IptcFacts(texts[CAPTION][0] if texts[CAPTION] else None, tuple(texts[KEYWORDS]))
+    keys = (CAPTION, KEYWORDS, *PLACE.values())
+    texts = {key: [v.decode(encoding, "replace") for r, n, v in items if (r, n) == key] for key in keys}
+    place = {name: texts[key][0].strip() for name, key in PLACE.items() if texts[key] and texts[key][0].strip()}
+    return IptcFacts(texts[CAPTION][0] if texts[CAPTION] else None, tuple(texts[KEYWORDS]), place)
 
 
 def _is_utf8(items: Sequence[Dataset]) -> bool:

@@ -26,6 +26,7 @@ from autocaption.config import OutputConfig
 from autocaption.errors import WriteError
 from autocaption.images import sniff
 from autocaption.paths import display, text
+from autocaption.places import Place
 from autocaption.textclean import carriable, carriable_keyword
 from autocaption.writers import containers, exif, iptc, policy, xmp
 from autocaption.writers.containers import Blocks, ContainerError
@@ -104,6 +105,16 @@ class _Found:
     make: str | None = None
     model: str | None = None
     software: str | None = None
+    place: Place = field(default_factory=Place)  # the location fields a person or another tool wrote
+
+
+@dataclass(frozen=True)
+class Given:
+    """What a person or another tool gave a photo, for the `{caption}`, `{keywords}` and place placeholders."""
+
+    caption: str | None = None
+    keywords: tuple[str, ...] = ()
+    place: Place = field(default_factory=Place)
 
 
 class MetadataWriter:
@@ -122,20 +133,22 @@ class MetadataWriter:
             return None, ()
         return next((text for text in found.descriptions if text), None), found.keywords
 
-    def persons(self, path: Path) -> tuple[str | None, tuple[str, ...]]:
-        """What a person or another tool gave the photo — its caption and keywords — for the `{caption}` and
-        `{keywords}` placeholders: never autocaption's own earlier answer, nor a camera's boilerplate text.
-        Read from its XMP sidecar where it has one (as `carried`), else from the file."""
+    def persons(self, path: Path) -> Given:
+        """What a person or another tool gave the photo — its caption, keywords and location fields — for the
+        placeholders: never autocaption's own earlier answer, nor a camera's boilerplate text. Read from its
+        XMP sidecar where it has one (as `carried`; the file's location fields where the sidecar has none),
+        else from the file."""
         try:
             found = _facts_of(path.read_bytes())
         except OSError:
-            return None, ()
+            return Given()
         facts = self._sidecar_facts(path)
         if facts is not None:
             found.descriptions, found.keywords = [facts.description], facts.keywords
             found.own_description, found.own_keywords = facts.own_description, facts.own_keywords
+            found.place = found.place if facts.place.empty else facts.place
         caption = policy.human_part(found.descriptions, found.own_description, found.make, found.model, found.software)
-        return caption, tuple(word for word in found.keywords if word not in found.own_keywords)
+        return Given(caption, tuple(word for word in found.keywords if word not in found.own_keywords), found.place)
 
     def _sidecar_facts(self, path: Path) -> xmp.XmpFacts | None:
         """What the photo's XMP sidecar says, None without a readable one."""
@@ -315,6 +328,7 @@ def _facts_of(data: bytes) -> _Found:
             facts = None
     if facts:
         found.own_description, found.own_keywords = facts.own_description, facts.own_keywords
+        found.place = facts.place
     if blocks.exif is not None:
         try:
             tiff = Tiff(blocks.exif)
@@ -330,6 +344,9 @@ def _facts_of(data: bytes) -> _Found:
             legacy = iptc.facts(blocks.iptc)
         except iptc.IptcError:
             legacy = None
+    if legacy is not None and legacy.place:  # each field from XMP where it has it, else from IPTC
+        written = {name: value for name, value in dataclasses.asdict(found.place).items() if value}
+        found.place = Place(**(legacy.place | written))
     xmp_description = facts.description if facts else None
     xmp_keywords = facts.keywords if facts else ()
     if legacy is None:

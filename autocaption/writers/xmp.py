@@ -20,6 +20,7 @@ from xml.parsers import expat
 
 import defusedxml.ElementTree as SafeET
 
+from autocaption.places import Place
 from autocaption.textclean import NOT_XML
 
 NS = {
@@ -29,6 +30,8 @@ NS = {
     "xmp": "http://ns.adobe.com/xap/1.0/",
     "autocaption": "https://github.com/autocaption/autocaption/ns/1.0/",
     "lr": "http://ns.adobe.com/lightroom/1.0/",
+    "photoshop": "http://ns.adobe.com/photoshop/1.0/",
+    "Iptc4xmpCore": "http://iptc.org/std/Iptc4xmpCore/1.0/xmlns/",
 }
 _PREFERRED = {uri: prefix for prefix, uri in NS.items()}
 XML_NS = "http://www.w3.org/XML/1998/namespace"
@@ -38,6 +41,11 @@ _RDF = "{" + NS["rdf"] + "}"
 _DC = "{" + NS["dc"] + "}"
 _OWN = "{" + NS["autocaption"] + "}"
 _LR = "{" + NS["lr"] + "}"
+_PS = "{" + NS["photoshop"] + "}"
+_CORE = "{" + NS["Iptc4xmpCore"] + "}"
+# Where a photo's place is written (IPTC Core's location fields as XMP has them), in Place's terms.
+PLACE_TAGS = {"city": _PS + "City", "region": _PS + "State", "country": _PS + "Country",
+              "sublocation": _CORE + "Location"}  # fmt: skip
 _EMPTY = (
     b'<x:xmpmeta xmlns:x="adobe:ns:meta/">\n <rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">\n'
     b'  <rdf:Description rdf:about=""/>\n </rdf:RDF>\n</x:xmpmeta>'
@@ -60,6 +68,7 @@ class XmpFacts:
     keywords: tuple[str, ...]  # dc:subject
     own_description: str | None  # what autocaption wrote last time
     own_keywords: tuple[str, ...]
+    place: Place = field(default_factory=Place)  # photoshop:City, State, Country; Iptc4xmpCore:Location
 
 
 @dataclass(frozen=True)
@@ -298,6 +307,7 @@ def facts(packet: Packet) -> XmpFacts:
         keywords=tuple(text for _, text in _values(root, _DC + "subject") or ()),
         own_description=_simple(root, _OWN + "Description"),
         own_keywords=tuple(text for _, text in _values(root, _OWN + "Keywords") or ()),
+        place=Place(**{name: (_simple(root, tag) or "").strip() or None for name, tag in PLACE_TAGS.items()}),
     )
 
 
