@@ -46,7 +46,9 @@ DEVICES = ("auto", "cpu", "cuda", "cuda:N")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
 ENGINES = ("transformers", "openai")
-WRITE_TARGETS = ("description", "keywords")
+WRITE_TARGETS = ("description", "keywords", "title", "alt_text", "extended_description")
+# A language tag as XMP's xml:lang takes it (BCP 47): "de", "pt-BR", "zh-Hant".
+_LANGUAGE = re.compile(r"[A-Za-z]{2,3}(?:-[A-Za-z0-9]{2,8})*")
 SIDECAR_MODES = ("auto", "always", "never")
 SIDECAR_NAMES = ("full", "stem")
 EXISTING_POLICIES = ("keep", "overwrite", "append")
@@ -119,6 +121,7 @@ class OutputConfig:
     xmp_sidecar: str = "auto"  # auto: only when the file itself cannot carry the caption
     sidecar_name: str = "full"  # full: IMG_1.jpg.xmp (digiKam, darktable, Immich); stem: IMG_1.xmp (Lightroom)
     existing: str = "keep"  # a person's caption: keep, overwrite or append to it
+    location: bool = False  # write the place named from GPS into the location fields where the photo has none
 
 
 @dataclass(frozen=True)
@@ -130,7 +133,8 @@ class Rule:
     system: str | None = None
     # Opt-in clean-up: leading phrases to drop from the answer ("This image shows").
     strip_prefixes: tuple[str, ...] = ()
-    write: frozenset[str] = frozenset()  # "description", "keywords": where the answer goes in the photo
+    write: frozenset[str] = frozenset()  # "description", "keywords", "title"...: where the answer goes in the photo
+    language: str | None = None  # the answer is this language's alternative of its texts ("de")
     structure: Structure | None = None  # `choice`, `list` or `json`: what the answer may be (structure.py)
     when: Gate | None = None  # runs only when another rule's answer is one of these
     # Where `system:` is written ("rules.yaml:12: rules[1].system"), for errors found once the model is known.
@@ -178,8 +182,10 @@ class Config:
         """How answers go into a photo: the output settings and what each rule writes. A change is done by
         writing the recorded answers again, without the model."""
         output = self.output
-        shape = [output.embed, output.xmp_sidecar, output.sidecar_name, output.existing,
-                 sorted((rule.name, sorted(rule.write)) for rule in rules)]  # fmt: skip
+        shape: list[object] = [output.embed, output.xmp_sidecar, output.sidecar_name, output.existing,
+                               sorted((rule.name, sorted(rule.write)) for rule in rules)]  # fmt: skip
+        if output.location or any(rule.language for rule in rules):  # (earlier configs' fingerprints unchanged)
+            shape += [output.location, [rule.language for rule in rules]]
         return hashlib.sha256(json.dumps(shape).encode()).hexdigest()[:16]
 
     def rules_for(self, relative: str) -> tuple[Rule, ...]:
@@ -478,13 +484,14 @@ def _daemon(node: _Node) -> DaemonConfig:
 
 
 def _output(node: _Node) -> OutputConfig:
-    k = node.mapping(dict.fromkeys(("embed", "xmp_sidecar", "sidecar_name", "existing"), False))
+    k = node.mapping(dict.fromkeys(("embed", "xmp_sidecar", "sidecar_name", "existing", "location"), False))
     d = OutputConfig()
     return OutputConfig(
         embed=_optional(k, "embed", _Node.boolean, d.embed),
         xmp_sidecar=_optional(k, "xmp_sidecar", lambda n: n.choice(SIDECAR_MODES), d.xmp_sidecar),
         sidecar_name=_optional(k, "sidecar_name", lambda n: n.choice(SIDECAR_NAMES), d.sidecar_name),
         existing=_optional(k, "existing", lambda n: n.choice(EXISTING_POLICIES), d.existing),
+        location=_optional(k, "location", _Node.boolean, d.location),
     )
 
 
@@ -496,6 +503,13 @@ def _targets(node: _Node) -> frozenset[str]:
                 f"must be one of {', '.join(WRITE_TARGETS)}; got {target!r}"
             )
     return frozenset(targets)
+
+
+def _language(node: _Node) -> str:
+    value = node.text()
+    if value.casefold() == "x-default" or not _LANGUAGE.fullmatch(value):
+        raise node.fail(f"must be a language tag such as de, fr or pt-BR; got {value!r}")
+    return value
 
 
 def _template(node: _Node) -> PromptTemplate:
@@ -513,7 +527,8 @@ RESERVED = frozenset({"q", "rule", "folder", "status", "page", "per_page", "afte
 def _rule(node: _Node, base: Path) -> Rule:
     k = node.mapping(
         {"name": True, "prompt": True, "match": False, "max_new_tokens": False, "system": False,
-         "strip_prefixes": False, "write": False, "choice": False, "list": False, "json": False, "when": False}
+         "strip_prefixes": False, "write": False, "choice": False, "list": False, "json": False, "when": False,
+         "language": False}
     )  # fmt: skip
     name = k["name"].text()
     if not all(ch.isalnum() or ch in "-_." for ch in name):
@@ -541,6 +556,10 @@ def _rule(node: _Node, base: Path) -> Rule:
     write: frozenset[str] = _optional(k, "write", _targets, frozenset())
     if isinstance(structure, JsonAnswer) and "keywords" in write:
         raise k["write"].fail("a json answer cannot be written as keywords (a list rule can)")
+    language = _optional(k, "language", _language, None)
+    if language is not None and not write - {"keywords"}:
+        raise k["language"].fail("names the language alternative a text is written as; this rule writes no "
+                                 "description, title, alt_text or extended_description")  # fmt: skip
     return Rule(
         name=name,
         prompt=_template(k["prompt"]),
@@ -551,6 +570,7 @@ def _rule(node: _Node, base: Path) -> Rule:
         write=write,
         structure=structure,
         when=_optional(k, "when", _gate, None),
+        language=language,
         system_where=k["system"].where if "system" in k else "",
     )
 

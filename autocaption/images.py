@@ -197,6 +197,15 @@ def _orient(image: Image.Image, where: str) -> Image.Image:
         return image
 
 
+def position_of(path: Path) -> tuple[float, float] | None:
+    """The photo's GPS position from its EXIF, without decoding its pixels (None where it has none)."""
+    try:
+        with Image.open(path, formats=FORMATS) as opened:
+            return _facts(opened, display(path))[1]
+    except (OSError, SyntaxError, ValueError, EOFError, UnidentifiedImageError):
+        return None
+
+
 def open_picture(path: Path, *, max_pixels: int, draft_side: int | None = None) -> Picture:
     """Read `path` once, hash it, and decode it into an upright RGB image.
 

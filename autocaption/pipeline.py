@@ -21,10 +21,11 @@ from autocaption.config import Config, Rule
 from autocaption.discover import Candidate
 from autocaption.engine.base import Answer, Engine, EngineInfo, Job, PartlyAnswered, Prompt, skipped
 from autocaption.errors import ConfigError, EngineError, ImageError, ServerUnreachable, WriteError
-from autocaption.images import Picture, open_picture
+from autocaption.images import Picture, open_picture, position_of
 from autocaption.locks import PhotoLocks
 from autocaption.paths import display, text
 from autocaption.placeholders import GIVEN
+from autocaption.places import Place
 from autocaption.structure import AnswerInvalid, Keywords, shown
 from autocaption.textclean import clean_answer
 from autocaption.writers.metadata import Caption, MetadataWriter, WriteRecord
@@ -78,6 +79,7 @@ class _Work:
     picture: Picture
     prompts: tuple[str, ...]
     force: bool = False  # described again even if another process finished it meanwhile
+    place: Place | None = None  # where it was taken, when a rule or `output.location` asks
 
 
 @dataclass(frozen=True)
@@ -172,7 +174,6 @@ class Pipeline:
         self.force = force
         self.writer = ResultWriter(config, dry_run=dry_run, locks=locks, force=force)
         self.draft_side = engine.info.max_image_side if config.images.draft else None
-        self.places = places.Places()  # the geocoder, loaded by the first photo whose rules name a place
         self.timings: dict[str, float] = defaultdict(float)  # seconds per stage, for `-v` and the benchmarks
 
     def run(
@@ -236,13 +237,16 @@ class Pipeline:
             return Failed(path, f"{display(path)}: changed while being read; will retry", transient=True, changed=True)
         values = render_values(path, picture)
         names = frozenset().union(*(rule.prompt.names for rule in rules))
-        if names & (GIVEN | places.NAMES):  # read from the photo's metadata only when a rule asks
+        located = bool(names & places.NAMES) or self.config.output.location
+        place = None
+        if names & GIVEN or located:  # read from the photo's metadata only when asked
             given = self.writer.metadata.persons(path)
             values |= {"caption": given.caption, "keywords": ", ".join(given.keywords) or None}
-            if names & places.NAMES:
-                values |= self.places.of(given.place, picture.position).values()
+            if located:
+                place = self.writer.places.of(given.place, picture.position)
+                values |= place.values()
         prompts = tuple(rule.prompt.render(values) for rule in rules)
-        return _Work(candidate, rules, stat, found, picture, prompts, force)
+        return _Work(candidate, rules, stat, found, picture, prompts, force, place)
 
     def _describe(self, work: list[_Work], cancel: threading.Event | None = None) -> list[Outcome]:
         asked = [_asked(item) for item in work]
@@ -289,6 +293,7 @@ class ResultWriter:
         self.locks = locks
         self.force = force
         self.metadata = MetadataWriter(config.output)
+        self.places = places.Places()  # the geocoder, loaded by the first photo that needs a place named
 
     def answers(self, item: _Work, engine: EngineInfo, answers: Sequence[Answer]) -> Outcome:
         """Fresh answers from the model. An answer that does not satisfy its rule's structure fails the photo:
@@ -304,7 +309,8 @@ class ResultWriter:
             path = item.candidate.path
             return sidecar.build(path, item.picture, item.stat, engine, results, found.document, record)
 
-        todo = _ToWrite(item.candidate, item.rules, item.stat, results, document, item.picture.sha256, force=item.force)
+        todo = _ToWrite(item.candidate, item.rules, item.stat, results, document, item.picture.sha256, force=item.force,
+                        place=item.place)  # fmt: skip
         return self._locked(todo, item.found)
 
     def earlier(self, item: Unwritten) -> Outcome:
@@ -318,8 +324,21 @@ class ResultWriter:
             return sidecar.with_written(found.document, record, record.stat or item.stat)
 
         sha256 = str(item.found.document["image"].get("sha256") or "")
-        todo = _ToWrite(item.candidate, item.rules, item.stat, results, document, sha256, earlier=True)
+        todo = _ToWrite(item.candidate, item.rules, item.stat, results, document, sha256, earlier=True,
+                        place=self._recorded_place(item))  # fmt: skip
         return self._locked(todo, item.found)
+
+    def _recorded_place(self, item: Unwritten) -> Place | None:
+        """The place recorded with the answers, for `output.location`; named now for answers recorded before
+        it was turned on (from the photo's EXIF: no decoding of its pixels)."""
+        if not self.config.output.location:
+            return None
+        assert item.found.document is not None
+        recorded = item.found.document["image"].get("place")
+        if isinstance(recorded, dict):
+            return Place(**{name: recorded.get(name) for name in ("city", "region", "country", "sublocation")})
+        path = item.candidate.path
+        return self.places.of(self.metadata.persons(path).place, position_of(path))
 
     def _locked(self, todo: _ToWrite, found: sidecar.Sidecar) -> Outcome:
         """Write under the photo's lock, after reading its sidecar again (none of this in a dry run)."""
@@ -355,7 +374,8 @@ class ResultWriter:
         path = todo.candidate.path
         failure: WriteError | None = None
         try:
-            record = self.metadata.write(path, todo.candidate.root, caption_of(todo.results), dry_run=self.dry_run)
+            caption = caption_of(todo.results, todo.place)
+            record = self.metadata.write(path, todo.candidate.root, caption, dry_run=self.dry_run)
         except WriteError as exc:
             failure = exc
             record = WriteRecord("failed", "not written", "not written", reason=str(exc))
@@ -372,6 +392,8 @@ class ResultWriter:
         if self.dry_run:
             return described
         document = todo.document(found, record)
+        if todo.place is not None:  # (for writing the answers again without the photo's pixels)
+            document["image"]["place"] = dataclasses.asdict(todo.place)
         document["written"] = {**document.get("written", {}), "settings": self.config.writing(todo.rules)}
         described = dataclasses.replace(described, edited=sidecar.edited_text(document))
         try:
@@ -395,6 +417,7 @@ class _ToWrite:
     sha256: str  # of the bytes that were described
     earlier: bool = False  # the answers come from an earlier run's sidecar
     force: bool = False  # written even if another process finished the photo meanwhile
+    place: Place | None = None  # where it was taken (`output.location`, and placeholders)
 
 
 def _asked(item: _Work) -> list[int]:
@@ -454,8 +477,12 @@ def _result(rule: Rule, prompt: str, answer: Answer) -> sidecar.RuleResult:
     return sidecar.RuleResult(rule, prompt, shown(value), answer, value=value)
 
 
-def caption_of(results: Sequence[sidecar.RuleResult]) -> Caption:
-    """The first `description` rule's answer and every `keywords` rule's words, in rule order."""
+TEXTS = ("description", "title", "alt_text", "extended_description")  # the language-alternative targets
+
+
+def caption_of(results: Sequence[sidecar.RuleResult], place: Place | None = None) -> Caption:
+    """The first `description` rule's answer and every `keywords` rule's words, in rule order; the texts of
+    each other target and language (`_texts`); `place`, to be written where the photo has no location."""
     description = next((r.answer for r in results if "description" in r.rule.write and r.answer), None)
     keywords: dict[str, str] = {}
     paths: dict[str, str] = {}
@@ -467,4 +494,24 @@ def caption_of(results: Sequence[sidecar.RuleResult]) -> Caption:
             if isinstance(result.rule.structure, Keywords) and isinstance(result.value, list):
                 paths.update((path.casefold(), path) for path in result.rule.structure.paths(result.value))
     return Caption(description, tuple(keywords.values()), asked=any(result.rule.write for result in results),
-                   paths=tuple(paths.values()))  # fmt: skip
+                   paths=tuple(paths.values()), texts=_texts(results), place=place)  # fmt: skip
+
+
+def _texts(results: Sequence[sidecar.RuleResult]) -> tuple[tuple[str, str, str], ...]:
+    """(target, language, text) of every text but the default description: a target's first answer is its
+    x-default (and its language's alternative, where its rule names one); a later rule adds the alternative of
+    its `language` (a later rule without one: the first answer stands, as for the description)."""
+    texts: dict[tuple[str, str], str] = {}
+    for result in results:
+        if result.skipped is not None or not result.answer:
+            continue
+        for target in TEXTS:
+            if target not in result.rule.write:
+                continue
+            languages = [result.rule.language] if result.rule.language else []
+            if not any(key[0] == target for key in texts):
+                languages.insert(0, "x-default")
+            for lang in languages:
+                texts.setdefault((target, lang), result.answer)
+    texts.pop(("description", "x-default"), None)  # (Caption.description: the EXIF and IPTC captions follow it)
+    return tuple((target, lang, text) for (target, lang), text in texts.items())

@@ -16,6 +16,7 @@ fi
 need=()
 command -v exiftool >/dev/null || need+=(libimage-exiftool-perl)
 command -v systemd-analyze >/dev/null || need+=(systemd)
+command -v exiv2 >/dev/null || need+=(exiv2)  # the second reader of what we write (issue 20)
 command -v chromium >/dev/null || need+=(chromium)  # the review page's browser test
 command -v chromedriver >/dev/null || need+=(chromium-driver)
 if ((${#need[@]})); then

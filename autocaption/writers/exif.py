@@ -19,9 +19,10 @@ IMAGE_DESCRIPTION = piexif.ImageIFD.ImageDescription  # 0x010E
 MAKE = piexif.ImageIFD.Make
 MODEL = piexif.ImageIFD.Model
 SOFTWARE = piexif.ImageIFD.Software  # 0x0131: the firmware or program that wrote the file
+XP_TITLE = piexif.ImageIFD.XPTitle  # 0x9C9B, UTF-16LE bytes: Windows "Title"
 XP_COMMENT = piexif.ImageIFD.XPComment  # 0x9C9C, UTF-16LE bytes: Windows "Comments"
 XP_KEYWORDS = piexif.ImageIFD.XPKeywords  # 0x9C9E: Windows "Tags"
-OWNED = frozenset({IMAGE_DESCRIPTION, XP_COMMENT, XP_KEYWORDS})
+OWNED = frozenset({IMAGE_DESCRIPTION, XP_TITLE, XP_COMMENT, XP_KEYWORDS})
 
 ASCII, BYTE = 2, 1
 _TYPE_SIZE = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4}
@@ -95,6 +96,13 @@ class Tiff:
         if raw is None:
             return None
         return raw.split(b"\x00", 1)[0].decode("utf-8", errors="replace").strip()
+
+    def xp_text(self, tag: int) -> str | None:
+        """A Windows XP* tag's text (UTF-16LE, NUL-terminated)."""
+        raw = self.value(tag)
+        if raw is None:
+            return None
+        return raw.decode("utf-16-le", errors="replace").split("\x00", 1)[0].strip()
 
     def _base(self) -> bytes:
         """The block without an IFD0 we appended last time (IFD0 and our values form the exact tail)."""

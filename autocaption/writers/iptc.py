@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 PHOTOSHOP_HEADER = b"Photoshop 3.0\x00"
@@ -29,10 +29,12 @@ UTF8 = b"\x1b%G"  # ISO 2022 escape sequence for UTF-8
 CODED_CHARACTER_SET = (1, 90)
 KEYWORDS = (2, 25)
 CAPTION = (2, 120)
+OBJECT_NAME = (2, 5)  # the title
 # The location datasets, in Place's terms: City, Sub-location, Province-State, Country-PrimaryLocationName.
 PLACE = {"city": (2, 90), "sublocation": (2, 92), "region": (2, 95), "country": (2, 101)}
 RECORD_VERSION = (2, 0)  # binary: the only record-2 dataset that is not text
-CAPTION_LIMIT, KEYWORD_LIMIT = 2000, 64  # bytes, as the IIM specification sets them (exiftool enforces them)
+# bytes, as the IIM specification sets them (exiftool enforces them)
+CAPTION_LIMIT, KEYWORD_LIMIT, OBJECT_NAME_LIMIT = 2000, 64, 64
 
 
 class IptcError(ValueError):
@@ -138,24 +140,30 @@ class IptcFacts:
     caption: str | None
     keywords: tuple[str, ...]
     place: dict[str, str] = field(default_factory=dict)  # Place's field names -> the first such dataset's text
+    title: str | None = None
 
 
 def facts(iim: bytes) -> IptcFacts:
     items = datasets(iim)
     encoding = "utf-8" if _is_utf8(items) else "cp1252"  # exiftool's default for IIM without 1:90
-    keys = (CAPTION, KEYWORDS, *PLACE.values())
+    keys = (CAPTION, KEYWORDS, OBJECT_NAME, *PLACE.values())
     texts = {key: [v.decode(encoding, "replace") for r, n, v in items if (r, n) == key] for key in keys}
     place = {name: texts[key][0].strip() for name, key in PLACE.items() if texts[key] and texts[key][0].strip()}
-    return IptcFacts(texts[CAPTION][0] if texts[CAPTION] else None, tuple(texts[KEYWORDS]), place)
+    title = texts[OBJECT_NAME][0] if texts[OBJECT_NAME] else None
+    return IptcFacts(texts[CAPTION][0] if texts[CAPTION] else None, tuple(texts[KEYWORDS]), place, title)
 
 
 def _is_utf8(items: Sequence[Dataset]) -> bool:
     return any((r, n) == CODED_CHARACTER_SET and v == UTF8 for r, n, v in items)
 
 
-def with_caption(iim: bytes, description: str | None, keywords: Sequence[str] | None) -> bytes | None:
-    """The IIM data with Caption-Abstract and/or Keywords set (None: leave that one), or None when the block
-    is in a legacy character set with non-ASCII text that UTF-8 would change."""
+def with_caption(
+    iim: bytes, description: str | None, keywords: Sequence[str] | None, title: str | None = None,
+    place: Mapping[str, str] | None = None,
+) -> bytes | None:  # fmt: skip
+    """The IIM data with Caption-Abstract, Keywords, ObjectName and/or the location datasets (`PLACE`'s names)
+    set (None: leave that one), or None when the block is in a legacy character set with non-ASCII text that
+    UTF-8 would change."""
     items = datasets(iim)
     if not _is_utf8(items):
         legacy = any((r, n) != RECORD_VERSION and r == 2 and not v.isascii() for r, n, v in items)
@@ -166,6 +174,10 @@ def with_caption(iim: bytes, description: str | None, keywords: Sequence[str] | 
         items = _put(items, CAPTION, [_cut(description, CAPTION_LIMIT)])
     if keywords is not None:
         items = _put(items, KEYWORDS, [_cut(word, KEYWORD_LIMIT) for word in keywords])
+    if title is not None:
+        items = _put(items, OBJECT_NAME, [_cut(title, OBJECT_NAME_LIMIT)])
+    for name, value in (place or {}).items():  # City 32 bytes, the others 32 and 64 (IIM): exiftool's limits
+        items = _put(items, PLACE[name], [_cut(value, 64 if name == "country" else 32)])
     return _encode(items)
 
 

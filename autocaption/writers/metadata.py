@@ -53,10 +53,15 @@ class Caption:
     # and not marked as autocaption's, so later runs keep it under `existing: keep`.
     person: bool = False
     paths: tuple[str, ...] = ()  # the keywords' places in a hierarchy ("Animals|Dog"): lr:hierarchicalSubject
+    # (target, language, text) of the other language-alternative texts (xmp.ALTERNATIVES): a title, an alt text,
+    # an extended description, and the description in other languages. Language "x-default" is the default.
+    texts: tuple[tuple[str, str, str], ...] = ()
+    place: Place | None = None  # where the photo was taken (`output.location`): written only where none is
 
     @property
     def empty(self) -> bool:
-        return self.description is None and not self.keywords and not self.person
+        located = self.place is not None and not self.place.empty
+        return self.description is None and not self.keywords and not self.person and not self.texts and not located
 
     def carriable(self) -> Caption:
         """The caption as XMP, EXIF and IPTC can carry it (textclean.carriable): a control character would
@@ -65,7 +70,8 @@ class Caption:
         description = (carriable(self.description) or None) if self.description is not None else None
         words = None if self.keywords is None else map(carriable_keyword, self.keywords)
         keywords = None if words is None else tuple(word for word in words if word)
-        return dataclasses.replace(self, description=description, keywords=keywords)
+        texts = tuple((target, lang, carriable(text)) for target, lang, text in self.texts if carriable(text))
+        return dataclasses.replace(self, description=description, keywords=keywords, texts=texts)
 
 
 @dataclass(frozen=True)
@@ -79,10 +85,12 @@ class WriteRecord:
     reason: str | None = None  # why the photo itself was not changed
     stat: os.stat_result | None = field(default=None, compare=False)  # the photo after writing
     sha256: str | None = None  # of the photo after writing, when it was rewritten
+    texts: tuple[tuple[str, str], ...] = ()  # ("title", "written"), ("description (de)", "kept: ..."), ...
 
     def as_json(self) -> dict[str, Any]:
-        return {"file": self.file, "xmp_sidecar": self.xmp_sidecar, "description": self.description,
-                "keywords": self.keywords, "reason": self.reason}  # fmt: skip
+        record = {"file": self.file, "xmp_sidecar": self.xmp_sidecar, "description": self.description,
+                  "keywords": self.keywords, "reason": self.reason}  # fmt: skip
+        return record | ({"texts": dict(self.texts)} if self.texts else {})
 
 
 @dataclass
@@ -92,6 +100,9 @@ class _Applied:
     description: str | None = None
     keywords: tuple[str, ...] | None = None  # None: left as they were
     notes: tuple[str, str] = ("none", "none")
+    title: str | None = None  # the x-default title set (EXIF XPTitle and IPTC ObjectName follow it)
+    place: dict[str, str] = field(default_factory=dict)  # the location fields set (IPTC follows them)
+    texts: dict[str, str] = field(default_factory=dict)  # notes on the other texts, for the JSON record
 
 
 @dataclass
@@ -106,6 +117,7 @@ class _Found:
     model: str | None = None
     software: str | None = None
     place: Place = field(default_factory=Place)  # the location fields a person or another tool wrote
+    titles: list[str | None] = field(default_factory=list)  # EXIF XPTitle and IPTC ObjectName (XMP's: in it)
 
 
 @dataclass(frozen=True)
@@ -173,29 +185,31 @@ class MetadataWriter:
             raise WriteError.from_os(f"{display(path)}: cannot read for writing", exc) from None
         reason = self._why_not_embedded(path, target, root, data)
         found = _facts_of(data)
-        notes = ("none", "none")
+        applied = _Applied()
         new_stat = None
         if reason is None:
             try:
-                new_data, notes = self._embed(data, caption, found)
+                new_data, applied = self._embed(data, caption, found)
             except (ContainerError, ExifError, XmpError, iptc.IptcError) as exc:
                 reason = f"its metadata cannot be rewritten safely ({exc})"
             else:
                 if not dry_run:
                     new_stat = self._replace(path, target, new_data)
+        notes, texts = applied.notes, applied.texts
         sidecar = None
         if self.output.xmp_sidecar == "always" or (reason and self.output.xmp_sidecar == "auto"):
-            sidecar, sidecar_notes = self._sidecar(path, caption, found, dry_run)
-            notes = sidecar_notes if reason else notes
+            sidecar, side = self._sidecar(path, caption, found, dry_run)
+            notes, texts = (side.notes, side.texts) if reason else (notes, texts)
         elif reason:
             notes = ("not written: output.xmp_sidecar is never", "not written: output.xmp_sidecar is never")
+            texts = dict.fromkeys(texts, "not written: output.xmp_sidecar is never")
         if reason:
             where = f"caption goes to {sidecar.name}" if sidecar else "caption is only in the JSON sidecar"
             log.info("%s: photo left unchanged: %s; %s", display(path), reason, where)
         file_state = "dry-run" if dry_run else "unchanged" if reason else "embedded"
         digest = hashlib.sha256(new_data).hexdigest() if new_stat is not None else None
         name = text(sidecar.name) if sidecar else None  # kept in the JSON sidecar, which is UTF-8
-        return WriteRecord(file_state, notes[0], notes[1], name, reason, new_stat, digest)
+        return WriteRecord(file_state, notes[0], notes[1], name, reason, new_stat, digest, tuple(texts.items()))
 
     def _why_not_embedded(self, path: Path, target: Path, root: Path, data: bytes) -> str | None:
         kind = sniff(data[:16]) or "unknown format"
@@ -212,7 +226,7 @@ class MetadataWriter:
             return f"the file has {st.st_nlink} hard links (the other names would keep the old content)"
         return None
 
-    def _embed(self, data: bytes, caption: Caption, found: _Found) -> tuple[bytes, tuple[str, str]]:
+    def _embed(self, data: bytes, caption: Caption, found: _Found) -> tuple[bytes, _Applied]:
         kind = sniff(data[:16])
         assert kind is not None
         read_blocks, write_blocks = EDITABLE[kind]
@@ -226,11 +240,13 @@ class MetadataWriter:
             updates[exif.XP_COMMENT] = exif.xp_value(applied.description)
         if applied.keywords is not None:
             updates[exif.XP_KEYWORDS] = exif.xp_value(";".join(applied.keywords)) if applied.keywords else None
+        if applied.title is not None:
+            updates[exif.XP_TITLE] = exif.xp_value(applied.title)
         new_exif = tiff.with_tags(updates) if updates else None
         new_iptc = _synced_iptc(blocks.iptc, applied)
         new_data = write_blocks(data, Blocks(new_exif, xmp.serialize(packet), iptc=new_iptc))
         _verify(new_data, data, kind)
-        return new_data, applied.notes
+        return new_data, applied
 
     def _apply(self, packet: xmp.Packet, caption: Caption, found: _Found) -> _Applied:
         """Set description and keywords in an XMP packet as the `existing` policy allows (a person's caption
@@ -264,7 +280,26 @@ class MetadataWriter:
             applied.keywords, owned = policy.merge_keywords(found.keywords, found.own_keywords, caption.keywords)
             xmp.set_keywords(packet, applied.keywords, owned, paths=caption.paths)
             applied.notes = (applied.notes[0], "written")
+        for target, lang, words in caption.texts:
+            self._alternative(packet, target, lang, words, found, applied)
+        if caption.place is not None and not caption.place.empty:
+            applied.texts["location"] = _locate(packet, caption.place, found, applied)
         return applied
+
+    def _alternative(
+        self, packet: xmp.Packet, target: str, lang: str, text: str, found: _Found, applied: _Applied
+    ) -> None:
+        """One language of a title, alt text, extended description or description, as `existing` allows (the
+        x-default title also as EXIF and IPTC have it: a person's title there is theirs, as it is in XMP)."""
+        current, own = xmp.alternative(packet, target, lang)
+        existing = [current, *(found.titles if (target, lang) == ("title", "x-default") else ())]
+        what = target.replace("_", " ") + (f" in {lang}" if lang != "x-default" else "")
+        decision = policy.decide_description(text, existing, own, self.output.existing, None, None, what=what)
+        if decision.text is not None:
+            xmp.set_alternative(packet, target, lang, decision.text, text)
+            if (target, lang) == ("title", "x-default"):
+                applied.title = decision.text
+        applied.texts[target if lang == "x-default" else f"{target} ({lang})"] = decision.note
 
     def _replace(self, path: Path, target: Path, data: bytes) -> os.stat_result:
         try:
@@ -274,7 +309,7 @@ class MetadataWriter:
         except OSError as exc:
             raise WriteError.from_os(f"{display(path)}: cannot write", exc) from None
 
-    def _sidecar(self, path: Path, caption: Caption, found: _Found, dry_run: bool) -> tuple[Path, tuple[str, str]]:
+    def _sidecar(self, path: Path, caption: Caption, found: _Found, dry_run: bool) -> tuple[Path, _Applied]:
         """Merge the caption into `<image>.xmp`, keeping everything else in it (darktable history...)."""
         sidecar = self.sidecar_path(path)
         try:
@@ -288,6 +323,7 @@ class MetadataWriter:
         except XmpError as exc:
             raise WriteError(f"{display(sidecar)}: existing sidecar left untouched: {exc}") from None
         side = xmp.facts(packet)
+        where = side.place if not side.place.empty else found.place
         merged = _Found(
             descriptions=[side.description, *found.descriptions],
             keywords=side.keywords,
@@ -296,8 +332,10 @@ class MetadataWriter:
             make=found.make,
             model=found.model,
             software=found.software,
+            place=where,
+            titles=found.titles,
         )
-        notes = self._apply(packet, caption, merged).notes
+        applied = self._apply(packet, caption, merged)
         if not dry_run:
             try:
                 new = xmp.serialize(packet, padding=0)
@@ -307,7 +345,9 @@ class MetadataWriter:
                 raise WriteError.from_os(f"{display(sidecar)}: cannot write sidecar", exc) from None
             except XmpError as exc:
                 raise WriteError(f"{display(sidecar)}: not written, it would not read back: {exc}") from None
-        return sidecar, (f"{notes[0]} (sidecar)" if notes[0] != "none" else "none", notes[1])
+        notes = applied.notes
+        applied.notes = (f"{notes[0]} (sidecar)" if notes[0] != "none" else "none", notes[1])
+        return sidecar, applied
 
 
 def _facts_of(data: bytes) -> _Found:
@@ -338,12 +378,15 @@ def _facts_of(data: bytes) -> _Found:
             found.descriptions.append(tiff.text(exif.IMAGE_DESCRIPTION))
             found.make, found.model = tiff.text(exif.MAKE), tiff.text(exif.MODEL)
             found.software = tiff.text(exif.SOFTWARE)
+            found.titles.append(tiff.xp_text(exif.XP_TITLE))
     legacy = None
     if blocks.iptc is not None:
         try:
             legacy = iptc.facts(blocks.iptc)
         except iptc.IptcError:
             legacy = None
+    if legacy is not None:
+        found.titles.append(legacy.title)
     if legacy is not None and legacy.place:  # each field from XMP where it has it, else from IPTC
         written = {name: value for name, value in dataclasses.asdict(found.place).items() if value}
         found.place = Place(**(legacy.place | written))
@@ -382,10 +425,11 @@ def _believed(legacy: str | None, ours: str | None, in_sync: bool, limit: int) -
 def _synced_iptc(iim: bytes | None, applied: _Applied) -> bytes | None:
     """New IPTC-IIM data carrying what was set in XMP, or None to leave the IPTC block as it is (none in the
     file, nothing set, or a legacy character set that UTF-8 text would change)."""
-    if iim is None or (applied.description is None and applied.keywords is None):
+    if iim is None or (applied.description is None and applied.keywords is None and applied.title is None
+                       and not applied.place):  # fmt: skip
         return None
     try:
-        synced = iptc.with_caption(iim, applied.description, applied.keywords)
+        synced = iptc.with_caption(iim, applied.description, applied.keywords, applied.title, applied.place)
     except iptc.IptcError as exc:
         log.info("IPTC left as it is: %s", exc)
         return None
@@ -421,3 +465,13 @@ def _verify(new: bytes, old: bytes, kind: str) -> None:
     with Image.open(io.BytesIO(new)) as after, Image.open(io.BytesIO(old)) as before:
         if after.size != before.size or after.mode != before.mode:
             raise ContainerError("the rewritten file no longer decodes to the same image")
+
+
+def _locate(packet: xmp.Packet, place: Place, found: _Found, applied: _Applied) -> str:
+    """Write where the photo was taken into its location fields, only where it has none (in XMP or IPTC):
+    a person's location, even a partial one, is never completed or changed."""
+    if not found.place.empty:
+        return "kept: the photo already has a location"
+    xmp.set_place(packet, place)
+    applied.place = {name: value for name, value in dataclasses.asdict(place).items() if value}
+    return "written: " + (place.named or "")

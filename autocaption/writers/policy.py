@@ -107,15 +107,16 @@ class Decision:
 
 def decide_description(
     ours: str, existing: Sequence[str | None], own_previous: str | None, policy: str, make: str | None,
-    model: str | None, software: str | None = None,
+    model: str | None, software: str | None = None, what: str = "caption",
 ) -> Decision:  # fmt: skip
-    """`existing`: descriptions found in the file/sidecar; `own_previous`: what we wrote last time."""
+    """`existing`: descriptions found in the file/sidecar; `own_previous`: what we wrote last time; `what`: the
+    field's name in the notes (a title, an alt text: the same policy)."""
     human = human_part(existing, own_previous, make, model, software)
     if human is None or policy == "overwrite":
-        return Decision(ours, "written" if human is None else "written: replaced a person's caption (overwrite)")
+        return Decision(ours, "written" if human is None else f"written: replaced a person's {what} (overwrite)")
     if policy == "append":
-        return Decision(f"{human}\n\n{ours}", "written: appended to a person's caption")
-    return Decision(None, "kept: the file already has a person's caption (output.existing: keep)")
+        return Decision(f"{human}\n\n{ours}", f"written: appended to a person's {what}")
+    return Decision(None, f"kept: the file already has a person's {what} (output.existing: keep)")
 
 
 def human_part(

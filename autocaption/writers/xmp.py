@@ -43,6 +43,16 @@ _OWN = "{" + NS["autocaption"] + "}"
 _LR = "{" + NS["lr"] + "}"
 _PS = "{" + NS["photoshop"] + "}"
 _CORE = "{" + NS["Iptc4xmpCore"] + "}"
+# The language-alternative texts a rule can write (`write:` targets), and where autocaption records its own
+# text of each, language by language (dc:description's x-default has autocaption:Description, from before).
+ALTERNATIVES = {
+    "description": _DC + "description",
+    "title": _DC + "title",
+    "alt_text": _CORE + "AltTextAccessibility",
+    "extended_description": _CORE + "ExtDescrAccessibility",
+}
+_OWN_ALTERNATIVES = {"description": _OWN + "DescriptionLanguages", "title": _OWN + "Title",
+                     "alt_text": _OWN + "AltText", "extended_description": _OWN + "ExtendedDescription"}  # fmt: skip
 # Where a photo's place is written (IPTC Core's location fields as XMP has them), in Place's terms.
 PLACE_TAGS = {"city": _PS + "City", "region": _PS + "State", "country": _PS + "Country",
               "sublocation": _CORE + "Location"}  # fmt: skip
@@ -406,6 +416,53 @@ def set_keywords(packet: Packet, keywords: Sequence[str], own: Sequence[str], *,
         _replace(packet, _OWN + "Keywords", "Bag", [*own, *ours], lang=False)
     else:  # a person's keywords: none of them are autocaption's any more
         _remove(packet, _OWN + "Keywords")
+
+
+def alternative(packet: Packet, target: str, lang: str) -> tuple[str | None, str | None]:
+    """(the text, autocaption's own text) of one language of a target (`ALTERNATIVES`); x-default falls back
+    to the only value of a property written without languages, as readers show it."""
+    return _in_language(_values(packet.root, ALTERNATIVES[target]), lang), _in_language(
+        _values(packet.root, _OWN_ALTERNATIVES[target]), lang)  # fmt: skip
+
+
+def _in_language(values: Sequence[tuple[str | None, str]] | None, lang: str) -> str | None:
+    for code, text in values or ():
+        if (code or "x-default").casefold() == lang.casefold():
+            return text
+    if lang == "x-default" and values and all(code is None for code, _ in values):
+        return values[0][1]
+    return None
+
+
+def set_alternative(packet: Packet, target: str, lang: str, text: str, own: str | None) -> None:
+    """One language of a target's rdf:Alt = text (the others kept, x-default first); remember `own` as
+    autocaption's text in that language (None: the text is a person's)."""
+    for tag, value in ((ALTERNATIVES[target], text), (_OWN_ALTERNATIVES[target], own)):
+        element = _find(packet.root, tag)
+        kept = [li for li in _items(element) if (li.get(XML_LANG) or "x-default").casefold() != lang.casefold()]
+        if element is not None and next(iter(element), None) is None and (element.text or "").strip():
+            kept = [_li("x-default", element.text or "")]  # a plain value: the x-default it stood for
+        if value is not None:
+            kept.append(_li(lang, value))
+        kept.sort(key=lambda li: li.get(XML_LANG) != "x-default")  # readers take the first as the default
+        if kept:
+            _replace(packet, tag, "Alt", [], lang=True, extra=kept)
+        else:
+            _remove(packet, tag)
+
+
+def _li(lang: str, text: str) -> ET.Element:
+    li = ET.Element(_RDF + "li", {XML_LANG: lang})
+    li.text = text
+    return li
+
+
+def set_place(packet: Packet, place: Place) -> None:
+    """Write a place's known parts into the location fields (photoshop:City, State, Country)."""
+    for name, tag in PLACE_TAGS.items():
+        value = getattr(place, name)
+        if value:
+            _set_text(packet, tag, value)
 
 
 # --- writing --------------------------------------------------------------------------------------------------

@@ -1,0 +1,186 @@
+"""Title, alt text, extended description, captions in several languages and the location fields (issue 20),
+read back by exiftool and exiv2 from copies of the corpus photos: JPEG (with EXIF, with IPTC), PNG, WebP, and
+TIFF through its XMP sidecar; every other tag unchanged, pixels identical, no new exiftool warning."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from autocaption.config import OutputConfig, load
+from autocaption.places import Place
+from autocaption.process import process
+from autocaption.writers.metadata import Caption, MetadataWriter
+from tests import exiftool
+from tests.test_metadata import pixels, writable_copy, xp_text
+
+TEXTS = (
+    ("description", "de", "Ein Turm auf einem Platz in der Abenddämmerung"),
+    ("title", "x-default", "Tower at dusk"),
+    ("title", "de", "Turm in der Dämmerung"),
+    ("alt_text", "x-default", "A stone clock tower on a square, lit by the evening sun"),
+    ("extended_description", "x-default", "A medieval square; people sit at café tables under umbrellas."),
+)
+CAPTION = Caption("A tower on a square at dusk", ("tower", "square"), asked=True, texts=TEXTS,
+                  place=Place("Arezzo", "Tuscany", "Italy"))  # fmt: skip
+# What the new fields are called by exiftool (-G1) and exiv2 (keys), and the values the caption gives them.
+EXIFTOOL = {
+    "XMP-dc:Title": "Tower at dusk", "XMP-dc:Title-de": "Turm in der Dämmerung",
+    "XMP-dc:Description-de": "Ein Turm auf einem Platz in der Abenddämmerung",
+    "XMP-iptcCore:AltTextAccessibility": "A stone clock tower on a square, lit by the evening sun",
+    "XMP-iptcCore:ExtDescrAccessibility": "A medieval square; people sit at café tables under umbrellas.",
+    "XMP-photoshop:City": "Arezzo", "XMP-photoshop:State": "Tuscany", "XMP-photoshop:Country": "Italy",
+}  # fmt: skip
+NEW = {
+    *EXIFTOOL,
+    "IFD0:XPTitle",
+    "IPTC:ObjectName",
+    "IPTC:City",
+    "IPTC:Province-State",
+    "IPTC:Country-PrimaryLocationName",
+    "RIFF:WebP_Flags",
+}  # (WebP_Flags: now "XMP, EXIF")
+
+
+def exiv2(path: Path) -> dict[str, str]:
+    """exiv2's reading of the XMP (key -> interpreted value)."""
+    exe = shutil.which("exiv2")
+    if exe is None:
+        pytest.fail("exiv2 is required (Debian: exiv2); tests/run.sh installs it")
+    out = subprocess.run([exe, "-PXkt", str(path)], capture_output=True, text=True, check=False).stdout
+    found = {}
+    for line in out.splitlines():
+        key, _, value = line.partition(" ")
+        found[key] = value.strip()
+    return found
+
+
+def _png_and_webp(source: Path, folder: Path) -> list[Path]:
+    with Image.open(source) as image:
+        rgb = image.convert("RGB")
+        exif = image.getexif()
+        rgb.save(folder / "from_jpeg.png", exif=exif)
+        rgb.save(folder / "from_jpeg.webp", lossless=True, exif=exif)
+    return [folder / "from_jpeg.png", folder / "from_jpeg.webp"]
+
+
+def test_every_new_field_is_read_by_exiftool_and_exiv2_and_nothing_else_changes(corpus: Path, tmp_path: Path) -> None:
+    photos = [writable_copy(corpus / "jpg/gps/DSCN0010.jpg", tmp_path / "DSCN0010.jpg"),
+              writable_copy(corpus / "jpg/xmp/BlueSquare.jpg", tmp_path / "BlueSquare.jpg"),  # XMP and IPTC
+              *_png_and_webp(corpus / "jpg/camera/Canon_40D.jpg", tmp_path)]  # fmt: skip
+    tiff = writable_copy(corpus / "tiff/Arbitro.tiff", tmp_path / "Arbitro.tiff")
+    before = {path: (exiftool.tags(path)[path], exiftool.warnings(path), pixels(path)) for path in photos}
+    original_tiff = tiff.read_bytes()
+    writer = MetadataWriter(OutputConfig())
+    for path in [*photos, tiff]:
+        record = writer.write(path, tmp_path, CAPTION)
+        # BlueSquare.jpg has a title of its own (XMP dc:title and IPTC ObjectName): kept, as a caption would be.
+        title = (
+            "kept: the file already has a person's title (output.existing: keep)" if path == photos[1] else "written"
+        )
+        assert dict(record.texts) == {"description (de)": "written", "title": title, "title (de)": "written",
+                                      "alt_text": "written", "extended_description": "written",
+                                      "location": "written: Arezzo, Tuscany, Italy"}, path  # fmt: skip
+    assert tiff.read_bytes() == original_tiff
+    for path in [*photos, tiff.with_name(tiff.name + ".xmp")]:
+        after = exiftool.tags(path)[path]
+        title = "Blue Square Test File - .jpg" if path == photos[1] else "Tower at dusk"
+        assert {key: after.get(key) for key in EXIFTOOL} == EXIFTOOL | {"XMP-dc:Title": title}, path
+        assert path == photos[1] or after["XMP-dc:Description"] == "A tower on a square at dusk"  # (theirs: kept)
+        read = exiv2(path)
+        assert read["Xmp.dc.title"] == f'lang="x-default" {title}, lang="de" Turm in der Dämmerung', path
+        assert read["Xmp.iptc.AltTextAccessibility"] == f'lang="x-default" {EXIFTOOL[NEW_ALT]}'
+        assert read["Xmp.photoshop.City"] == "Arezzo" and read["Xmp.photoshop.Country"] == "Italy"
+        if path in before:
+            assert path == photos[1] or xp_text(after["IFD0:XPTitle"]) == "Tower at dusk"
+            old, warned, picture = before[path]
+            assert exiftool.warnings(path) <= warned, path
+            assert pixels(path) == picture
+            ignore = exiftool.OURS | NEW
+            assert exiftool.comparable(after, ignore=ignore) == exiftool.comparable(old, ignore=ignore), path
+    square = exiftool.tags(photos[1])[photos[1]]
+    assert square["IPTC:ObjectName"] == "Blue Square Test File - .jpg"
+    assert (square["IPTC:City"], square["IPTC:Province-State"], square["IPTC:Country-PrimaryLocationName"]) == (
+        "Arezzo", "Tuscany", "Italy")  # fmt: skip
+
+
+NEW_ALT = "XMP-iptcCore:AltTextAccessibility"
+
+
+def test_a_persons_title_alt_text_and_location_are_kept_and_ours_replaced(corpus: Path, tmp_path: Path) -> None:
+    path = writable_copy(corpus / "jpg/gps/DSCN0012.jpg", tmp_path / "DSCN0012.jpg")
+    windows = writable_copy(corpus / "jpg/gps/DSCN0021.jpg", tmp_path / "DSCN0021.jpg")
+    subprocess.run([exiftool.require(), "-q", "-overwrite_original", "-XMP-dc:Title=Nonna's tower",
+                    "-XMP-iptcCore:AltTextAccessibility=Written by hand", "-XMP-photoshop:Country=Italia",
+                    str(path)], check=True)  # fmt: skip
+    subprocess.run([exiftool.require(), "-q", "-overwrite_original", "-XPTitle=Holiday 2008", str(windows)],
+                   check=True)  # fmt: skip
+    writer = MetadataWriter(OutputConfig())
+    for photo in (path, windows):
+        writer.write(photo, tmp_path, CAPTION)
+        writer.write(
+            photo,
+            tmp_path,
+            Caption(
+                None,
+                (),
+                asked=True,
+                texts=(("title", "de", "Ein anderer Turm"), ("extended_description", "x-default", "Second answer.")),
+            ),
+        )
+    tags = exiftool.tags(path)[path]
+    assert tags["XMP-dc:Title"] == "Nonna's tower" and tags["XMP-dc:Title-de"] == "Ein anderer Turm"
+    assert tags["XMP-iptcCore:AltTextAccessibility"] == "Written by hand"
+    assert tags["XMP-iptcCore:ExtDescrAccessibility"] == "Second answer."  # ours, replaced by ours
+    assert tags["XMP-photoshop:Country"] == "Italia" and "XMP-photoshop:City" not in tags  # theirs: not completed
+    windows_tags = exiftool.tags(windows)[windows]
+    assert xp_text(windows_tags["IFD0:XPTitle"]) == "Holiday 2008" and "XMP-dc:Title" not in windows_tags
+    assert windows_tags["XMP-photoshop:City"] == "Arezzo"
+
+
+RULES = """
+- name: caption
+  prompt: "Describe this photo."
+  max_new_tokens: 6
+  write: [description]
+- name: caption-de
+  prompt: "Beschreibe dieses Foto auf Deutsch."
+  max_new_tokens: 6
+  language: de
+  write: [description]
+- name: title
+  prompt: "A title for this photo, five words at most."
+  max_new_tokens: 4
+  write: [title]
+- name: alt
+  prompt: "Alt text for this photo, taken in {place}."
+  max_new_tokens: 6
+  write: [alt_text]
+"""
+
+
+def test_rules_write_a_title_an_alt_text_and_a_second_language(
+    make_config: Callable[..., Path], tmp_path: Path, corpus: Path
+) -> None:
+    folder = tmp_path / "photos"
+    photo = writable_copy(corpus / "jpg/gps/DSCN0010.jpg", folder / "DSCN0010.jpg")
+    summary = process(load(make_config(RULES, extra="output: {location: true}")), [folder])
+    assert summary.images == 1 and not summary.failures, summary.failures
+    document = json.loads(photo.with_name(photo.name + ".json").read_text())
+    answers = {name: entry["answer"] for name, entry in document["rules"].items()}
+    assert document["rules"]["alt"]["prompt"] == "Alt text for this photo, taken in Arezzo, Tuscany, Italy."
+    assert document["image"]["place"] == {"city": "Arezzo", "region": "Tuscany", "country": "Italy",
+                                          "sublocation": None}  # fmt: skip
+    tags = exiftool.tags(photo)[photo]
+    assert tags["XMP-dc:Description"] == answers["caption"]
+    assert tags["XMP-dc:Description-de"] == answers["caption-de"]
+    assert tags["XMP-dc:Title"] == answers["title"] and xp_text(tags["IFD0:XPTitle"]) == answers["title"]
+    assert tags["XMP-iptcCore:AltTextAccessibility"] == answers["alt"]
+    assert tags["XMP-photoshop:City"] == "Arezzo"
+    assert document["written"]["texts"]["location"] == "written: Arezzo, Tuscany, Italy"
