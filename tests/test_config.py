@@ -61,13 +61,19 @@ def test_unknown_key_is_an_error_with_its_path_and_the_known_keys() -> None:
         ("rules: [{name: a, prompt: b, max_new_tokens: true}]", "expected a whole number"),
         ("", "the file is empty"),
         # issue 20: write targets, languages, output.location
-        ("rules: [{name: a, prompt: b, write: [caption]}]",
-         "rules[0].write[0]: must be one of description, keywords, title, alt_text, extended_description"),
-        ("rules: [{name: a, prompt: b, write: [title], language: German}]",
-         "rules[0].language: must be a language tag such as de, fr or pt-BR; got 'German'"),
+        (
+            "rules: [{name: a, prompt: b, write: [caption]}]",
+            "rules[0].write[0]: must be one of description, keywords, title, alt_text, extended_description",
+        ),
+        (
+            "rules: [{name: a, prompt: b, write: [title], language: German}]",
+            "rules[0].language: must be a language tag such as de, fr or pt-BR; got 'German'",
+        ),
         ("rules: [{name: a, prompt: b, write: [title], language: x-default}]", "rules[0].language: must be a language"),
-        ("rules: [{name: a, prompt: b, write: [keywords], language: de}]",
-         "rules[0].language: names the language alternative a text is written as; this rule writes no description"),
+        (
+            "rules: [{name: a, prompt: b, write: [keywords], language: de}]",
+            "rules[0].language: names the language alternative a text is written as; this rule writes no description",
+        ),
         ("output: {location: maybe}\nrules: [{name: a, prompt: b}]", "output.location: expected true or false"),
         ("rules: [", "not valid YAML"),
         # issue 17.16: a number is not a model, and an empty value is not the default
