@@ -2,13 +2,15 @@
 
 Schema "autocaption/1" (documented in docs/metadata.md):
     {"schema": "autocaption/1",
-     "image": {"file", "sha256", "width", "height", "format", "size", "mtime_ns"},
+     "image": {"file", "sha256", "width", "height", "format", "size", "mtime_ns",
+               "place" (where it was taken, when a rule or output.location named it: city, region, country...)},
      "model": {"id", "dtype", "device", "backend"},
      "rules": {"<rule name>": {"prompt", "system", "answer", "tokens": {"prompt", "answer"},
                                "seconds", "created", "fingerprint", "model",
                                "value" (choice/list/json rules: the answer as a value),
                                "skipped" (a `when:` rule not asked: why)}},
-     "written": {"file", "xmp_sidecar", "description", "keywords", "reason", "sha256"}}
+     "written": {"file", "xmp_sidecar", "description", "keywords", "reason", "sha256",
+                 "texts" (title, alt_text..., "description (de)", location: what happened to each)}}
 A re-run replaces the entries of the rules it ran and keeps every other rule's entry.
 """
 

@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 
 SUBSET=(tests/test_dependencies.py tests/test_engine.py tests/test_families.py tests/test_metadata.py
         tests/test_process.py tests/test_never_lose.py tests/test_config.py tests/test_images.py tests/test_web.py
-        tests/test_structured.py)
+        tests/test_structured.py tests/test_places.py tests/test_texts.py)
 
 pip_quietly() {  # this machine's pip warns about every package missing from its local index mirrors
     "$@" 2>&1 | { grep -v "^WARNING: Location '" || true; }
@@ -26,7 +26,7 @@ install_end() {
     "$venv/bin/python" - <<'PY'
 from importlib import metadata
 names = ["torch", "torchvision", "transformers", "pillow", "watchdog", "pyyaml", "piexif", "click", "defusedxml",
-         "packaging", "pillow-heif", "llguidance"]
+         "packaging", "pillow-heif", "llguidance", "reverse_geocode", "scipy"]
 print("versions:", ", ".join(f"{n} {metadata.version(n)}" for n in names))
 PY
 }
