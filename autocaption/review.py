@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ class Detail:
     sidecar: Path
     description: str | None = None  # what the photo carries now (a person's, the model's or another tool's)
     keywords: tuple[str, ...] = ()
+    texts: dict[str, str] = field(default_factory=dict)  # its title, alt text, extended description (x-default)
 
     @property
     def sha256(self) -> str | None:
@@ -80,8 +81,9 @@ class Review:
     def detail(self, image_id: int) -> Detail:
         image = self.image(image_id)
         found = sidecar.locate(image.path)
-        description, keywords = MetadataWriter(self.config.output).carried(image.path)
-        return Detail(image, found.document, found.path, description, keywords)
+        writer = MetadataWriter(self.config.output)
+        description, keywords = writer.carried(image.path)
+        return Detail(image, found.document, found.path, description, keywords, writer.carried_texts(image.path))
 
     def preview(self, image_id: int, side: int) -> bytes:
         """An upright JPEG of the photo, `side` pixels at most, cached under state.dir/previews (made with
@@ -124,10 +126,10 @@ class Review:
         return buffer.getvalue()
 
     def correct(
-        self, image_id: int, description: str | None, keywords: list[str] | None, seen: str
+        self, image_id: int, description: str | None, keywords: list[str] | None, seen: str, alt_text: str | None = None
     ) -> Detail:  # fmt: skip
-        """Write a person's description and/or keywords (None: left as the photo has them) into the photo (or its
-        XMP sidecar) and the sidecar. `seen`: the sha256 the person's page showed, so a photo replaced since
+        """Write a person's description, keywords and/or alt text (None: left as the photo has it) into the photo
+        (or its XMP sidecar) and the sidecar. `seen`: the sha256 the person's page showed, so a photo replaced since
         (another file under the same name) is never marked done with the old photo's answers."""
         path = self._present(image_id)
         writer = MetadataWriter(self.config.output)
@@ -141,7 +143,9 @@ class Review:
                 raise NotFound(f"{display(path)}: {exc.strerror or exc}") from None
             if digest != seen or not sidecar.describes(found.document, digest):
                 raise Conflict(f"{display(path)}: the photo changed since it was described; reload the page")
-            caption = Caption(description, None if keywords is None else tuple(keywords), asked=True, person=True)
+            texts = (("alt_text", "x-default", alt_text),) if alt_text is not None else ()
+            caption = Caption(description, None if keywords is None else tuple(keywords), asked=True, person=True,
+                              texts=texts)  # fmt: skip
             record = writer.write(path, self._root(path), caption)
             if record.file == "failed":
                 raise WriteError(record.reason or f"{display(path)}: cannot write")

@@ -183,7 +183,8 @@ def test_a_correction_is_written_into_the_photo_and_kept_by_later_runs(
             "sha256": seen}  # fmt: skip
     saved = client.post(f"/api/images/{image['id']}/caption", json=body, headers=auth())
     assert saved.status_code == 200, saved.json
-    wanted = {"description": body["description"], "keywords": ["garden", "family"], "by": "person"}
+    wanted = {"description": body["description"], "keywords": ["garden", "family"], "by": "person", "title": None,
+              "alt_text": None}
     assert {k: v for k, v in saved.json["caption"].items() if k != "sha256"} == wanted
     tags = exiftool.tags(path)[path]
     assert tags["XMP-dc:Description"] == body["description"] == tags["IFD0:ImageDescription"]
@@ -201,6 +202,35 @@ def test_a_correction_is_written_into_the_photo_and_kept_by_later_runs(
     bad = client.post(f"/api/images/{image['id']}/caption", json={"description": "  ", "sha256": fresh}, headers=auth())
     assert bad.status_code == 400 and "must not be empty" in bad.json["error"]
     assert client.post(f"/api/images/{image['id']}/caption", data="x", headers=auth()).status_code == 400
+
+
+def test_an_alt_text_is_corrected_alone_and_the_title_shows(client: Any, described: Config) -> None:
+    listed = client.get("/api/images", headers=auth()).json["images"]
+    image = next(i for i in listed if i["path"].endswith("DSCN0021.jpg"))
+    path = Path(image["path"])
+    subprocess.run([exiftool.require(), "-q", "-overwrite_original", "-XMP-dc:Title=Piazza Grande at noon",
+                    str(path)], check=True)  # fmt: skip
+    from autocaption.process import process
+
+    assert process(described, [path]).images == 1  # the photo changed: described again, as the daemon would
+    before = exiftool.tags(path)[path]
+    current = client.get(f"/api/images/{image['id']}", headers=auth()).json["caption"]
+    assert current["title"] == "Piazza Grande at noon" and current["alt_text"] is None
+    page = client.get(f"/images/{image['id']}", headers=auth()).get_data(as_text=True)
+    assert '<h1 class="title">Piazza Grande at noon</h1>' in page and 'name="alt_text"' in page
+    body = {"alt_text": "A sloping square of brick and stone, with arcades", "sha256": current["sha256"]}
+    saved = client.post(f"/api/images/{image['id']}/caption", json=body, headers=auth())
+    assert saved.status_code == 200, saved.json
+    assert saved.json["caption"]["alt_text"] == body["alt_text"]
+    after = exiftool.tags(path)[path]
+    assert after["XMP-iptcCore:AltTextAccessibility"] == body["alt_text"]
+    # Only the alt text changed: the description and keywords the photo had stay as they were.
+    for tag in ("XMP-dc:Description", "XMP-dc:Subject", "IFD0:ImageDescription", "XMP-dc:Title"):
+        assert after.get(tag) == before.get(tag), tag
+    assert "XMP-autocaption:AltText" not in after  # a person's: later runs keep it
+    empty = {"alt_text": " ", "sha256": saved.json["caption"]["sha256"]}
+    refused = client.post(f"/api/images/{image['id']}/caption", json=empty, headers=auth())
+    assert refused.status_code == 400 and "alt_text must not be empty" in refused.json["error"]
 
 
 def test_a_correction_with_characters_metadata_cannot_carry_is_written_readable(client: Any, described: Config) -> None:

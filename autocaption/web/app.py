@@ -192,13 +192,19 @@ def api_caption(image_id: int) -> Response:
         description = carriable(description)  # what metadata cannot carry never reaches the writers
     if description is not None and not description:
         return _error(400, "description must not be empty")
-    if description is None and "keywords" not in body:
-        return _error(400, "nothing to change: send a description, keywords or both")
+    alt_text = body.get("alt_text")
+    if alt_text is not None and not isinstance(alt_text, str):
+        return _error(400, shape)
+    alt_text = carriable(alt_text) if alt_text is not None else None
+    if alt_text is not None and not alt_text:
+        return _error(400, "alt_text must not be empty")
+    if description is None and "keywords" not in body and alt_text is None:
+        return _error(400, "nothing to change: send a description, keywords, an alt_text or several")
     try:
         keywords = keywords_from(body["keywords"]) if "keywords" in body else None
     except ValueError as exc:
         return _error(400, str(exc))
-    return jsonify(_full(_site().review.correct(image_id, description, keywords, body["sha256"])))
+    return jsonify(_full(_site().review.correct(image_id, description, keywords, body["sha256"], alt_text)))
 
 
 def api_describe(image_id: int) -> Response:
@@ -296,6 +302,8 @@ def _current(detail: Detail) -> dict[str, Any]:
     return {
         "description": detail.description or detail.image.caption,
         "keywords": list(detail.keywords),
+        "title": detail.texts.get("title"),
+        "alt_text": detail.texts.get("alt_text"),
         "by": "person" if isinstance(edited, dict) else "model",
         "sha256": detail.sha256,
     }

@@ -145,6 +145,17 @@ class MetadataWriter:
             return None, ()
         return next((text for text in found.descriptions if text), None), found.keywords
 
+    def carried_texts(self, path: Path) -> dict[str, str]:
+        """The title, alt text and extended description (x-default) the photo carries now, read as `carried`."""
+        facts = self._sidecar_facts(path)
+        if facts is None:
+            try:
+                blocks = _blocks_of(path.read_bytes())
+                facts = xmp.facts(xmp.parse_all(blocks.xmp, blocks.more_xmp)) if blocks and blocks.xmp else None
+            except (OSError, XmpError):
+                facts = None
+        return facts.texts if facts is not None else {}
+
     def persons(self, path: Path) -> Given:
         """What a person or another tool gave the photo — its caption, keywords and location fields — for the
         placeholders: never autocaption's own earlier answer, nor a camera's boilerplate text. Read from its
@@ -259,6 +270,9 @@ class MetadataWriter:
             if caption.keywords is not None:
                 xmp.set_keywords(packet, caption.keywords, (), person=True)
                 applied.keywords = caption.keywords
+            for target, lang, words in caption.texts:  # (an alt text: no longer autocaption's)
+                xmp.set_alternative(packet, target, lang, words, None)
+                applied.texts[_label(target, lang)] = "written: a person's correction"
             applied.notes = ("written: a person's correction", "written: a person's correction")
             return applied
         if caption.description is not None:
@@ -299,7 +313,7 @@ class MetadataWriter:
             xmp.set_alternative(packet, target, lang, decision.text, text)
             if (target, lang) == ("title", "x-default"):
                 applied.title = decision.text
-        applied.texts[target if lang == "x-default" else f"{target} ({lang})"] = decision.note
+        applied.texts[_label(target, lang)] = decision.note
 
     def _replace(self, path: Path, target: Path, data: bytes) -> os.stat_result:
         try:
@@ -354,11 +368,9 @@ def _facts_of(data: bytes) -> _Found:
     """Descriptions, keywords, camera make/model already in the file, as a Metadata Working Group reader sees
     them (nothing on unreadable metadata): the EXIF description when it is not blank, then XMP's, or IPTC's
     where the file's IPTC digest says IPTC is the newer (`_believed`)."""
-    kind = sniff(data[:16])
     found = _Found(descriptions=[])
-    try:
-        blocks = EDITABLE[kind][0](data) if kind in EDITABLE else _pillow_blocks(data)
-    except (ContainerError, OSError, ValueError):
+    blocks = _blocks_of(data)
+    if blocks is None:
         return found
     facts = None
     if blocks.xmp is not None:
@@ -407,6 +419,20 @@ def _facts_of(data: bytes) -> _Found:
         believed = (_believed(word, twin, False, iptc.KEYWORD_LIMIT) for word, twin in pairs)
         found.keywords = tuple(word for word in believed if word is not None)
     return found
+
+
+def _label(target: str, lang: str) -> str:
+    """A text's name in the JSON record: "title", "description (de)"."""
+    return target if lang == "x-default" else f"{target} ({lang})"
+
+
+def _blocks_of(data: bytes) -> Blocks | None:
+    """A file's metadata blocks (None when its container cannot be read)."""
+    kind = sniff(data[:16])
+    try:
+        return EDITABLE[kind][0](data) if kind in EDITABLE else _pillow_blocks(data)
+    except (ContainerError, OSError, ValueError):
+        return None
 
 
 def _believed(legacy: str | None, ours: str | None, in_sync: bool, limit: int) -> str | None:

@@ -79,6 +79,7 @@ class XmpFacts:
     own_description: str | None  # what autocaption wrote last time
     own_keywords: tuple[str, ...]
     place: Place = field(default_factory=Place)  # photoshop:City, State, Country; Iptc4xmpCore:Location
+    texts: dict[str, str] = field(default_factory=dict)  # the x-default title, alt text... (ALTERNATIVES)
 
 
 @dataclass(frozen=True)
@@ -318,7 +319,14 @@ def facts(packet: Packet) -> XmpFacts:
         own_description=_simple(root, _OWN + "Description"),
         own_keywords=tuple(text for _, text in _values(root, _OWN + "Keywords") or ()),
         place=Place(**{name: (_simple(root, tag) or "").strip() or None for name, tag in PLACE_TAGS.items()}),
+        texts=_defaults(root),
     )
+
+
+def _defaults(root: ET.Element) -> dict[str, str]:
+    """The x-default text of each alternative target but the description (which XmpFacts has on its own)."""
+    found = {target: _in_language(_values(root, tag), "x-default") for target, tag in ALTERNATIVES.items()}
+    return {target: text for target, text in found.items() if text and target != "description"}
 
 
 def _remove(packet: Packet, tag: str) -> tuple[ET.Element, int] | None:

@@ -31,13 +31,16 @@ document.addEventListener("DOMContentLoaded", () => {
   const words = (text) => text.split(/[,;\n]/).map((word) => word.trim()).filter(Boolean);
   // What the photo carries as the page shows it: a save sends only the fields the person changed, so the
   // keywords of a photo whose description alone was corrected are left as they are.
-  let shown = {description: form.description.value, keywords: words(form.keywords.value).join("\n")};
+  const seen = () => ({description: form.description.value, keywords: words(form.keywords.value).join("\n"),
+                       alt_text: form.alt_text.value});
+  let shown = seen();
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     const body = {sha256: form.dataset.sha256};
     if (form.description.value !== shown.description) body.description = form.description.value;
     if (words(form.keywords.value).join("\n") !== shown.keywords) body.keywords = words(form.keywords.value);
-    if (!("description" in body) && !("keywords" in body)) {
+    if (form.alt_text.value !== shown.alt_text && form.alt_text.value.trim()) body.alt_text = form.alt_text.value;
+    if (!("description" in body) && !("keywords" in body) && !("alt_text" in body)) {
       say(form, "Nothing changed.");
       return;
     }
@@ -46,8 +49,9 @@ document.addEventListener("DOMContentLoaded", () => {
       const saved = await post(`/api/images/${id}/caption`, body);
       form.description.value = saved.caption.description;
       form.keywords.value = saved.caption.keywords.join(", ");
+      form.alt_text.value = saved.caption.alt_text || "";
       form.dataset.sha256 = saved.caption.sha256;
-      shown = {description: form.description.value, keywords: words(form.keywords.value).join("\n")};
+      shown = seen();
       say(form, "Saved into the photo as your caption; later runs keep it.");
     } catch (error) {
       say(form, `Not saved: ${error.message}`, true);
