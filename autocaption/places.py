@@ -102,7 +102,7 @@ class Geocoder:
             return []
         np = self._np
         degrees = np.radians(np.asarray(positions, dtype=np.float64).reshape(-1, 2))
-        chords, indices = self._tree.query(_unit_vectors(np, degrees[:, 0], degrees[:, 1]), k=CANDIDATES)
+        chords, indices = self._tree.query(_unit_vectors(np, degrees[:, 0], degrees[:, 1]), k=CANDIDATES, workers=-1)
         km = 2 * EARTH_KM * np.arcsin(np.minimum(1.0, chords / 2))
         covering = np.where(km <= self._covers[indices], self._populations[indices], -1.0)
         best = np.where(covering.max(axis=1) >= 0, covering.argmax(axis=1), 0)  # else the nearest (column 0)

@@ -75,10 +75,11 @@ def test_every_new_field_is_read_by_exiftool_and_exiv2_and_nothing_else_changes(
               writable_copy(corpus / "jpg/xmp/BlueSquare.jpg", tmp_path / "BlueSquare.jpg"),  # XMP and IPTC
               *_png_and_webp(corpus / "jpg/camera/Canon_40D.jpg", tmp_path)]  # fmt: skip
     tiff = writable_copy(corpus / "tiff/Arbitro.tiff", tmp_path / "Arbitro.tiff")
+    heic = writable_copy(corpus / "heic/IMG_5195.HEIC", tmp_path / "IMG_5195.HEIC")
     before = {path: (exiftool.tags(path)[path], exiftool.warnings(path), pixels(path)) for path in photos}
-    original_tiff = tiff.read_bytes()
+    originals = {path: path.read_bytes() for path in (tiff, heic)}
     writer = MetadataWriter(OutputConfig())
-    for path in [*photos, tiff]:
+    for path in [*photos, tiff, heic]:
         record = writer.write(path, tmp_path, CAPTION)
         # BlueSquare.jpg has a title of its own (XMP dc:title and IPTC ObjectName): kept, as a caption would be.
         title = (
@@ -87,12 +88,14 @@ def test_every_new_field_is_read_by_exiftool_and_exiv2_and_nothing_else_changes(
         assert dict(record.texts) == {"description (de)": "written", "title": title, "title (de)": "written",
                                       "alt_text": "written", "extended_description": "written",
                                       "location": "written: Arezzo, Tuscany, Italy"}, path  # fmt: skip
-    assert tiff.read_bytes() == original_tiff
-    for path in [*photos, tiff.with_name(tiff.name + ".xmp")]:
+    assert {path: path.read_bytes() for path in originals} == originals  # (their texts are in their .xmp)
+    sidecars = [path.with_name(path.name + ".xmp") for path in originals]
+    for path in [*photos, *sidecars]:
         after = exiftool.tags(path)[path]
         title = "Blue Square Test File - .jpg" if path == photos[1] else "Tower at dusk"
         assert {key: after.get(key) for key in EXIFTOOL} == EXIFTOOL | {"XMP-dc:Title": title}, path
         assert path == photos[1] or after["XMP-dc:Description"] == "A tower on a square at dusk"  # (theirs: kept)
+        assert path in before or exiftool.warnings(path) == set(), path
         read = exiv2(path)
         assert read["Xmp.dc.title"] == f'lang="x-default" {title}, lang="de" Turm in der Dämmerung', path
         assert read["Xmp.iptc.AltTextAccessibility"] == f'lang="x-default" {EXIFTOOL[NEW_ALT]}'
