@@ -374,7 +374,8 @@ class ResultWriter:
         path = todo.candidate.path
         failure: WriteError | None = None
         try:
-            caption = caption_of(todo.results, todo.place)
+            located = todo.place if self.config.output.location else None  # (a `{place}` alone writes none)
+            caption = caption_of(todo.results, located)
             record = self.metadata.write(path, todo.candidate.root, caption, dry_run=self.dry_run)
         except WriteError as exc:
             failure = exc

@@ -64,16 +64,25 @@ class Place:
         return {"place": self.named, "city": self.city, "region": self.region, "country": self.country}
 
     def completed(self, found: Place) -> Place:
-        """This place (a person's) with the parts it leaves out taken from `found` (the geocoder's), where the
-        two agree on the country: a person's "Paris" is not given the region of the GPS's Lyon."""
+        """This place (a person's) with the parts it leaves out taken from `found` (the geocoder's), as far as
+        the two agree, coarse to fine: nothing under another country (a person's "France", or "Deutschland"
+        for the geocoder's "Germany": names are not translated), only the country under another region, and
+        no region for another town (a person's "Cortona" is not given the region of the GPS's Arezzo)."""
         if self.empty:
             return found
-        if self.country and found.country and self.country.casefold() != found.country.casefold():
+        if not _same(self.country, found.country):
             return self
-        if self.city and found.city and self.city.casefold() != found.city.casefold():
-            found = Place(country=found.country, region=None)  # a town the GPS does not agree with: no region
-        return Place(self.city or found.city, self.region or found.region, self.country or found.country,
-                     self.sublocation)  # fmt: skip
+        country = self.country or found.country
+        if not _same(self.region, found.region):
+            return Place(self.city, self.region, country, self.sublocation)
+        same_town = _same(self.city, found.city)
+        region = self.region or (found.region if same_town else None)
+        return Place(self.city or found.city, region, country, self.sublocation)
+
+
+def _same(given: str | None, found: str | None) -> bool:
+    """A person's part and the geocoder's do not disagree (one of them is unknown, or both say the same)."""
+    return given is None or found is None or given.casefold() == found.casefold()
 
 
 class Geocoder:
@@ -94,6 +103,8 @@ class Geocoder:
         populations = np.array([float(row.get("population") or 0) for row in rows])
         self._covers = np.append(np.sqrt(populations) * COVERS_KM_PER_ROOT, 0.0)  # (index len(rows): none found)
         self._populations = np.append(populations, 0.0)
+        codes = {code: n for n, code in enumerate(sorted({str(row.get("country_code")) for row in rows}))}
+        self._country_ids = np.append(np.array([codes[str(row.get("country_code"))] for row in rows]), -1)
         self._np = np
 
     def near(self, positions: Sequence[tuple[float, float]]) -> list[Place]:
@@ -101,10 +112,16 @@ class Geocoder:
         if not positions:
             return []
         np = self._np
-        degrees = np.radians(np.asarray(positions, dtype=np.float64).reshape(-1, 2))
+        given = np.asarray(positions, dtype=np.float64).reshape(-1, 2)
+        usable = np.isfinite(given).all(axis=1) & (np.abs(given) <= (90.0, 180.0)).all(axis=1)
+        degrees = np.radians(np.where(usable[:, None], given, 0.0))
         chords, indices = self._tree.query(_unit_vectors(np, degrees[:, 0], degrees[:, 1]), k=CANDIDATES, workers=-1)
         km = 2 * EARTH_KM * np.arcsin(np.minimum(1.0, chords / 2))
-        covering = np.where(km <= self._covers[indices], self._populations[indices], -1.0)
+        km[~usable] = np.inf  # (not a position: nothing near it)
+        # A covering town counts only in the nearest place's country: the Vatican is not Rome's, nor a border
+        # town the bigger one's across the border.
+        domestic = self._country_ids[indices] == self._country_ids[indices[:, :1]]
+        covering = np.where((km <= self._covers[indices]) & domestic, self._populations[indices], -1.0)
         best = np.where(covering.max(axis=1) >= 0, covering.argmax(axis=1), 0)  # else the nearest (column 0)
         rows = np.arange(len(best))
         return [self._place(int(index), float(distance))

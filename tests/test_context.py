@@ -86,6 +86,8 @@ def test_place_placeholders_name_the_gps_position_and_prefer_a_persons_location(
     # The person's town wins; the GPS's region does not go with another town, its country does (Italy).
     assert _where(cortona) == "Piazza della Repubblica, Cortona, Italy | Cortona | unknown | Italy"
     assert _where(siena) == "Siena, Italy | Siena | unknown | Italy"
+    # A rule that names a place writes nothing (output.location is off, and it has no `write:`).
+    assert arezzo.read_bytes() == (corpus / "jpg/gps/DSCN0010.jpg").read_bytes()
 
 
 def test_the_geocoder_is_loaded_only_for_rules_that_name_a_place(

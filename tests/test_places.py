@@ -47,6 +47,14 @@ def test_a_persons_place_is_completed_only_where_it_agrees() -> None:
     gps = Place("Arezzo", "Tuscany", "Italy")
     assert Place().completed(gps) == gps
     assert Place(city="Arezzo").completed(gps) == gps
-    assert Place(city="Cortona").completed(gps) == Place("Cortona", None, "Italy")
+    assert Place(city="Cortona").completed(gps) == Place("Cortona", None, "Italy")  # another town: no region
+    assert Place(region="Bavaria").completed(gps) == Place(None, "Bavaria", "Italy")  # another region: no town
     assert Place(country="France").completed(gps) == Place(country="France")
+    assert Place(country="Italia").completed(gps) == Place(country="Italia")  # (names are not translated)
     assert Place(sublocation="Piazza Grande").completed(gps).named == "Piazza Grande, Arezzo, Tuscany, Italy"
+
+
+def test_an_enclave_keeps_its_own_country_and_no_position_names_nothing(geocoder: Geocoder) -> None:
+    vatican, nan, beyond = geocoder.near([(41.9029, 12.4534), (float("nan"), 12.0), (91.0, 0.0)])
+    assert vatican.country == "Holy See (Vatican City State)"  # not Rome's, though Rome's ground covers it
+    assert nan == beyond == Place()

@@ -187,3 +187,97 @@ def test_rules_write_a_title_an_alt_text_and_a_second_language(
     assert tags["XMP-iptcCore:AltTextAccessibility"] == answers["alt"]
     assert tags["XMP-photoshop:City"] == "Arezzo"
     assert document["written"]["texts"]["location"] == "written: Arezzo, Tuscany, Italy"
+
+
+# --- a hostile tester's cases (issue 20's review) -------------------------------------------------------------
+
+PACKET = (
+    '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+    '<rdf:Description rdf:about="" xmlns:dc="http://purl.org/dc/elements/1.1/" {attributes}>{body}'
+    "</rdf:Description></rdf:RDF></x:xmpmeta>"
+)
+
+
+@pytest.mark.parametrize(
+    ("attributes", "body", "caption", "existing", "read"),
+    [  # a title another tool wrote in a form other than rdf:Alt: nothing of it is lost, one x-default stays
+        ('dc:title="Person title"', "", ("title", "de", "Ours de"), "keep",
+         'lang="x-default" Person title, lang="de" Ours de'),
+        ("", "<dc:title>Person title</dc:title>", ("title", "x-default", "Ours"), "overwrite", 'lang="x-default" Ours'),
+        ("", "<dc:title>Person title</dc:title>", ("title", "x-default", "Ours"), "append",
+         'lang="x-default" Person title'),  # (exiv2 prints the rest, "Ours", on the lines after)
+        ("", "<dc:title><rdf:Bag><rdf:li>One</rdf:li><rdf:li>Two</rdf:li></rdf:Bag></dc:title>",
+         ("title", "de", "Ours de"), "keep", 'lang="x-default" One, Two, lang="de" Ours de'),
+    ],
+)  # fmt: skip
+def test_a_title_in_another_rdf_form_is_kept_whole(
+    corpus: Path, tmp_path: Path, attributes: str, body: str, caption: tuple[str, str, str], existing: str, read: str
+) -> None:
+    tiff = writable_copy(corpus / "tiff/Arbitro.tiff", tmp_path / "Arbitro.tiff")
+    sidecar = tiff.with_name(tiff.name + ".xmp")
+    sidecar.write_text(PACKET.format(attributes=attributes, body=body), encoding="utf-8")
+    MetadataWriter(OutputConfig(existing=existing)).write(
+        tiff, tmp_path, Caption(None, (), asked=True, texts=(caption,))
+    )
+    assert exiv2(sidecar)["Xmp.dc.title"] == read
+    assert exiftool.warnings(sidecar) == set()
+    if existing == "append":
+        assert exiftool.tags(sidecar)[sidecar]["XMP-dc:Title"] == "Person title\n\nOurs"
+
+
+def test_a_sidecar_write_heeds_a_persons_texts_and_location_in_the_photo(corpus: Path, tmp_path: Path) -> None:
+    jpeg = writable_copy(corpus / "jpg/gps/DSCN0010.jpg", tmp_path / "DSCN0010.jpg")
+    tiff = writable_copy(corpus / "tiff/Arbitro.tiff", tmp_path / "Arbitro.tiff")
+    subprocess.run([exiftool.require(), "-q", "-overwrite_original", "-XMP-dc:Title=Person title",
+                    "-XMP-iptcCore:AltTextAccessibility=Person alt", str(jpeg)], check=True)  # fmt: skip
+    legacy = ["-IPTC:ObjectName=Mein Titel", "-IPTC:City=Bern", "-IPTC:Country-PrimaryLocationName=Switzerland"]
+    subprocess.run([exiftool.require(), "-q", "-overwrite_original", *legacy, str(tiff)], check=True)
+    jpeg.chmod(0o444)  # read-only: the texts go to its XMP sidecar
+    texts = (("title", "x-default", "Our title"), ("alt_text", "x-default", "Our alt"))
+    ours = Caption(None, (), asked=True, texts=texts, place=Place("Arezzo", "Tuscany", "Italy"))
+    for photo in (jpeg, tiff):
+        record = MetadataWriter(OutputConfig()).write(photo, tmp_path, ours)
+        assert dict(record.texts)["title"].startswith("kept: the file already has a person's title"), photo
+        side = exiftool.tags(photo.with_name(photo.name + ".xmp"))[photo.with_name(photo.name + ".xmp")]
+        assert "XMP-dc:Title" not in side, photo
+    assert dict(record.texts)["location"] == "kept: the photo already has a location"  # (the TIFF's IPTC City)
+
+
+def test_a_long_title_is_ours_to_replace_though_iptc_cuts_it(corpus: Path, tmp_path: Path) -> None:
+    square = writable_copy(corpus / "jpg/xmp/BlueSquare.jpg", tmp_path / "BlueSquare.jpg")
+    subprocess.run([exiftool.require(), "-q", "-overwrite_original", "-XMP-dc:Title=", "-IPTC:ObjectName=",
+                    str(square)], check=True)  # fmt: skip
+    writer = MetadataWriter(OutputConfig())
+    for n in range(3):
+        title = f"A very long title about a clock tower on a square in Arezzo, early at dawn, version {n}"
+        record = writer.write(square, tmp_path, Caption(None, (), asked=True, texts=(("title", "x-default", title),)))
+        assert dict(record.texts)["title"] == "written", n
+    tags = exiftool.tags(square)[square]
+    assert tags["XMP-dc:Title"] == title and title.startswith(str(tags["IPTC:ObjectName"]))
+    assert len(str(tags["IPTC:ObjectName"]).encode()) == 64
+
+
+def test_a_location_in_iptc_extension_counts_as_one(corpus: Path, tmp_path: Path) -> None:
+    path = writable_copy(corpus / "jpg/gps/DSCN0012.jpg", tmp_path / "DSCN0012.jpg")
+    subprocess.run([exiftool.require(), "-q", "-overwrite_original", "-XMP-iptcExt:LocationCreatedCity=Bern",
+                    "-XMP-iptcExt:LocationCreatedCountryName=Switzerland", str(path)], check=True)  # fmt: skip
+    record = MetadataWriter(OutputConfig()).write(
+        path, tmp_path, Caption(None, (), place=Place("Arezzo", None, "Italy"))
+    )
+    assert dict(record.texts)["location"] == "kept: the photo already has a location"
+    assert "XMP-photoshop:City" not in exiftool.tags(path)[path]
+    from autocaption.writers.metadata import MetadataWriter as Writer
+
+    assert Writer(OutputConfig()).persons(path).place == Place("Bern", None, "Switzerland")  # for `{place}`
+
+
+def test_repeated_writes_beside_a_kept_camera_description_do_not_grow_the_file(corpus: Path, tmp_path: Path) -> None:
+    # DSCN0010's camera ImageDescription stays (no rule writes a description): each write once appended
+    # another IFD0, as the kept value before ours stopped the old one from being recognised as ours.
+    path = writable_copy(corpus / "jpg/gps/DSCN0010.jpg", tmp_path / "DSCN0010.jpg")
+    writer = MetadataWriter(OutputConfig())
+    sizes = set()
+    for n in range(4):
+        writer.write(path, tmp_path, Caption(None, ("tower",), asked=True, texts=(("title", "x-default", f"T{n}"),)))
+        sizes.add(path.stat().st_size)
+    assert len(sizes) == 1, sizes

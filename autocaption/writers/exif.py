@@ -105,19 +105,23 @@ class Tiff:
         return raw.decode("utf-16-le", errors="replace").split("\x00", 1)[0].strip()
 
     def _base(self) -> bytes:
-        """The block without an IFD0 we appended last time (IFD0 and our values form the exact tail)."""
-        owned_tail = sorted(
-            (self._offset(e), e.size()) for e in self.entries.values() if e.tag in OWNED and e.size() > 4
-        )
-        others_before = all(
-            self._offset(e) < self.ifd0 for e in self.entries.values() if e.tag not in OWNED and e.size() > 4
-        )
+        """The block without an IFD0 we appended last time: IFD0 at the end, followed only by values of the
+        tags we own, back to back. A value of ours that lies before it (a camera's ImageDescription, kept
+        while only keywords or a title are written) stays where it is and does not stop the cut: if it did,
+        every write would append another IFD0 and the file would grow each time."""
+        tail = []
+        for entry in self.entries.values():
+            if entry.size() <= 4 or self._offset(entry) < self.ifd0:
+                continue
+            if entry.tag not in OWNED:
+                return self.blob  # another tool's value after IFD0: the original layout, or not ours to cut
+            tail.append((self._offset(entry), entry.size()))
         end = self.ifd0_end
-        for offset, size in owned_tail:
+        for offset, size in sorted(tail):
             if offset != end:
                 return self.blob
             end = offset + size + (size & 1)
-        if others_before and end == len(self.blob) and self.ifd0 >= 8:
+        if end == len(self.blob) and self.ifd0 >= 8:
             return self.blob[: self.ifd0]
         return self.blob
 

@@ -32,6 +32,7 @@ CAPTION = (2, 120)
 OBJECT_NAME = (2, 5)  # the title
 # The location datasets, in Place's terms: City, Sub-location, Province-State, Country-PrimaryLocationName.
 PLACE = {"city": (2, 90), "sublocation": (2, 92), "region": (2, 95), "country": (2, 101)}
+COUNTRY_CODE = (2, 100)
 RECORD_VERSION = (2, 0)  # binary: the only record-2 dataset that is not text
 # bytes, as the IIM specification sets them (exiftool enforces them)
 CAPTION_LIMIT, KEYWORD_LIMIT, OBJECT_NAME_LIMIT = 2000, 64, 64
@@ -141,6 +142,7 @@ class IptcFacts:
     keywords: tuple[str, ...]
     place: dict[str, str] = field(default_factory=dict)  # Place's field names -> the first such dataset's text
     title: str | None = None
+    located: bool = False  # any location dataset, a country code too
 
 
 def facts(iim: bytes) -> IptcFacts:
@@ -150,7 +152,8 @@ def facts(iim: bytes) -> IptcFacts:
     texts = {key: [v.decode(encoding, "replace") for r, n, v in items if (r, n) == key] for key in keys}
     place = {name: texts[key][0].strip() for name, key in PLACE.items() if texts[key] and texts[key][0].strip()}
     title = texts[OBJECT_NAME][0] if texts[OBJECT_NAME] else None
-    return IptcFacts(texts[CAPTION][0] if texts[CAPTION] else None, tuple(texts[KEYWORDS]), place, title)
+    located = bool(place) or any((r, n) == COUNTRY_CODE and v.strip() for r, n, v in items)
+    return IptcFacts(texts[CAPTION][0] if texts[CAPTION] else None, tuple(texts[KEYWORDS]), place, title, located)
 
 
 def _is_utf8(items: Sequence[Dataset]) -> bool:

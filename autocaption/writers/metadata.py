@@ -14,6 +14,7 @@ import io
 import logging
 import os
 import stat
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,7 +72,12 @@ class Caption:
         words = None if self.keywords is None else map(carriable_keyword, self.keywords)
         keywords = None if words is None else tuple(word for word in words if word)
         texts = tuple((target, lang, carriable(text)) for target, lang, text in self.texts if carriable(text))
-        return dataclasses.replace(self, description=description, keywords=keywords, texts=texts)
+        place = self.place
+        if place is not None:  # one line each (IPTC's datasets are lines)
+            place = Place(
+                **{k: carriable_keyword(v) or None if v else None for k, v in dataclasses.asdict(place).items()}
+            )
+        return dataclasses.replace(self, description=description, keywords=keywords, texts=texts, place=place)
 
 
 @dataclass(frozen=True)
@@ -118,6 +124,8 @@ class _Found:
     software: str | None = None
     place: Place = field(default_factory=Place)  # the location fields a person or another tool wrote
     titles: list[str | None] = field(default_factory=list)  # EXIF XPTitle and IPTC ObjectName (XMP's: in it)
+    located: bool = False  # the photo has a location field of any kind (output.location then writes none)
+    packet: xmp.Packet | None = None  # the photo's own XMP (a write to its sidecar heeds a person's texts in it)
 
 
 @dataclass(frozen=True)
@@ -306,7 +314,13 @@ class MetadataWriter:
         """One language of a title, alt text, extended description or description, as `existing` allows (the
         x-default title also as EXIF and IPTC have it: a person's title there is theirs, as it is in XMP)."""
         current, own = xmp.alternative(packet, target, lang)
-        existing = [current, *(found.titles if (target, lang) == ("title", "x-default") else ())]
+        existing = [current]
+        if found.packet is not None and found.packet is not packet:  # writing a sidecar: the photo's own XMP
+            theirs, own_there = xmp.alternative(found.packet, target, lang)
+            existing.append(theirs)
+            own = own or own_there
+        if (target, lang) == ("title", "x-default"):  # EXIF's and IPTC's; IPTC's 64-byte copy of ours is ours
+            existing += [title for title in found.titles if not _cut_copy(title, own)]
         what = target.replace("_", " ") + (f" in {lang}" if lang != "x-default" else "")
         decision = policy.decide_description(text, existing, own, self.output.existing, None, None, what=what)
         if decision.text is not None:
@@ -348,6 +362,8 @@ class MetadataWriter:
             software=found.software,
             place=where,
             titles=found.titles,
+            located=side.located or found.located,
+            packet=found.packet,
         )
         applied = self._apply(packet, caption, merged)
         if not dry_run:
@@ -375,12 +391,13 @@ def _facts_of(data: bytes) -> _Found:
     facts = None
     if blocks.xmp is not None:
         try:
-            facts = xmp.facts(xmp.parse_all(blocks.xmp, blocks.more_xmp))
+            found.packet = xmp.parse_all(blocks.xmp, blocks.more_xmp)
+            facts = xmp.facts(found.packet)
         except XmpError:
             facts = None
     if facts:
         found.own_description, found.own_keywords = facts.own_description, facts.own_keywords
-        found.place = facts.place
+        found.place, found.located = facts.place, facts.located
     if blocks.exif is not None:
         try:
             tiff = Tiff(blocks.exif)
@@ -399,6 +416,7 @@ def _facts_of(data: bytes) -> _Found:
             legacy = None
     if legacy is not None:
         found.titles.append(legacy.title)
+        found.located = found.located or legacy.located
     if legacy is not None and legacy.place:  # each field from XMP where it has it, else from IPTC
         written = {name: value for name, value in dataclasses.asdict(found.place).items() if value}
         found.place = Place(**(legacy.place | written))
@@ -419,6 +437,13 @@ def _facts_of(data: bytes) -> _Found:
         believed = (_believed(word, twin, False, iptc.KEYWORD_LIMIT) for word, twin in pairs)
         found.keywords = tuple(word for word in believed if word is not None)
     return found
+
+
+def _cut_copy(value: str | None, full: str | None) -> bool:
+    """`value` is IPTC's copy of `full` cut at ObjectName's limit (so it is not a person's title)."""
+    if value is None or full is None or value == full or not full.startswith(value):
+        return False
+    return len(value.encode("utf-8")) > iptc.OBJECT_NAME_LIMIT - 4  # (a character is cut whole: up to 3 bytes short)
 
 
 def _label(target: str, lang: str) -> str:
@@ -472,8 +497,20 @@ def _pillow_blocks(data: bytes) -> Blocks:
         if exif_bytes is None and image.format == "TIFF":
             exif_bytes = data  # a TIFF file is itself a TIFF structure with IFD0
         packet = image.info.get("xmp") or image.info.get("XML:com.adobe.xmp")
+        legacy = _tiff_iim(data) if image.format == "TIFF" else None
         return Blocks(exif_bytes if isinstance(exif_bytes, bytes) else None,
-                      packet.encode() if isinstance(packet, str) else packet)  # fmt: skip
+                      packet.encode() if isinstance(packet, str) else packet, iptc=legacy)  # fmt: skip
+
+
+_TIFF_IPTC = 33723  # IPTC-NAA: a TIFF's IPTC-IIM data (as UNDEFINED bytes, or as LONGs by older writers)
+
+
+def _tiff_iim(data: bytes) -> bytes | None:
+    """A TIFF's IPTC-IIM data, as stored (Pillow would read LONGs as numbers and warn)."""
+    try:
+        return Tiff(data).value(_TIFF_IPTC)
+    except (ExifError, struct.error):
+        return None
 
 
 def _verify(new: bytes, old: bytes, kind: str) -> None:
@@ -496,7 +533,7 @@ def _verify(new: bytes, old: bytes, kind: str) -> None:
 def _locate(packet: xmp.Packet, place: Place, found: _Found, applied: _Applied) -> str:
     """Write where the photo was taken into its location fields, only where it has none (in XMP or IPTC):
     a person's location, even a partial one, is never completed or changed."""
-    if not found.place.empty:
+    if found.located or not found.place.empty:
         return "kept: the photo already has a location"
     xmp.set_place(packet, place)
     applied.place = {name: value for name, value in dataclasses.asdict(place).items() if value}

@@ -53,9 +53,15 @@ ALTERNATIVES = {
 }
 _OWN_ALTERNATIVES = {"description": _OWN + "DescriptionLanguages", "title": _OWN + "Title",
                      "alt_text": _OWN + "AltText", "extended_description": _OWN + "ExtendedDescription"}  # fmt: skip
+_EXT = "{" + "http://iptc.org/std/Iptc4xmpExt/2008-02-29/" + "}"
+# IPTC Extension's location structures, whose fields name a place when the legacy ones do not, in Place's terms.
+_LOCATIONS = (_EXT + "LocationCreated", _EXT + "LocationShown")
+_LOCATION_FIELDS = {"city": _EXT + "City", "region": _EXT + "ProvinceState", "country": _EXT + "CountryName",
+                    "sublocation": _EXT + "Sublocation"}  # fmt: skip
 # Where a photo's place is written (IPTC Core's location fields as XMP has them), in Place's terms.
 PLACE_TAGS = {"city": _PS + "City", "region": _PS + "State", "country": _PS + "Country",
               "sublocation": _CORE + "Location"}  # fmt: skip
+_LOCATED = (*PLACE_TAGS.values(), *_LOCATIONS, _CORE + "CountryCode")  # a photo with any of them has a location
 _EMPTY = (
     b'<x:xmpmeta xmlns:x="adobe:ns:meta/">\n <rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">\n'
     b'  <rdf:Description rdf:about=""/>\n </rdf:RDF>\n</x:xmpmeta>'
@@ -79,6 +85,7 @@ class XmpFacts:
     own_description: str | None  # what autocaption wrote last time
     own_keywords: tuple[str, ...]
     place: Place = field(default_factory=Place)  # photoshop:City, State, Country; Iptc4xmpCore:Location
+    located: bool = False  # the packet has any location field (a country code, a LocationCreated...)
     texts: dict[str, str] = field(default_factory=dict)  # the x-default title, alt text... (ALTERNATIVES)
 
 
@@ -318,9 +325,27 @@ def facts(packet: Packet) -> XmpFacts:
         keywords=tuple(text for _, text in _values(root, _DC + "subject") or ()),
         own_description=_simple(root, _OWN + "Description"),
         own_keywords=tuple(text for _, text in _values(root, _OWN + "Keywords") or ()),
-        place=Place(**{name: (_simple(root, tag) or "").strip() or None for name, tag in PLACE_TAGS.items()}),
+        place=_place(root),
+        located=any(_values(root, tag) is not None for tag in _LOCATED),
         texts=_defaults(root),
     )
+
+
+def _place(root: ET.Element) -> Place:
+    """The place the location fields name: IPTC Core's (photoshop:City...), else where the photo was taken as
+    IPTC Extension's LocationCreated says, else what it shows (LocationShown)."""
+    legacy = {name: (_simple(root, tag) or "").strip() or None for name, tag in PLACE_TAGS.items()}
+    if any(legacy.values()):
+        return Place(**legacy)
+    for tag in _LOCATIONS:
+        element = _find(root, tag)
+        if element is None:
+            continue
+        found = {name: next((e.text.strip() for e in element.iter(field) if e.text and e.text.strip()), None)
+                 for name, field in _LOCATION_FIELDS.items()}  # fmt: skip
+        if any(found.values()):
+            return Place(**found)
+    return Place()
 
 
 def _defaults(root: ET.Element) -> dict[str, str]:
@@ -446,17 +471,30 @@ def set_alternative(packet: Packet, target: str, lang: str, text: str, own: str 
     """One language of a target's rdf:Alt = text (the others kept, x-default first); remember `own` as
     autocaption's text in that language (None: the text is a person's)."""
     for tag, value in ((ALTERNATIVES[target], text), (_OWN_ALTERNATIVES[target], own)):
-        element = _find(packet.root, tag)
-        kept = [li for li in _items(element) if (li.get(XML_LANG) or "x-default").casefold() != lang.casefold()]
-        if element is not None and next(iter(element), None) is None and (element.text or "").strip():
-            kept = [_li("x-default", element.text or "")]  # a plain value: the x-default it stood for
+        items = _alternatives(packet.root, tag)
+        kept = [li for li in items if (li.get(XML_LANG) or "x-default").casefold() != lang.casefold()]
         if value is not None:
             kept.append(_li(lang, value))
-        kept.sort(key=lambda li: li.get(XML_LANG) != "x-default")  # readers take the first as the default
+        kept.sort(key=lambda li: (li.get(XML_LANG) or "x-default") != "x-default")  # readers take the first
         if kept:
             _replace(packet, tag, "Alt", [], lang=True, extra=kept)
-        else:
+        elif items or _values(packet.root, tag) is not None:
             _remove(packet, tag)
+
+
+def _alternatives(root: ET.Element, tag: str) -> list[ET.Element]:
+    """A property's values as the rdf:li of an rdf:Alt, in whichever form a tool wrote it: an Alt's own items
+    (their qualifiers kept); a plain element, an attribute or a resource as the x-default; a Bag or Seq
+    (no language alternative, though some tools write one) as one x-default of its untagged items joined
+    with ", " (as exiftool shows them), beside its tagged ones. Nothing a reader showed is dropped."""
+    element = _find(root, tag)
+    container = next(iter(element), None) if element is not None else None
+    if container is not None and container.tag == _RDF + "Alt":
+        return container.findall(_RDF + "li")
+    values = _values(root, tag) or []
+    untagged = [text for code, text in values if not code]
+    tagged = [_li(code, text) for code, text in values if code]
+    return ([_li("x-default", ", ".join(untagged))] if untagged else []) + tagged
 
 
 def _li(lang: str, text: str) -> ET.Element:
