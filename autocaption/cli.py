@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from autocaption import __version__, log
-from autocaption.config import Config, load
+from autocaption.config import WRITE_TARGETS, Config, load
 from autocaption.errors import AutocaptionError, ConfigError, ExitCode
 from autocaption.plural import counted
 from autocaption.structure import describe_structure
@@ -301,7 +301,11 @@ def describe_config(config: Config) -> str:
             f", {describe_structure(rule.structure)}" if rule.structure else ""
         )
         gate = f" (only when {rule.when.describe()})" if rule.when else ""
-        lines.append(f"  rule {rule.name}: {', '.join(rule.match.patterns)} -> {answer}{gate}")
+        targets = ", ".join(target for target in WRITE_TARGETS if target in rule.write)
+        written = f"; writes {targets}" + (f" ({rule.language})" if rule.language else "") if targets else ""
+        lines.append(f"  rule {rule.name}: {', '.join(rule.match.patterns)} -> {answer}{gate}{written}")
+    if config.output.location:
+        lines.append("  output: the place named from GPS into photos without a location (output.location)")
     return "\n".join(lines)
 
 

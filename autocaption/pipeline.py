@@ -490,8 +490,14 @@ def caption_of(results: Sequence[sidecar.RuleResult], place: Place | None = None
     for result in results:
         if "keywords" in result.rule.write and result.skipped is None:
             words = result.value if isinstance(result.value, list) else split_keywords(result.answer)
-            for word in words:
-                keywords.setdefault(str(word).casefold(), str(word))
+            for word in map(str, words):
+                if "|" in word:  # a free answer's `Places|Italy|Arezzo`: the leaf a keyword, the path a hierarchy
+                    parts = [part.strip() for part in word.split("|") if part.strip()]
+                    if not parts:
+                        continue
+                    word = parts[-1]
+                    paths.setdefault("|".join(parts).casefold(), "|".join(parts))
+                keywords.setdefault(word.casefold(), word)
             if isinstance(result.rule.structure, Keywords) and isinstance(result.value, list):
                 paths.update((path.casefold(), path) for path in result.rule.structure.paths(result.value))
     return Caption(description, tuple(keywords.values()), asked=any(result.rule.write for result in results),

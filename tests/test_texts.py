@@ -281,3 +281,26 @@ def test_repeated_writes_beside_a_kept_camera_description_do_not_grow_the_file(c
         writer.write(path, tmp_path, Caption(None, ("tower",), asked=True, texts=(("title", "x-default", f"T{n}"),)))
         sizes.add(path.stat().st_size)
     assert len(sizes) == 1, sizes
+
+
+def test_caption_of_gathers_texts_by_language_and_a_free_answers_hierarchy() -> None:
+    from autocaption.config import Rule
+    from autocaption.engine.base import Answer
+    from autocaption.pipeline import caption_of
+    from autocaption.placeholders import PromptTemplate
+    from autocaption.sidecar import RuleResult
+
+    def result(name: str, answer: str, write: set[str], language: str | None = None) -> RuleResult:
+        rule = Rule(name, PromptTemplate.parse(name), write=frozenset(write), language=language)
+        return RuleResult(rule, name, answer, Answer(answer, 1, 1, 0.0))
+
+    caption = caption_of([
+        result("caption", "A tower", {"description"}, "en"), result("caption-de", "Ein Turm", {"description"}, "de"),
+        result("title", "Tower", {"title"}), result("title-fr", "Tour", {"title"}, "fr"),
+        result("other-title", "Ignored: the first title stands", {"title"}),
+        result("tags", "Places | Italy|Arezzo, tower, |", {"keywords"}),
+    ])  # fmt: skip
+    assert caption.description == "A tower"
+    assert caption.texts == (("description", "en", "A tower"), ("description", "de", "Ein Turm"),
+                             ("title", "x-default", "Tower"), ("title", "fr", "Tour"))  # fmt: skip
+    assert caption.keywords == ("Arezzo", "tower") and caption.paths == ("Places|Italy|Arezzo",)
