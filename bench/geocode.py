@@ -28,9 +28,9 @@ def main() -> None:
     reverse_geocode.get((0.0, 0.0))
     baseline_loaded = time.perf_counter() - started
     rng = np.random.default_rng(7)
-    rows = geocoder._rows
-    picks = rng.choice(len(rows), 10_000)
-    land = [(rows[i]["latitude"] + rng.normal(0, 0.05), rows[i]["longitude"] + rng.normal(0, 0.05)) for i in picks]
+    towns = geocoder.positions
+    picks = rng.choice(len(towns), 10_000)
+    land = [(towns[i, 0] + rng.normal(0, 0.05), towns[i, 1] + rng.normal(0, 0.05)) for i in picks]
     north = [p for p in land if p[0] > 55][:2000]
     ours, theirs = [], []
     for _ in range(5):
