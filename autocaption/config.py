@@ -73,13 +73,20 @@ class ModelConfig:
     compile: bool = False  # torch.compile the decode step (inductor: GPU and CPU), cached under state.dir
     graphs: bool = True  # on a GPU, run each decode step as one captured CUDA/HIP graph
     # engine: openai. The key is read from an environment variable or a file, never from this file.
-    base_url: str | None = None
+    # One server, or several: each photo's requests all go to one of them, chosen by the photo's content
+    # (engine/servers.py), the next one when it is down.
+    base_url: str | tuple[str, ...] | None = None
     api_key_env: str | None = None
     api_key_file: Path | None = None
     timeout_seconds: float = 120.0
     max_in_flight: int = 8
     retries: int = 4  # attempts after the first, with exponential backoff and jitter (1, 2, 4, 8 s...)
     max_image_side: int = 1008  # JPEGs are drafted to no less than this before being sent
+
+    @property
+    def base_urls(self) -> tuple[str, ...]:
+        """The servers' URLs (`base_url`: one, or a list)."""
+        return (self.base_url,) if isinstance(self.base_url, str) else tuple(self.base_url or ())
 
 
 @dataclass(frozen=True)
@@ -370,7 +377,7 @@ def _model(node: _Node, base: Path, user_paths: list[UserPath]) -> ModelConfig:
         raise k["batch_size"].fail("has no value; write a whole number or auto (or leave the key out: auto)")
     return ModelConfig(
         engine=engine,
-        base_url=_optional(k, "base_url", _url, None),
+        base_url=_optional(k, "base_url", _urls, None),
         api_key_env=_optional(k, "api_key_env", lambda n: n.text(), None),
         api_key_file=_optional(k, "api_key_file", lambda n: _key_file(n, base, user_paths), None),
         timeout_seconds=_optional(k, "timeout_seconds", lambda n: n.number(minimum=1.0), d.timeout_seconds),
@@ -416,6 +423,19 @@ def _batch_size(node: _Node) -> int | None:
             raise node.fail(f"expected a whole number (1 to 256) or auto, got {node.text()!r}")
         return None
     return node.integer(minimum=1, maximum=256)
+
+
+def _urls(node: _Node) -> tuple[str, ...]:
+    """`base_url`: one URL, or a list of them (several servers)."""
+    if isinstance(node.node, yaml.ScalarNode):
+        return (_url(node),)
+    urls = tuple(_url(item) for item in node.sequence())
+    if not urls:
+        raise node.fail("needs at least one server URL")
+    for i, url in enumerate(urls):
+        if url in urls[:i]:
+            raise node.sequence()[i].fail(f"{url} is listed twice")
+    return urls
 
 
 def _url(node: _Node) -> str:

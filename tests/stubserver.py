@@ -157,8 +157,8 @@ def _is_panorama(body: dict[str, Any]) -> bool:
 class StubServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
+    def __init__(self, port: int = 0) -> None:  # a port: a server started again where it was
+        super().__init__(("127.0.0.1", port), _Handler)
         self.mode = "ok"
         self.requests = 0
         self.bodies: list[dict[str, Any]] = []  # every chat request, as sent
@@ -170,8 +170,8 @@ class StubServer(http.server.ThreadingHTTPServer):
 
 
 @contextmanager
-def stub_server() -> Iterator[StubServer]:
-    server = StubServer()
+def stub_server(port: int = 0) -> Iterator[StubServer]:
+    server = StubServer(port)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

@@ -3,7 +3,9 @@
 One chat completion per prompt, with the same system/user structure as the in-process engine and the
 image as a lossless PNG data URL. The prompts of one image are sent back to back, so a server with
 automatic prefix caching (vLLM) computes the image once; up to `max_in_flight` requests are open at a
-time so the server can batch them. Only the standard library is used (urllib, threads).
+time on each server so it can batch them. Several servers (`base_url` as a list): every request of a
+photo goes to one of them, chosen by the photo's content, the next one while it is down (servers.py).
+Only the standard library is used (urllib, threads).
 
 The API key comes from an environment variable or a file, and never appears in logs or errors.
 """
@@ -11,6 +13,7 @@ The API key comes from an environment variable or a file, and never appears in l
 from __future__ import annotations
 
 import base64
+import hashlib
 import http.client
 import io
 import json
@@ -39,6 +42,7 @@ from autocaption.engine.base import (
     next_round,
     skipped,
 )
+from autocaption.engine.servers import Server, ServerPool
 from autocaption.errors import EngineError, ModelUnavailable, ServerUnreachable
 from autocaption.structure import Structure
 
@@ -103,16 +107,19 @@ def _text_of(message: object) -> str | None:
 
 class OpenAIEngine:
     def __init__(self, config: ModelConfig, key: str | None) -> None:
-        assert config.base_url is not None
+        assert config.base_urls
         self.config = config
-        self.base_url = config.base_url
+        self.base_url = ", ".join(config.base_urls)  # in messages that are about no one server
         self._key = key
+        servers = len(config.base_urls)
         self.info = EngineInfo(
             backend="openai", model_id=config.id, device=self.base_url, dtype="server",
-            max_image_side=config.max_image_side, batch_images=config.batch_size or config.max_in_flight,
+            max_image_side=config.max_image_side,
+            batch_images=config.batch_size or config.max_in_flight * servers,
         )  # fmt: skip
         self.timings: dict[str, float] = {"encode": 0.0, "server": 0.0}
-        self._slots = threading.BoundedSemaphore(config.max_in_flight)  # requests open at once
+        self.pool = ServerPool(config.base_urls, config.max_in_flight, self._probe)
+        self._slots = threading.BoundedSemaphore(config.max_in_flight * servers)  # request threads at once
         self._answering = -float("inf")  # when the server last answered a prompt (monotonic seconds)
         self._closed = threading.Event()
         self._lock = threading.Lock()
@@ -134,57 +141,91 @@ class OpenAIEngine:
     def _check_model(self) -> None:
         """A definite answer that the model is not served is fatal; an unreachable server is not
         (the daemon waits for it, a one-shot run fails at its first request)."""
+        for server in self.pool.servers:
+            self._check_server(server)
+
+    def _check_server(self, server: Server) -> None:
         try:
-            listing = self._request("GET", "/models", None, attempts=1)
+            listing = self._request("GET", "/models", None, attempts=1, servers=[server])
         except ServerUnreachable as exc:
             log.warning("%s; will keep trying", exc)
             return
         except EngineError as exc:
             if "HTTP 404" in str(exc):  # some servers have no model list; the chat endpoint may still work
-                log.warning("%s: no model list (HTTP 404); going on with model %s", self.base_url, self.config.id)
+                log.warning("%s: no model list (HTTP 404); going on with model %s", server.url, self.config.id)
                 return
             raise ModelUnavailable(str(exc)) from None
         items = listing.get("data", []) if isinstance(listing, dict) else listing  # some answer a bare list
         served = [str(item.get("id")) for item in (items if isinstance(items, list) else []) if isinstance(item, dict)]
         if served and self.config.id not in served:
             raise ModelUnavailable(
-                f"model {self.config.id!r} is not served by {self.base_url} (it serves: {', '.join(served)}); "
+                f"model {self.config.id!r} is not served by {server.url} (it serves: {', '.join(served)}); "
                 "set model.id to the served model name"
             )
-        log.info("using model %s at %s", self.config.id, self.base_url)
+        log.info("using model %s at %s", self.config.id, server.url)
 
-    def _request(
-        self, method: str, path: str, body: dict[str, Any] | None, attempts: int | None = None,
-        cancel: threading.Event | None = None,
-    ) -> Any:  # fmt: skip
-        """One HTTP call with retries (exponential backoff and jitter, or what the server asks for with
-        Retry-After) on connection errors, timeouts, 5xx, 429 and garbled answers. `timeout_seconds` bounds
-        each attempt as a whole, not each socket read: a server trickling bytes is cut off in time."""
-        attempts = self.config.retries + 1 if attempts is None else attempts
+    def _probe(self, url: str) -> bool:
+        """Whether a server that was out answers again (its model list, one short try)."""
+        server = next(server for server in self.pool.servers if server.url == url)
+        request = urllib.request.Request(url + "/models", headers=self._headers(), method="GET")
+        try:
+            with server.slots:
+                self._once(request, min(self.config.timeout_seconds, 10.0), url)
+        except (_Retry, EngineError):
+            return False
+        return True
+
+    def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
         if self._key:
             headers["Authorization"] = f"Bearer {self._key}"
+        return headers
+
+    def _request(
+        self, method: str, path: str, body: dict[str, Any] | None, attempts: int | None = None,
+        cancel: threading.Event | None = None, key: bytes = b"", servers: Sequence[Server] | None = None,
+    ) -> Any:  # fmt: skip
+        """One HTTP call with retries (exponential backoff and jitter, or what the server asks for with
+        Retry-After) on connection errors, timeouts, 5xx, 429 and garbled answers. `timeout_seconds` bounds
+        each attempt as a whole, not each socket read: a server trickling bytes is cut off in time. Each
+        attempt tries the photo's servers in its order (`key`: the photo's; `servers`: just these): a server
+        that fails hands the request on at once, and is taken out while it is down."""
+        attempts = self.config.retries + 1 if attempts is None else attempts
         data = json.dumps(body).encode() if body is not None else None
-        problem, wait, answered, busy = "", None, False, False
+        problem, wait, answered, busy, where = "", None, False, False, self.base_url
         for attempt in range(attempts):
             if attempt:
                 delay = wait if wait is not None else min(2 ** (attempt - 1), 30) * (0.5 + random.random())
                 if (cancel or self._closed).wait(delay) or self._closed.is_set():
                     raise Cancelled()  # stopping: no more requests
-            request = urllib.request.Request(self.base_url + path, data=data, headers=headers, method=method)
-            try:
-                return self._once(request)
-            except _Retry as exc:
-                problem, wait, answered, busy = str(exc), exc.wait, exc.answered, exc.busy
+            tried: set[str] = set()
+            # The photo's order again after each failure: a server another request found out meanwhile is last.
+            while server := next((s for s in servers or self.pool.route(key) if s.url not in tried), None):
+                tried.add(server.url)
+                request = urllib.request.Request(server.url + path, data=data, headers=self._headers(), method=method)
+                try:
+                    with server.slots:
+                        if not server.up and servers is None and self.pool.any_up(tried):
+                            continue  # it went out while this request waited for it: not one more timeout
+                        result = self._once(request, self.config.timeout_seconds, server.url)
+                except _Retry as exc:
+                    problem, wait, answered, busy, where = str(exc), exc.wait, exc.answered, exc.busy, server.url
+                    if busy or not answered:  # (a 500 or a garbled answer may be this photo's: not an outage)
+                        self.pool.failed(server, self._redact(problem))
+                    continue
+                self.pool.answered(server)
+                return result
         # a 500 is not a server that is down, and a 503 is one that is up but cannot serve anyone now
         how = "is unavailable" if busy else "kept failing" if answered else "unreachable"
-        message = self._redact(f"server {self.base_url} {how} after {attempts} attempt(s): {problem}")
+        several = servers is None and len(self.pool.servers) > 1
+        name = f"servers {self.base_url} (the last, {where})" if several else f"server {where}"
+        message = self._redact(f"{name} {how} after {attempts} attempt(s): {problem}")
         raise ServerUnreachable(message, answered=answered and not busy)
 
-    def _once(self, request: urllib.request.Request) -> Any:
-        deadline = time.monotonic() + self.config.timeout_seconds
+    def _once(self, request: urllib.request.Request, timeout: float, url: str) -> Any:
+        deadline = time.monotonic() + timeout
         try:
-            with urllib.request.urlopen(request, timeout=self.config.timeout_seconds) as response:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
                 raw = _read_until(response, deadline)
         except urllib.error.HTTPError as exc:
             try:
@@ -194,7 +235,7 @@ class OpenAIEngine:
             if exc.code == 429 or exc.code >= 500:
                 raise _Retry(f"HTTP {exc.code}", _retry_after(exc.headers.get("Retry-After")),
                              busy=exc.code in (429, 502, 503, 504)) from None  # fmt: skip
-            raise self._client_error(exc.code, text) from None
+            raise self._client_error(exc.code, text, url) from None
         except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
             # refused, reset, timed out, a cut-short body (IncompleteRead), a garbage status line...
             reason = getattr(exc, "reason", exc)
@@ -210,7 +251,7 @@ class OpenAIEngine:
             raise _Retry(f"the server answered with an error: {self._redact(str(detail))[:200]}")
         return answer
 
-    def _client_error(self, status: int, text: str) -> EngineError:
+    def _client_error(self, status: int, text: str, url: str) -> EngineError:
         try:
             detail = json.loads(text).get("error", text)
             detail = detail.get("message", detail) if isinstance(detail, dict) else detail
@@ -219,23 +260,22 @@ class OpenAIEngine:
         detail = self._redact(str(detail)).strip() or "no details"
         if status in (401, 403):
             where = self.config.api_key_env or self.config.api_key_file or "model.api_key_env"
-            return EngineError(f"server {self.base_url} refused the API key (HTTP {status}); check {where}")
+            return EngineError(f"server {url} refused the API key (HTTP {status}); check {where}")
         if status == 404:
-            return EngineError(
-                f"server {self.base_url}: model {self.config.id!r} or endpoint not found (HTTP 404): {detail}"
-            )
+            return EngineError(f"server {url}: model {self.config.id!r} or endpoint not found (HTTP 404): {detail}")
         if status == 413:
-            return EngineError(f"server {self.base_url}: image too large for the server (HTTP 413)")
-        return EngineError(f"server {self.base_url} rejected the request (HTTP {status}): {detail}")
+            return EngineError(f"server {url}: image too large for the server (HTTP 413)")
+        return EngineError(f"server {url} rejected the request (HTTP {status}): {detail}")
 
     # --- describing -------------------------------------------------------------------------------
 
     def describe(self, jobs: Sequence[Job], cancel: threading.Event | None = None) -> list[list[Answer]]:
         started = time.perf_counter()
         urls = [self._data_url(job.image) for job in jobs]
+        keys = [hashlib.blake2b(url.encode("ascii"), digest_size=16).digest() for url in urls]  # a photo's server
         self.timings["encode"] += time.perf_counter() - started
         prompts = dict(enumerate(flattened(jobs)))
-        image_of = [url for job, url in zip(jobs, urls, strict=True) for _ in job.prompts]
+        image_of = [(url, key) for job, url, key in zip(jobs, urls, keys, strict=True) for _ in job.prompts]
         answers: dict[int, Answer] = {}
         errors: dict[int, EngineError] = {}
         # In rounds: the prompts without a gate, then those whose gate answered (the server's prefix cache
@@ -251,10 +291,12 @@ class OpenAIEngine:
         self.timings["server"] += time.perf_counter() - started
         return self._sorted(jobs, [answers.get(i) or errors.get(i) or skipped("its gate failed") for i in prompts])
 
-    def _round(self, asks: list[tuple[str, Prompt]], cancel: threading.Event | None) -> list[Answer | EngineError]:
-        """Ask these (image, prompt) pairs, back to back per image in order: the server's prefix cache sees an
-        image's prompts together."""
-        futures = [self._spawn(self._complete, url, prompt, cancel) for url, prompt in asks]
+    def _round(
+        self, asks: list[tuple[tuple[str, bytes], Prompt]], cancel: threading.Event | None
+    ) -> list[Answer | EngineError]:
+        """Ask these ((image, its key), prompt) pairs, back to back per image in order: the server's prefix
+        cache sees an image's prompts together."""
+        futures = [self._spawn(self._complete, image, prompt, cancel) for image, prompt in asks]
         pending = set(futures)
         while pending:  # a stop abandons the requests in flight at once (their threads end with the process)
             if cancel is not None and cancel.is_set():
@@ -348,7 +390,8 @@ class OpenAIEngine:
         image.save(buffer, format="PNG", compress_level=1)
         return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
-    def _complete(self, url: str, prompt: Prompt, cancel: threading.Event | None) -> Answer:
+    def _complete(self, image: tuple[str, bytes], prompt: Prompt, cancel: threading.Event | None) -> Answer:
+        url, key = image
         if cancel is not None and cancel.is_set():
             return Answer("", 0, 0, 0.0)
         messages: list[dict[str, Any]] = []
@@ -368,7 +411,7 @@ class OpenAIEngine:
                 },
             }
         started = time.perf_counter()
-        reply = self._request("POST", "/chat/completions", body, cancel=cancel)
+        reply = self._request("POST", "/chat/completions", body, cancel=cancel, key=key)
         choices = reply.get("choices") if isinstance(reply, dict) else None
         choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
         text = _text_of(choice.get("message"))

@@ -1,0 +1,158 @@
+"""Several inference servers (issue 21): every request of a photo goes to one server, chosen by the photo's
+content; a server that dies, hangs or is missing hands its photos to the next without losing one; with every
+server gone the daemon waits, and goes on when one is back. Stub servers on loopback (tests/stubserver.py)."""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from autocaption.config import load
+from autocaption.engine.servers import ServerPool
+from autocaption.process import process
+from tests.stubserver import MODEL, StubServer, stub_server
+from tests.test_daemon import sidecar, wait_for
+from tests.test_remote import free_port
+from tests.test_remote_faults import photos, serving
+
+RULES = """
+- {name: caption, prompt: "Describe.", max_new_tokens: 20, write: [description]}
+- {name: title, prompt: "A title.", max_new_tokens: 8, write: [title]}
+- {name: mood, prompt: "The mood, in a word.", max_new_tokens: 4}
+"""
+
+
+def pool_config(make_config: Callable[..., Path], urls: list[str], extra: str = "", **model: object) -> Path:
+    options = {"retries": 0, "timeout_seconds": 3, **model}
+    listed = ", ".join(repr(url) for url in urls)
+    line = f"{{engine: openai, base_url: [{listed}], id: {MODEL}, max_image_side: 64" + "".join(
+        f", {key}: {value}" for key, value in options.items()
+    ) + "}"  # fmt: skip
+    return make_config(rules=RULES, extra=extra, model_line=line)
+
+
+def _image(body: dict[str, Any]) -> str:
+    return str(body["messages"][-1]["content"][0]["image_url"]["url"])
+
+
+def _servers_of_each_photo(**servers: StubServer) -> dict[str, set[str]]:
+    seen: dict[str, set[str]] = defaultdict(set)
+    for name, server in servers.items():
+        for body in server.bodies:
+            seen[_image(body)].add(name)
+    return seen
+
+
+def test_each_photos_requests_go_to_one_server_and_the_servers_share_the_photos(
+    make_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    with stub_server() as a, stub_server() as b:
+        folder = tmp_path / "photos"
+        photos(folder, 16)
+        config = load(pool_config(make_config, [a.base_url, b.base_url]))
+        summary = process(config, [folder])
+        assert summary.images == 16 and not summary.failures, summary.failures
+        first = _servers_of_each_photo(a=a, b=b)
+        assert len(first) == 16 and all(len(names) == 1 for names in first.values())
+        assert a.requests == 3 * sum(names == {"a"} for names in first.values())  # three rules: three requests
+        assert 0 < a.requests < 48  # both serve (all 16 on one server: a chance of 1 in 32,768)
+        a.bodies.clear()
+        b.bodies.clear()
+        assert not process(config, [folder], force=True).failures
+        assert _servers_of_each_photo(a=a, b=b) == first  # the same photo, the same server, every time
+
+
+def test_adding_a_server_moves_only_the_photos_it_takes() -> None:
+    three = ServerPool([f"http://gpu{i}:8000/v1" for i in range(3)], 8, probe=lambda url: True)
+    four = ServerPool([f"http://gpu{i}:8000/v1" for i in range(4)], 8, probe=lambda url: True)
+    keys = [i.to_bytes(4, "big") for i in range(4000)]
+    before = [three.route(key)[0].url for key in keys]
+    after = [four.route(key)[0].url for key in keys]
+    moved = [(old, new) for old, new in zip(before, after, strict=True) if old != new]
+    assert all(new == "http://gpu3:8000/v1" for _, new in moved)  # only to the new server
+    assert 800 < len(moved) < 1200  # its quarter of the photos
+
+
+def test_a_server_out_is_probed_after_its_backoff_and_taken_back_when_it_answers() -> None:
+    now = [0.0]
+    answers = {"http://a/v1": False}
+    probed = threading.Event()
+
+    def probe(url: str) -> bool:
+        probed.set()
+        return answers.get(url, True)
+
+    pool = ServerPool(["http://a/v1", "http://b/v1"], 8, probe=probe, clock=lambda: now[0])
+    a, b = pool.servers
+    key = next(key for key in (i.to_bytes(2, "big") for i in range(100)) if pool.route(key)[0] is a)
+    pool.failed(a, "connection refused")
+    assert pool.route(key) == [b, a] and not probed.is_set()  # out: last, and not probed before its time
+    now[0] = 10.0
+    pool.route(key)
+    wait_for(lambda: probed.is_set() and not a.probing, what="the probe")
+    assert not a.up and a.backoff == 20.0  # it did not answer: out for twice as long
+    answers["http://a/v1"] = True
+    probed.clear()
+    now[0] = 30.0
+    pool.route(key)
+    wait_for(lambda: a.up, what="a taken back")
+    assert pool.route(key) == [a, b] and pool.states() == [("http://a/v1", True, ""), ("http://b/v1", True, "")]
+
+
+def test_a_server_killed_mid_run_loses_no_photo(make_config: Callable[..., Path], tmp_path: Path) -> None:
+    folder = tmp_path / "photos"
+    photos(folder, 24)
+    with stub_server() as b:
+        a = StubServer()
+        threading.Thread(target=a.serve_forever, daemon=True).start()
+        config = load(pool_config(make_config, [a.base_url, b.base_url], max_in_flight=2))
+
+        def kill_a_after_its_first_answers() -> None:
+            wait_for(lambda: a.requests >= 3, what="a's first answers")
+            a.shutdown()
+            a.server_close()  # refused from now on
+
+        killer = threading.Thread(target=kill_a_after_its_first_answers)
+        killer.start()
+        summary = process(config, [folder])
+        killer.join()
+    assert summary.images == 24 and not summary.failures, summary.failures
+    assert all(sidecar(path).is_file() for path in folder.glob("*.jpg"))
+    assert a.requests >= 3 and b.requests >= 3 * 24 - a.requests  # b took over a's photos
+
+
+def test_a_hanging_server_hands_its_photos_on_and_is_not_asked_again(
+    make_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    folder = tmp_path / "photos"
+    photos(folder, 16)
+    with stub_server() as a, stub_server() as b:
+        a.mode = "hang"  # takes requests and never answers
+        config = load(pool_config(make_config, [a.base_url, b.base_url], timeout_seconds=2, retries=1))
+        summary = process(config, [folder])
+    assert summary.images == 16 and not summary.failures, summary.failures
+    assert b.requests == 48  # every answer came from b
+    # a was asked only what was in flight to it when its first request timed out (2 per photo-slot at most),
+    # then never again while it was out
+    assert a.requests <= 8
+
+
+def test_with_every_server_gone_the_daemon_waits_and_goes_on_when_one_is_back(
+    make_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    ports = [free_port(), free_port()]
+    urls = [f"http://127.0.0.1:{port}/v1" for port in ports]
+    extra = f"watch: [{{path: {str(inbox)!r}, settle_seconds: 0.3}}]\ndaemon: {{retry_seconds: 1}}"
+    config_path = pool_config(make_config, urls, extra=extra, timeout_seconds=2)
+    with serving(config_path) as (service, _):
+        waiting = photos(inbox, 3)
+        wait_for(lambda: "waiting for the server" in service._status(), what="the outage")
+        assert "unreachable" in service._status() and not any(sidecar(path).exists() for path in waiting)
+        with stub_server(ports[1]) as back:
+            wait_for(lambda: all(sidecar(path).is_file() for path in waiting), timeout=60, what="the photos")
+    assert back.requests == 9
