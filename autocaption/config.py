@@ -256,7 +256,7 @@ class _Node:
 
     def _shown(self) -> str:
         value = getattr(self.node, "value", "")
-        return repr(value) if isinstance(value, str) else ""
+        return repr(value) if isinstance(value, str) else "(a list or mapping)"
 
     def text(self, *, allow_empty: bool = False) -> str:
         if isinstance(self.node, yaml.ScalarNode) and self.node.tag in (
@@ -522,6 +522,8 @@ def _targets(node: _Node) -> frozenset[str]:
             raise _Node(node.node, f"{node.path}[{i}]", node.source).fail(
                 f"must be one of {', '.join(WRITE_TARGETS)}; got {target!r}"
             )
+        if target in targets[:i]:
+            raise _Node(node.node, f"{node.path}[{i}]", node.source).fail(f"{target} is listed twice")
     return frozenset(targets)
 
 

@@ -370,6 +370,34 @@ class ResultWriter:
                           changed=True)  # fmt: skip
         return None
 
+    def _corrections(
+        self, path: Path, root: Path, document: Mapping[str, Any] | None, record: WriteRecord
+    ) -> WriteRecord:
+        """A person's corrections (the review page) written again where the photo no longer carries them (its
+        XMP sidecar deleted, its metadata stripped by another program): its JSON sidecar keeps them. Not
+        under `existing: overwrite`, which lets the model's answers replace a person's."""
+        person = _correction((document or {}).get("edited"))
+        if self.dry_run or person is None or self.config.output.existing == "overwrite" or self._carries(path, person):
+            return record
+        log.info("%s: a person's correction was no longer in the photo; written again", display(path))
+        again = self.metadata.write(path, root, person)
+        return dataclasses.replace(
+            again, file=record.file if again.file == "unchanged" else again.file, reason=record.reason or again.reason,
+            stat=again.stat or record.stat, sha256=again.sha256 or record.sha256,
+            description=again.description if person.description is not None else record.description,
+            keywords=again.keywords if person.keywords is not None else record.keywords,
+            texts=tuple({**dict(record.texts), **dict(again.texts)}.items()),
+        )  # fmt: skip
+
+    def _carries(self, path: Path, person: Caption) -> bool:
+        description, keywords = self.metadata.carried(path)
+        alt = next((text for target, _, text in person.texts if target == "alt_text"), None)
+        words = {word.casefold() for word in keywords}
+        # (a person's keywords: still all there, beside the model's that later runs add)
+        same_words = person.keywords is None or {word.casefold() for word in person.keywords} <= words
+        return ((person.description is None or description == person.description) and same_words
+                and (alt is None or self.metadata.carried_texts(path).get("alt_text") == alt))  # fmt: skip
+
     def _write(self, todo: _ToWrite, found: sidecar.Sidecar) -> Outcome:
         path = todo.candidate.path
         failure: WriteError | None = None
@@ -377,6 +405,7 @@ class ResultWriter:
             located = todo.place if self.config.output.location else None  # (a `{place}` alone writes none)
             caption = caption_of(todo.results, located)
             record = self.metadata.write(path, todo.candidate.root, caption, dry_run=self.dry_run)
+            record = self._corrections(path, todo.candidate.root, found.document, record)
         except WriteError as exc:
             failure = exc
             record = WriteRecord("failed", "not written", "not written", reason=str(exc))
@@ -481,6 +510,23 @@ def _result(rule: Rule, prompt: str, answer: Answer) -> sidecar.RuleResult:
 TEXTS = ("description", "title", "alt_text", "extended_description")  # the language-alternative targets
 
 
+def _correction(edited: object) -> Caption | None:
+    """A person's recorded correction ("edited" in the JSON sidecar) as a caption to write: only the fields
+    they wrote (a correction recorded before that was listed: its description)."""
+    if not isinstance(edited, dict):
+        return None
+    changed = set(edited.get("changed") or (["description"] if edited.get("description") else []))
+    description = edited.get("description") if "description" in changed else None
+    words = edited.get("keywords") if "keywords" in changed else None
+    alt = edited.get("alt_text") if "alt_text" in changed else None
+    description = description if isinstance(description, str) and description else None
+    keywords = tuple(str(word) for word in words) if isinstance(words, list) else None
+    texts = (("alt_text", "x-default", alt),) if isinstance(alt, str) and alt else ()
+    if description is None and keywords is None and not texts:
+        return None
+    return Caption(description, keywords, asked=True, person=True, texts=texts)
+
+
 def caption_of(results: Sequence[sidecar.RuleResult], place: Place | None = None) -> Caption:
     """The first `description` rule's answer and every `keywords` rule's words, in rule order; the texts of
     each other target and language (`_texts`); `place`, to be written where the photo has no location."""
@@ -508,7 +554,7 @@ def _texts(results: Sequence[sidecar.RuleResult]) -> tuple[tuple[str, str, str],
     """(target, language, text) of every text but the default description: a target's first answer is its
     x-default (and its language's alternative, where its rule names one); a later rule adds the alternative of
     its `language` (a later rule without one: the first answer stands, as for the description)."""
-    texts: dict[tuple[str, str], str] = {}
+    texts: dict[tuple[str, str], tuple[str, str]] = {}  # (target, language folded) -> (language, text)
     for result in results:
         if result.skipped is not None or not result.answer:
             continue
@@ -518,7 +564,7 @@ def _texts(results: Sequence[sidecar.RuleResult]) -> tuple[tuple[str, str, str],
             languages = [result.rule.language] if result.rule.language else []
             if not any(key[0] == target for key in texts):
                 languages.insert(0, "x-default")
-            for lang in languages:
-                texts.setdefault((target, lang), result.answer)
+            for lang in languages:  # ("DE" and "de" are one language, as XMP's xml:lang has them)
+                texts.setdefault((target, lang.casefold()), (lang, result.answer))
     texts.pop(("description", "x-default"), None)  # (Caption.description: the EXIF and IPTC captions follow it)
-    return tuple((target, lang, text) for (target, lang), text in texts.items())
+    return tuple((target, lang, text) for (target, _), (lang, text) in texts.items())

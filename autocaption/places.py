@@ -57,8 +57,11 @@ class Place:
     @property
     def named(self) -> str | None:
         """ "Bryggen, Bergen, Vestland, Norway": every known part, finest first."""
-        parts = [self.sublocation, self.city, self.region, self.country]
-        return ", ".join(part for part in parts if part) or None
+        parts: list[str] = []
+        for part in (self.sublocation, self.city, self.region, self.country):
+            if part and not (parts and parts[-1].casefold() == part.casefold()):  # "Vienna, Vienna" once
+                parts.append(part)
+        return ", ".join(parts) or None
 
     def values(self) -> dict[str, str | None]:
         """The placeholders' values."""

@@ -157,6 +157,8 @@ class Review:
                 keywords if keywords is not None else list(writer.carried(path)[1]),
                 record,
                 stat,
+                alt_text,
+                _changed(description=description, keywords=keywords, alt_text=alt_text),
             )
             sidecar.write(found, document)
             rows = self.journal.rows("SELECT fingerprint FROM images WHERE rowid = ?", [image_id])
@@ -180,6 +182,11 @@ class Review:
     def _root(self, path: Path) -> Path:
         """The watched folder holding the photo: symlinks leading outside it are never written through."""
         return next((w.path for w in self.config.watch if w.path in path.parents), path.parent)
+
+
+def _changed(**fields: object) -> list[str]:
+    """The fields a correction writes (those given)."""
+    return [name for name, value in fields.items() if value is not None]
 
 
 def keywords_from(value: object) -> list[str]:

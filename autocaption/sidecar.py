@@ -276,16 +276,25 @@ def results_of(existing: Mapping[str, Any], rules: Iterable[Rule]) -> tuple[Rule
 
 def with_edit(
     existing: Mapping[str, Any], description: str | None, keywords: Iterable[str], written: WriteRecord,
-    stat: os.stat_result,
+    stat: os.stat_result, alt_text: str | None = None, changed: Iterable[str] = (),
 ) -> dict[str, Any]:  # fmt: skip
     """The sidecar after a person corrected the caption (the review page): their text under "edited" (None: they
-    kept the description the photo had), the model's answers kept as they were under "rules"."""
+    kept the description the photo had), the model's answers kept as they were under "rules". `changed`: the
+    fields the person wrote, added to those of earlier corrections (what is written again should the photo
+    lose them: its XMP sidecar deleted)."""
     document = with_written(existing, written, stat)
-    document["edited"] = {
+    previous = existing.get("edited")
+    previous = previous if isinstance(previous, dict) else {}
+    edited: dict[str, Any] = {
         "description": description,
         "keywords": list(keywords),
         "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    alt = alt_text if alt_text is not None else previous.get("alt_text")
+    if alt is not None:
+        edited["alt_text"] = alt
+    edited["changed"] = sorted(set(previous.get("changed") or ()) | set(changed))
+    document["edited"] = edited
     return document
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 from autocaption.config import OutputConfig, load
 from autocaption.places import Place
 from autocaption.process import process
-from autocaption.writers.metadata import Caption, MetadataWriter
+from autocaption.writers.metadata import Caption, MetadataWriter, _facts_of
 from tests import exiftool
 from tests.test_metadata import pixels, writable_copy, xp_text
 
@@ -304,3 +304,80 @@ def test_caption_of_gathers_texts_by_language_and_a_free_answers_hierarchy() -> 
     assert caption.texts == (("description", "en", "A tower"), ("description", "de", "Ein Turm"),
                              ("title", "x-default", "Tower"), ("title", "fr", "Tour"))  # fmt: skip
     assert caption.keywords == ("Arezzo", "tower") and caption.paths == ("Places|Italy|Arezzo",)
+
+
+# --- a second hostile pass, end to end (issue 20's review) ----------------------------------------------------
+
+TITLES = """
+- {name: t, prompt: "A title.", max_new_tokens: 4, write: [title, alt_text]}
+- {name: t2, prompt: "Ein Titel.", max_new_tokens: 4, write: [title, alt_text], language: de}
+"""
+
+
+def test_texts_of_a_rule_taken_out_or_moved_to_another_language_are_taken_out(
+    make_config: Callable[..., Path], tmp_path: Path, corpus: Path
+) -> None:
+    photo = writable_copy(corpus / "jpg/gps/DSCN0010.jpg", tmp_path / "photos" / "DSCN0010.jpg")
+    assert not process(load(make_config(TITLES)), [photo.parent]).failures
+    assert {"XMP-dc:Title-de", "XMP-iptcCore:AltTextAccessibility-de"} <= set(exiftool.tags(photo)[photo])
+    french = TITLES.replace("language: de", "language: fr")
+    assert not process(load(make_config(french)), [photo.parent], force=True).failures
+    tags = exiftool.tags(photo)[photo]
+    assert "XMP-dc:Title-de" not in tags and "XMP-autocaption:Title-de" not in tags and "XMP-dc:Title-fr" in tags
+    # A person's edit of our French title makes it theirs: it stays when the rule goes.
+    subprocess.run([exiftool.require(), "-q", "-overwrite_original", "-XMP-dc:Title-fr=Tour de Nonna", str(photo)],
+                   check=True)  # fmt: skip
+    only_t = TITLES.split("- {name: t2")[0]
+    assert not process(load(make_config(only_t)), [photo.parent], force=True).failures
+    tags = exiftool.tags(photo)[photo]
+    assert tags["XMP-dc:Title-fr"] == "Tour de Nonna" and "XMP-iptcCore:AltTextAccessibility-fr" not in tags
+    assert "XMP-autocaption:Title-fr" not in tags
+    # No rule writes a title any more: ours goes, from XMP and from Windows' XPTitle; the person's French stays.
+    none = '- {name: c, prompt: "Describe.", max_new_tokens: 4, write: [description]}'
+    assert not process(load(make_config(none)), [photo.parent], force=True).failures
+    tags = exiftool.tags(photo)[photo]
+    assert "XMP-dc:Title" not in tags and "IFD0:XPTitle" not in tags and tags["XMP-dc:Title-fr"] == "Tour de Nonna"
+
+
+def test_our_location_is_ours_to_replace_when_the_position_changes(
+    make_config: Callable[..., Path], tmp_path: Path, corpus: Path
+) -> None:
+    photo = writable_copy(corpus / "jpg/gps/DSCN0010.jpg", tmp_path / "photos" / "DSCN0010.jpg")
+    rules = '- {name: c, prompt: "Taken in {place}.", max_new_tokens: 4, write: [description]}'
+    config = load(make_config(rules, extra="output: {location: true}"))
+    assert not process(config, [photo.parent]).failures
+    assert exiftool.tags(photo)[photo]["XMP-photoshop:City"] == "Arezzo"
+    subprocess.run([exiftool.require(), "-q", "-overwrite_original", "-GPSLatitude=48.2085", "-GPSLatitudeRef=N",
+                    "-GPSLongitude=16.3725", "-GPSLongitudeRef=E", str(photo)], check=True)  # fmt: skip
+    assert not process(config, [photo.parent]).failures  # the photo changed: described again
+    tags = exiftool.tags(photo)[photo]
+    assert (tags["XMP-photoshop:City"], tags["XMP-photoshop:Country"]) == ("Vienna", "Austria")
+    document = json.loads(photo.with_name(photo.name + ".json").read_text())
+    assert document["rules"]["c"]["prompt"] == "Taken in Vienna, Austria."
+    assert document["written"]["texts"]["location"] == "written: Vienna, Austria"
+
+
+def test_a_persons_title_in_one_language_keeps_ours_out_of_the_default() -> None:
+    from autocaption.writers import xmp
+
+    packet = xmp.parse(PACKET.format(attributes="", body=(
+        '<dc:title><rdf:Alt><rdf:li xml:lang="de">Mein Titel</rdf:li></rdf:Alt></dc:title>')).encode())  # fmt: skip
+    applied = MetadataWriter(OutputConfig())._apply(packet, Caption(None, (), asked=True, texts=(
+        ("title", "x-default", "Tower"), ("title", "fr", "Tour"))), _facts_of(b""))  # fmt: skip
+    assert applied.texts["title"].startswith("kept: the file already has a person's title")
+    assert xmp.alternative(packet, "title", "x-default") == (None, None)  # no default of ours hides theirs
+    assert xmp.alternative(packet, "title", "de") == ("Mein Titel", None)
+    assert xmp.alternative(packet, "title", "fr") == ("Tour", "Tour")
+
+
+def test_one_language_in_two_spellings_is_one_alternative() -> None:
+    from autocaption.config import Rule
+    from autocaption.engine.base import Answer
+    from autocaption.pipeline import caption_of
+    from autocaption.placeholders import PromptTemplate
+    from autocaption.sidecar import RuleResult
+
+    rules = [Rule(name, PromptTemplate.parse(name), write=frozenset({"title"}), language=lang)
+             for name, lang in (("t0", None), ("t1", "DE"), ("t2", "de"))]  # fmt: skip
+    results = [RuleResult(rule, rule.name, f"answer {rule.name}", Answer("", 1, 1, 0.0)) for rule in rules]
+    assert caption_of(results).texts == (("title", "x-default", "answer t0"), ("title", "DE", "answer t1"))

@@ -233,6 +233,43 @@ def test_an_alt_text_is_corrected_alone_and_the_title_shows(client: Any, describ
     assert refused.status_code == 400 and "alt_text must not be empty" in refused.json["error"]
 
 
+def test_corrections_are_written_again_when_the_xmp_sidecar_is_lost(
+    make_config: Callable[..., Path], corpus: Path, tmp_path: Path
+) -> None:
+    from autocaption.process import process
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    tiff = folder / "Arbitro.tiff"
+    shutil.copyfile(corpus / "tiff/Arbitro.tiff", tiff)
+    rules = RULES + '- {name: alt, prompt: "Alt text.", max_new_tokens: 8, write: [alt_text]}\n'
+    config = load(make_config(rules=rules, extra=f"watch: [{{path: {str(folder)!r}}}]"))
+    assert not process(config, [folder]).failures
+    journal = Journal(config.state.dir)
+    try:
+        client = create_app(config, Review(config, journal), TOKEN).test_client()
+        image = client.get("/api/images", headers=auth()).json["images"][0]
+        seen = client.get(f"/api/images/{image['id']}", headers=auth()).json["caption"]["sha256"]
+        for body in ({"alt_text": "A referee with a whistle"}, {"description": "The referee of the 1998 final"}):
+            saved = client.post(f"/api/images/{image['id']}/caption", json={**body, "sha256": seen}, headers=auth())
+            assert saved.status_code == 200, saved.json
+    finally:
+        journal.close()
+    document = json.loads(tiff.with_name(tiff.name + ".json").read_text(encoding="utf-8"))
+    assert document["edited"]["alt_text"] == "A referee with a whistle"
+    assert document["edited"]["changed"] == ["alt_text", "description"]  # not the keywords: never touched
+    xmp_sidecar = tiff.with_name(tiff.name + ".xmp")
+    xmp_sidecar.unlink()  # lost (a sync tool, a person tidying up)
+    summary = process(config, [folder])
+    assert summary.earlier == 1 and not summary.failures, summary.failures  # written again, without the model
+    tags = exiftool.tags(xmp_sidecar)[xmp_sidecar]
+    assert tags["XMP-dc:Description"] == "The referee of the 1998 final"
+    assert tags["XMP-iptcCore:AltTextAccessibility"] == "A referee with a whistle"
+    again = json.loads(tiff.with_name(tiff.name + ".json").read_text(encoding="utf-8"))["written"]
+    assert again["description"] == "written: a person's correction (sidecar)" and "person" not in again["keywords"]
+    assert "XMP-autocaption:AltText" not in tags and "XMP-autocaption:Description" not in tags  # the person's
+
+
 def test_a_correction_with_characters_metadata_cannot_carry_is_written_readable(client: Any, described: Config) -> None:
     """A control character in an XMP packet makes it unreadable (every later write would refuse it), a lone
     surrogate cannot be encoded at all, a raw CR comes back as LF: the correction is stored without them."""

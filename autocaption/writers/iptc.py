@@ -177,10 +177,10 @@ def with_caption(
         items = _put(items, CAPTION, [_cut(description, CAPTION_LIMIT)])
     if keywords is not None:
         items = _put(items, KEYWORDS, [_cut(word, KEYWORD_LIMIT) for word in keywords])
-    if title is not None:
-        items = _put(items, OBJECT_NAME, [_cut(title, OBJECT_NAME_LIMIT)])
+    if title is not None:  # ("": none)
+        items = _put(items, OBJECT_NAME, [_cut(title, OBJECT_NAME_LIMIT)] if title else [])
     for name, value in (place or {}).items():  # City 32 bytes, the others 32 and 64 (IIM): exiftool's limits
-        items = _put(items, PLACE[name], [_cut(value, 64 if name == "country" else 32)])
+        items = _put(items, PLACE[name], [_cut(value, 64 if name == "country" else 32)] if value else [])
     return _encode(items)
 
 

@@ -107,6 +107,7 @@ class _Applied:
     keywords: tuple[str, ...] | None = None  # None: left as they were
     notes: tuple[str, str] = ("none", "none")
     title: str | None = None  # the x-default title set (EXIF XPTitle and IPTC ObjectName follow it)
+    withdrawn_title: str | None = None  # our x-default title, taken out: its EXIF and IPTC copies go too
     place: dict[str, str] = field(default_factory=dict)  # the location fields set (IPTC follows them)
     texts: dict[str, str] = field(default_factory=dict)  # notes on the other texts, for the JSON record
 
@@ -125,6 +126,7 @@ class _Found:
     place: Place = field(default_factory=Place)  # the location fields a person or another tool wrote
     titles: list[str | None] = field(default_factory=list)  # EXIF XPTitle and IPTC ObjectName (XMP's: in it)
     located: bool = False  # the photo has a location field of any kind (output.location then writes none)
+    own_place: Place | None = None  # the location autocaption wrote there (output.location)
     packet: xmp.Packet | None = None  # the photo's own XMP (a write to its sidecar heeds a person's texts in it)
 
 
@@ -178,6 +180,9 @@ class MetadataWriter:
             found.descriptions, found.keywords = [facts.description], facts.keywords
             found.own_description, found.own_keywords = facts.own_description, facts.own_keywords
             found.place = found.place if facts.place.empty else facts.place
+            found.own_place = facts.own_place or found.own_place
+        if found.place == found.own_place:  # autocaption's own earlier location: no person's word on it
+            found.place = Place()
         caption = policy.human_part(found.descriptions, found.own_description, found.make, found.model, found.software)
         return Given(caption, tuple(word for word in found.keywords if word not in found.own_keywords), found.place)
 
@@ -261,6 +266,8 @@ class MetadataWriter:
             updates[exif.XP_KEYWORDS] = exif.xp_value(";".join(applied.keywords)) if applied.keywords else None
         if applied.title is not None:
             updates[exif.XP_TITLE] = exif.xp_value(applied.title)
+        elif applied.withdrawn_title is not None and tiff.xp_text(exif.XP_TITLE) == applied.withdrawn_title:
+            updates[exif.XP_TITLE] = None  # our title's copy for Windows goes with it
         new_exif = tiff.with_tags(updates) if updates else None
         new_iptc = _synced_iptc(blocks.iptc, applied)
         new_data = write_blocks(data, Blocks(new_exif, xmp.serialize(packet), iptc=new_iptc))
@@ -304,6 +311,8 @@ class MetadataWriter:
             applied.notes = (applied.notes[0], "written")
         for target, lang, words in caption.texts:
             self._alternative(packet, target, lang, words, found, applied)
+        if caption.asked:
+            _withdraw(packet, caption, applied)
         if caption.place is not None and not caption.place.empty:
             applied.texts["location"] = _locate(packet, caption.place, found, applied)
         return applied
@@ -319,6 +328,9 @@ class MetadataWriter:
             theirs, own_there = xmp.alternative(found.packet, target, lang)
             existing.append(theirs)
             own = own or own_there
+        if lang == "x-default":  # a person's title in German only: ours must not become what readers show
+            existing += [text for where in (packet, found.packet) if where is not None
+                         for text in xmp.theirs(where, target)]  # fmt: skip
         if (target, lang) == ("title", "x-default"):  # EXIF's and IPTC's; IPTC's 64-byte copy of ours is ours
             existing += [title for title in found.titles if not _cut_copy(title, own)]
         what = target.replace("_", " ") + (f" in {lang}" if lang != "x-default" else "")
@@ -363,6 +375,7 @@ class MetadataWriter:
             place=where,
             titles=found.titles,
             located=side.located or found.located,
+            own_place=side.own_place or found.own_place,
             packet=found.packet,
         )
         applied = self._apply(packet, caption, merged)
@@ -397,7 +410,7 @@ def _facts_of(data: bytes) -> _Found:
             facts = None
     if facts:
         found.own_description, found.own_keywords = facts.own_description, facts.own_keywords
-        found.place, found.located = facts.place, facts.located
+        found.place, found.located, found.own_place = facts.place, facts.located, facts.own_place
     if blocks.exif is not None:
         try:
             tiff = Tiff(blocks.exif)
@@ -439,6 +452,24 @@ def _facts_of(data: bytes) -> _Found:
     return found
 
 
+def _withdraw(packet: xmp.Packet, caption: Caption, applied: _Applied) -> None:
+    """Take out the texts autocaption wrote earlier that no rule gives now (a rule taken out, a language
+    changed, an answer empty or its rule skipped), where they are still autocaption's; one a person changed
+    since is theirs now and stays."""
+    given = {(target, lang.casefold()) for target, lang, _ in caption.texts}
+    for target in xmp.ALTERNATIVES:
+        for lang, own, current in xmp.owned(packet, target):
+            if (target, lang.casefold()) in given:
+                continue
+            if current != own:
+                xmp.disown(packet, target, lang)
+                continue
+            xmp.set_alternative(packet, target, lang, None, None)
+            applied.texts[_label(target, lang)] = "removed: autocaption's earlier text (no rule gives it now)"
+            if (target, lang) == ("title", "x-default"):
+                applied.withdrawn_title = own
+
+
 def _cut_copy(value: str | None, full: str | None) -> bool:
     """`value` is IPTC's copy of `full` cut at ObjectName's limit (so it is not a person's title)."""
     if value is None or full is None or value == full or not full.startswith(value):
@@ -476,11 +507,19 @@ def _believed(legacy: str | None, ours: str | None, in_sync: bool, limit: int) -
 def _synced_iptc(iim: bytes | None, applied: _Applied) -> bytes | None:
     """New IPTC-IIM data carrying what was set in XMP, or None to leave the IPTC block as it is (none in the
     file, nothing set, or a legacy character set that UTF-8 text would change)."""
-    if iim is None or (applied.description is None and applied.keywords is None and applied.title is None
+    title = applied.title
+    if title is None and applied.withdrawn_title is not None and iim is not None:
+        try:
+            legacy = iptc.facts(iim).title
+        except iptc.IptcError:
+            legacy = None
+        if legacy is not None and (legacy == applied.withdrawn_title or _cut_copy(legacy, applied.withdrawn_title)):
+            title = ""  # our title's IPTC copy goes with it
+    if iim is None or (applied.description is None and applied.keywords is None and title is None
                        and not applied.place):  # fmt: skip
         return None
     try:
-        synced = iptc.with_caption(iim, applied.description, applied.keywords, applied.title, applied.place)
+        synced = iptc.with_caption(iim, applied.description, applied.keywords, title, applied.place)
     except iptc.IptcError as exc:
         log.info("IPTC left as it is: %s", exc)
         return None
@@ -533,8 +572,11 @@ def _verify(new: bytes, old: bytes, kind: str) -> None:
 def _locate(packet: xmp.Packet, place: Place, found: _Found, applied: _Applied) -> str:
     """Write where the photo was taken into its location fields, only where it has none (in XMP or IPTC):
     a person's location, even a partial one, is never completed or changed."""
-    if found.located or not found.place.empty:
+    ours = found.own_place is not None and found.place == found.own_place
+    if (found.located or not found.place.empty) and not ours:
         return "kept: the photo already has a location"
-    xmp.set_place(packet, place)
-    applied.place = {name: value for name, value in dataclasses.asdict(place).items() if value}
+    if ours and place == found.own_place:
+        return "unchanged: " + (place.named or "")
+    xmp.set_place(packet, place)  # (ours of an earlier run, a GPS position since changed: replaced whole)
+    applied.place = {name: value or "" for name, value in dataclasses.asdict(place).items()}  # "": none in IPTC
     return "written: " + (place.named or "")

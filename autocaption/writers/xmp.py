@@ -62,6 +62,7 @@ _LOCATION_FIELDS = {"city": _EXT + "City", "region": _EXT + "ProvinceState", "co
 PLACE_TAGS = {"city": _PS + "City", "region": _PS + "State", "country": _PS + "Country",
               "sublocation": _CORE + "Location"}  # fmt: skip
 _LOCATED = (*PLACE_TAGS.values(), *_LOCATIONS, _CORE + "CountryCode")  # a photo with any of them has a location
+_OWN_PLACE = _OWN + "Location"  # "city|region|country|sublocation", as autocaption wrote them
 _EMPTY = (
     b'<x:xmpmeta xmlns:x="adobe:ns:meta/">\n <rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">\n'
     b'  <rdf:Description rdf:about=""/>\n </rdf:RDF>\n</x:xmpmeta>'
@@ -86,6 +87,7 @@ class XmpFacts:
     own_keywords: tuple[str, ...]
     place: Place = field(default_factory=Place)  # photoshop:City, State, Country; Iptc4xmpCore:Location
     located: bool = False  # the packet has any location field (a country code, a LocationCreated...)
+    own_place: Place | None = None  # the location autocaption wrote (output.location)
     texts: dict[str, str] = field(default_factory=dict)  # the x-default title, alt text... (ALTERNATIVES)
 
 
@@ -325,6 +327,7 @@ def facts(packet: Packet) -> XmpFacts:
         keywords=tuple(text for _, text in _values(root, _DC + "subject") or ()),
         own_description=_simple(root, _OWN + "Description"),
         own_keywords=tuple(text for _, text in _values(root, _OWN + "Keywords") or ()),
+        own_place=_own_place(root),
         place=_place(root),
         located=any(_values(root, tag) is not None for tag in _LOCATED),
         texts=_defaults(root),
@@ -467,19 +470,44 @@ def _in_language(values: Sequence[tuple[str | None, str]] | None, lang: str) -> 
     return None
 
 
-def set_alternative(packet: Packet, target: str, lang: str, text: str, own: str | None) -> None:
-    """One language of a target's rdf:Alt = text (the others kept, x-default first); remember `own` as
-    autocaption's text in that language (None: the text is a person's)."""
-    for tag, value in ((ALTERNATIVES[target], text), (_OWN_ALTERNATIVES[target], own)):
-        items = _alternatives(packet.root, tag)
-        kept = [li for li in items if (li.get(XML_LANG) or "x-default").casefold() != lang.casefold()]
-        if value is not None:
-            kept.append(_li(lang, value))
-        kept.sort(key=lambda li: (li.get(XML_LANG) or "x-default") != "x-default")  # readers take the first
-        if kept:
-            _replace(packet, tag, "Alt", [], lang=True, extra=kept)
-        elif items or _values(packet.root, tag) is not None:
-            _remove(packet, tag)
+def owned(packet: Packet, target: str) -> list[tuple[str, str, str | None]]:
+    """(language, autocaption's text, the text there now) of every language autocaption wrote a target in."""
+    return [(code or "x-default", own, _in_language(_values(packet.root, ALTERNATIVES[target]), code or "x-default"))
+            for code, own in _values(packet.root, _OWN_ALTERNATIVES[target]) or ()]  # fmt: skip
+
+
+def theirs(packet: Packet, target: str) -> list[str]:
+    """A target's texts, in any language, that are not autocaption's (a person's title in German only)."""
+    own = {(code or "x-default").casefold(): text
+           for code, text in _values(packet.root, _OWN_ALTERNATIVES[target]) or ()}  # fmt: skip
+    return [text for code, text in _values(packet.root, ALTERNATIVES[target]) or ()
+            if text.strip() and own.get((code or "x-default").casefold()) != text]  # fmt: skip
+
+
+def set_alternative(packet: Packet, target: str, lang: str, text: str | None, own: str | None) -> None:
+    """One language of a target's rdf:Alt = text (the others kept, x-default first; None: that language
+    removed); remember `own` as autocaption's text in that language (None: no text there is autocaption's)."""
+    _set_language(packet, ALTERNATIVES[target], lang, text)
+    _set_language(packet, _OWN_ALTERNATIVES[target], lang, own)
+
+
+def disown(packet: Packet, target: str, lang: str) -> None:
+    """The text of a target in a language is no longer autocaption's (a person changed it)."""
+    _set_language(packet, _OWN_ALTERNATIVES[target], lang, None)
+
+
+def _set_language(packet: Packet, tag: str, lang: str, value: str | None) -> None:
+    items = _alternatives(packet.root, tag)
+    kept = [li for li in items if (li.get(XML_LANG) or "x-default").casefold() != lang.casefold()]
+    if value is not None:
+        kept.append(_li(lang, value))
+    elif len(kept) == len(items):
+        return  # nothing to remove: the property stays as it is written
+    kept.sort(key=lambda li: (li.get(XML_LANG) or "x-default") != "x-default")  # readers take the first
+    if kept:
+        _replace(packet, tag, "Alt", [], lang=True, extra=kept)
+    else:
+        _remove(packet, tag)
 
 
 def _alternatives(root: ET.Element, tag: str) -> list[ET.Element]:
@@ -504,11 +532,23 @@ def _li(lang: str, text: str) -> ET.Element:
 
 
 def set_place(packet: Packet, place: Place) -> None:
-    """Write a place's known parts into the location fields (photoshop:City, State, Country)."""
+    """The location fields (photoshop:City, State, Country; Iptc4xmpCore:Location) = the place's parts (an
+    unknown part: none), recorded as autocaption's so a later run can tell them from a person's."""
     for name, tag in PLACE_TAGS.items():
-        value = getattr(place, name)
-        if value:
-            _set_text(packet, tag, value)
+        _set_text(packet, tag, getattr(place, name))
+    _set_text(packet, _OWN_PLACE, _place_record(place))
+
+
+def _place_record(place: Place) -> str:
+    return "|".join(getattr(place, name) or "" for name in PLACE_TAGS)
+
+
+def _own_place(root: ET.Element) -> Place | None:
+    record = _simple(root, _OWN_PLACE)
+    parts = record.split("|") if record is not None else []
+    return (
+        Place(**{name: part or None for name, part in zip(PLACE_TAGS, parts, strict=True)}) if len(parts) == 4 else None
+    )
 
 
 # --- writing --------------------------------------------------------------------------------------------------
