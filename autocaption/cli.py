@@ -202,7 +202,7 @@ def service_install(config_path: Path, user_unit: bool, unit_dir: Path | None, r
 def status_report(config: Config) -> dict[str, Any]:
     """What `status` says, as data: the journal's counts and whether a daemon holds the state dir."""
     from autocaption.journal import Journal
-    from autocaption.locks import POLLED_FILE, DaemonLock
+    from autocaption.locks import POLLED_FILE, SERVERS_FILE, DaemonLock
 
     journal = Journal(config.state.dir, read_only=True)  # works on a state dir this user cannot write
     try:
@@ -215,6 +215,7 @@ def status_report(config: Config) -> dict[str, Any]:
         "daemon": {"running": pid is not None, "pid": pid or None},
         "waiting": _waiting(config, pid is not None),
         "polled": _said(config, POLLED_FILE, pid is not None),
+        "servers": _said(config, SERVERS_FILE, pid is not None),
         "queued": stats.queued,
         "retrying": stats.retrying,
         "done": stats.done,
@@ -260,6 +261,8 @@ def format_status(report: dict[str, Any]) -> str:
         lines.append(f"waiting: {report['waiting']}")
     if report.get("polled"):
         lines.append(f"watch: {report['polled']}")
+    if report.get("servers"):
+        lines.append(f"servers: {report['servers']}")
     if report["recent_errors"]:
         lines.append("recent errors:")
         lines.extend(f"  {entry['error']}" for entry in report["recent_errors"])

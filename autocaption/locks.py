@@ -26,6 +26,7 @@ from autocaption.paths import display
 DAEMON_LOCK = "daemon.lock"
 WAITING_FILE = "waiting"  # beside it while the daemon waits (for the server, for space): what it waits for
 POLLED_FILE = "polled"  # beside it while folders are polled because inotify cannot watch them: how many, and why
+SERVERS_FILE = "servers"  # beside it while the daemon uses several inference servers: which are up
 
 
 def daemon_note(state_dir: Path, name: str) -> str | None:

@@ -28,9 +28,10 @@ from autocaption.atomic import write_atomic
 from autocaption.config import Config, ModelConfig, Rule, WatchConfig, load
 from autocaption.discover import Candidate, relative_path, walk_names
 from autocaption.engine import Cancelled, Engine, load_engine
+from autocaption.engine.servers import ServerPool
 from autocaption.errors import AutocaptionError, ExitCode, ServerUnreachable
 from autocaption.journal import FAILED, GONE, QUEUED, RETRY, Journal, JournalFull, record_outcome
-from autocaption.locks import POLLED_FILE, WAITING_FILE, DaemonLock, PhotoLocks
+from autocaption.locks import POLLED_FILE, SERVERS_FILE, WAITING_FILE, DaemonLock, PhotoLocks
 from autocaption.notify import Notifier
 from autocaption.paths import display
 from autocaption.pipeline import Described, Failed, Outcome, Pipeline
@@ -419,7 +420,11 @@ class Service:
     def _tell_waiting(self) -> None:
         """Why the daemon waits, and which folders it can only poll, for `autocaption status` and `doctor` in
         another process (a full disk may refuse it)."""
-        for name, said in ((WAITING_FILE, self.waiting), (POLLED_FILE, self._polled())):
+        for name, said in (
+            (WAITING_FILE, self.waiting),
+            (POLLED_FILE, self._polled()),
+            (SERVERS_FILE, self._servers()),
+        ):
             path = self.config.state.dir / name
             try:
                 if said:
@@ -435,9 +440,15 @@ class Service:
             return ""
         return f"{counted(polled, 'folder')} polled, not watched: the inotify watch limit is reached; {RAISE_LIMIT}"
 
+    def _servers(self) -> str:
+        """Which of several inference servers are up (nothing for one server, or the in-process engine)."""
+        pipeline: Pipeline | None = getattr(self, "pipeline", None)  # (none before the model is loaded)
+        pool = getattr(pipeline.engine, "pool", None) if pipeline is not None else None
+        return pool.summary() if isinstance(pool, ServerPool) and len(pool.servers) > 1 else ""
+
     def _status(self) -> str:
         stats = self.journal.stats()
-        notes = "".join(f"; {note}" for note in (self.waiting, self._polled()) if note)
+        notes = "".join(f"; {note}" for note in (self.waiting, self._polled(), self._servers()) if note)
         return (
             f"{stats.queued + stats.retrying} queued, {stats.per_hour} images/hour, "
             f"{stats.done} done, {stats.failed} failed{notes}"

@@ -4,6 +4,7 @@ server gone the daemon waits, and goes on when one is back. Stub servers on loop
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import defaultdict
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from typing import Any
 from autocaption.config import load
 from autocaption.engine.servers import ServerPool
 from autocaption.process import process
+from tests.conftest import RunCli
 from tests.stubserver import MODEL, StubServer, stub_server
 from tests.test_daemon import sidecar, wait_for
 from tests.test_remote import free_port
@@ -141,7 +143,7 @@ def test_a_hanging_server_hands_its_photos_on_and_is_not_asked_again(
 
 
 def test_with_every_server_gone_the_daemon_waits_and_goes_on_when_one_is_back(
-    make_config: Callable[..., Path], tmp_path: Path
+    make_config: Callable[..., Path], tmp_path: Path, run_cli: RunCli
 ) -> None:
     inbox = tmp_path / "inbox"
     inbox.mkdir()
@@ -153,6 +155,11 @@ def test_with_every_server_gone_the_daemon_waits_and_goes_on_when_one_is_back(
         waiting = photos(inbox, 3)
         wait_for(lambda: "waiting for the server" in service._status(), what="the outage")
         assert "unreachable" in service._status() and not any(sidecar(path).exists() for path in waiting)
+        wait_for(lambda: "servers: 0 of 2 servers up; out: " in run_cli("status", "--config", config_path).stdout,
+                 what="status to name the servers")  # fmt: skip
         with stub_server(ports[1]) as back:
             wait_for(lambda: all(sidecar(path).is_file() for path in waiting), timeout=60, what="the photos")
+            wait_for(lambda: "1 of 2 servers up; out: " + urls[0] in service._status(), what="the status line")
+            wait_for(lambda: json.loads(run_cli("status", "--json", "--config", config_path).stdout)["servers"]
+                     .startswith("1 of 2 servers up"), what="status --json")  # fmt: skip
     assert back.requests == 9

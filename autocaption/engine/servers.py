@@ -112,6 +112,13 @@ class ServerPool:
         else:
             self.failed(server, server.reason or "it did not answer a probe")
 
+    def summary(self) -> str:
+        """One line for `status` and the daemon's status: "1 of 2 servers up; out: URL (why)"."""
+        states = self.states()
+        out = [f"{url} ({why})" for url, up, why in states if not up]
+        up = len(states) - len(out)
+        return f"{up} of {len(states)} servers up" + (f"; out: {', '.join(out)}" if out else "")
+
     def states(self) -> list[tuple[str, bool, str]]:
         """(url, up, why out) of every server, for `status` and the log."""
         with self._lock:
