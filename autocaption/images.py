@@ -15,6 +15,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from autocaption.errors import ImageError
 from autocaption.paths import display
+from autocaption.writers.containers import jpeg_image_only
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,9 @@ class Picture:
     size_bytes: int
     facts: dict[str, str | None] = field(default_factory=dict)  # date, datetime, camera, gps: for placeholders
     position: tuple[float, float] | None = None  # EXIF GPS latitude, longitude in degrees (south, west < 0)
+    # The file itself when it is a JPEG of exactly `image` (upright as stored, decoded at full size, RGB or
+    # grey): a remote server can be sent these bytes instead of an image encoded again.
+    jpeg: bytes | None = field(default=None, repr=False)
 
 
 def _heif_available() -> bool:
@@ -235,12 +239,14 @@ def open_picture(path: Path, *, max_pixels: int, draft_side: int | None = None) 
                 f"{max_pixels / 1e6:.0f} MP (images.max_pixels)"
             )
         facts, position = _facts(opened, where)
+        upright = _orientation(opened) in (0, 1)
         if _orientation(opened) in (5, 6, 7, 8):
             width, height = height, width
         if draft_side and opened.format == "JPEG":
             opened.draft("RGB", (draft_side, draft_side))
         opened.seek(0)  # animated GIF/WebP: the first frame
         opened.load()
+        as_is = kind == "JPEG" and upright and opened.mode in ("RGB", "L") and opened.size == (width, height)
         image = _to_rgb(_orient(opened, where))
     except UnidentifiedImageError:
         raise ImageError(_unknown(where, kind)) from None
@@ -255,4 +261,5 @@ def open_picture(path: Path, *, max_pixels: int, draft_side: int | None = None) 
         size_bytes=len(data),
         facts=facts,
         position=position,
+        jpeg=jpeg_image_only(data) if as_is else None,
     )

@@ -250,7 +250,7 @@ class Pipeline:
 
     def _describe(self, work: list[_Work], cancel: threading.Event | None = None) -> list[Outcome]:
         asked = [_asked(item) for item in work]
-        jobs = [Job(image=item.picture.image, prompts=_prompts(item, positions))
+        jobs = [Job(image=item.picture.image, prompts=_prompts(item, positions), jpeg=item.picture.jpeg)
                 for item, positions in zip(work, asked, strict=True)]  # fmt: skip
         try:
             answers = [_all_answers(item, positions, got) for item, positions, got in

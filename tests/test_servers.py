@@ -28,9 +28,9 @@ RULES = """
 
 
 def pool_config(make_config: Callable[..., Path], urls: list[str], extra: str = "", **model: object) -> Path:
-    options = {"retries": 0, "timeout_seconds": 3, **model}
+    options = {"retries": 0, "timeout_seconds": 3, "max_image_side": 64, **model}
     listed = ", ".join(repr(url) for url in urls)
-    line = f"{{engine: openai, base_url: [{listed}], id: {MODEL}, max_image_side: 64" + "".join(
+    line = f"{{engine: openai, base_url: [{listed}], id: {MODEL}" + "".join(
         f", {key}: {value}" for key, value in options.items()
     ) + "}"  # fmt: skip
     return make_config(rules=RULES, extra=extra, model_line=line)
@@ -163,3 +163,29 @@ def test_with_every_server_gone_the_daemon_waits_and_goes_on_when_one_is_back(
             wait_for(lambda: json.loads(run_cli("status", "--json", "--config", config_path).stdout)["servers"]
                      .startswith("1 of 2 servers up"), what="status --json")  # fmt: skip
     assert back.requests == 9
+
+
+def test_a_jpeg_is_sent_as_its_own_image_without_its_metadata(
+    make_config: Callable[..., Path], tmp_path: Path, corpus: Path
+) -> None:
+    import base64
+    import io
+    import shutil
+
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    original = corpus / "jpg/gps/DSCN0010.jpg"  # 640x480, upright: sent as it is (nothing encoded again)
+    shutil.copyfile(original, folder / original.name)
+    rotated = corpus / "jpg/orientation/portrait_6.jpg"  # Orientation 6: encoded upright
+    shutil.copyfile(rotated, folder / rotated.name)
+    with stub_server() as server:
+        config = load(pool_config(make_config, [server.base_url], max_image_side=1008))
+        assert not process(config, [folder]).failures
+    sent = {base64.b64decode(_image(body).split(",", 1)[1]) for body in server.bodies}
+    assert len(server.bodies) == 6 and len(sent) == 2  # three rules each: one image per photo
+    with Image.open(original) as photo:
+        as_is = next(data for data in sent if Image.open(io.BytesIO(data)).size == photo.size)
+        assert as_is.startswith(b"\xff\xd8") and b"Exif\x00\x00" not in as_is and b"NIKON" not in as_is  # no EXIF, GPS
+        assert Image.open(io.BytesIO(as_is)).tobytes() == photo.convert("RGB").tobytes()  # the very pixels

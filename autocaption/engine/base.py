@@ -38,6 +38,7 @@ class Job:
 
     image: Image.Image
     prompts: tuple[Prompt, ...]
+    jpeg: bytes | None = None  # the photo's file, when it is a JPEG of exactly `image` (a remote engine sends it)
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,34 @@ def _jpeg_segments(data: bytes) -> tuple[list[tuple[int, bytes]], int]:
         pos += 2 + length
 
 
+# What decoding needs besides the tables: JFIF's APP0 and Adobe's APP14 (which says how the colours are coded).
+_DECODING_APPS = (0xE0, 0xEE)
+
+
+def jpeg_image_only(data: bytes) -> bytes | None:
+    """The JPEG with nothing but its image: no EXIF, XMP, IPTC, ICC, comments or trailers (a camera's second
+    image after EOI). The pixels decode the same; the photo's GPS position and names stay on this machine.
+    None when its structure cannot be followed."""
+    try:
+        segments, scan = _jpeg_segments(data)
+    except ContainerError:
+        return None
+    end = data.find(b"\xff\xd9", scan)  # the first EOI: an 0xFF in entropy-coded data is never followed by 0xD9
+    if end < 0:
+        return None
+    kept = [marker_segment(marker, payload) for marker, payload in segments if _decoding(marker)]
+    return b"\xff\xd8" + b"".join(kept) + data[scan : end + 2]
+
+
+def _decoding(marker: int) -> bool:
+    """A segment the decoder reads (tables, frame, restart interval, JFIF, Adobe), not metadata (APPn, COM)."""
+    return marker in _DECODING_APPS or not (0xE0 <= marker <= 0xEF or marker == 0xFE)
+
+
+def marker_segment(marker: int, payload: bytes) -> bytes:
+    return bytes((0xFF, marker)) + struct.pack(">H", len(payload) + 2) + payload
+
+
 def jpeg_blocks(data: bytes) -> Blocks:
     segments, _ = _jpeg_segments(data)
     exif = next((p[6:] for m, p in segments if m == 0xE1 and p.startswith(EXIF_HEADER)), None)
@@ -115,7 +143,7 @@ def jpeg_with(data: bytes, new: Blocks) -> bytes:
             out.insert(_insert_at(out, after_exif=header == XMP_HEADER), (0xE1, payload))
     shift = 2 + sum(4 + len(p) for _, p in out) - scan
     out = _mpf_moved(segments, out, shift)
-    body = b"\xff\xd8" + b"".join(b"\xff" + bytes([m]) + struct.pack(">H", len(p) + 2) + p for m, p in out)
+    body = b"\xff\xd8" + b"".join(marker_segment(m, p) for m, p in out)
     return body + _moved_tail(data, scan, shift)
 
 
