@@ -5,7 +5,10 @@ its JSON sidecar: everything but the model. Reported as photos per second of wal
 the client process (the server's CPU is not counted), against a naive client in the same run (each photo
 decoded whole, encoded once per rule, one request after another, a JSON file written).
 
-    .venv/bin/python bench/client.py [--photos 200] [--servers 1]
+    .venv/bin/python bench/client.py [--photos 200] [--servers 1] [--before CHECKOUT]
+
+`--before`: another checkout of autocaption (`git worktree add /tmp/before <commit>`), run the same way in
+the same run, for a before/after ratio.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -86,19 +88,25 @@ def photos(folder: Path, count: int) -> None:
             small.save(folder / f"IMG_{i:04d}.jpg", quality=90, exif=exif)
 
 
-def client_seconds(command: list[str]) -> tuple[float, float]:
-    """(wall, CPU) seconds of a child process."""
+def client_seconds(command: list[str], root: Path = ROOT) -> tuple[float, float]:
+    """(wall, CPU) seconds of a child process running autocaption from `root`."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    # (in `root`: `python -m` puts the working folder first on the path, before PYTHONPATH)
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, cwd=root, env=env)
     wall = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def naive(folder: Path, url: str) -> None:
+NAIVE_PHOTOS = 20  # (rates are compared: the naive loop takes ~0.8 s a photo)
+
+
+def naive(folder: Path, url: str) -> int:
     """The loop a first version would be: decode whole, encode per rule, one request at a time."""
-    for path in sorted(folder.glob("*.jpg")):
+    paths = sorted(folder.glob("*.jpg"))[:NAIVE_PHOTOS]
+    for path in paths:
         answers = {}
         for rule in ("Describe this photo.", "Keywords.", "A title."):
             with Image.open(path) as image:
@@ -112,12 +120,14 @@ def naive(folder: Path, url: str) -> None:
             with urllib.request.urlopen(request) as response:
                 answers[rule] = json.load(response)["choices"][0]["message"]["content"]
         path.with_name(path.name + ".json").write_text(json.dumps(answers))
+    return len(paths)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--photos", type=int, default=200)
     parser.add_argument("--servers", type=int, default=1)
+    parser.add_argument("--before", type=Path, help="another checkout, measured the same way")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -135,17 +145,23 @@ def main() -> None:
             photos(base / "originals", args.photos)
             shutil.copytree(base / "originals", base / "naive")
             started, cpu0 = time.perf_counter(), time.process_time()
-            threading.Thread(target=naive, args=(base / "naive", urls[0])).run()
+            naive_n = naive(base / "naive", urls[0])
             naive_wall, naive_cpu = time.perf_counter() - started, time.process_time() - cpu0
             config = base / "rules.yaml"
             config.write_text(RULES.format(urls=json.dumps(urls), state=json.dumps(str(base / "state"))))
-            runs = []
-            for n in range(2):
-                folder = base / f"run{n}"
-                shutil.copytree(base / "originals", folder)
-                runs.append(client_seconds([sys.executable, "-m", "autocaption", "process", "--config", str(config),
-                                            str(folder)]))  # fmt: skip
-            wall, cpu = min(runs)
+            measured = {}
+            for name, root in (("now", ROOT), ("before", args.before)):
+                if root is None:
+                    continue
+                runs = []
+                for n in range(2):
+                    folder = base / f"{name}{n}"
+                    shutil.copytree(base / "originals", folder)
+                    command = [sys.executable, "-m", "autocaption", "process", "--config", str(config), str(folder)]
+                    runs.append(client_seconds(command, root.resolve()))
+                    shutil.rmtree(base / "state")
+                measured[name] = min(runs)
+            wall, cpu = measured["now"]
     finally:
         for server in servers:
             server.kill()
@@ -154,9 +170,14 @@ def main() -> None:
           f"{n} photos of 1152x864, 3 rules, {args.servers} instant server(s) in other processes")  # fmt: skip
     print(f"autocaption process: {wall:.2f} s wall, {cpu:.2f} s CPU: {n / wall:.1f} photos/s, "
           f"{n / cpu:.1f} photos per CPU-second (start-up included)")
-    print(f"naive loop:          {naive_wall:.2f} s wall, {naive_cpu:.2f} s CPU: {n / naive_wall:.1f} photos/s, "
-          f"{n / naive_cpu:.1f} photos per CPU-second")
-    print(f"ratio (photos per CPU-second, autocaption / naive): {(n / cpu) / (n / naive_cpu):.2f}x")
+    print(f"naive loop ({naive_n} photos): {naive_wall:.2f} s wall, {naive_cpu:.2f} s CPU: "
+          f"{naive_n / naive_wall:.1f} photos/s, {naive_n / naive_cpu:.1f} photos per CPU-second")
+    print(f"ratio (photos per CPU-second, autocaption / naive): {(n / cpu) / (naive_n / naive_cpu):.1f}x")
+    if "before" in measured:
+        old_wall, old_cpu = measured["before"]
+        print(f"before ({args.before}): {old_wall:.2f} s wall, {old_cpu:.2f} s CPU: {n / old_wall:.1f} photos/s, "
+              f"{n / old_cpu:.1f} photos per CPU-second")
+        print(f"now / before: {(n / cpu) / (n / old_cpu):.2f}x per CPU-second, {old_wall / wall:.2f}x wall")
 
 
 if __name__ == "__main__":
