@@ -432,10 +432,18 @@ def _urls(node: _Node) -> tuple[str, ...]:
     urls = tuple(_url(item) for item in node.sequence())
     if not urls:
         raise node.fail("needs at least one server URL")
+    same = [_same_server(url) for url in urls]
     for i, url in enumerate(urls):
-        if url in urls[:i]:
+        if same[i] in same[:i]:
             raise node.sequence()[i].fail(f"{url} is listed twice")
     return urls
+
+
+def _same_server(url: str) -> str:
+    """A URL as servers tell them apart: scheme and host in any letter case are one."""
+    scheme, _, rest = url.partition("://")
+    host, slash, path = rest.partition("/")
+    return f"{scheme.lower()}://{host.lower()}{slash}{path}"
 
 
 def _url(node: _Node) -> str:

@@ -81,6 +81,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             time.sleep(60)
             self._json({"choices": [{"message": {"content": ANSWER}}]})
             return
+        if mode == "no-such-model":
+            self._json({"error": {"message": f"The model `{body.get('model')}` does not exist."}}, status=404)
+            return
         if mode == "deep-json":
             self._send(200, b"[" * 200_000)
             return

@@ -189,3 +189,60 @@ def test_a_jpeg_is_sent_as_its_own_image_without_its_metadata(
         as_is = next(data for data in sent if Image.open(io.BytesIO(data)).size == photo.size)
         assert as_is.startswith(b"\xff\xd8") and b"Exif\x00\x00" not in as_is and b"NIKON" not in as_is  # no EXIF, GPS
         assert Image.open(io.BytesIO(as_is)).tobytes() == photo.convert("RGB").tobytes()  # the very pixels
+
+
+# --- a hostile review's cases (issue 21) ----------------------------------------------------------------------
+
+
+def test_one_outage_counts_once_and_a_probe_alone_does_not_forgive_it() -> None:
+    now = [0.0]
+    pool = ServerPool(["http://a/v1", "http://b/v1"], 8, probe=lambda url: True, clock=lambda: now[0])
+    a = pool.servers[0]
+    for _ in range(8):  # the eight requests in flight when it went down
+        pool.failed(a, "timed out")
+    assert a.backoff == 10.0
+    now[0] = 10.0
+    pool.route(b"photo")
+    wait_for(lambda: a.up, what="the probe")  # its model list answers: back, on trial
+    pool.failed(a, "timed out")  # but its chat still hangs: out twice as long
+    assert (a.up, a.backoff) == (False, 20.0)
+    pool.answered(a)  # a photo answered: forgiven
+    assert (a.up, a.backoff) == (True, 0.0)
+
+
+def test_servers_with_long_shared_url_prefixes_still_share_the_photos() -> None:
+    base = "http://localhost:8000/some/long/reverse/proxy/prefix/for/the/inference/gpu-server-"
+    pool = ServerPool([base + "1/v1", base + "2/v1"], 8, probe=lambda url: True)
+    firsts = {pool.route(i.to_bytes(4, "big"))[0].url for i in range(100)}
+    assert len(firsts) == 2
+
+
+def test_a_server_that_does_not_serve_the_model_hands_its_photos_on(
+    make_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    folder = tmp_path / "photos"
+    photos(folder, 8)
+    with stub_server() as a, stub_server() as b:
+        b.mode = "no-such-model"  # restarted with another model: 404 for every chat request
+        summary = process(load(pool_config(make_config, [a.base_url, b.base_url])), [folder])
+    assert summary.images == 8 and not summary.failures, summary.failures
+    assert a.requests == 24
+
+
+def test_the_image_sent_has_no_metadata_even_between_the_scans_of_a_progressive_jpeg() -> None:
+    import io
+    import struct
+
+    from PIL import Image
+
+    from autocaption.writers.containers import jpeg_image_only
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 30, 40)).save(buffer, format="JPEG", progressive=True)
+    plain = buffer.getvalue()
+    second = plain.find(b"\xff\xda", plain.find(b"\xff\xda") + 2)
+    xmp = b"\xff\xe1" + struct.pack(">H", 2 + 17) + b"SECRET xmpmeta!!!"
+    comment = b"\xff\xfe" + struct.pack(">H", 2 + 4) + b"\xff\xd9ab"  # an EOI's bytes inside a comment
+    sent = jpeg_image_only(plain[:second] + xmp + comment + plain[second:])
+    assert sent is not None and b"SECRET" not in sent
+    assert Image.open(io.BytesIO(sent)).tobytes() == Image.open(io.BytesIO(plain)).tobytes()

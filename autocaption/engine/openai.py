@@ -69,6 +69,14 @@ def _api_key(config: ModelConfig) -> str | None:
     return None
 
 
+class _Refused(EngineError):
+    """A 4xx: the request refused for good; `photo`: because of what it asks (not the server's own state)."""
+
+    def __init__(self, message: str, *, photo: bool = True) -> None:
+        super().__init__(message)
+        self.photo = photo
+
+
 class _Retry(Exception):
     """One attempt failed in a way the next may not: connection, timeout, 5xx, 429, a garbled answer."""
 
@@ -193,9 +201,17 @@ class OpenAIEngine:
         each attempt as a whole, not each socket read: a server trickling bytes is cut off in time. Each
         attempt tries the photo's servers in its order (`key`: the photo's; `servers`: just these): a server
         that fails hands the request on at once, and is taken out while it is down."""
+        return self._ask(method, path, body, attempts, cancel, key, servers)[0]
+
+    def _ask(
+        self, method: str, path: str, body: dict[str, Any] | None, attempts: int | None = None,
+        cancel: threading.Event | None = None, key: bytes = b"", servers: Sequence[Server] | None = None,
+    ) -> tuple[Any, str]:  # fmt: skip
+        """`_request`, and the URL of the server that answered."""
         attempts = self.config.retries + 1 if attempts is None else attempts
         data = json.dumps(body).encode() if body is not None else None
         problem, wait, answered, busy, where = "", None, False, False, self.base_url
+        refused: EngineError | None = None  # a server that refused the request itself (404, 401)
         for attempt in range(attempts):
             if attempt:
                 delay = wait if wait is not None else min(2 ** (attempt - 1), 30) * (0.5 + random.random())
@@ -209,6 +225,8 @@ class OpenAIEngine:
                 request = urllib.request.Request(server.url + path, data=data, headers=headers, method=method)
                 try:
                     with server.slots:
+                        if self._closed.is_set() or (cancel is not None and cancel.is_set()):
+                            raise Cancelled()  # stopped while it waited for the server: never sent
                         if not server.up and servers is None and self.pool.any_up(tried):
                             continue  # it went out while this request waited for it: not one more timeout
                         result = self._once(request, self.config.timeout_seconds, server.url)
@@ -216,9 +234,19 @@ class OpenAIEngine:
                     problem, wait, answered, busy, where = str(exc), exc.wait, exc.answered, exc.busy, server.url
                     if busy or not answered:  # (a 500 or a garbled answer may be this photo's: not an outage)
                         self.pool.failed(server, self._redact(problem))
+                    if attempt and servers is None and not self.pool.any_up(tried):
+                        break  # every server out, tried each once already: a retry asks one, not each in turn
+                    continue
+                except _Refused as exc:
+                    if exc.photo or servers is not None or len(self.pool.servers) == 1:
+                        raise  # the request itself (400, 413, 422), or the only server: the same everywhere
+                    refused = exc  # this server's own trouble (a model it does not serve, a key it refuses)
+                    self.pool.failed(server, str(exc))
                     continue
                 self.pool.answered(server)
-                return result
+                return result, server.url
+            if refused is not None and not problem:
+                raise refused  # every server refused it: no retry changes that
         # a 500 is not a server that is down, and a 503 is one that is up but cannot serve anyone now
         how = "is unavailable" if busy else "kept failing" if answered else "unreachable"
         several = servers is None and len(self.pool.servers) > 1
@@ -255,7 +283,7 @@ class OpenAIEngine:
             raise _Retry(f"the server answered with an error: {self._redact(str(detail))[:200]}")
         return answer
 
-    def _client_error(self, status: int, text: str, url: str) -> EngineError:
+    def _client_error(self, status: int, text: str, url: str) -> _Refused:
         try:
             detail = json.loads(text).get("error", text)
             detail = detail.get("message", detail) if isinstance(detail, dict) else detail
@@ -264,12 +292,13 @@ class OpenAIEngine:
         detail = self._redact(str(detail)).strip() or "no details"
         if status in (401, 403):
             where = self.config.api_key_env or self.config.api_key_file or "model.api_key_env"
-            return EngineError(f"server {url} refused the API key (HTTP {status}); check {where}")
+            return _Refused(f"server {url} refused the API key (HTTP {status}); check {where}", photo=False)
         if status == 404:
-            return EngineError(f"server {url}: model {self.config.id!r} or endpoint not found (HTTP 404): {detail}")
+            found = f"server {url}: model {self.config.id!r} or endpoint not found (HTTP 404): {detail}"
+            return _Refused(found, photo=False)
         if status == 413:
-            return EngineError(f"server {url}: image too large for the server (HTTP 413)")
-        return EngineError(f"server {url} rejected the request (HTTP {status}): {detail}")
+            return _Refused(f"server {url}: image too large for the server (HTTP 413)")
+        return _Refused(f"server {url} rejected the request (HTTP {status}): {detail}")
 
     # --- describing -------------------------------------------------------------------------------
 
@@ -424,7 +453,7 @@ class OpenAIEngine:
                 },
             }
         started = time.perf_counter()
-        reply = self._request("POST", "/chat/completions", body, cancel=cancel, key=key)
+        reply, server = self._ask("POST", "/chat/completions", body, cancel=cancel, key=key)
         choices = reply.get("choices") if isinstance(reply, dict) else None
         choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
         text = _text_of(choice.get("message"))
@@ -432,10 +461,10 @@ class OpenAIEngine:
             refusal = (choice.get("message") or {}).get("refusal") if isinstance(choice.get("message"), dict) else None
             why = f"refused: {str(refusal)[:200]}" if refusal else "an empty answer" if text is not None else (
                 f"no answer text in {self._redact(str(reply))[:200]}")  # fmt: skip
-            raise EngineError(f"server {self.base_url}: {why}; not written", transient=True)
+            raise EngineError(f"server {server}: {why}; not written", transient=True)
         if len(text) > prompt.max_new_tokens * CHARS_PER_TOKEN:
             raise EngineError(
-                f"server {self.base_url}: an answer of {len(text)} characters for at most {prompt.max_new_tokens} "
+                f"server {server}: an answer of {len(text)} characters for at most {prompt.max_new_tokens} "
                 "tokens; not written", transient=True,
             )  # fmt: skip
         usage = reply.get("usage") if isinstance(reply.get("usage"), dict) else {}

@@ -7,11 +7,13 @@ chosen by rendezvous hashing of the photo's content: each server scores hash(ser
 score wins. Adding or removing a server moves only the photos that rank it first (1/N of them), and a photo
 whose server is down goes to its second choice, the same one every time.
 
-A server that fails (refused, timed out, a 5xx after the retries) is taken out for a back-off period that
-doubles with each failure in a row (`BACKOFF_SECONDS` to `MAX_BACKOFF_SECONDS`). When the period is over it
-is probed (its model list, in the background) before photos go to it again; an answer takes it back. While
-every server is out, requests still go to them, in the photo's order: then nothing is lost, and the daemon
-waits for a server as it does for a single one.
+A server that fails (refused, timed out, busy, a model it does not serve) is taken out for a back-off
+period (`BACKOFF_SECONDS` to `MAX_BACKOFF_SECONDS`). The requests that fail together in one outage count
+once. When the period is over the server is probed (its model list, in the background) before photos go
+to it again. A probe's answer takes it back on trial: its back-off is forgotten only when it answers a
+photo, so a server whose model list answers while its chat hangs (a wedged engine behind a live API) is
+out twice as long each time. While every server is out, requests still go to them, in the photo's order:
+then nothing is lost, and the daemon waits for a server as it does for a single one.
 """
 
 from __future__ import annotations
@@ -33,20 +35,17 @@ MAX_BACKOFF_SECONDS = 300.0
 class Server:
     url: str
     slots: threading.BoundedSemaphore  # requests open at once on this server (`max_in_flight`)
-    down_until: float = 0.0  # monotonic seconds: out until then (0: up)
-    backoff: float = 0.0  # the current back-off period (0: up)
+    up: bool = True
+    down_until: float = 0.0  # monotonic seconds: out until then
+    backoff: float = 0.0  # the last back-off period (kept after a probe: 0 once it answers a photo)
     reason: str = ""  # why it is out
     probing: bool = False  # a probe is under way
     answered: float = field(default=-float("inf"))  # when it last answered
 
-    @property
-    def up(self) -> bool:
-        return self.backoff == 0.0
-
 
 def score(url: str, key: bytes) -> bytes:
     """A server's rendezvous score for a photo (its content's key)."""
-    return hashlib.blake2b(key, key=url.encode()[:64], digest_size=8).digest()
+    return hashlib.blake2b(url.encode() + b"\x00" + key, digest_size=8).digest()
 
 
 class ServerPool:
@@ -81,22 +80,28 @@ class ServerPool:
             return any(server.up for server in self.servers if server.url not in besides)
 
     def failed(self, server: Server, reason: str) -> None:
-        """A request to `server` failed in a way that says it is down (or cannot serve now)."""
+        """A request to `server` failed in a way that says it is down (or cannot serve now). The requests in
+        flight when it went down fail too: they are the same outage, not more of them."""
         with self._lock:
-            server.backoff = min(max(2 * server.backoff, BACKOFF_SECONDS), MAX_BACKOFF_SECONDS)
-            server.down_until = self._clock() + server.backoff
-            first = server.reason == ""
-            server.reason = reason
+            if not server.up:
+                return
+            self._take_out(server, reason)
             others = [other.url for other in self.servers if other.up]
-        if first and len(self.servers) > 1:  # (one server: the engine's own messages say it)
+        if len(self.servers) > 1:  # (one server: the engine's own messages say it)
             where = f"its photos go to {', '.join(others)}" if others else "no server is up: photos wait"
             log.warning("server %s is out for %.0f s: %s; %s", server.url, server.backoff, reason, where)
 
+    def _take_out(self, server: Server, reason: str) -> None:
+        server.up, server.reason = False, reason
+        server.backoff = min(max(2 * server.backoff, BACKOFF_SECONDS), MAX_BACKOFF_SECONDS)
+        server.down_until = self._clock() + server.backoff
+
     def answered(self, server: Server) -> None:
+        """It answered a photo: up, and its back-off forgotten."""
         with self._lock:
             server.answered = self._clock()
             back = not server.up
-            server.backoff, server.down_until, server.reason = 0.0, 0.0, ""
+            server.up, server.backoff, server.down_until, server.reason = True, 0.0, 0.0, ""
         if back and len(self.servers) > 1:
             log.warning("server %s answers again; photos go to it", server.url)
 
@@ -107,10 +112,11 @@ class ServerPool:
             answers = False
         with self._lock:
             server.probing = False
-        if answers:
-            self.answered(server)
-        else:
-            self.failed(server, server.reason or "it did not answer a probe")
+            if not answers:  # still out, for twice as long
+                self._take_out(server, server.reason or "it did not answer a probe")
+                return
+            server.up, server.reason = True, ""  # on trial: its back-off stays until it answers a photo
+        log.warning("server %s answers again; photos go to it", server.url)
 
     def summary(self) -> str:
         """One line for `status` and the daemon's status: "1 of 2 servers up; out: URL (why)"."""

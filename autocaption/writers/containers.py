@@ -74,17 +74,49 @@ _DECODING_APPS = (0xE0, 0xEE)
 
 def jpeg_image_only(data: bytes) -> bytes | None:
     """The JPEG with nothing but its image: no EXIF, XMP, IPTC, ICC, comments or trailers (a camera's second
-    image after EOI). The pixels decode the same; the photo's GPS position and names stay on this machine.
-    None when its structure cannot be followed."""
+    image after EOI), before the first scan or between the scans of a progressive one. The pixels decode the
+    same; the photo's GPS position and names stay on this machine. None when its structure cannot be
+    followed."""
     try:
-        segments, scan = _jpeg_segments(data)
+        segments, pos = _jpeg_segments(data)
     except ContainerError:
         return None
-    end = data.find(b"\xff\xd9", scan)  # the first EOI: an 0xFF in entropy-coded data is never followed by 0xD9
-    if end < 0:
-        return None
-    kept = [marker_segment(marker, payload) for marker, payload in segments if _decoding(marker)]
-    return b"\xff\xd8" + b"".join(kept) + data[scan : end + 2]
+    out = [b"\xff\xd8", *(marker_segment(marker, payload) for marker, payload in segments if _decoding(marker))]
+    while pos + 1 < len(data):  # at a marker: a scan (SOS and its entropy-coded data), a table, or EOI
+        marker = data[pos + 1]
+        if marker == 0xD9:
+            return b"".join(out) + b"\xff\xd9"
+        if pos + 4 > len(data) or data[pos] != 0xFF:
+            return None
+        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+        end = pos + 2 + length
+        if length < 2 or end > len(data):
+            return None
+        if _decoding(marker):
+            out.append(data[pos:end])
+        pos = end
+        if marker == 0xDA:  # the scan's entropy-coded data, as it is
+            pos = _entropy_end(data, end)
+            if pos < 0:
+                return None
+            out.append(data[end:pos])
+    return None
+
+
+def _entropy_end(data: bytes, pos: int) -> int:
+    """Where a scan's entropy-coded data ends: at the next marker that is neither a stuffed 0xFF00 nor a
+    restart marker (fill bytes 0xFF before a marker skipped); -1 at the end of the file."""
+    while True:
+        pos = data.find(b"\xff", pos)
+        if pos < 0 or pos + 1 >= len(data):
+            return -1
+        following = data[pos + 1]
+        if following == 0x00 or 0xD0 <= following <= 0xD7:
+            pos += 2
+        elif following == 0xFF:
+            pos += 1  # fill byte
+        else:
+            return pos
 
 
 def _decoding(marker: int) -> bool:
