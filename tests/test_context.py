@@ -93,6 +93,10 @@ def test_place_placeholders_name_the_gps_position_and_prefer_a_persons_location(
 def test_the_geocoder_is_loaded_only_for_rules_that_name_a_place(
     make_config: Callable[..., Path], tmp_path: Path, corpus: Path
 ) -> None:
+    """A whole `process` run in a fresh interpreter, then its modules counted. Through a stub server on
+    loopback (the remote engine): no model to load, and transformers is never imported."""
+    from tests.stubserver import MODEL, stub_server
+
     folder = tmp_path / "photos"
     folder.mkdir()
     shutil.copyfile(corpus / "jpg/gps/DSCN0010.jpg", folder / "DSCN0010.jpg")
@@ -100,15 +104,17 @@ def test_the_geocoder_is_loaded_only_for_rules_that_name_a_place(
         "import sys; from pathlib import Path; from autocaption.config import load; "
         "from autocaption.process import process; "
         "summary = process(load(Path(sys.argv[1])), [Path(sys.argv[2])], force=True); "
-        "assert not summary.failures, summary.failures; "
-        "print(sorted(m for m in sys.modules if m.startswith('reverse_geocode')))"
+        "assert summary.images == 1 and not summary.failures, summary.failures; "
+        "print(sorted(m for m in sys.modules if m in ('reverse_geocode', 'scipy.spatial', 'transformers')))"
     )
+    with stub_server() as server:
+        line = f"{{engine: openai, base_url: {server.base_url!r}, id: {MODEL}, max_image_side: 64, retries: 0}}"
 
-    def loaded(rules: str) -> str:
-        run = subprocess.run([sys.executable, "-c", script, str(make_config(rules)), str(folder)],
-                             capture_output=True, text=True, check=True)  # fmt: skip
-        return run.stdout.strip().splitlines()[-1]
+        def loaded(rules: str) -> str:
+            config = make_config(rules, model_line=line)
+            run = subprocess.run([sys.executable, "-c", script, str(config), str(folder)],
+                                 capture_output=True, text=True, check=True)  # fmt: skip
+            return run.stdout.strip().splitlines()[-1]
 
-    assert loaded(RULES) == "[]"
-    # (scipy is no sign: transformers imports scipy.spatial itself where scipy is installed)
-    assert loaded(PLACES) == "['reverse_geocode']"
+        assert loaded(RULES) == "[]"  # (nor scipy: no transformers to import it here)
+        assert loaded(PLACES) == "['reverse_geocode', 'scipy.spatial']"
