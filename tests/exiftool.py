@@ -47,12 +47,32 @@ def values(path: Path, *names: str) -> dict[str, Any]:
 
 
 def warnings(path: Path) -> set[str]:
+    return warnings_of(path)[path]
+
+
+def warnings_of(*paths: Path) -> dict[Path, set[str]]:
+    """`exiftool -validate`'s warnings of each file, in one exiftool run (a run costs ~0.1 s of start-up)."""
     out = subprocess.run(
-        [require(), "-validate", "-warning", "-a", "-s", "-s", "-s", str(path)],
+        [require(), "-validate", "-warning", "-a", "-s", "-s", "-s", *map(str, paths)],
         capture_output=True, text=True, check=False,
     ).stdout  # fmt: skip
-    # The first line is the Validate summary ("OK", "3 Warnings (all minor)"); the rest are warnings.
-    return {line for line in out.splitlines()[1:] if line.strip()}
+    # Per file: "======== PATH" (when there are several), the Validate summary ("OK", "3 Warnings (all
+    # minor)"), then one line per warning; a last line counts the files read.
+    lines = out.splitlines()
+    if len(paths) == 1:
+        return {paths[0]: {line for line in lines[1:] if line.strip()}}
+    found: dict[Path, set[str]] = {}
+    current: set[str] | None = None
+    for line in lines:
+        if line.startswith("======== "):
+            current = found.setdefault(Path(line.removeprefix("======== ")), set())
+            summary = True
+        elif current is not None and line.strip() and not line.startswith(" "):  # (" 72 image files read")
+            if not summary:
+                current.add(line)
+            summary = False
+    assert set(found) == set(paths), (sorted(found), out[-500:])
+    return found
 
 
 def comparable(entry: dict[str, Any], *, ignore: set[str] = OURS) -> dict[str, Any]:
