@@ -52,7 +52,7 @@ PY
 test_end() {
     local venv=".venv-$1"
     # -n: as in tests/run.sh, the tests wait on processes and files more than they compute
-    "$venv/bin/python" -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-3}" -k "$AT_SCALE" "${SUBSET[@]}"
+    "$venv/bin/python" -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-3}" --dist worksteal -k "$AT_SCALE" "${SUBSET[@]}"
 }
 
 steps=(install test)

@@ -52,4 +52,5 @@ echo "tests/run.sh: installed in $SECONDS s"
 echo "tests/run.sh: linted and type-checked at $SECONDS s"
 # Several workers (pytest-xdist): most tests wait on a daemon, a server or a file rather than compute, so even
 # two cores run three or four at once (about 2.2x faster than one at a time). TEST_WORKERS=0 runs them in turn.
-.venv/bin/python -m pytest -n "${TEST_WORKERS:-4}" "$@"
+# worksteal: a worker that runs out takes tests queued on a busy one (the last 30 s ran on one core).
+.venv/bin/python -m pytest -n "${TEST_WORKERS:-4}" --dist worksteal "$@"
