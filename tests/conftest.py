@@ -15,8 +15,8 @@ import pytest
 
 # One torch thread in every test process, xdist's workers and each command line the tests start (they inherit
 # this): the tiny models gain nothing from more, and with four workers on two cores the idle OpenMP threads of
-# each spin on the cores the others need. The same 250 tests took 238 s and 468 CPU-s with torch's default
-# threads, 117 s and 229 CPU-s with one. Set before torch is first imported (tests.tinymodel imports it).
+# each spin on the cores the others need. The structured, family and process tests took 238 s and 468 CPU-s
+# with torch's default threads, 117 s and 229 CPU-s with one. Set before anything here imports torch.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from tests.tinymodel import build_tiny

@@ -56,23 +56,17 @@ def warnings_of(*paths: Path) -> dict[Path, set[str]]:
         [require(), "-validate", "-warning", "-a", "-s", "-s", "-s", *map(str, paths)],
         capture_output=True, text=True, check=False,
     ).stdout  # fmt: skip
-    # Per file: "======== PATH" (when there are several), the Validate summary ("OK", "3 Warnings (all
-    # minor)"), then one line per warning; a last line counts the files read.
-    lines = out.splitlines()
-    if len(paths) == 1:
-        return {paths[0]: {line for line in lines[1:] if line.strip()}}
-    found: dict[Path, set[str]] = {}
-    current: set[str] | None = None
-    for line in lines:
+    # Per file: "======== PATH" (only when there are several), the Validate summary ("OK", "3 Warnings (all
+    # minor)"), then one line per warning; an indented last line counts the files read.
+    blocks: dict[Path, list[str]] = {}
+    current = blocks.setdefault(paths[0], []) if len(paths) == 1 else None
+    for line in out.splitlines():
         if line.startswith("======== "):
-            current = found.setdefault(Path(line.removeprefix("======== ")), set())
-            summary = True
-        elif current is not None and line.strip() and not line.startswith(" "):  # (" 72 image files read")
-            if not summary:
-                current.add(line)
-            summary = False
-    assert set(found) == set(paths), (sorted(found), out[-500:])
-    return found
+            current = blocks.setdefault(Path(line.removeprefix("======== ")), [])
+        elif current is not None and line.strip() and not line.startswith(" "):
+            current.append(line)
+    assert set(blocks) == set(paths), (sorted(blocks), out[-500:])
+    return {path: set(lines[1:]) for path, lines in blocks.items()}
 
 
 def comparable(entry: dict[str, Any], *, ignore: set[str] = OURS) -> dict[str, Any]:

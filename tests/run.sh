@@ -22,7 +22,7 @@ command -v chromedriver >/dev/null || need+=(chromium-driver)
 apt=""
 if ((${#need[@]})); then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        # in the background while pip installs (both mostly wait on downloads and unpacking: ~30 s saved)
+        # in the background while pip installs (both mostly wait on downloads and unpacking): install ~95 s -> 74-93 s
         { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
               "${need[@]}" >/dev/null; } &
         apt=$!
